@@ -1,0 +1,91 @@
+"""Run a function on N real gloo ranks (spawned processes) and gather what each returns.
+
+Every distributed test in the project goes through ``run_on_ranks``: no mocks of
+torch.distributed. The function must be importable by the children (defined at module level
+in a test file or in the library); it is called as ``fn(rank, world_size, *args)`` after the
+default process group is initialised with the gloo backend on localhost. Return values travel
+back through a queue (tensors are fine) and come back ordered by rank. A rank that raises makes
+``run_on_ranks`` raise with that rank's traceback; a hang is cut by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from queue import Empty
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    # N ranks share this machine's cores; one thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+        )
+        result = fn(rank, world_size, *args)
+        dist.barrier()
+        queue.put((rank, True, result))
+    except BaseException:  # report every failure, including KeyboardInterrupt in a child
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks.
+
+    Returns the ranks' return values as a list indexed by rank. Raises RuntimeError with the
+    first failing rank's traceback, or TimeoutError if the ranks do not finish in ``timeout``.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(rank, world_size, port, fn, args, queue), daemon=True)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    results: dict[int, Any] = {}
+    try:
+        while len(results) < world_size:
+            try:
+                rank, ok, payload = queue.get(timeout=timeout)
+            except Empty as exc:
+                missing = sorted(set(range(world_size)) - set(results))
+                raise TimeoutError(
+                    f"ranks {missing} did not finish within {timeout:.0f} s"
+                ) from exc
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
+            results[rank] = payload
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    return [results[rank] for rank in range(world_size)]
