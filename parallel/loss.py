@@ -60,7 +60,9 @@ class _TiledNLLSum(torch.autograd.Function):
         hidden, weight, labels = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (
-            torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            torch.zeros_like(weight, dtype=_accum_dtype(weight))
+            if ctx.needs_input_grad[1]
+            else None
         )
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
