@@ -42,6 +42,12 @@ class ModelConfig(BaseModel):
     tie_word_embeddings: bool = False
     attention_bias: bool = Field(False, description="bias on q, k, v projections (Qwen2)")
     sliding_window: int | None = Field(None, gt=0, description="Mistral-style window; None = full")
+    max_window_layers: int | None = Field(
+        None,
+        ge=0,
+        description="Qwen2: layers with index < max_window_layers attend fully and only the rest "
+        "use sliding_window; None = the window applies to every layer (Mistral)",
+    )
     initializer_range: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
@@ -70,6 +76,22 @@ class ModelConfig(BaseModel):
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def num_parameters(self) -> int:
+        """Trainable parameters of the decoder this config describes, by formula (no model built).
+
+        Per layer: q/o projections ``2 d (H hd)``, k/v ``2 d (Hkv hd)`` (+ q/k/v biases when
+        ``attention_bias``), SwiGLU ``3 d I``, two RMSNorm weights ``2 d``; plus the embedding
+        ``V d``, the final norm ``d`` and an untied lm_head ``V d``.
+        """
+        d, hd = self.hidden_size, self.dim_per_head
+        q_dim, kv_dim = self.num_attention_heads * hd, self.kv_heads * hd
+        attention = 2 * d * q_dim + 2 * d * kv_dim
+        if self.attention_bias:
+            attention += q_dim + 2 * kv_dim
+        layer = attention + 3 * d * self.intermediate_size + 2 * d
+        embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * layer + embeddings + d
 
 
 def _divisors(n: int) -> list[int]:

@@ -1,0 +1,250 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) on one device.
+
+One file a reader can hold in their head, in the spirit of nanoGPT:
+
+    embed_tokens -> L x [input_layernorm -> self_attn -> +residual,
+                         post_attention_layernorm -> mlp (SwiGLU) -> +residual]
+                 -> norm -> lm_head (tied to embed_tokens when ``tie_word_embeddings``)
+
+Module leaf names are Hugging Face's (``layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ...), so
+``longctx.model.hf_io`` converts checkpoints with a one-line key mapping. There is no distributed
+code here: the attention layer delegates the inner ``softmax(q k^T) v`` to one swappable seam,
+``self_attn.core`` (``(q, k, v, ctx) -> out``), which sequence parallelism and the sparse
+variants replace without touching this file. RoPE comes from ``longctx.positional``: one rotary
+module computes ``cos``/``sin`` once per forward and every layer rotates its q and k with them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longctx.attention.config import AttentionConfig
+from longctx.attention.context import AttentionContext
+from longctx.attention.dense import DenseAttention
+from longctx.errors import LongctxError
+from longctx.model.config import ModelConfig
+from longctx.positional.config import PositionalConfig
+from longctx.positional.rope import RotaryEmbedding, apply_rotary
+
+RotaryTables = tuple[Tensor, Tensor]  # (cos, sin), each [B, T, D] float32
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (no mean subtraction, no bias).
+
+    The statistic is taken in float32 and the result cast back before the gain, as Hugging Face
+    Llama does, so bf16 models match transformers bit for bit in spirit and fp32 exactly.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()  # [B, T, d]
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``: the gated MLP of the Llama family."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x [B, T, d] -> [B, T, intermediate] -> [B, T, d]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SelfAttention(nn.Module):
+    """Grouped-query attention: projections and RoPE here, the inner attention in ``self.core``.
+
+    ``q_proj`` makes ``num_attention_heads`` heads, ``k_proj``/``v_proj`` make
+    ``num_key_value_heads`` (each serves ``heads / kv_heads`` consecutive query heads, the order
+    of transformers' ``repeat_kv``). ``attention_bias`` puts a bias on q, k and v only (Qwen2);
+    ``o_proj`` never has one. ``sliding_window`` (Mistral, Qwen2) is handed to the core, which
+    owns every masking decision.
+    """
+
+    def __init__(
+        self, config: ModelConfig, attention: AttentionConfig, *, sliding_window: int | None
+    ):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.kv_heads
+        self.head_dim = config.dim_per_head
+        d, hd = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.core = DenseAttention(attention, sliding_window=sliding_window)
+
+    def forward(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # q [B, Hq, T, D]; k, v [B, Hkv, T, D]
+        if rotary is not None:
+            q, k = apply_rotary(q, k, *rotary)
+        out = self.core(q, k, v, ctx)  # [B, Hq, T, D]
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, Hq*D]
+        return self.o_proj(out)  # [B, T, d]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(
+        self, config: ModelConfig, attention: AttentionConfig, *, sliding_window: int | None
+    ):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SelfAttention(config, attention, sliding_window=sliding_window)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, ctx)  # [B, T, d]
+        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, d]
+
+
+def layer_sliding_window(config: ModelConfig, layer_index: int) -> int | None:
+    """The attention window of one layer: Mistral windows every layer; Qwen2 windows only layers
+    ``>= max_window_layers`` (the lower ones attend to the whole past)."""
+    if config.sliding_window is None:
+        return None
+    if config.max_window_layers is not None and layer_index < config.max_window_layers:
+        return None
+    return config.sliding_window
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model of the Llama family.
+
+    ``positional.kind`` ``rope`` rotates q and k by ``position_ids`` (with ``config.rope_theta``
+    and ``config.rope_scaling``); ``none`` uses no position encoding (NoPE, causal mask only).
+    ``attention`` selects the inner attention kernel of ``self_attn.core``.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        positional: PositionalConfig | None = None,
+        attention: AttentionConfig | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.positional = positional or PositionalConfig()
+        self.attention = attention or AttentionConfig()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, self.attention, sliding_window=layer_sliding_window(config, i))
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = (
+            RotaryEmbedding.from_config(config) if self.positional.kind == "rope" else None
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Weights ~ N(0, initializer_range), biases 0, norm gains 1 (the Llama recipe).
+
+        A tied embedding is drawn once as the Embedding and once more as ``lm_head``; both draws
+        have the same law, so the result is simply one N(0, initializer_range) matrix.
+        """
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def num_parameters(self) -> int:
+        """Number of distinct scalar parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward_hidden(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        *,
+        doc_ids: Tensor | None = None,
+        seq_positions: Tensor | None = None,
+        rope_seq_len: int | None = None,
+    ) -> Tensor:
+        """Final normed hidden states ``[B, T, d]``, before ``lm_head``.
+
+        A tiled loss calls this and applies ``lm_head`` chunk by chunk so that ``[T, vocab]``
+        logits never exist at once. ``position_ids`` ``[B, T]`` are the RoPE positions (global
+        under sequence parallelism, restarting per document when packed; default
+        ``arange(T)``); ``seq_positions`` ``[T]`` is each local token's index in the global
+        sequence (default ``arange(T)``); ``doc_ids`` ``[B, T]`` keeps packed documents from
+        attending to each other; ``rope_seq_len`` is the sequence length dynamic/longrope
+        scalings see (default: decided by the rotary module from ``position_ids``).
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(T, device=device).expand(B, T)
+        if seq_positions is None:
+            seq_positions = torch.arange(T, device=device)
+        _check_shape("position_ids", position_ids, (B, T))
+        _check_shape("seq_positions", seq_positions, (T,))
+        if doc_ids is not None:
+            _check_shape("doc_ids", doc_ids, (B, T))
+        ctx = AttentionContext(
+            position_ids=position_ids, seq_positions=seq_positions, doc_ids=doc_ids
+        )
+        rotary = None
+        if self.rotary is not None:
+            rotary = self.rotary(position_ids, seq_len=rope_seq_len)  # cos, sin [B, T, D]
+        h = self.embed_tokens(input_ids)  # [B, T, d]
+        for layer in self.layers:
+            h = layer(h, rotary, ctx)  # [B, T, d]
+        return self.norm(h)  # [B, T, d]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        *,
+        doc_ids: Tensor | None = None,
+        seq_positions: Tensor | None = None,
+        rope_seq_len: int | None = None,
+    ) -> Tensor:
+        """Logits ``[B, T, vocab]`` for ``input_ids`` ``[B, T]``; arguments as in
+        ``forward_hidden``."""
+        hidden = self.forward_hidden(
+            input_ids,
+            position_ids,
+            doc_ids=doc_ids,
+            seq_positions=seq_positions,
+            rope_seq_len=rope_seq_len,
+        )
+        return self.lm_head(hidden)  # [B, T, V]
+
+
+def _check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != expected:
+        raise LongctxError(
+            f"{name} has shape {tuple(tensor.shape)} but the input ids need {expected}; "
+            f"pass one {name} entry per token"
+        )
