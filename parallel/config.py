@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from longctx.errors import LongctxError
 
@@ -23,8 +23,8 @@ class ParallelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    dp: int | Literal["auto"] = Field(
-        "auto", ge=1, description="data-parallel groups; 'auto' = workers / (ulysses x ring)"
+    dp: PositiveInt | Literal["auto"] = Field(
+        "auto", description="data-parallel groups; 'auto' = workers / (ulysses x ring)"
     )
     ulysses: int = Field(1, ge=1, description="Ulysses (all-to-all over heads) degree")
     ring: int = Field(1, ge=1, description="ring-attention degree (zigzag layout over 2*ring)")

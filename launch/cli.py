@@ -1,0 +1,138 @@
+"""The ``longctx`` command line.
+
+    longctx train RECIPE [--set k=v ...] [--resume latest|PATH] [--workers N] [--address A]
+                         [--dry-run]
+    longctx tokenizer train --input FILES... --vocab-size N --out PATH
+
+Every user mistake (a bad recipe, a bad flag, a missing file) ends the same way: one line
+``error: ...`` on stderr and exit code 2, with nothing written to disk. The heavy parts (Ray,
+DeepSpeed, sentencepiece training) are imported only by the command that needs them, so
+``--dry-run`` and ``--help`` stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from longctx.errors import LongctxError
+from longctx.trainer.recipe_errors import single_line
+
+USAGE_ERROR = 2
+
+
+class _UsageError(Exception):
+    """argparse's complaint about the command line, reported as one line."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the usage block and exits on a bad command line; this raises instead so
+    that ``main`` prints a single ``error:`` line (and returns 2, argparse's own exit code)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}; see '{self.prog} --help'")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Validate the recipe; with --dry-run print it and the plan, else start the run."""
+    from longctx.trainer.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.dry_run:
+        from longctx.launch.plan import print_plan
+
+        layout = recipe.parallel.resolve(args.workers)
+        console = Console(highlight=False)
+        console.out(recipe.resolved_yaml(), end="")
+        print_plan(recipe, layout, console)
+        return 0
+    from longctx.launch.train import run_training
+
+    return run_training(recipe, args)
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    """Train a sentencepiece tokenizer on text files."""
+    from longctx.data.tokenizer import train_tokenizer
+
+    written = train_tokenizer(list(args.input), args.vocab_size, args.out)
+    print(f"tokenizer written to {written}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``longctx`` and its subcommands."""
+    parser = _OneLineParser(
+        prog="longctx",
+        description="Distributed long-context training for decoder language models.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train (or --dry-run) a recipe")
+    train.add_argument("recipe", metavar="RECIPE", help="path to a YAML recipe")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set trainer.lr=3e-4 (value parsed as YAML); "
+        "repeatable",
+    )
+    train.add_argument(
+        "--resume", metavar="latest|PATH", help="continue from the latest or a given checkpoint"
+    )
+    train.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="number of ranks (default: parallel.dp x ulysses x ring; dp 'auto' -> 1 group)",
+    )
+    train.add_argument(
+        "--address", metavar="A", help="Ray cluster to join ('auto', 'ray://...'); default: local"
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved recipe and the plan (layout, parameters, memory); run nothing",
+    )
+    train.set_defaults(handler=_train)
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
+    tokenizer_commands = tokenizer.add_subparsers(
+        dest="tokenizer_command", required=True, metavar="COMMAND"
+    )
+    tokenizer_train = tokenizer_commands.add_parser(
+        "train", help="train a sentencepiece tokenizer on text files"
+    )
+    tokenizer_train.add_argument(
+        "--input", nargs="+", required=True, metavar="FILE", help=".txt / .jsonl files or dirs"
+    )
+    tokenizer_train.add_argument("--vocab-size", type=_positive_int, required=True, metavar="N")
+    tokenizer_train.add_argument(
+        "--out", required=True, metavar="PATH", help="where to write the tokenizer.model"
+    )
+    tokenizer_train.set_defaults(handler=_train_tokenizer)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``longctx`` with ``argv`` (default: the process arguments); returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except (_UsageError, LongctxError) as error:
+        print(f"error: {single_line(str(error))}", file=sys.stderr)
+        return USAGE_ERROR

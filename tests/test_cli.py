@@ -1,0 +1,277 @@
+"""The ``longctx`` command line as a user runs it (subprocesses of the installed entry points):
+one-line errors with exit code 2 that leave the disk untouched, and the --dry-run plan.
+
+The plan's numbers are checked against hand arithmetic of the memory model in
+``longctx.launch.plan`` and against ``ModelConfig.num_parameters`` (itself checked against
+transformers in test_recipe.py).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from longctx.launch.cli import main
+from longctx.launch.plan import activation_bytes, estimate_memory, human_bytes
+from longctx.parallel.config import ParallelConfig
+from longctx.trainer.config import load_recipe
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+LONGCTX = Path(sys.executable).parent / "longctx"  # the console script of this environment
+
+
+def run_longctx(args: list[str], cwd: Path, module: bool = False) -> subprocess.CompletedProcess:
+    """Run the CLI in ``cwd``; ``module`` uses ``python -m longctx.launch`` instead."""
+    command = [sys.executable, "-m", "longctx.launch"] if module else [str(LONGCTX)]
+    env = {**os.environ, "COLUMNS": "120"}
+    return subprocess.run(
+        [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``directory`` with its bytes and modification time."""
+    return {
+        str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+BAD_RECIPES = {
+    "unknown key": ("trainer:\n  lrr: 0.1\n", "did you mean 'trainer.lr'?"),
+    "wrong type": ("trainer:\n  steps: ten\n", "trainer.steps = 'ten' (str) is invalid"),
+    "heads not divisible": (
+        "model:\n  hidden_size: 384\n  num_attention_heads: 6\n  num_key_value_heads: 4\n",
+        "num_attention_heads=6 is not divisible by num_key_value_heads=4",
+    ),
+    "bad rope_scaling": (
+        "model:\n  rope_scaling: {rope_type: yarnn, factor: 4.0}\n",
+        "did you mean 'yarn'?",
+    ),
+    "missing file": (None, "bad.yaml does not exist"),
+    "yaml syntax": ("name: x\ntrainer:\n  lr: : 1\n", "bad.yaml:3:"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_bad_recipe_exits_2_with_one_line_and_leaves_disk_unchanged(case, tmp_path):
+    text, fragment = BAD_RECIPES[case]
+    if text is not None:
+        (tmp_path / "bad.yaml").write_text(text)
+    before = snapshot(tmp_path)
+    result = run_longctx(["train", "bad.yaml", "--dry-run"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0]
+    assert result.stdout == ""
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["fly"], "invalid choice: 'fly'"),
+        (["train", "x.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "x.yaml", "--workers", "0"], "0 must be at least 1"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_bad_command_line_exits_2_with_one_line(args, fragment, tmp_path):
+    result = run_longctx(args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: longctx"), result.stderr
+    assert fragment in lines[0]
+
+
+# The remaining cases call ``main`` in this process: the same code path without paying the
+# interpreter and torch start-up once more per case.
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--set", "trainer.lr"], "--set 'trainer.lr' has no '='"),
+        (["--set", "trainer.lrr=1"], "did you mean 'trainer.lr'?"),
+        (
+            ["--set", "parallel.dp=2", "--set", "parallel.ring=2", "--workers", "3"],
+            "--workers 3 is not a multiple of parallel.ulysses x ring = 1 x 2 = 2",
+        ),
+    ],
+)
+def test_bad_overrides_and_worker_counts_exit_2(extra, fragment, tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_bytes(TINY.read_bytes())
+    before = snapshot(tmp_path)
+    assert main(["train", str(recipe), "--dry-run", *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.splitlines()) == 1 and fragment in captured.err
+    assert snapshot(tmp_path) == before
+
+
+def split_dry_run(stdout: str) -> tuple[dict, str]:
+    """(the resolved recipe YAML as a dict, the plan table text)."""
+    yaml_text, _, table = stdout.partition("plan for '")
+    return yaml.safe_load(yaml_text), table
+
+
+def test_dry_run_prints_resolved_recipe_and_plan(tmp_path):
+    result = run_longctx(
+        ["train", str(TINY), "--dry-run", "--workers", "2"], cwd=tmp_path, module=True
+    )
+    assert result.returncode == 0, result.stderr
+    printed, table = split_dry_run(result.stdout)
+    recipe = load_recipe(TINY)
+    assert printed == recipe.model_dump(mode="json")
+    layout = recipe.parallel.resolve(2)
+    assert "dp 2 x ulysses 1 x ring 1 = 2 ranks" in table
+    assert f"{recipe.model.num_parameters():,}" in table
+    assert human_bytes(estimate_memory(recipe, layout).total) in table
+    assert recipe.recipe_hash() in table
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_dry_run_applies_set_with_type_conversion(capsys):
+    argv = [
+        "train",
+        str(TINY),
+        "--dry-run",
+        "--set",
+        "trainer.lr=3e-4",
+        "--set",
+        "trainer.micro_batch_size=4",
+        "--set",
+        "model.rope_scaling={rope_type: yarn, factor: 4, original_max_position_embeddings: 128}",
+    ]
+    assert main(argv) == 0
+    printed, _ = split_dry_run(capsys.readouterr().out)
+    assert printed["trainer"]["lr"] == 3e-4
+    assert printed["trainer"]["micro_batch_size"] == 4
+    assert printed["model"]["rope_scaling"] == {
+        "rope_type": "yarn",
+        "factor": 4,
+        "original_max_position_embeddings": 128,
+    }
+    assert "lr: 1e-3" in TINY.read_text()  # the recipe file keeps its own value
+
+
+def random_corpus(path: Path, seed: int = 0, lines: int = 400) -> None:
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+        for _ in range(300)
+    ]
+    path.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(lines)) + "\n")
+
+
+def test_tokenizer_train_writes_a_model_of_the_requested_size(tmp_path, monkeypatch):
+    import sentencepiece
+
+    monkeypatch.chdir(tmp_path)
+    random_corpus(tmp_path / "corpus.txt")
+    argv = [
+        "tokenizer",
+        "train",
+        "--input",
+        "corpus.txt",
+        "--vocab-size",
+        "320",
+        "--out",
+        "t.model",
+    ]
+    assert main(argv) == 0
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))
+    assert processor.vocab_size() == 320
+
+
+def test_tokenizer_train_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    random_corpus(tmp_path / "corpus.txt")
+    (tmp_path / "t.model").write_bytes(b"keep me")
+    before = snapshot(tmp_path)
+    argv = [
+        "tokenizer",
+        "train",
+        "--input",
+        "corpus.txt",
+        "--vocab-size",
+        "320",
+        "--out",
+        "t.model",
+    ]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1 and "t.model" in error
+    assert snapshot(tmp_path) == before
+
+
+# --- the memory model, against hand arithmetic ------------------------------------------------
+# tiny.yaml: V 512, d 64, I 172, L 2, Hq 4, Hkv 2, head dim 16, fp32, micro-batch 2 x 128 tokens.
+# Parameters: per layer q,o 2*64*64 + k,v 2*64*32 + MLP 3*64*172 + norms 2*64 = 45312;
+# 2 layers + embedding and lm_head 2*512*64 + final norm 64 = 156480.
+TINY_PARAMS = 156480
+# Activations per token and layer: 4*64 + 2*64 + 2*32 + 4*172 = 1136 elements.
+TINY_LAYER_ACTIVATIONS = 1136
+
+
+def test_tiny_parameter_count_by_hand():
+    assert load_recipe(TINY).model.num_parameters() == TINY_PARAMS
+
+
+def test_memory_estimate_fp32_zero0_by_hand():
+    recipe = load_recipe(TINY)
+    memory = estimate_memory(recipe, ParallelConfig(dp=1))
+    tokens = 2 * 128
+    # kept: 2 layers x 1136, plus the final hidden state (64); fp32; plus a 256 x 512 fp32 logits chunk
+    activations = tokens * (2 * TINY_LAYER_ACTIVATIONS + 64) * 4 + tokens * 512 * 4
+    assert (memory.weights, memory.gradients, memory.optimizer, memory.activations) == (
+        4 * TINY_PARAMS,
+        4 * TINY_PARAMS,
+        8 * TINY_PARAMS,
+        activations,
+    )
+
+
+def test_zero_stages_shard_states_over_the_world():
+    layout = ParallelConfig(dp=4)
+    stage = {
+        s: estimate_memory(load_recipe(TINY, [f"trainer.zero_stage={s}"]), layout) for s in range(4)
+    }
+    assert (
+        stage[1].optimizer == stage[0].optimizer // 4 and stage[1].gradients == stage[0].gradients
+    )
+    assert stage[2].gradients == stage[0].gradients // 4 and stage[2].weights == stage[0].weights
+    assert stage[3].weights == stage[0].weights // 4
+
+
+def test_bf16_uses_two_byte_weights_and_twelve_byte_optimizer_state():
+    memory = estimate_memory(load_recipe(TINY, ["trainer.dtype=bf16"]), ParallelConfig(dp=1))
+    assert (memory.weights, memory.gradients, memory.optimizer) == (
+        2 * TINY_PARAMS,
+        2 * TINY_PARAMS,
+        12 * TINY_PARAMS,
+    )
+
+
+def test_activation_checkpointing_keeps_layer_inputs_plus_one_layer():
+    model = load_recipe(TINY).model
+    tokens = 256
+    logits_chunk = tokens * 512 * 4
+    checkpointed = activation_bytes(model, tokens, "fp32", activation_checkpointing=True)
+    assert checkpointed == tokens * (2 * 64 + TINY_LAYER_ACTIVATIONS + 64) * 4 + logits_chunk
+
+
+def test_sequence_parallelism_divides_the_tokens_per_rank():
+    recipe = load_recipe(TINY, ["parallel.ring=2"])
+    memory = estimate_memory(recipe, ParallelConfig(dp=1, ring=2))
+    expected = activation_bytes(recipe.model, 2 * 128 // 2, "fp32", activation_checkpointing=False)
+    assert memory.activations == expected
