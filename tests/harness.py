@@ -30,7 +30,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _rank_main(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, collected
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -51,6 +53,9 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     except BaseException:  # report every failure, including KeyboardInterrupt in a child
         queue.put((rank, False, traceback.format_exc()))
     finally:
+        # Tensors travel through shared memory owned by this process: stay alive until the
+        # parent has received every result.
+        collected.wait(timeout=60)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -63,9 +68,14 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
+    collected = ctx.Event()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(rank, world_size, port, fn, args, queue), daemon=True)
+        ctx.Process(
+            target=_rank_main,
+            args=(rank, world_size, port, fn, args, queue, collected),
+            daemon=True,
+        )
         for rank in range(world_size)
     ]
     for proc in procs:
@@ -84,6 +94,7 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
             results[rank] = payload
     finally:
+        collected.set()
         for proc in procs:
             proc.join(timeout=10)
             if proc.is_alive():

@@ -1,0 +1,255 @@
+"""The DeepSpeed engine a run trains with: config, optimizer, LR schedule, activation
+checkpointing and the module whose forward returns the loss.
+
+DeepSpeed owns data-parallel gradient averaging, ZeRO partitioning (stages 0-3), bf16 master
+weights, gradient accumulation and clipping; this file turns a ``TrainerConfig`` into the
+DeepSpeed config dict and hands ``deepspeed.initialize`` three things it builds itself:
+
+- a torch ``AdamW`` as the client optimizer (a DeepSpeed-config optimizer would compile a fused
+  op at first use, about 30 s on CPU);
+- a warmup + cosine ``LambdaLR`` schedule, which DeepSpeed steps once per optimizer step (not per
+  micro-batch) and saves in its checkpoints;
+- ``CausalLMLoss``, the decoder wrapped so that ``engine(batch)`` returns the tiled
+  cross-entropy, never the ``[B, T, vocab]`` logits.
+
+A step whose gradient norm is not finite is skipped, not applied: DeepSpeed's ZeRO and
+bf16 optimizers do this themselves (the engine then reports ``was_step_applied() == False``,
+counts it in ``skipped_steps`` and leaves the LR schedule where it was). In the one case where
+DeepSpeed hands the gradients straight to the client optimizer (ZeRO stage 0, fp32),
+``GuardedAdamW`` measures the norm, skips and clips in its own ``step`` so every stage behaves
+the same.
+
+On resume DeepSpeed restores the optimizer's hyperparameters as they were saved;
+``apply_recipe_optimizer_settings`` puts the recipe's peak LR, betas and weight decay back in
+force (a no-op for an unchanged recipe, so exact resume is unaffected).
+
+DeepSpeed is imported through ``import_deepspeed()``: the accelerator must be chosen
+(``DS_ACCELERATOR``) before the first import, and the import costs seconds, which code that only
+reads a recipe should not pay.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
+
+from longctx.parallel.loss import tiled_cross_entropy
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from longctx.model import Transformer
+    from longctx.trainer.config import TrainerConfig
+
+
+def import_deepspeed():
+    """Import DeepSpeed after choosing its accelerator and the rank's local index.
+
+    DeepSpeed picks its accelerator once, at first use, and its CPU accelerator is not chosen
+    automatically: ``DS_ACCELERATOR`` defaults to ``cuda`` when torch sees a GPU, else ``cpu``.
+    ``LOCAL_RANK`` (which device this rank drives) is required by DeepSpeed; launchers such as
+    Ray Train set it; when it is missing it is derived from the global rank.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    if "LOCAL_RANK" not in os.environ:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or max(torch.cuda.device_count(), 1)
+        os.environ["LOCAL_RANK"] = str(rank % per_node if torch.cuda.is_available() else rank)
+    import deepspeed
+
+    return deepspeed
+
+
+def select_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` made current on a GPU machine (NCCL collectives,
+    including the checkpoint checks that run before the engine exists, use the current
+    device), else the CPU."""
+    import_deepspeed()  # fills in LOCAL_RANK when the launcher did not
+    if torch.cuda.is_available():
+        index = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier on the peak LR for optimizer step ``step`` (0-based).
+
+    Linear warmup ``(step + 1) / warmup_steps`` (the first update already moves, the
+    ``warmup_steps``-th uses the peak), then a half cosine from 1 down to ``min_ratio`` =
+    ``min_lr / lr`` at ``total_steps - 1``, and ``min_ratio`` after that.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(total_steps - 1 - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> LambdaLR:
+    """``LambdaLR`` over ``lr_factor`` with the run's warmup, length and LR floor."""
+    factor = functools.partial(
+        lr_factor,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.steps,
+        min_ratio=cfg.min_lr / cfg.lr,
+    )
+    return LambdaLR(optimizer, factor)
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that measures the global gradient norm, skips a non-finite step, then clips.
+
+    Used only where DeepSpeed leaves gradients untouched (ZeRO stage 0, fp32): there every rank
+    holds the full all-reduced gradient when ``step`` runs, so the local norm is the global
+    norm and every rank takes the same decision. The engine reads ``overflow`` and
+    ``_global_grad_norm`` from its optimizer exactly as it does from its own ZeRO optimizers:
+    an overflowing step is counted in ``skipped_steps`` and the LR schedule does not advance.
+    """
+
+    def __init__(self, params, *, max_grad_norm: float, **adamw_kwargs: Any):
+        super().__init__(params, **adamw_kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.overflow = False
+        self._global_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+        return super().step(closure)
+
+
+def deepspeed_owns_clipping(cfg: TrainerConfig) -> bool:
+    """Whether DeepSpeed's own optimizer wrapper measures, clips and guards the gradients
+    (ZeRO stages 1-3, or bf16); otherwise ``GuardedAdamW`` does it."""
+    return cfg.zero_stage > 0 or cfg.dtype == "bf16"
+
+
+def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for a run (the global batch follows from micro x accum x world)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip if deepspeed_owns_clipping(cfg) else 0.0,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        # A client torch optimizer under ZeRO is supported; the flag silences DeepSpeed's check.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
+    decayed = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    plain = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decayed, "weight_decay": cfg.weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": 1e-8}
+    if deepspeed_owns_clipping(cfg):
+        return torch.optim.AdamW(groups, **kwargs)
+    return GuardedAdamW(groups, max_grad_norm=cfg.grad_clip, **kwargs)
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+    Only the layer inputs stay alive between forward and backward (O(L x B x T x d) instead of
+    every intermediate). Each layer's ``forward`` is replaced on the instance by a call through
+    ``torch.utils.checkpoint`` (non-reentrant, so it composes with ZeRO-3's parameter hooks and
+    with layers whose inputs need no grad); parameter names and the model file are unchanged.
+    """
+    for layer in model.layers:
+        layer.forward = functools.partial(
+            checkpoint, layer.forward, use_reentrant=False, preserve_rng_state=True
+        )
+
+
+class CausalLMLoss(nn.Module):
+    """The module DeepSpeed trains: the decoder, and a forward that returns the loss.
+
+    ``forward(input_ids, labels, position_ids, doc_ids)`` (each ``[B, T]``, labels pre-shifted,
+    -100 = no loss) returns the token-mean cross-entropy, computed by ``tiled_cross_entropy``
+    from the final hidden states and ``lm_head.weight`` without materialising the logits. The
+    head weight is used outside ``lm_head``'s own forward, so under ZeRO-3 it is registered as an
+    external parameter of this module (gathered for its forward and backward).
+    """
+
+    def __init__(self, model: Transformer, *, zero_stage: int):
+        super().__init__()
+        self.model = model
+        if zero_stage == 3:
+            import_deepspeed().zero.register_external_parameter(self, model.lm_head.weight)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+    ) -> Tensor:
+        hidden = self.model.forward_hidden(input_ids, position_ids, doc_ids=doc_ids)  # [B, T, d]
+        return tiled_cross_entropy(hidden, self.model.lm_head.weight, labels)
+
+
+def build_engine(model: Transformer, cfg: TrainerConfig) -> DeepSpeedEngine:
+    """Wrap ``model`` in ``CausalLMLoss`` and initialise DeepSpeed with the run's optimizer and
+    schedule; activation checkpointing is applied first when the recipe asks for it.
+
+    ``torch.distributed`` must already be initialised (every rank calls this). The returned
+    engine's ``module.model`` is the decoder.
+    """
+    deepspeed = import_deepspeed()
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    module = CausalLMLoss(model, zero_stage=cfg.zero_stage)
+    optimizer = build_optimizer(module, cfg)
+    schedule = warmup_cosine_schedule(optimizer, cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
+    )
+    return engine
+
+
+def apply_recipe_optimizer_settings(engine: DeepSpeedEngine, cfg: TrainerConfig) -> None:
+    """Put the recipe's peak LR, betas and weight decay back in force after a resume.
+
+    Loading a checkpoint restores the optimizer's param groups and the schedule's base LRs as
+    they were saved, so a recipe that changes ``lr`` (or betas, weight decay, and through the
+    schedule's factor ``steps``, ``warmup_steps``, ``min_lr``) for the continuation would be
+    silently ignored. The schedule keeps its position; the current rate is recomputed as
+    ``lr x lr_factor(position)``, the same expression ``LambdaLR`` evaluates, so an unchanged
+    recipe continues bit for bit.
+    """
+    schedule = engine.lr_scheduler
+    groups = schedule.optimizer.param_groups  # [decayed matrices, norm gains and biases]
+    factor = schedule.lr_lambdas[0](schedule.last_epoch)
+    for group, weight_decay in zip(groups, (cfg.weight_decay, 0.0)):
+        group.update(
+            initial_lr=cfg.lr, lr=cfg.lr * factor, betas=tuple(cfg.betas), weight_decay=weight_decay
+        )
+    schedule.base_lrs = [cfg.lr for _ in groups]
+
+
+def global_grad_norm(engine: DeepSpeedEngine) -> float:
+    """The pre-clipping gradient norm of the last optimizer step (``inf`` when it was skipped)."""
+    norm = engine.get_global_grad_norm()
+    return float("nan") if norm is None else float(norm)

@@ -1,0 +1,146 @@
+"""Training metrics: TensorBoard scalars and terminal progress, both on rank 0 only.
+
+Scalars (tag names are what tests and dashboards read back):
+
+    train/loss            mean token cross-entropy over the log interval, all ranks
+    train/lr              learning rate of the last optimizer step
+    train/grad_norm       global gradient norm before clipping, last step (inf when skipped)
+    train/tokens_per_s    tokens processed by all ranks per second over the interval
+    train/step_time_s     mean wall time of an optimizer step over the interval
+    train/peak_memory_gib peak memory of rank 0's process (CUDA: allocated; CPU: resident set)
+    train/bad_steps       optimizer steps skipped so far because the gradient was not finite
+    eval/loss             token cross-entropy on the held-out split
+
+The terminal gets a rich progress bar when stdout is a terminal, and one concise line per
+logged step otherwise (Ray workers, CI logs).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
+
+TRAIN_TAGS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "train/tokens_per_s",
+    "step_time_s": "train/step_time_s",
+    "peak_memory_gib": "train/peak_memory_gib",
+    "bad_steps": "train/bad_steps",
+}
+EVAL_TAGS = {"eval_loss": "eval/loss"}
+_GIB = 1024**3
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process so far, in GiB: CUDA's peak allocation on a GPU, the peak
+    resident set size (Linux reports KiB) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / _GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / _GIB
+
+
+class MetricsWriter:
+    """Writes scalars to TensorBoard under ``log_dir`` (rank 0); a writer with ``log_dir=None``
+    (other ranks) accepts the same calls and writes nothing.
+
+    ``resume_step``: on resume, events a crashed attempt logged after the checkpoint's step are
+    hidden (TensorBoard's ``purge_step``) so the curves do not fold back on themselves.
+    """
+
+    def __init__(self, log_dir: Path | None, resume_step: int | None = None):
+        self.writer = None
+        if log_dir is not None:
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """Write each known metric of ``values`` under its tag at ``step``."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            tag = TRAIN_TAGS.get(key) or EVAL_TAGS.get(key)
+            if tag is not None:
+                self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_metrics(step: int, total: int, values: dict[str, float]) -> str:
+    """One log line: ``step 20/100 loss 5.4321 lr 1.00e-03 grad_norm 0.812 ...``."""
+    parts = [f"step {step}/{total}"]
+    if "loss" in values:
+        parts.append(f"loss {values['loss']:.4f}")
+    if "eval_loss" in values:
+        parts.append(f"eval_loss {values['eval_loss']:.4f}")
+    if "lr" in values:
+        parts.append(f"lr {values['lr']:.2e}")
+    if "grad_norm" in values:
+        parts.append(f"grad_norm {values['grad_norm']:.3f}")
+    if "tokens_per_s" in values:
+        parts.append(f"tok/s {values['tokens_per_s']:,.0f}")
+    if "step_time_s" in values:
+        parts.append(f"step {values['step_time_s'] * 1000:.0f} ms")
+    if "peak_memory_gib" in values:
+        parts.append(f"mem {values['peak_memory_gib']:.2f} GiB")
+    if values.get("bad_steps"):
+        parts.append(f"bad_steps {values['bad_steps']:.0f}")
+    return " ".join(parts)
+
+
+class ProgressDisplay:
+    """Rank 0's terminal view: a progress bar on a terminal, log lines elsewhere; other ranks
+    (``enabled=False``) print nothing."""
+
+    def __init__(
+        self, total_steps: int, start_step: int, *, enabled: bool, stream: TextIO | None = None
+    ):
+        self.total = total_steps
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.progress: Progress | None = None
+        if enabled and self.stream.isatty():
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                console=Console(file=self.stream),
+            )
+            self.task = self.progress.add_task("", total=total_steps, completed=start_step)
+            self.progress.start()
+
+    def update(self, step: int, values: dict[str, float] | None) -> None:
+        """Advance to ``step``; ``values`` (a logged step) also updates the text or prints."""
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            description = format_metrics(step, self.total, values) if values else None
+            self.progress.update(self.task, completed=step, description=description)
+        elif values:
+            print(format_metrics(step, self.total, values), file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        """A line that stays on screen (evaluation results, checkpoint paths)."""
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.console.print(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
