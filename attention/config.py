@@ -18,4 +18,8 @@ class AttentionConfig(BaseModel):
 
     variant: Variant = "dense"
     backend: Backend = "auto"
-    chunk_size: int = Field(1024, gt=0, description="query/key tile of the chunked kernels")
+    chunk_size: int | None = Field(
+        None,
+        gt=0,
+        description="query/key tile of the tiled kernels; None = the backend's measured default",
+    )

@@ -1,0 +1,22 @@
+"""What the attention core needs to know about the tokens of one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class AttentionContext:
+    """Built by the model once per forward and handed to every attention layer's core.
+
+    ``position_ids`` drive the position encoding (RoPE restarts per document when packed);
+    ``seq_positions`` are where each LOCAL token sits in the global sequence, which is what
+    causality and windows are measured on (``arange(T)`` unsharded, zigzag indices under
+    sequence parallelism, SPECS.md 1.3); ``doc_ids`` keep packed documents apart.
+    """
+
+    position_ids: Tensor  # [B, T] RoPE positions (global; per-document when packed)
+    seq_positions: Tensor  # [T] int64 global sequence index of each local token
+    doc_ids: Tensor | None = None  # [B, T]

@@ -1,0 +1,49 @@
+"""``DenseAttention``: the default inner attention core behind the model's attention seam."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from longctx.attention.config import AttentionConfig
+from longctx.attention.context import AttentionContext
+from longctx.attention.kernels import block_attention
+from longctx.attention.mask import MaskSpec
+
+
+class DenseAttention(nn.Module):
+    """Exact causal softmax attention over the local tokens, with doc ids and a sliding window.
+
+    The model's attention layer projects and rotates q, k, v and calls this core; sequence
+    parallelism swaps the core (ring, Ulysses) without touching the layer. Scale 1/sqrt(D).
+    """
+
+    def __init__(self, config: AttentionConfig, *, sliding_window: int | None = None):
+        super().__init__()
+        self.config = config
+        self.sliding_window = sliding_window
+
+    def mask_for(self, ctx: AttentionContext) -> MaskSpec:
+        """The mask of a forward pass: causal on global positions, per document, windowed."""
+        return MaskSpec(
+            causal=True,
+            q_positions=ctx.seq_positions,
+            k_positions=ctx.seq_positions,
+            q_doc_ids=ctx.doc_ids,
+            k_doc_ids=ctx.doc_ids,
+            window=self.sliding_window,
+        )
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, T, D] (already rotated) -> out [B, Hq, T, D]."""
+        out, _ = block_attention(
+            q,
+            k,
+            v,
+            mask=self.mask_for(ctx),
+            backend=self.config.backend,
+            chunk_size=self.config.chunk_size,
+        )
+        return out
+
+    def extra_repr(self) -> str:
+        return f"backend={self.config.backend}, sliding_window={self.sliding_window}"

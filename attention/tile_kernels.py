@@ -1,0 +1,285 @@
+"""Tile kernels: exact attention of one (query tile, key piece), the unit ``tiling.py`` runs.
+
+Three implementations of the ``TileKernel`` protocol:
+
+``TorchTileKernel`` (plain torch, float32 accumulation) serves the ``chunked`` backend on any
+device and mask with memory O(tile^2) per head, takes the PARTIAL pieces flash-attn cannot
+mask, and computes every backward that must honour a gradient on lse. GQA never expands K,V:
+the ``G = Hq / Hkv`` query heads sharing a kv head are stacked along the row dimension, so one
+matmul serves them all and the K,V gradients sum over them for free.
+
+``CpuFlashTileKernel`` runs torch's fused CPU op
+``aten._scaled_dot_product_flash_attention_for_cpu``, which returns ``(out, logsumexp)``, and
+its ``_backward``, which takes them back: exactly the (out, lse) contract of SPECS 1.1 that the
+public ``scaled_dot_product_attention`` hides. What the ops do, checked on torch 2.13 (and
+pinned by tests/test_kernels.py):
+
+- ``is_causal`` is top-left aligned (query i sees key j <= i); we only use it on causal
+  diagonal pieces, where top-left and bottom-right alignment agree.
+- ``attn_mask`` must be a float mask in q's dtype (additive; bool is rejected), broadcast over
+  heads: we pass ``[Bm, 1, tq, tk]`` with 0 / -inf.
+- A row whose mask hides every key comes back with out 0 but lse 0 (not -inf): we set its lse
+  to -inf. In the backward such rows are given lse 0, so ``exp(-inf - 0) = 0`` and no NaN.
+- GQA (Hkv < Hq) is native in forward and backward (dk/dv come back per kv head).
+- With bf16 inputs the op rounds the scaled queries to bf16, moving lse by ~1e-4.
+- The backward recomputes delta from ``out``, so it cannot take a gradient on lse; the
+  autograd wrapper routes that rare case to ``TorchTileKernel``.
+
+``FlashTileKernel`` runs flash-attn 2 on CUDA (imported lazily, never on CPU) through
+``flash_attn.flash_attn_interface._flash_attn_forward`` / ``_flash_attn_backward`` in their
+flash-attn >= 2.7 signatures (window_size_left/right, four outputs): the public
+``flash_attn_func`` cannot take the FINAL merged lse a block's backward needs. Layout there is [B, T, H, D]; GQA is native; inputs must be fp16/bf16
+with a head dim that is a multiple of 8 (at most 256). flash-attn masks only by ``causal``, so
+FULL and causal-diagonal pieces run on it and other PARTIAL pieces on ``TorchTileKernel``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from longctx.attention.tiling import PieceKind, compute_dtype
+from longctx.errors import LongctxError
+
+
+def _grouped(x: Tensor, kv_heads: int, dtype: torch.dtype) -> Tensor:
+    """[B, Hq, t, D] -> [B, Hkv, G * t, D]: query head h = j * G + g goes to kv head j."""
+    batch, heads, length, dim = x.shape
+    return x.to(dtype).reshape(batch, kv_heads, heads // kv_heads * length, dim)
+
+
+def _masked_scores(
+    q: Tensor, k: Tensor, kind: PieceKind, visible: Tensor | None, scale: float
+) -> Tensor:
+    """Scaled scores with hidden entries at -inf: [B, Hkv, G, tq, tk] in the compute dtype."""
+    batch, heads, tq, _ = q.shape
+    kv_heads, tk = k.shape[1], k.shape[2]
+    dtype = compute_dtype(q.dtype)
+    scores = _grouped(q, kv_heads, dtype) @ k.to(dtype).transpose(-1, -2)  # [B, Hkv, G*tq, tk]
+    scores = scores.mul_(scale).view(batch, kv_heads, heads // kv_heads, tq, tk)
+    if kind is PieceKind.CAUSAL:
+        hidden = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu_(1)  # j > i
+        scores.masked_fill_(hidden, float("-inf"))
+    elif kind is PieceKind.MASKED:
+        scores.masked_fill_(~visible[:, None, None], float("-inf"))  # visible [Bm, tq, tk]
+    return scores
+
+
+class TorchTileKernel:
+    """``TileKernel`` in plain torch; see the module docstring."""
+
+    fused = False
+    takes_delta = True
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, kind: PieceKind, visible: Tensor | None, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        batch, heads, tq, dim = q.shape
+        kv_heads = k.shape[1]
+        dtype = compute_dtype(q.dtype)
+        scores = _masked_scores(q, k, kind, visible, scale)  # [B, Hkv, G, tq, tk]
+        row_max = scores.amax(-1)  # [B, Hkv, G, tq]; -inf on rows that see nothing
+        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+        weights = scores.sub_(row_max[..., None]).exp_()  # hidden entries -> exp(-inf) = 0
+        total = weights.sum(-1)  # [B, Hkv, G, tq]
+        out = weights.view(batch, kv_heads, -1, k.shape[2]) @ v.to(dtype)  # [B, Hkv, G*tq, D]
+        out = out.view(*total.shape, dim) / torch.where(total > 0, total, 1.0)[..., None]
+        lse = row_max + torch.log(total)  # log(0) = -inf: rows that see nothing
+        return out.reshape(batch, heads, tq, dim), lse.reshape(batch, heads, tq)
+
+    def backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        delta: Tensor,
+        kind: PieceKind,
+        visible: Tensor | None,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        batch, heads, tq, dim = q.shape
+        kv_heads, tk = k.shape[1], k.shape[2]
+        dtype = compute_dtype(q.dtype)
+        grouped_shape = (batch, kv_heads, heads // kv_heads, tq)
+        scores = _masked_scores(q, k, kind, visible, scale)  # [B, Hkv, G, tq, tk]
+        probs = scores.sub_(lse.view(grouped_shape)[..., None]).exp_()  # p = exp(s - lse_final)
+        probs_rows = probs.view(batch, kv_heads, -1, tk)  # [B, Hkv, G*tq, tk]
+        dout_rows = _grouped(dout, kv_heads, dtype)  # [B, Hkv, G*tq, D]
+        dv = probs_rows.transpose(-1, -2) @ dout_rows  # [B, Hkv, tk, D], summed over groups
+        dprobs = dout_rows @ v.to(dtype).transpose(-1, -2)  # [B, Hkv, G*tq, tk]
+        dscores = probs_rows.mul_(dprobs.sub_(delta.reshape(batch, kv_heads, -1)[..., None]))
+        dq = (dscores @ k.to(dtype)).mul_(scale)  # [B, Hkv, G*tq, D]
+        dk = (dscores.transpose(-1, -2) @ _grouped(q, kv_heads, dtype)).mul_(scale)
+        return dq.reshape(batch, heads, tq, dim), dk, dv
+
+
+# ---------------------------------------------------------------------- fused CPU op
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _additive_mask(visible: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """bool [Bm, tq, tk] -> additive [Bm, 1, tq, tk]: 0 where visible, -inf where hidden."""
+    if visible is None:
+        return None
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return bias.masked_fill_(~visible, float("-inf"))[:, None]
+
+
+class CpuFlashTileKernel:
+    """``TileKernel`` on torch's fused CPU flash op; see the module docstring."""
+
+    fused = True
+    takes_delta = False
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, kind: PieceKind, visible: Tensor | None, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        out, lse = _FLASH_CPU(
+            q,
+            k,
+            v,
+            0.0,
+            kind is PieceKind.CAUSAL,
+            attn_mask=_additive_mask(visible, q.dtype),
+            scale=scale,
+        )  # out [B, Hq, tq, D], lse [B, Hq, tq]
+        if visible is not None:
+            sees_nothing = ~visible.any(-1)[:, None]  # [Bm, 1, tq]
+            lse = lse.masked_fill(sees_nothing, float("-inf"))
+        return out, lse
+
+    def backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        delta: Tensor,
+        kind: PieceKind,
+        visible: Tensor | None,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # ``delta`` is unused: the op derives it from (dout, out) itself.
+        return _FLASH_CPU_BACKWARD(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            0.0,
+            kind is PieceKind.CAUSAL,
+            attn_mask=_additive_mask(visible, q.dtype),
+            scale=scale,
+        )
+
+
+# ---------------------------------------------------------------------- flash-attn (CUDA)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_attn_installed() -> bool:
+    """Whether flash-attn can be imported (checked without importing it)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_attn_supports(q: Tensor) -> bool:
+    """Whether flash-attn can run attention on tensors like ``q`` [B, H, T, D]."""
+    dim = q.shape[-1]
+    return q.is_cuda and q.dtype in SUPPORTED_DTYPES and dim % 8 == 0 and dim <= 256
+
+
+def _interface() -> ModuleType:
+    if not flash_attn_installed():
+        raise LongctxError(
+            "attention backend 'flash' needs the flash-attn package, which is not installed; "
+            "pip install 'longctx[cuda]' or set attention.backend to auto"
+        )
+    from flash_attn import flash_attn_interface
+
+    return flash_attn_interface
+
+
+def _time_major(x: Tensor) -> Tensor:
+    """[B, H, T, D] -> contiguous [B, T, H, D], the layout flash-attn reads."""
+    return x.transpose(1, 2).contiguous()
+
+
+class FlashTileKernel:
+    """``TileKernel`` on flash-attn (CUDA); see the module docstring."""
+
+    fused = True
+    takes_delta = False
+
+    def __init__(self) -> None:
+        self._torch_kernel = TorchTileKernel()
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, kind: PieceKind, visible: Tensor | None, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        if kind is PieceKind.MASKED:
+            return self._torch_kernel.forward(q, k, v, kind, visible, scale)
+        out, lse, _, _ = _interface()._flash_attn_forward(
+            _time_major(q),
+            _time_major(k),
+            _time_major(v),
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=kind is PieceKind.CAUSAL,
+            window_size_left=-1,
+            window_size_right=-1,
+            softcap=0.0,
+            alibi_slopes=None,
+            return_softmax=False,
+        )  # out [B, tq, Hq, D], lse [B, Hq, tq]
+        return out.transpose(1, 2), lse[..., : q.shape[2]]
+
+    def backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        delta: Tensor,
+        kind: PieceKind,
+        visible: Tensor | None,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if kind is PieceKind.MASKED:
+            return self._torch_kernel.backward(dout, q, k, v, out, lse, delta, kind, visible, scale)
+        q_t, k_t, v_t = _time_major(q), _time_major(k), _time_major(v)
+        dq, dk, dv = torch.empty_like(q_t), torch.empty_like(k_t), torch.empty_like(v_t)
+        _interface()._flash_attn_backward(
+            _time_major(dout),
+            q_t,
+            k_t,
+            v_t,
+            _time_major(out),
+            lse.float().contiguous(),
+            dq,
+            dk,
+            dv,
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=kind is PieceKind.CAUSAL,
+            window_size_left=-1,
+            window_size_right=-1,
+            softcap=0.0,
+            alibi_slopes=None,
+            deterministic=False,
+            rng_state=None,
+        )  # writes dq [B, tq, Hq, D], dk/dv [B, tk, Hkv, D]
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
