@@ -14,9 +14,13 @@ class AttentionContext:
     ``position_ids`` drive the position encoding (RoPE restarts per document when packed);
     ``seq_positions`` are where each LOCAL token sits in the global sequence, which is what
     causality and windows are measured on (``arange(T)`` unsharded, zigzag indices under
-    sequence parallelism, SPECS.md 1.3); ``doc_ids`` keep packed documents apart.
+    sequence parallelism, SPECS.md 1.3); ``doc_ids`` keep packed documents apart; ``hidden`` is
+    the attention layer's input x, for cores whose parameters act on tokens.
     """
 
     position_ids: Tensor  # [B, T] RoPE positions (global; per-document when packed)
     seq_positions: Tensor  # [T] int64 global sequence index of each local token
     doc_ids: Tensor | None = None  # [B, T]
+    # The layer's normed input, for cores with token-dependent parameters (NSA gates, MoSA
+    # routers); set by the attention layer for its own core.
+    hidden: Tensor | None = None  # [B, T, d]

@@ -16,13 +16,15 @@ module computes ``cos``/``sin`` once per forward and every layer rotates its q a
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
-from longctx.attention.dense import DenseAttention
+from longctx.attention.factory import build_attention_core
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.positional.config import PositionalConfig
@@ -74,7 +76,13 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, attention: AttentionConfig, *, sliding_window: int | None
+        self,
+        config: ModelConfig,
+        attention: AttentionConfig,
+        positional: PositionalConfig,
+        *,
+        layer_index: int,
+        sliding_window: int | None,
     ):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -85,7 +93,9 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
-        self.core = DenseAttention(attention, sliding_window=sliding_window)
+        self.core = build_attention_core(
+            config, attention, positional, layer_index=layer_index, sliding_window=sliding_window
+        )
 
     def forward(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
         B, T, _ = x.shape
@@ -95,7 +105,7 @@ class SelfAttention(nn.Module):
         # q [B, Hq, T, D]; k, v [B, Hkv, T, D]
         if rotary is not None:
             q, k = apply_rotary(q, k, *rotary)
-        out = self.core(q, k, v, ctx)  # [B, Hq, T, D]
+        out = self.core(q, k, v, dataclasses.replace(ctx, hidden=x))  # [B, Hq, T, D]
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, Hq*D]
         return self.o_proj(out)  # [B, T, d]
 
@@ -104,11 +114,22 @@ class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
     def __init__(
-        self, config: ModelConfig, attention: AttentionConfig, *, sliding_window: int | None
+        self,
+        config: ModelConfig,
+        attention: AttentionConfig,
+        positional: PositionalConfig,
+        *,
+        layer_index: int,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = SelfAttention(config, attention, sliding_window=sliding_window)
+        self.self_attn = SelfAttention(
+            config,
+            attention,
+            positional,
+            layer_index=layer_index,
+            sliding_window=layer_sliding_window(config, layer_index),
+        )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -147,7 +168,7 @@ class Transformer(nn.Module):
         self.attention = attention or AttentionConfig()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, self.attention, sliding_window=layer_sliding_window(config, i))
+            DecoderLayer(config, self.attention, self.positional, layer_index=i)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -207,7 +207,10 @@ def test_unknown_key_names_dotted_path_and_closest_valid_key(raw, expected):
 
 def test_unknown_key_without_a_close_match_lists_the_valid_keys():
     message = recipe_error({"positional": {"zzz": 1}})
-    assert message == "r.yaml: unknown key 'positional.zzz'; valid keys under 'positional': kind"
+    assert (
+        message
+        == "r.yaml: unknown key 'positional.zzz'; valid keys under 'positional': kind, cope, bam, tapa"
+    )
 
 
 def test_wrong_type_names_field_value_and_expectation():
