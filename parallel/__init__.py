@@ -1,4 +1,9 @@
-"""Sequence parallelism: zigzag layout, SP-exact tiled loss (ring attention and Ulysses follow)."""
+"""Sequence parallelism: process mesh, zigzag layout, ring attention, Ulysses, SP-exact loss.
+
+``build_mesh`` lays the world out as dp x ulysses x ring; ``parallelize`` swaps each attention
+layer's core for ring / Ulysses / Ulysses-over-ring attention; ``ParallelMesh.shard_batch`` gives
+each rank its tokens; ``tiled_cross_entropy`` scores them exactly under sequence parallelism.
+"""
 
 from longctx.parallel.layout import (
     pad_batch,
@@ -8,11 +13,24 @@ from longctx.parallel.layout import (
     zigzag_unshard,
 )
 from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
+from longctx.parallel.mesh import ParallelMesh, build_mesh, sequence_shard, validate_mesh
+from longctx.parallel.parallelize import parallelize
+from longctx.parallel.ring import RingAttention, ring_attention
+from longctx.parallel.ulysses import UlyssesAttention, check_ulysses_heads
 
 __all__ = [
+    "ParallelMesh",
+    "RingAttention",
+    "UlyssesAttention",
+    "build_mesh",
+    "check_ulysses_heads",
     "pad_batch",
+    "parallelize",
+    "ring_attention",
+    "sequence_shard",
     "shard_batch",
     "tiled_cross_entropy",
+    "validate_mesh",
     "world_mean_scale",
     "zigzag_positions",
     "zigzag_shard",

@@ -1,0 +1,453 @@
+"""Sequence-parallel benchmarks: ring attention time and memory, zigzag balance, tiled loss memory.
+
+Run: ``python -m longctx.bench.sp`` (``--quick`` for a smoke run at small sizes). Prints a table
+and writes ``bench/results/sp.json``. Every number is a ratio against a baseline measured in the
+same run, on the same machine:
+
+- ring P=2 forward+backward time of causal attention at T=16k, two ranks of one thread each,
+  against one process with two threads on the full sequence (target <= 1.15x);
+- peak memory per ring rank against that single process (target <= 0.55x);
+- per-rank causal work under the zigzag layout (target max/min <= 1.05) and a contiguous split
+  (about 3x at P=2), both as exact causal (query, key) pairs and as the pairs ring attention's
+  skip plan actually computes;
+- a whole training step (forward, tiled loss, backward) of a small decoder at the same T under
+  ring 2 against one process: peak memory per rank and time, where activations, not attention
+  buffers, dominate;
+- tiled cross-entropy peak memory at T=64k, V=32k against plain ``F.cross_entropy`` (target
+  <= 1/8). Plain cross-entropy at 64k x 32k needs about 24 GiB (logits, log-softmax and their
+  gradient, all [T, V] fp32), more than the benchmark machine has, so it is measured at
+  ``--plain-loss-seq-len`` and scaled linearly in T: every one of its big buffers is [T, V].
+
+Memory is the resident-set high-water mark of a fresh process (``VmHWM``, reset through
+``/proc/self/clear_refs`` after a tiny warm-up) minus the resident size at the reset, so torch's
+own libraries and the warm-up do not count. The children run with a fixed glibc mmap threshold
+(``MALLOC_MMAP_THRESHOLD_``): every large tensor is then its own mapping, returned on free, and
+the resident size follows live tensors instead of freed heap that glibc keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from queue import Empty
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from longctx.attention.kernels import block_attention
+from longctx.attention.mask import MaskSpec
+from longctx.model import ModelConfig, Transformer
+from longctx.parallel.config import ParallelConfig
+from longctx.parallel.layout import causal_work, zigzag_positions
+from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
+from longctx.parallel.mesh import build_mesh
+from longctx.parallel.parallelize import parallelize
+from longctx.parallel.ring import ring_attention, visible_pieces
+
+RESULTS = Path(__file__).resolve().parent / "results" / "sp.json"
+GiB = 1024**3
+
+
+# ----------------------------------------------------------------------------- measurement
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_memory() -> int:
+    """Reset the resident high-water mark; returns the resident bytes at the reset."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_memory_since(baseline: int) -> int:
+    """Bytes by which the resident high-water mark rose above ``baseline``."""
+    return _status_kib("VmHWM") * 1024 - baseline
+
+
+def _attention_inputs(seq_len: int, heads: int, head_dim: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, seq_len, head_dim, generator=gen) for _ in range(4)]
+
+
+def _spawn(fn, world: int, *args, timeout: float = 1800.0) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` fresh processes (gloo group when world > 1)
+    and return their results (plain Python values) ordered by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    saved_env = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # children inherit it at start
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        ctx.Process(target=_child, args=(rank, world, port, fn, args, queue), daemon=True)
+        for rank in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    if saved_env is None:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    else:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = saved_env
+    results = {}
+    try:
+        while len(results) < world:
+            try:
+                rank, ok, payload = queue.get(timeout=timeout)
+            except Empty as exc:
+                raise TimeoutError(f"benchmark ranks did not finish in {timeout:.0f} s") from exc
+            if not ok:
+                raise RuntimeError(f"benchmark rank {rank} failed:\n{payload}")
+            results[rank] = payload
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return [results[rank] for rank in range(world)]
+
+
+def _child(rank, world, port, fn, args, queue) -> None:
+    import traceback
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        if world > 1:
+            dist.init_process_group(
+                "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800)
+            )
+        queue.put((rank, True, fn(rank, world, *args)))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- attention
+def _warm_up_attention(heads: int, head_dim: int) -> None:
+    """Load the kernels' code paths at a tiny size, so the memory reset excludes them."""
+    q, k, v, dout = (x.requires_grad_() for x in _attention_inputs(64, heads, head_dim))
+    out, _ = block_attention(q, k, v, mask=MaskSpec(causal=True))
+    out.backward(dout)
+
+
+def _single_process_attention(rank, world, seq_len, heads, head_dim, threads, repeats):
+    torch.set_num_threads(threads)
+    _warm_up_attention(heads, head_dim)
+    baseline = reset_peak_memory()
+    q, k, v, dout = _attention_inputs(seq_len, heads, head_dim)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    times = []
+    for _ in range(repeats):
+        q.grad = k.grad = v.grad = None
+        start = time.perf_counter()
+        out, _ = block_attention(q, k, v, mask=MaskSpec(causal=True))
+        out.backward(dout)
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "peak_bytes": peak_memory_since(baseline)}
+
+
+def _ring_rank_attention(rank, world, seq_len, heads, head_dim, repeats):
+    torch.set_num_threads(1)
+    _warm_up_attention(heads, head_dim)
+    baseline = reset_peak_memory()
+    positions = zigzag_positions(seq_len, rank, world)
+    # Values do not matter for time or memory; drawing only the local shard keeps the full
+    # sequence from ever being resident on a rank.
+    q, k, v, dout = _attention_inputs(len(positions), heads, head_dim, seed=rank)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    times = []
+    for _ in range(repeats):
+        q.grad = k.grad = v.grad = None
+        dist.barrier()
+        start = time.perf_counter()
+        out = ring_attention(q, k, v, group=dist.group.WORLD, position_ids=positions)
+        out.backward(dout)
+        dist.barrier()  # the slowest rank decides the step time
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "peak_bytes": peak_memory_since(baseline)}
+
+
+def bench_ring_attention(seq_len: int, heads: int, head_dim: int, repeats: int) -> dict:
+    """Ring P=2 (1 thread per rank) vs one process with 2 threads, causal fwd+bwd."""
+    single = _spawn(_single_process_attention, 1, seq_len, heads, head_dim, 2, repeats)[0]
+    ring = _spawn(_ring_rank_attention, 2, seq_len, heads, head_dim, repeats)
+    ring_seconds = max(r["seconds"] for r in ring)
+    ring_peak = max(r["peak_bytes"] for r in ring)
+    return {
+        "seq_len": seq_len,
+        "heads": heads,
+        "head_dim": head_dim,
+        "single_seconds": single["seconds"],
+        "ring2_seconds": ring_seconds,
+        "time_ratio": ring_seconds / single["seconds"],
+        "single_peak_bytes": single["peak_bytes"],
+        "ring2_peak_bytes_per_rank": ring_peak,
+        "memory_ratio": ring_peak / single["peak_bytes"],
+    }
+
+
+# ----------------------------------------------------------------------------- model step
+BENCH_MODEL = ModelConfig(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=65536,
+)
+
+
+def _model_step_once(model, batch, group) -> None:
+    hidden = model.forward_hidden(
+        batch["input_ids"], batch["position_ids"], seq_positions=batch["seq_positions"]
+    )
+    loss = tiled_cross_entropy(hidden, model.lm_head.weight, batch["labels"], group=group)
+    (loss * world_mean_scale(group)).backward()
+
+
+def _model_step(rank, world, seq_len, threads):
+    """Peak memory and time of one training step on this rank's tokens (ring over ``world``)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Transformer(BENCH_MODEL)
+    group = None
+    shard = None
+    if world > 1:
+        mesh = build_mesh(ParallelConfig(dp=1, ring=world))
+        parallelize(model, mesh.config, mesh)
+        group, shard = mesh.sp_group, mesh.shard_batch
+    gen = torch.Generator().manual_seed(0)
+
+    def tokens(length: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, BENCH_MODEL.vocab_size, (1, length + 1), generator=gen)
+        batch = {
+            "input_ids": ids[:, :-1],
+            "labels": ids[:, 1:],
+            "position_ids": torch.arange(length)[None],
+        }
+        if shard is None:
+            return batch | {"seq_positions": torch.arange(length)}
+        return shard(batch)
+
+    _model_step_once(model, tokens(64), group)  # warm-up at a tiny length
+    model.zero_grad(set_to_none=False)  # gradient buffers exist in both runs before the reset
+    batch = tokens(seq_len)
+    baseline = reset_peak_memory()
+    if world > 1:
+        dist.barrier()
+    start = time.perf_counter()
+    _model_step_once(model, batch, group)
+    if world > 1:
+        dist.barrier()
+    return {"seconds": time.perf_counter() - start, "peak_bytes": peak_memory_since(baseline)}
+
+
+def bench_model_step(seq_len: int) -> dict:
+    single = _spawn(_model_step, 1, seq_len, 2)[0]
+    ring = _spawn(_model_step, 2, seq_len, 1)
+    ring_seconds = max(r["seconds"] for r in ring)
+    ring_peak = max(r["peak_bytes"] for r in ring)
+    return {
+        "seq_len": seq_len,
+        "model": BENCH_MODEL.model_dump(include={"hidden_size", "num_hidden_layers", "vocab_size"}),
+        "single_seconds": single["seconds"],
+        "ring2_seconds": ring_seconds,
+        "time_ratio": ring_seconds / single["seconds"],
+        "single_peak_bytes": single["peak_bytes"],
+        "ring2_peak_bytes_per_rank": ring_peak,
+        "memory_ratio": ring_peak / single["peak_bytes"],
+    }
+
+
+# ----------------------------------------------------------------------------- balance
+def _scheduled_pairs(positions_per_rank: list[torch.Tensor]) -> list[int]:
+    """(query, key) pairs each rank computes under ring attention's skip plan (causal)."""
+    world = len(positions_per_rank)
+    local = positions_per_rank[0].shape[0]
+    work = []
+    for rank in range(world):
+        pairs = 0
+        for step in range(world):
+            mask = MaskSpec(
+                causal=True,
+                q_positions=positions_per_rank[rank],
+                k_positions=positions_per_rank[(rank - step) % world],
+            ).bind(local, local)
+            pairs += sum(
+                (qs.stop - qs.start) * (ks.stop - ks.start)
+                for qs, ks in visible_pieces(mask, local, local)
+            )
+        work.append(pairs)
+    return work
+
+
+def bench_balance(seq_len: int, world: int) -> dict:
+    """max/min per-rank causal work: zigzag and contiguous layouts, exact and as scheduled."""
+    zigzag = [zigzag_positions(seq_len, r, world) for r in range(world)]
+    contiguous = list(torch.arange(seq_len).chunk(world))
+
+    def ratio(values: list[int]) -> float:
+        return max(values) / min(values)
+
+    return {
+        "seq_len": seq_len,
+        "world": world,
+        "zigzag_causal_pairs_ratio": ratio([causal_work(p) for p in zigzag]),
+        "contiguous_causal_pairs_ratio": ratio([causal_work(p) for p in contiguous]),
+        "zigzag_scheduled_ratio": ratio(_scheduled_pairs(zigzag)),
+        "contiguous_scheduled_ratio": ratio(_scheduled_pairs(contiguous)),
+    }
+
+
+# ----------------------------------------------------------------------------- loss
+def _loss_inputs(seq_len: int, vocab: int, dim: int):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(seq_len, dim, generator=gen).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5).requires_grad_()
+    labels = torch.randint(0, vocab, (seq_len,), generator=gen)
+    return hidden, weight, labels
+
+
+def _loss_peak(rank, world, kind, seq_len, vocab, dim):
+    torch.set_num_threads(2)
+    hidden, weight, labels = _loss_inputs(64, vocab // 64, dim)
+    tiled_cross_entropy(hidden, weight, labels, chunk_size=16).backward()
+    F.cross_entropy(hidden @ weight.t(), labels).backward()
+    hidden, weight, labels = _loss_inputs(seq_len, vocab, dim)
+    baseline = reset_peak_memory()  # inputs excluded: both losses share them
+    start = time.perf_counter()
+    if kind == "tiled":
+        tiled_cross_entropy(hidden, weight, labels).backward()
+    else:
+        F.cross_entropy(hidden @ weight.t(), labels).backward()
+    return {"peak_bytes": peak_memory_since(baseline), "seconds": time.perf_counter() - start}
+
+
+def bench_tiled_loss(seq_len: int, plain_seq_len: int, vocab: int, dim: int) -> dict:
+    tiled = _spawn(_loss_peak, 1, "tiled", seq_len, vocab, dim)[0]
+    plain = _spawn(_loss_peak, 1, "plain", plain_seq_len, vocab, dim)[0]
+    plain_scaled = plain["peak_bytes"] * seq_len / plain_seq_len
+    return {
+        "seq_len": seq_len,
+        "vocab": vocab,
+        "hidden_dim": dim,
+        "tiled_peak_bytes": tiled["peak_bytes"],
+        "tiled_seconds": tiled["seconds"],
+        "plain_measured_seq_len": plain_seq_len,
+        "plain_measured_peak_bytes": plain["peak_bytes"],
+        "plain_peak_bytes_at_seq_len": plain_scaled,
+        "memory_ratio": tiled["peak_bytes"] / plain_scaled,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def _rows(results: dict) -> list[tuple[str, str, str, str]]:
+    ring, balance, loss = results["ring"], results["balance"], results["tiled_loss"]
+    step = results["model_step"]
+    t = ring["seq_len"]
+    return [
+        (
+            f"ring P=2 fwd+bwd time, T={t}",
+            f"{ring['ring2_seconds']:.2f} s vs {ring['single_seconds']:.2f} s",
+            f"{ring['time_ratio']:.3f}x",
+            "<= 1.15x",
+        ),
+        (
+            f"ring P=2 peak memory per rank, T={t}",
+            f"{ring['ring2_peak_bytes_per_rank'] / GiB:.3f} vs "
+            f"{ring['single_peak_bytes'] / GiB:.3f} GiB",
+            f"{ring['memory_ratio']:.3f}x",
+            "<= 0.55x",
+        ),
+        (
+            f"model step time, ring 2 vs 1 process, T={step['seq_len']}",
+            f"{step['ring2_seconds']:.2f} s vs {step['single_seconds']:.2f} s",
+            f"{step['time_ratio']:.3f}x",
+            "",
+        ),
+        (
+            f"model step peak memory per rank, T={step['seq_len']}",
+            f"{step['ring2_peak_bytes_per_rank'] / GiB:.3f} vs "
+            f"{step['single_peak_bytes'] / GiB:.3f} GiB",
+            f"{step['memory_ratio']:.3f}x",
+            "",
+        ),
+        (
+            f"zigzag causal work max/min, P={balance['world']}",
+            f"scheduled {balance['zigzag_scheduled_ratio']:.3f}",
+            f"{balance['zigzag_causal_pairs_ratio']:.3f}x",
+            "<= 1.05x",
+        ),
+        (
+            f"contiguous causal work max/min, P={balance['world']}",
+            f"scheduled {balance['contiguous_scheduled_ratio']:.3f}",
+            f"{balance['contiguous_causal_pairs_ratio']:.3f}x",
+            "~3x",
+        ),
+        (
+            f"tiled loss peak memory, T={loss['seq_len']}, V={loss['vocab']}",
+            f"{loss['tiled_peak_bytes'] / GiB:.3f} vs "
+            f"{loss['plain_peak_bytes_at_seq_len'] / GiB:.3f} GiB",
+            f"{loss['memory_ratio']:.4f}x",
+            "<= 0.125x",
+        ),
+    ]
+
+
+def print_table(results: dict) -> None:
+    rows = [("measure", "values", "ratio", "target"), *_rows(results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-len", type=int, default=16384, help="ring attention length")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs; the fastest counts")
+    parser.add_argument("--loss-seq-len", type=int, default=65536)
+    parser.add_argument("--plain-loss-seq-len", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--loss-dim", type=int, default=64, help="hidden size of the loss bench")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seq_len, args.loss_seq_len, args.plain_loss_seq_len = 2048, 8192, 2048
+        args.vocab, args.repeats = 4096, 1
+    results = {
+        "ring": bench_ring_attention(args.seq_len, args.heads, args.head_dim, args.repeats),
+        "model_step": bench_model_step(args.seq_len),
+        "balance": bench_balance(args.seq_len, 2),
+        "tiled_loss": bench_tiled_loss(
+            args.loss_seq_len, args.plain_loss_seq_len, args.vocab, args.loss_dim
+        ),
+    }
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

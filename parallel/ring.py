@@ -1,0 +1,340 @@
+"""Ring attention (SPECS 1.4): exact attention over a sequence spread across a process group.
+
+Every rank of the ring keeps its query shard and passes its key/value shard around: at step t
+rank r attends with the K,V block that started on rank (r - t) mod P, using the block's true
+global positions (and doc ids) for the mask, and merges the partial result in float32 with the
+log-sum-exp rule (``merge_partials``). The next block travels (``batch_isend_irecv`` into a
+receive buffer, two alternating ones for rings larger than 2) while the current one is computed
+on, so communication overlaps compute.
+
+The backward needs only the FINAL merged ``out``/``lse`` (SPECS 1.1): K,V go round again, each
+rank adds its query shard's share of dK,dV to an accumulator that travels with the block, and
+after P steps every accumulator is back on the rank that owns the block. The dK,dV send of one
+step overlaps the compute of the next.
+
+Work that the mask hides is skipped. The local query and key shards are each cut into two
+halves (under the zigzag layout: the two chunks a rank holds) and every (query half, key half)
+pair is classified from positions alone (``MaskSpec.classify``); EMPTY pairs are never computed.
+Under zigzag causal attention this leaves, at every step after the first, two of the four
+pairs (all queries against the first key half, or the second query half against all keys):
+half the work of a full block, the same on every rank. Sliding windows and block-sparse patterns skip the same way.
+GQA rotates only the Hkv key/value heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from longctx.attention.context import AttentionContext
+from longctx.attention.dense import DenseAttention
+from longctx.attention.kernels import block_attention, block_attention_backward
+from longctx.attention.mask import BlockSparsePattern, MaskSpec, TileClass
+from longctx.attention.merge import merge_partials
+
+
+class RingExchange:
+    """Send tensors to the next rank of a ring and receive the previous rank's, asynchronously.
+
+    ``start(tensors, into)`` posts one isend per tensor to rank r+1 and one irecv per buffer of
+    ``into`` from rank r-1 (group ranks, wrapped); ``wait()`` blocks until all have completed.
+    Tensor i of an exchange uses tag ``tag + i``, so two exchanges in flight at once (K,V and
+    the dK,dV accumulators of the backward) never match each other's messages.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, tag: int = 0):
+        self.group = group
+        self.tag = tag
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.next_rank = (self.rank + 1) % self.size
+        self.prev_rank = (self.rank - 1) % self.size
+        self._pending: list = []
+
+    def start(self, tensors: list[Tensor], into: list[Tensor]) -> None:
+        ops = [
+            dist.P2POp(dist.isend, t, group=self.group, tag=self.tag + i, group_peer=self.next_rank)
+            for i, t in enumerate(tensors)
+        ]
+        ops += [
+            dist.P2POp(dist.irecv, t, group=self.group, tag=self.tag + i, group_peer=self.prev_rank)
+            for i, t in enumerate(into)
+        ]
+        self._pending = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> None:
+        for work in self._pending:
+            work.wait()
+        self._pending = []
+
+
+def _halves(length: int) -> list[slice]:
+    """The two halves of a shard (the zigzag layout's two chunks); one piece if it is tiny."""
+    if length < 2:
+        return [slice(0, length)]
+    return [slice(0, length // 2), slice(length // 2, length)]
+
+
+def visible_pieces(mask: MaskSpec, length_q: int, length_k: int) -> list[tuple[slice, slice]]:
+    """The (query half, key half) pairs of a bound ``mask`` that hold any visible pair.
+
+    Each pair is one kernel call. Calling per half-pair rather than merging neighbours keeps
+    every call's temporaries (its partial out, or its dq, dk, dv) at a quarter of a block, and
+    most pairs are then fully visible or a plain causal diagonal, which the fused kernels take
+    in one piece.
+    """
+    return [
+        (qs, ks)
+        for qs in _halves(length_q)
+        for ks in _halves(length_k)
+        if mask.classify(qs, ks) != TileClass.EMPTY
+    ]
+
+
+def _pack_meta(positions: Tensor, doc_ids: Tensor | None) -> Tensor:
+    """Positions [T] and doc ids [B, T] as one int64 tensor [1 (+ B), T] that travels with K,V."""
+    rows = [positions.long().unsqueeze(0)]
+    if doc_ids is not None:
+        rows.append(doc_ids.long())
+    return torch.cat(rows).contiguous()
+
+
+def _unpack_meta(meta: Tensor, has_docs: bool) -> tuple[Tensor, Tensor | None]:
+    return meta[0], (meta[1:] if has_docs else None)
+
+
+def _rotate(group: dist.ProcessGroup, local: list[Tensor], tag: int = 0):
+    """Yield ``(step, tensors)``: this rank's ``local`` tensors at step 0, then the blocks of
+    ranks r-1, r-2, ... Each next block is received while the consumer works on the current
+    one (double buffering); ``local`` itself is never written. Receive buffers are allocated
+    once: one set for a ring of 2, two alternating sets for larger rings."""
+    exchange = RingExchange(group, tag)
+    buffers: list[list[Tensor] | None] = [None, None]
+    current = local
+    for step in range(exchange.size):
+        last = step + 1 == exchange.size
+        if not last:
+            slot = step % 2
+            if buffers[slot] is None:
+                buffers[slot] = [torch.empty_like(t) for t in local]
+            exchange.start(current, buffers[slot])
+        yield step, current
+        if not last:
+            exchange.wait()
+            current = buffers[slot]
+
+
+def _step_mask(
+    positions: Tensor,
+    doc_ids: Tensor | None,
+    block_meta: Tensor,
+    rules: tuple[bool, int | None, BlockSparsePattern | None],
+) -> MaskSpec:
+    """The mask of the local queries against one visiting key block, bound to its shape."""
+    causal, window, block_sparse = rules
+    k_positions, k_doc_ids = _unpack_meta(block_meta, doc_ids is not None)
+    return MaskSpec(
+        causal=causal,
+        q_positions=positions,
+        k_positions=k_positions,
+        q_doc_ids=doc_ids,
+        k_doc_ids=k_doc_ids,
+        window=window,
+        block_sparse=block_sparse,
+    ).bind(positions.shape[0], k_positions.shape[0])
+
+
+class _RingAttention(torch.autograd.Function):
+    """out, lse = ring attention of the local queries over every rank's keys (see module doc)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: Tensor,  # [B, Hq, T, D] local query shard
+        k: Tensor,  # [B, Hkv, T, D] local key shard
+        v: Tensor,  # [B, Hkv, T, D]
+        group: dist.ProcessGroup,
+        positions: Tensor,  # [T] global sequence index of each local token
+        doc_ids: Tensor | None,  # [B, T]
+        rules: tuple[bool, int | None, BlockSparsePattern | None],  # causal, window, sparse
+        kernel: tuple[float, str, int | None],  # scale, backend, chunk_size
+    ) -> tuple[Tensor, Tensor]:
+        scale, backend, chunk_size = kernel
+        length = q.shape[2]
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)
+        out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # [B, Hq, T, D]
+        lse = torch.full(q.shape[:3], -math.inf, dtype=acc_dtype, device=q.device)  # [B, Hq, T]
+        written = torch.zeros(length, dtype=torch.bool)  # query rows holding a partial already
+        visiting_meta = []  # the key metadata of every step, for the backward
+        local = [k.contiguous(), v.contiguous(), _pack_meta(positions, doc_ids)]
+        for _, (block_k, block_v, block_meta) in _rotate(group, local):
+            visiting_meta.append(block_meta.clone())  # the buffer is reused two steps later
+            mask = _step_mask(positions, doc_ids, block_meta, rules)
+            for qs, ks in visible_pieces(mask, length, block_k.shape[2]):
+                part_out, part_lse = block_attention(
+                    q[:, :, qs],
+                    block_k[:, :, ks],
+                    block_v[:, :, ks],
+                    scale=scale,
+                    mask=mask.slice(qs, ks),
+                    backend=backend,
+                    chunk_size=chunk_size,
+                )
+                _merge_into(out, lse, written, qs, part_out, part_lse)
+        out = out.to(q.dtype)
+        lse = lse.float() if q.dtype != torch.float64 else lse
+        ctx.save_for_backward(q, k, v, out, lse, positions, doc_ids)
+        ctx.visiting_meta = visiting_meta
+        ctx.settings = (group, rules, kernel)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, _dlse: Tensor | None):
+        q, k, v, out, lse, positions, doc_ids = ctx.saved_tensors
+        group, rules, (scale, backend, chunk_size) = ctx.settings
+        grads_ring = RingExchange(group, tag=8)
+        length = q.shape[2]
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # [B, Hq, T, D]
+        # dK,dV accumulators of the visiting block, float32 [B, Hkv, T, D] each: the one this
+        # step adds to and sends on, and the one the previous rank is sending to us.
+        acc_shape = (2, *k.shape)
+        dkv_buffers = [torch.zeros(acc_shape, dtype=acc_dtype, device=k.device), None]
+        if grads_ring.size > 1:
+            dkv_buffers[1] = torch.empty(acc_shape, dtype=acc_dtype, device=k.device)
+        local = [k.contiguous(), v.contiguous()]
+        for step, (block_k, block_v) in _rotate(group, local):
+            mask = _step_mask(positions, doc_ids, ctx.visiting_meta[step], rules)
+            dkv = dkv_buffers[step % 2]
+            # This block's accumulator, sent by the previous rank at the end of its last step,
+            # arrives while the first piece is computed; later pieces add to it directly.
+            pending = step > 0
+            for qs, ks in visible_pieces(mask, length, block_k.shape[2]):
+                dq_part, dk_part, dv_part = block_attention_backward(
+                    dout[:, :, qs],
+                    q[:, :, qs],
+                    block_k[:, :, ks],
+                    block_v[:, :, ks],
+                    out[:, :, qs],
+                    lse[:, :, qs],
+                    scale=scale,
+                    mask=mask.slice(qs, ks),
+                    backend=backend,
+                    chunk_size=chunk_size,
+                )
+                dq[:, :, qs] += dq_part
+                if pending:
+                    grads_ring.wait()
+                    pending = False
+                dkv[0][:, :, ks] += dk_part
+                dkv[1][:, :, ks] += dv_part
+                del dq_part, dk_part, dv_part
+            if pending:  # nothing of this block was visible here
+                grads_ring.wait()
+            if grads_ring.size > 1:
+                grads_ring.start([dkv], [dkv_buffers[(step + 1) % 2]])
+        if grads_ring.size > 1:
+            grads_ring.wait()
+        # After P sends (none in a ring of one) this rank's own block's accumulator is home.
+        dkv = dkv_buffers[grads_ring.size % 2 if grads_ring.size > 1 else 0]
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def _merge_into(
+    out: Tensor, lse: Tensor, written: Tensor, rows: slice, part_out: Tensor, part_lse: Tensor
+) -> None:
+    """Merge one partial result into the running ``out``/``lse`` rows (float32, in place).
+
+    The first partial of a row is copied, later ones merged (SPECS 1.1: never start from
+    zeros and -inf arithmetic). ``written`` [T] marks rows that already hold a partial.
+    """
+    seen = written[rows]
+    if not seen.any():
+        out[:, :, rows] = part_out
+        lse[:, :, rows] = part_lse
+    else:
+        merged_out, merged_lse = merge_partials(
+            out[:, :, rows], lse[:, :, rows], part_out, part_lse
+        )
+        out[:, :, rows] = merged_out
+        lse[:, :, rows] = merged_lse
+    written[rows] = True
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: dist.ProcessGroup,
+    position_ids: Tensor,
+    doc_ids: Tensor | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    block_sparse: BlockSparsePattern | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention of the local queries over the keys of every rank of ``group``.
+
+    q [B, Hq, T, D], k, v [B, Hkv, T, D]: this rank's shard (every rank the same T).
+    ``position_ids`` [T]: the GLOBAL sequence index of each local token (under the zigzag layout
+    ``zigzag_positions``); ``doc_ids`` [B, T] keeps packed documents apart; ``window`` is a
+    Mistral-style sliding window; ``block_sparse`` a static block pattern. ``scale`` defaults to
+    1/sqrt(D); ``backend`` and ``chunk_size`` pick the block kernel (``block_attention``). Returns out [B, Hq, T, D] (q's dtype), and with ``return_lse`` also
+    lse [B, Hq, T] (float32; no gradient flows through it). Differentiable in q, k and v.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _RingAttention.apply(
+        q,
+        k,
+        v,
+        group,
+        position_ids,
+        doc_ids,
+        (causal, window, block_sparse),
+        (scale, backend, chunk_size),
+    )
+    return (out, lse) if return_lse else out
+
+
+class RingAttention(nn.Module):
+    """Attention core running ``local``'s mask rules as ring attention over ``group``.
+
+    ``forward(q [B, Hq, T, D], k, v [B, Hkv, T, D], ctx) -> out [B, Hq, T, D]``, the signature of
+    the dense core it replaces: ``ctx.seq_positions`` are the global positions of the local
+    tokens and ``ctx.doc_ids`` their documents. Causality, window and kernel backend come from
+    ``local`` (a ``DenseAttention``), so single-device and ring runs mask identically.
+    """
+
+    def __init__(self, local: DenseAttention, group: dist.ProcessGroup):
+        super().__init__()
+        self.local = local
+        self.group = group
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        rules = self.local.mask_for(ctx)
+        return ring_attention(
+            q,
+            k,
+            v,
+            group=self.group,
+            position_ids=ctx.seq_positions,
+            doc_ids=ctx.doc_ids,
+            causal=rules.causal,
+            window=rules.window,
+            block_sparse=rules.block_sparse,
+            backend=self.local.config.backend,
+            chunk_size=self.local.config.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"ring={dist.get_world_size(self.group)}"
