@@ -3,6 +3,9 @@
     longctx train RECIPE [--set k=v ...] [--resume latest|PATH] [--workers N] [--address A]
                          [--dry-run]
     longctx tokenizer train --input FILES... --vocab-size N --out PATH
+    longctx eval RUN_OR_CHECKPOINT --task ppl|passkey|niah ... [--lengths N ...]
+                 [--depths F ...] [--samples N] [--windows N] [--out DIR]
+    longctx export RUN_OR_CHECKPOINT --hf OUT [--dtype fp32|bf16]
 
 Every user mistake (a bad recipe, a bad flag, a missing file) ends the same way: one line
 ``error: ...`` on stderr and exit code 2, with nothing written to disk. The heavy parts (Ray,
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -73,6 +77,48 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction in [0, 1]")
+    return value
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint; write JSON + PNG and print the tables."""
+    from longctx.trainer.eval_report import EvalPlan, format_results
+    from longctx.trainer.saved_model import evaluate_checkpoint, open_checkpoint
+
+    saved = open_checkpoint(args.run_or_checkpoint)
+    trainer = saved.recipe.trainer
+    plan = EvalPlan(
+        tasks=tuple(dict.fromkeys(args.task)),
+        lengths=tuple(args.lengths or trainer.eval_lengths or [saved.recipe.data.seq_len]),
+        depths=tuple(args.depths or trainer.eval_depths),
+        samples=args.samples or trainer.eval_samples,
+        ppl_windows=args.windows or trainer.eval_ppl_windows,
+        seed=saved.recipe.data.seed,
+        params=saved.recipe.data.task_params,
+    )
+    results, directory = evaluate_checkpoint(saved, plan, args.out)
+    print(f"checkpoint {saved.directory} (step {saved.step})\n")
+    print(format_results(results))
+    print(f"\nresults written to {directory}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Export a checkpoint as a Hugging Face model directory."""
+    from longctx.trainer.saved_model import export_hf
+
+    out = export_hf(args.run_or_checkpoint, args.hf, args.dtype)
+    print(f"exported to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``longctx`` and its subcommands."""
     parser = _OneLineParser(
@@ -125,6 +171,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="PATH", help="where to write the tokenizer.model"
     )
     tokenizer_train.set_defaults(handler=_train_tokenizer)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint (ppl, passkey, niah)")
+    evaluate.add_argument("run_or_checkpoint", metavar="RUN_OR_CHECKPOINT")
+    evaluate.add_argument(
+        "--task",
+        nargs="+",
+        required=True,
+        choices=("ppl", "passkey", "niah"),
+        metavar="TASK",
+        help="ppl (perplexity by position), passkey, niah (multi-key needles); several allowed",
+    )
+    evaluate.add_argument(
+        "--lengths",
+        nargs="+",
+        type=_positive_int,
+        metavar="N",
+        help="context lengths (default: the recipe's trainer.eval_lengths, else data.seq_len)",
+    )
+    evaluate.add_argument(
+        "--depths",
+        nargs="+",
+        type=_fraction,
+        metavar="F",
+        help="fact depths in [0, 1] (default: the recipe's trainer.eval_depths)",
+    )
+    evaluate.add_argument("--samples", type=_positive_int, metavar="N", help="examples per cell")
+    evaluate.add_argument(
+        "--windows", type=_positive_int, metavar="N", help="held-out windows per ppl length"
+    )
+    evaluate.add_argument(
+        "--out", type=Path, metavar="DIR", help="output directory (default RUN/eval/step_N)"
+    )
+    evaluate.set_defaults(handler=_eval)
+
+    export = commands.add_parser("export", help="export a checkpoint as a Hugging Face model")
+    export.add_argument("run_or_checkpoint", metavar="RUN_OR_CHECKPOINT")
+    export.add_argument(
+        "--hf", required=True, metavar="OUT", help="new or empty directory to write"
+    )
+    export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    export.set_defaults(handler=_export)
     return parser
 
 

@@ -16,12 +16,15 @@ import os
 import re
 from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from longctx.attention.config import AttentionConfig
+from longctx.attention.landmark import landmark_recipe_problem
+from longctx.attention.mosa import mosa_recipe_problem
+from longctx.attention.nsa import nsa_recipe_problem
 from longctx.data.config import DataConfig
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
@@ -70,6 +73,21 @@ class TrainerConfig(BaseModel):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(200, ge=0, description="steps between evaluations; 0 = never")
     eval_batches: int = Field(8, gt=0)
+    eval_tasks: list[Literal["ppl", "passkey", "niah"]] = Field(
+        default_factory=list,
+        description="long-context evaluations at each eval step (trainer/evaluate.py): "
+        "perplexity by position, passkey and multi-key needle accuracy; [] = none",
+    )
+    eval_lengths: list[Annotated[int, Field(ge=2)]] = Field(
+        default_factory=list, description="context lengths of those evaluations; [] = seq_len"
+    )
+    eval_depths: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0],
+        min_length=1,
+        description="fact depths (fractions of the context) of the retrieval grid",
+    )
+    eval_samples: int = Field(2, gt=0, description="retrieval examples per length x depth cell")
+    eval_ppl_windows: int = Field(4, gt=0, description="held-out windows per perplexity length")
     ckpt_every: int = Field(500, gt=0, description="steps between checkpoints")
     keep_last: int = Field(3, gt=0, description="checkpoints kept on disk")
     max_bad_steps: int = Field(
@@ -147,6 +165,10 @@ class Recipe(BaseModel):
                 f"ring = {chunks} (the zigzag layout cuts a sequence into 2 x sp equal chunks); "
                 f"use a multiple of {chunks}, e.g. {-(-self.data.seq_len // chunks) * chunks}"
             )
+        for sparse_problem in (nsa_recipe_problem, mosa_recipe_problem, landmark_recipe_problem):
+            problem = sparse_problem(model, self.attention, parallel.ulysses, parallel.ring)
+            if problem is not None:
+                raise ValueError(problem)
         tokenizer = self.data.tokenizer
         if tokenizer.path is None and tokenizer.vocab_size > model.vocab_size:
             raise ValueError(

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from longctx.attention.landmark import batch_transform
 from longctx.errors import LongctxError
-from longctx.parallel.loss import IGNORE_INDEX
+from longctx.parallel.loss import scored_token_count, world_mean_scale
 from longctx.trainer.checkpoint import save_checkpoint
 from longctx.trainer.engine import global_grad_norm
 from longctx.trainer.metrics import MetricsWriter, ProgressDisplay, peak_memory_gib
@@ -34,10 +35,14 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
     from longctx.data import PackedLoader
+    from longctx.parallel.mesh import ParallelMesh
     from longctx.trainer.config import Recipe
 
 Batch = dict[str, Tensor]
 Report = Callable[[dict, "str | None"], None]
+# The long-context evaluation (eval_report.TrainingEvaluator): (step, TensorBoard writer or
+# None) -> scalars; called on every rank at each eval step.
+LongEval = Callable[[int, Any], dict[str, float]]
 
 
 @dataclass
@@ -82,18 +87,28 @@ def train_step(engine: DeepSpeedEngine, batches: Iterator[Batch], grad_accum: in
 
 
 @torch.no_grad()
-def evaluate(engine: DeepSpeedEngine, batches: Iterable[Batch], num_batches: int) -> float:
+def evaluate(
+    engine: DeepSpeedEngine,
+    batches: Iterable[Batch],
+    num_batches: int,
+    sp_group: dist.ProcessGroup | None = None,
+) -> float:
     """Token-mean cross-entropy over ``num_batches`` micro-batches per rank, over all ranks.
 
     Every scored token weighs the same: each micro-batch's mean loss is turned back into a sum
-    with its scored-token count before the all-rank reduction.
+    with its scored-token count before the all-rank reduction. Under sequence parallelism
+    (``sp_group``: the batches are this rank's shards) the engine returns ``sp x`` this rank's
+    share of its sequence's loss over the sequence's token count ``n``; each of the ``sp`` ranks
+    adds ``value x n / sp`` (its NLL sum) and ``n / sp`` tokens, so the group adds its sequence
+    once.
     """
     engine.eval()
+    sp = world_mean_scale(sp_group)
     totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [nll sum, tokens]
     for batch in islice(batches, num_batches):
         batch = to_device(batch, engine.device)
-        scored = (batch["labels"] != IGNORE_INDEX).sum()
-        totals += torch.stack([engine(**batch).double() * scored, scored.double()])
+        scored = scored_token_count(batch["labels"], sp_group) / sp
+        totals += torch.stack([engine(**batch).double() * scored, scored])
     engine.train()
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -102,6 +117,10 @@ def evaluate(engine: DeepSpeedEngine, batches: Iterable[Batch], num_batches: int
 
 class IntervalStats:
     """Accumulates the steps between two log lines into the logged averages.
+
+    Under sequence parallelism a rank's loss is ``sp x`` its share of its sequence's loss
+    (``CausalLMLoss``); the all-rank sum then holds each sequence loss ``sp`` times, once per
+    micro-batch count of its ``sp`` ranks, so the logged mean is the true loss.
 
     The loss sum stays on the engine's device (no host sync per step; NCCL reduces device
     tensors only)."""
@@ -172,6 +191,8 @@ def train_loop(
     writer: MetricsWriter,
     display: ProgressDisplay,
     report: Report | None,
+    long_eval: LongEval | None = None,
+    mesh: ParallelMesh | None = None,
 ) -> dict[str, Any]:
     """Train from ``state.step`` to ``recipe.trainer.steps``; returns the final summary
     ``{step, tokens_seen, loss, eval_loss, bad_steps, checkpoint}`` (the same on every rank).
@@ -179,9 +200,16 @@ def train_loop(
     Logs every ``log_every`` steps, evaluates every ``eval_every`` steps (and at the end) when
     ``eval_loader`` is given, checkpoints every ``ckpt_every`` steps and at the end. ``report``
     is called on every rank with the logged metrics and the checkpoint directory (or None).
+    ``long_eval`` (when given) runs at the eval steps too; its scalars join the logged metrics.
+    With ``mesh`` (sequence parallelism) every loader batch is the SP group's [B, T] batch and
+    this rank trains on ``mesh.shard_batch`` of it; ``tokens_per_step`` counts each SP group once.
     """
     cfg = recipe.trainer
-    batches = iter(train_loader)
+    transform = batch_transform(recipe.attention, recipe.model.vocab_size)  # landmark tokens
+    batches = map(transform, iter(train_loader))
+    shard = (lambda batch: batch) if mesh is None else mesh.shard_batch
+    batches = map(shard, batches)
+    sp_group = None if mesh is None else mesh.sp_group
     device = torch.device(engine.device)
     interval = IntervalStats(device)
     summary: dict[str, Any] = {"loss": None, "eval_loss": None, "checkpoint": None}
@@ -206,8 +234,11 @@ def train_loop(
             interval.reset()
             summary["loss"] = values["loss"]
         if eval_loader is not None and _due(state.step, cfg.eval_every, cfg.steps):
-            values["eval_loss"] = evaluate(engine, eval_loader.epoch_batches(), cfg.eval_batches)
+            eval_batches = map(shard, map(transform, eval_loader.epoch_batches()))
+            values["eval_loss"] = evaluate(engine, eval_batches, cfg.eval_batches, sp_group)
             summary["eval_loss"] = values["eval_loss"]
+        if long_eval is not None and _due(state.step, cfg.eval_every, cfg.steps):
+            values.update(long_eval(state.step, writer.writer))
         checkpoint = None
         if _due(state.step, cfg.ckpt_every, cfg.steps):
             checkpoint = save_checkpoint(

@@ -32,6 +32,8 @@ import torch.distributed as dist
 from longctx.data import PackedLoader, Tokenizer, build_datasets, resolve_tokenizer
 from longctx.errors import LongctxError
 from longctx.model import Transformer, load_hf
+from longctx.parallel.mesh import build_mesh
+from longctx.parallel.parallelize import check_recipe_supported, parallelize
 from longctx.trainer.checkpoint import TOKENIZER_FILE, load_checkpoint
 from longctx.trainer.config import Recipe
 from longctx.trainer.engine import (
@@ -39,6 +41,7 @@ from longctx.trainer.engine import (
     build_engine,
     select_device,
 )
+from longctx.trainer.eval_report import TrainingEvaluator, plan_from_recipe
 from longctx.trainer.loop import TrainState, train_loop
 from longctx.trainer.metrics import MetricsWriter, ProgressDisplay
 from longctx.trainer.run_dir import (
@@ -73,13 +76,22 @@ def _free_port() -> int:
 
 
 def check_layout(recipe: Recipe, world: int) -> int:
-    """The data-parallel degree of ``world`` ranks under the recipe's layout."""
+    """The data-parallel degree of ``world`` ranks under the recipe's layout.
+
+    One-line ``LongctxError`` (the launcher's exit 2) when ``world`` does not fit
+    ``dp x ulysses x ring``, when ``parallelize`` could not serve the recipe's attention variant
+    or position encoding under its sequence-parallel mode (``check_recipe_supported``), or when
+    the recipe asks for long-context evaluation tasks under sequence parallelism (they run the
+    whole model on one rank's full sequence, which the parallelized model cannot).
+    """
     parallel = recipe.parallel.resolve(world)
-    if parallel.sp > 1:
+    check_recipe_supported(recipe.model, recipe.attention, recipe.positional, parallel)
+    if parallel.sp > 1 and recipe.trainer.eval_tasks:
         raise LongctxError(
-            f"parallel.ulysses x ring = {parallel.ulysses} x {parallel.ring} asks for sequence "
-            "parallelism, which the trainer does not apply yet; set parallel.ulysses and "
-            "parallel.ring to 1 (every rank is then data parallel)"
+            f"trainer.eval_tasks {recipe.trainer.eval_tasks} run the model on whole sequences on "
+            f"one rank, but parallel.ulysses x ring = {parallel.ulysses} x {parallel.ring} "
+            "shards them; set trainer.eval_tasks: [] and evaluate the checkpoint with "
+            "'longctx eval' afterwards"
         )
     return parallel.dp
 
@@ -166,15 +178,32 @@ def _train(
     if rank == 0:
         write_run_files(recipe, run_dir, launch_id)
 
+    # Sequence parallelism: every rank of an SP group loads the group's batch (same dp rank)
+    # and trains on its shard of it (train_loop); the model's attention runs over the group.
+    mesh = build_mesh(recipe.parallel) if recipe.parallel.sp > 1 else None
+    dp_rank = rank if mesh is None else mesh.dp_rank
     tokenizer = load_run_tokenizer(recipe, run_dir, checkpoint)
     splits = build_datasets(recipe.data, tokenizer)
-    train_loader = PackedLoader(splits.train, cfg.micro_batch_size, rank, dp)
+    train_loader = PackedLoader(splits.train, cfg.micro_batch_size, dp_rank, dp)
     eval_loader = None
     if splits.eval is not None and cfg.eval_every > 0:
-        eval_loader = PackedLoader(splits.eval, cfg.micro_batch_size, rank, dp)
+        eval_loader = PackedLoader(splits.eval, cfg.micro_batch_size, dp_rank, dp)
 
     seed_everything(cfg.seed)
-    engine = build_engine(build_model(recipe), cfg)
+    model = build_model(recipe)
+    if mesh is not None:
+        parallelize(model, mesh.config, mesh)
+    engine = build_engine(model, cfg, sp_group=None if mesh is None else mesh.sp_group)
+    long_eval = None
+    if cfg.eval_tasks and cfg.eval_every > 0:
+        long_eval = TrainingEvaluator(
+            engine.module.model,
+            tokenizer,
+            plan_from_recipe(recipe),
+            None if splits.corpus is None else splits.corpus.eval_documents,
+            run_dir,
+            is_writer=rank == 0,
+        )
     state = TrainState()
     if checkpoint is not None:
         manifest = load_checkpoint(engine, checkpoint, recipe)
@@ -205,6 +234,8 @@ def _train(
             writer=writer,
             display=display,
             report=report,
+            long_eval=long_eval,
+            mesh=mesh,
         )
     finally:
         writer.close()
