@@ -24,7 +24,12 @@ class NSAConfig(_Section):
     compress_block: int = Field(32, gt=0, description="l: tokens summarised by one compressed key")
     compress_stride: int = Field(16, gt=0, description="d: stride between compressed blocks")
     select_block: int = Field(64, gt=0, description="l': raw tokens per selection block")
-    select_top_n: int = Field(16, gt=0, description="n: selection blocks kept per query")
+    select_top_n: int = Field(
+        16,
+        ge=3,
+        description="n: selection blocks kept per query (>= 3: the first and the two "
+        "most recent blocks are always kept)",
+    )
     window: int = Field(512, gt=0, description="w: sliding-window branch length")
 
 
@@ -48,6 +53,9 @@ class LandmarkConfig(_Section):
 
     block_size: int = Field(50, gt=0, description="tokens per block before each landmark")
     retrieve_top_k: int = Field(4, gt=0, description="blocks retrieved per query at inference")
+    token_id: int | None = Field(
+        None, ge=0, description="landmark token id; None = the model's last vocab id"
+    )
 
 
 class AttentionConfig(_Section):

@@ -14,6 +14,11 @@ from torch import nn
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.dense import DenseAttention
+from longctx.attention.landmark import LandmarkAttention
+from longctx.attention.mosa import MoSAAttention
+from longctx.attention.nsa import NSAAttention
+from longctx.attention.power import PowerAttention
+from longctx.attention.scored import positional_score_core
 from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
 
@@ -35,6 +40,16 @@ def build_attention_core(
     """
     if attention.variant == "dense" and positional.kind in ("rope", "none"):
         return DenseAttention(attention, sliding_window=sliding_window)
+    if attention.variant == "power" and positional.kind in ("rope", "none"):
+        return PowerAttention(attention, sliding_window=sliding_window)
+    if attention.variant == "landmark" and positional.kind in ("rope", "none"):
+        return LandmarkAttention(attention, sliding_window=sliding_window)
+    if attention.variant == "nsa" and positional.kind in ("rope", "none"):
+        return NSAAttention(config, attention)
+    if attention.variant == "mosa" and positional.kind in ("rope", "none"):
+        return MoSAAttention(config, attention, sliding_window=sliding_window)
+    if attention.variant == "dense" and positional.kind in ("cope", "bam", "tapa"):
+        return positional_score_core(config, attention, positional, sliding_window=sliding_window)
     raise LongctxError(
         f"attention.variant {attention.variant!r} with positional.kind {positional.kind!r} is "
         "not available in this build; use attention.variant: dense with positional.kind: rope "

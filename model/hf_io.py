@@ -12,11 +12,21 @@ Both config.json dialects are read: transformers >= 5 writes ``rope_parameters``
 Key mapping: our modules carry Hugging Face's leaf names at the top level, so a parameter
 ``layers.3.mlp.up_proj.weight`` is ``model.layers.3.mlp.up_proj.weight`` in the checkpoint and
 ``lm_head.weight`` is itself (``hf_tensor_name``).
+
+New parameters: a model whose position encoding or attention variant adds parameters that a
+(RoPE-trained) checkpoint does not have (CoPE tables, BAM priors, ...) can still be loaded. Every
+module that owns such parameters has an ``init_new_parameters()`` method that sets them as
+SPECS.md says; ``load_hf`` calls it, takes from the checkpoint whatever the checkpoint has, and
+logs the names of the parameters that were new (``new_parameter_names`` lists the candidates).
+Any other missing tensor is still an error. ``save_hf`` records the position encoding in
+config.json (``longctx_positional``), and ``load_hf`` uses it when no ``positional`` is passed,
+so an exported CoPE/BAM/TAPA model loads back as itself.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -53,6 +63,8 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 # Buffers older checkpoints saved that carry no learned state (recomputed from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _MAX_NAMES_IN_ERROR = 12
+POSITIONAL_KEY = "longctx_positional"  # config.json entry recording the position encoding
+log = logging.getLogger(__name__)
 
 
 def hf_tensor_name(name: str) -> str:
@@ -185,8 +197,16 @@ def _window_from_hf(arch: str, hf: dict[str, Any]) -> tuple[int | None, int | No
     return window, first_windowed
 
 
-def hf_config_dict(config: ModelConfig, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def hf_config_dict(
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    positional: PositionalConfig | None = None,
+) -> dict[str, Any]:
     """The ``config.json`` content transformers loads as the same architecture.
+
+    ``positional`` (when not plain RoPE) is recorded under ``longctx_positional`` for
+    ``load_hf``; transformers ignores the key.
 
     Writes the RoPE settings in both dialects (``rope_parameters`` for transformers >= 5,
     ``rope_theta``/``rope_scaling`` for 4.x). Raises ``LongctxError`` for a config the named
@@ -235,6 +255,8 @@ def hf_config_dict(config: ModelConfig, *, dtype: torch.dtype = torch.float32) -
         "dtype": _DTYPE_NAMES[dtype],
         "torch_dtype": _DTYPE_NAMES[dtype],
     }
+    if positional is not None and positional.kind != "rope":
+        out[POSITIONAL_KEY] = positional.model_dump()
     if config.head_dim is not None:  # otherwise transformers derives hidden_size / heads too
         out["head_dim"] = config.head_dim
     if arch == "llama":
@@ -268,17 +290,32 @@ def load_hf(
 
     ``config`` (default: the checkpoint's config.json) is the model to build; a context
     extension passes the checkpoint's config with new ``rope_scaling`` /
-    ``max_position_embeddings``. Every parameter must come from the checkpoint: missing and
-    unexpected tensors are reported by name in one ``LongctxError`` (rotary ``inv_freq``
-    buffers are ignored; ``lm_head`` may be absent when the embeddings are tied), and a tensor
-    whose shape differs from the config's is named with both shapes.
+    ``max_position_embeddings``. ``positional`` defaults to the one recorded in config.json
+    (``longctx_positional``), else RoPE. Every parameter must come from the checkpoint, except
+    those of modules with ``init_new_parameters()`` (position encodings, variants), which are
+    initialised as SPECS.md says when absent and logged by name. Missing and unexpected tensors
+    are reported by name in one ``LongctxError`` (rotary ``inv_freq`` buffers are ignored;
+    ``lm_head`` may be absent when the embeddings are tied), and a tensor whose shape differs
+    from the config's is named with both shapes.
     """
     directory = Path(path)
     config = config or model_config_from_hf(directory)
+    positional = positional or _recorded_positional(directory)
     model = _uninitialised_model(config, positional, attention, dtype)
+    for module in _modules_with_new_parameters(model):
+        module.init_new_parameters()
     params = {hf_tensor_name(name): p for name, p in model.named_parameters()}
     files, names_in_checkpoint = _checkpoint_contents(directory)
-    _check_names(directory, set(params), names_in_checkpoint, config.tie_word_embeddings)
+    new = sorted(set(new_parameter_names(model)) - names_in_checkpoint)
+    expected = set(params) - set(new)
+    _check_names(directory, expected, names_in_checkpoint, config.tie_word_embeddings)
+    if new:
+        log.warning(
+            "load_hf: %d parameters are not in %s and were initialised as SPECS.md says: %s",
+            len(new),
+            directory,
+            ", ".join(new),
+        )
     with torch.no_grad():
         for file in files:
             for name, tensor in _read_tensors(file).items():
@@ -294,6 +331,31 @@ def load_hf(
     return model, config
 
 
+def new_parameter_names(model: Transformer) -> list[str]:
+    """Checkpoint names of the parameters a checkpoint may lack: those owned by modules with
+    ``init_new_parameters()`` (e.g. ``model.layers.0.self_attn.core.score.pos_emb``)."""
+    owners = {id(module) for module in _modules_with_new_parameters(model)}
+    return [
+        hf_tensor_name(f"{module_name}.{param_name}" if module_name else param_name)
+        for module_name, module in model.named_modules()
+        if id(module) in owners
+        for param_name, _ in module.named_parameters(recurse=False)
+    ]
+
+
+def _modules_with_new_parameters(model: Transformer) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if callable(getattr(m, "init_new_parameters", None))]
+
+
+def _recorded_positional(directory: Path) -> PositionalConfig | None:
+    """The position encoding ``save_hf`` recorded in config.json, if any."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        return None
+    recorded = json.loads(config_file.read_text()).get(POSITIONAL_KEY)
+    return None if recorded is None else PositionalConfig.model_validate(recorded)
+
+
 def _uninitialised_model(
     config: ModelConfig,
     positional: PositionalConfig | None,
@@ -301,7 +363,8 @@ def _uninitialised_model(
     dtype: torch.dtype,
 ) -> Transformer:
     """A ``Transformer`` whose parameters are allocated in ``dtype`` on the CPU but hold no
-    values yet: ``load_hf`` overwrites every one of them (a missing tensor is an error).
+    values yet: ``load_hf`` overwrites every one of them, from the checkpoint or, for new
+    parameters, with their module's ``init_new_parameters()``.
 
     Building on the meta device skips the random init and the float32 copy (for an 8B model,
     tens of seconds and 32 GB). The rotary module rebuilds its float32 frequency tables on every
@@ -408,7 +471,8 @@ def save_hf(
     else:
         _save_shards(directory, tensors, max_shard_bytes)
     (directory / "config.json").write_text(
-        json.dumps(hf_config_dict(config, dtype=dtype), indent=2) + "\n"
+        json.dumps(hf_config_dict(config, dtype=dtype, positional=model.positional), indent=2)
+        + "\n"
     )
 
 

@@ -17,18 +17,75 @@ Everything is validated before any layer changes, so a bad combination leaves th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
+from longctx.attention.config import AttentionConfig
 from longctx.attention.dense import DenseAttention
+from longctx.attention.factory import build_attention_core
+from longctx.attention.scored import ScoredAttention
 from longctx.errors import LongctxError
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.mesh import ParallelMesh
 from longctx.parallel.ring import RingAttention
 from longctx.parallel.ulysses import ContextGather, UlyssesAttention, check_ulysses_heads
+from longctx.positional.config import PositionalConfig
+
+if TYPE_CHECKING:  # parallel sits below model; only the config's shape is read here
+    from longctx.model.config import ModelConfig
 
 SEQUENCE_PARALLEL_CORES = (RingAttention, UlyssesAttention)
 # Cores that never read ctx.hidden: Ulysses need not gather the layer input for them.
-CORES_WITHOUT_HIDDEN = (DenseAttention, RingAttention)
+CORES_WITHOUT_HIDDEN = (DenseAttention, RingAttention, ScoredAttention)
+
+
+def check_core_supported(core: nn.Module, config: ParallelConfig, layer_index: int) -> None:
+    """One-line LongctxError when one layer's attention core cannot run under ``config``.
+
+    The one owner of the rule "which cores sequence parallelism serves": ring attention runs
+    only over ``DenseAttention`` (it merges partial softmaxes block by block); Ulysses runs any
+    core on the full sequence of a head subset. A core that is already sequence parallel means
+    ``parallelize`` ran twice.
+    """
+    if isinstance(core, SEQUENCE_PARALLEL_CORES):
+        raise LongctxError(
+            f"layer {layer_index} attention is already sequence parallel ({type(core).__name__}); "
+            "call parallelize once per model"
+        )
+    if config.ring > 1 and not isinstance(core, DenseAttention):
+        raise LongctxError(
+            f"attention core {type(core).__name__} of layer {layer_index} does not support ring "
+            f"attention (parallel.ring {config.ring}); use parallel.ulysses for this "
+            "variant or attention.variant: dense"
+        )
+
+
+def check_recipe_supported(
+    model_config: ModelConfig,
+    attention: AttentionConfig,
+    positional: PositionalConfig,
+    config: ParallelConfig,
+) -> None:
+    """The checks ``parallelize`` makes, from the recipe alone (before any rank starts).
+
+    The launcher and each worker call it so that a bad combination is a one-line error (exit 2)
+    instead of a failure after the workers started. Layer 0's core is built by the attention
+    factory (the core's type depends only on the variant and the position encoding, so one layer
+    stands for all) and checked with ``check_core_supported``; the heads with
+    ``check_ulysses_heads``.
+    """
+    if config.ulysses > 1:
+        check_ulysses_heads(model_config.num_attention_heads, model_config.kv_heads, config.ulysses)
+    if config.ring > 1:
+        core = build_attention_core(
+            model_config,
+            attention,
+            positional,
+            layer_index=0,
+            sliding_window=model_config.sliding_window,
+        )
+        check_core_supported(core, config, 0)
 
 
 def _check_supported(model: nn.Module, mesh: ParallelMesh) -> None:
@@ -37,18 +94,15 @@ def _check_supported(model: nn.Module, mesh: ParallelMesh) -> None:
     if config.ulysses > 1:
         check_ulysses_heads(model.config.num_attention_heads, model.config.kv_heads, config.ulysses)
     for index, layer in enumerate(model.layers):
-        core = layer.self_attn.core
-        if isinstance(core, SEQUENCE_PARALLEL_CORES):
-            raise LongctxError(
-                f"layer {index} attention is already sequence parallel ({type(core).__name__}); "
-                "call parallelize once per model"
-            )
-        if config.ring > 1 and not isinstance(core, DenseAttention):
-            raise LongctxError(
-                f"attention core {type(core).__name__} of layer {index} does not support ring "
-                f"attention (parallel.ring {config.ring}); use parallel.ulysses for this "
-                "variant or attention.variant: dense"
-            )
+        check_core_supported(layer.self_attn.core, config, index)
+
+
+def _restrict_to_rank_heads(core: nn.Module, num_heads: int, mesh: ParallelMesh) -> None:
+    """A core with per-head parameters (``restrict_to_heads``: BAM, per-head CoPE) computes, on
+    a Ulysses rank, the contiguous block of query heads the all-to-all hands that rank."""
+    if hasattr(core, "restrict_to_heads"):
+        per_rank = num_heads // mesh.config.ulysses
+        core.restrict_to_heads(mesh.ulysses_rank * per_rank, (mesh.ulysses_rank + 1) * per_rank)
 
 
 def parallelize(model: nn.Module, parallel_config: ParallelConfig, mesh: ParallelMesh) -> nn.Module:
@@ -77,6 +131,7 @@ def parallelize(model: nn.Module, parallel_config: ParallelConfig, mesh: Paralle
         if config.ring > 1:
             core = RingAttention(core, mesh.ring_group)
         if config.ulysses > 1:
+            _restrict_to_rank_heads(core, model.config.num_attention_heads, mesh)
             core = UlyssesAttention(
                 core,
                 mesh.ulysses_group,

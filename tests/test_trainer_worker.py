@@ -56,9 +56,20 @@ def test_data_parallel_degree_follows_the_world_size():
     assert check_layout(Recipe(), 4) == 4
 
 
-def test_sequence_parallel_layouts_are_refused_with_a_one_line_error():
+def test_sequence_parallel_groups_divide_the_world_into_data_parallel_groups():
     recipe = Recipe.model_validate(
         {"parallel": {"ring": 2}, "data": {"seq_len": 512, "tokenizer": {"vocab_size": 300}}}
+    )
+    assert check_layout(recipe, 4) == 2
+
+
+def test_long_context_eval_tasks_under_sequence_parallelism_are_refused_in_one_line():
+    recipe = Recipe.model_validate(
+        {
+            "parallel": {"ring": 2},
+            "data": {"seq_len": 512, "tokenizer": {"vocab_size": 300}},
+            "trainer": {"eval_tasks": ["passkey"]},
+        }
     )
     with pytest.raises(LongctxError, match="parallel.ulysses x ring = 1 x 2") as error:
         check_layout(recipe, 4)

@@ -224,6 +224,7 @@ def save_checkpoint(
             "tokens_seen": tokens_seen,
             "data_cursor": data_cursor,
             "world_size": world,
+            "sequence_parallel": sequence_parallel_layout(recipe),
             "rng_states": [rng_file(r) for r in range(world)],
             "zero_stage": recipe.trainer.zero_stage,
             "dtype": recipe.trainer.dtype,
@@ -364,10 +365,27 @@ def verify_checkpoint(path: str | Path, recipe: Recipe | None = None) -> dict[st
     return manifest
 
 
+def sequence_parallel_layout(recipe: Recipe) -> dict[str, int]:
+    """``{ulysses, ring}`` of the recipe: with the world size, the layout a checkpoint was
+    written under (each rank's optimizer shard, RNG state and data position belong to it)."""
+    return {"ulysses": recipe.parallel.ulysses, "ring": recipe.parallel.ring}
+
+
 def check_recipe_compatible(manifest: dict[str, Any], recipe: Recipe, directory: Path) -> None:
     """Refuse a checkpoint whose weights do not fit the recipe's model (different hash, naming
     the first field that differs), or whose DeepSpeed files belong to another ZeRO stage or
-    precision (their optimizer shards have different layouts)."""
+    precision (their optimizer shards have different layouts), or to another sequence-parallel
+    layout (checkpoints from before the layout was recorded count as ulysses 1 x ring 1)."""
+    saved_layout = manifest.get("sequence_parallel", {"ulysses": 1, "ring": 1})
+    wanted_layout = sequence_parallel_layout(recipe)
+    if saved_layout != wanted_layout:
+        raise LongctxError(
+            f"checkpoint {directory} was trained with parallel.ulysses x ring = "
+            f"{saved_layout['ulysses']} x {saved_layout['ring']} but the recipe has "
+            f"{wanted_layout['ulysses']} x {wanted_layout['ring']}; exact resume needs the same "
+            f"layout, so resume with parallel.ulysses: {saved_layout['ulysses']} and "
+            f"parallel.ring: {saved_layout['ring']}"
+        )
     for field in ("zero_stage", "dtype"):
         saved, wanted = manifest.get(field), getattr(recipe.trainer, field)
         if saved is not None and saved != wanted:

@@ -25,6 +25,7 @@ from longctx.attention.config import AttentionConfig
 from longctx.attention.landmark import landmark_recipe_problem
 from longctx.attention.mosa import mosa_recipe_problem
 from longctx.attention.nsa import nsa_recipe_problem
+from longctx.attention.scored import positional_recipe_problem
 from longctx.data.config import DataConfig
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
@@ -169,6 +170,9 @@ class Recipe(BaseModel):
             problem = sparse_problem(model, self.attention, parallel.ulysses, parallel.ring)
             if problem is not None:
                 raise ValueError(problem)
+        problem = positional_recipe_problem(self.positional, parallel.ulysses, parallel.ring)
+        if problem is not None:
+            raise ValueError(problem)
         tokenizer = self.data.tokenizer
         if tokenizer.path is None and tokenizer.vocab_size > model.vocab_size:
             raise ValueError(

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
-from longctx.parallel.loss import tiled_cross_entropy
+from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -186,16 +186,27 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 class CausalLMLoss(nn.Module):
     """The module DeepSpeed trains: the decoder, and a forward that returns the loss.
 
-    ``forward(input_ids, labels, position_ids, doc_ids)`` (each ``[B, T]``, labels pre-shifted,
-    -100 = no loss) returns the token-mean cross-entropy, computed by ``tiled_cross_entropy``
-    from the final hidden states and ``lm_head.weight`` without materialising the logits. The
-    head weight is used outside ``lm_head``'s own forward, so under ZeRO-3 it is registered as an
-    external parameter of this module (gathered for its forward and backward).
+    ``forward(input_ids, labels, position_ids, doc_ids, seq_positions)`` (each ``[B, T]``,
+    labels pre-shifted, -100 = no loss; ``seq_positions`` ``[T]``, the tokens' indices in the
+    global sequence under sequence parallelism) returns the token-mean cross-entropy, computed
+    by ``tiled_cross_entropy`` from the final hidden states and ``lm_head.weight`` without
+    materialising the logits. The head weight is used outside ``lm_head``'s own forward, so
+    under ZeRO-3 it is registered as an external parameter of this module (gathered for its
+    forward and backward).
+
+    With ``sp_group`` (sequence parallelism, SPECS 1.6) each rank holds a shard of the sequence
+    and returns its share ``local NLL sum / scored tokens of the whole sequence`` times the SP
+    degree: DeepSpeed averages gradients over all ``dp x sp`` ranks, so the shares' factor makes
+    that average the data-parallel mean of the true sequence losses' gradients; the world mean
+    of the returned values is the true loss too.
     """
 
-    def __init__(self, model: Transformer, *, zero_stage: int):
+    def __init__(
+        self, model: Transformer, *, zero_stage: int, sp_group: dist.ProcessGroup | None = None
+    ):
         super().__init__()
         self.model = model
+        self.sp_group = sp_group
         if zero_stage == 3:
             import_deepspeed().zero.register_external_parameter(self, model.lm_head.weight)
 
@@ -205,22 +216,29 @@ class CausalLMLoss(nn.Module):
         labels: Tensor,
         position_ids: Tensor | None = None,
         doc_ids: Tensor | None = None,
+        seq_positions: Tensor | None = None,
     ) -> Tensor:
-        hidden = self.model.forward_hidden(input_ids, position_ids, doc_ids=doc_ids)  # [B, T, d]
-        return tiled_cross_entropy(hidden, self.model.lm_head.weight, labels)
+        hidden = self.model.forward_hidden(
+            input_ids, position_ids, doc_ids=doc_ids, seq_positions=seq_positions
+        )  # [B, T, d]
+        share = tiled_cross_entropy(hidden, self.model.lm_head.weight, labels, group=self.sp_group)
+        return share * world_mean_scale(self.sp_group)
 
 
-def build_engine(model: Transformer, cfg: TrainerConfig) -> DeepSpeedEngine:
+def build_engine(
+    model: Transformer, cfg: TrainerConfig, sp_group: dist.ProcessGroup | None = None
+) -> DeepSpeedEngine:
     """Wrap ``model`` in ``CausalLMLoss`` and initialise DeepSpeed with the run's optimizer and
     schedule; activation checkpointing is applied first when the recipe asks for it.
 
-    ``torch.distributed`` must already be initialised (every rank calls this). The returned
-    engine's ``module.model`` is the decoder.
+    ``torch.distributed`` must already be initialised (every rank calls this). Under sequence
+    parallelism ``model`` is already ``parallelize``d and ``sp_group`` is the mesh's SP group
+    (the loss counts tokens over it). The returned engine's ``module.model`` is the decoder.
     """
     deepspeed = import_deepspeed()
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    module = CausalLMLoss(model, zero_stage=cfg.zero_stage)
+    module = CausalLMLoss(model, zero_stage=cfg.zero_stage, sp_group=sp_group)
     optimizer = build_optimizer(module, cfg)
     schedule = warmup_cosine_schedule(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(

@@ -9,7 +9,8 @@ Order on each rank (DESIGN section 3):
 3. tokenizer (rank 0 trains it into the run directory when the recipe asks, the others wait and
    load it), vocabulary check, packed datasets and the data-parallel loaders;
 4. the decoder (seeded, identical on every rank; ``hf:PATH`` weights when the recipe says so),
-   the DeepSpeed engine;
+   under ``parallel.ulysses x ring > 1`` the mesh and ``parallelize`` (each SP group's ranks
+   load the same batches and train on their shards), the DeepSpeed engine;
 5. on resume: model, optimizer, schedule and counters from the checkpoint, the loader's
    position from the manifest, this rank's RNG state;
 6. the loop; a barrier; the summary.

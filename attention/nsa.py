@@ -1,0 +1,400 @@
+"""NSA: native sparse attention (SPECS.md 3.1), three gated branches per query.
+
+``o = g_cmp o_cmp + g_slc o_slc + g_win o_win`` with gates ``sigmoid(Linear(x))`` per head and
+branch (x is the layer's normed input, ``ctx.hidden``):
+
+- compression: key/value blocks of ``l`` tokens at stride ``d`` are summarised by learnable maps
+  phi (``BlockCompressor``); query t sees compressed block i only when ``t >= i d + l - 1``.
+- selection: the compression attention probabilities, summed over the query heads of a GQA
+  group, score the compressed blocks; a selection block of ``l'`` tokens scores the sum of the
+  compressed blocks overlapping it. Each query keeps the top ``n`` selection blocks that start
+  at or before it, always including block 0 and its two most recent blocks, and attends to
+  their raw tokens (causal inside its own block). Ties go to the lower block index.
+- sliding window: the last ``w`` tokens, through the tiled kernel with a window mask.
+
+A branch with no visible key contributes 0. Cost: the compressed branch reads ``T / d`` keys,
+the selection branch gathers, per (query chunk, kv head), the union of the blocks its queries
+selected (cost follows ``n l'``, not T), and the window branch ``w`` keys; nothing T x T exists.
+Packed documents: a compressed block is visible only inside one document, and every raw token
+must share the query's document.
+
+Limits: the core needs the unsharded sequence (``seq_positions == arange(T)``); recipes that ask
+for sequence parallelism with NSA fail at validation. The model's own ``sliding_window``
+(Mistral/Qwen2) is not applied: the window branch uses ``attention.nsa.window``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longctx.attention.config import AttentionConfig, NSAConfig
+from longctx.attention.context import AttentionContext
+from longctx.attention.kernels import block_attention, resolve_backend
+from longctx.attention.mask import MaskSpec
+from longctx.attention.tile_kernels import CpuFlashTileKernel, TorchTileKernel
+from longctx.attention.tiling import PieceKind, TileKernel
+from longctx.errors import LongctxError
+
+# Queries per step of the selection kernel and the importance pass: small enough that a step's
+# gathered keys (union of selected blocks) stay close to n * l', large enough to amortise the
+# per-step overhead.
+QUERY_CHUNK = 64
+# Gate biases for (compression, selection, window) when NSA continues a dense model: the
+# window branch (dense attention over the recent past) dominates at first (SPECS 3.1).
+DENSE_START_GATE_BIAS = (-2.0, -2.0, 2.0)
+
+
+class BlockCompressor(nn.Module):
+    """phi: one summary vector per block of ``block`` tokens, taken every ``stride`` tokens.
+
+    ``phi(X) = mean_j X_j + W_out silu(W_in flatten(X + P) + b_in) + b_out`` where P [block, D]
+    is the intra-block position embedding. The mean-pooling term lets ``init_new_parameters``
+    start phi as plain mean pooling (``W_out = 0``, ``P = 0``), a sensible summary of a trained
+    model's keys; the MLP learns what pooling misses. The parameters are held directly (not in
+    ``nn.Linear``) so that ``load_hf`` finds them as this module's new parameters.
+    """
+
+    def __init__(self, block: int, stride: int, head_dim: int, std: float):
+        super().__init__()
+        self.block, self.stride, self.std = block, stride, std
+        self.position = nn.Parameter(torch.empty(block, head_dim))  # [l, D]
+        self.in_weight = nn.Parameter(torch.empty(head_dim, block * head_dim))  # [D, l D]
+        self.in_bias = nn.Parameter(torch.empty(head_dim))
+        self.out_weight = nn.Parameter(torch.empty(head_dim, head_dim))  # [D, D]
+        self.out_bias = nn.Parameter(torch.empty(head_dim))
+        with torch.no_grad():  # from scratch: every weight ~ N(0, std), biases 0
+            for weight in (self.position, self.in_weight, self.out_weight):
+                weight.normal_(0.0, std)
+            self.in_bias.zero_()
+            self.out_bias.zero_()
+
+    def num_blocks(self, length: int) -> int:
+        """Compressed blocks of a sequence of ``length`` tokens (0 when shorter than a block)."""
+        return 0 if length < self.block else (length - self.block) // self.stride + 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, H, T, D] -> [B, H, nc, D], block i summarising tokens [i d, i d + l - 1]."""
+        blocks = x.unfold(2, self.block, self.stride).transpose(-1, -2)  # [B, H, nc, l, D]
+        pooled = blocks.mean(-2)  # [B, H, nc, D]
+        features = (blocks + self.position).flatten(-2)  # [B, H, nc, l * D]
+        inner = F.silu(F.linear(features, self.in_weight, self.in_bias))  # [B, H, nc, D]
+        return pooled + F.linear(inner, self.out_weight, self.out_bias)
+
+    @torch.no_grad()
+    def init_new_parameters(self) -> None:
+        """Start as mean pooling: P = 0, W_out = 0 (W_in ~ N(0, std) so gradients flow)."""
+        self.position.zero_()
+        self.in_weight.normal_(0.0, self.std)
+        self.in_bias.zero_()
+        self.out_weight.zero_()
+        self.out_bias.zero_()
+
+
+class BranchGates(nn.Module):
+    """``sigmoid(x W^T + b)``: one gate per (head, branch); [B, T, d] -> [3, B, Hq, T, 1]."""
+
+    def __init__(self, hidden_size: int, heads: int, std: float):
+        super().__init__()
+        self.heads = heads
+        self.weight = nn.Parameter(torch.empty(3 * heads, hidden_size))  # row h * 3 + branch
+        self.bias = nn.Parameter(torch.zeros(3 * heads))
+        with torch.no_grad():
+            self.weight.normal_(0.0, std)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        batch, length, _ = hidden.shape
+        gates = torch.sigmoid(F.linear(hidden, self.weight, self.bias))  # [B, T, 3 Hq]
+        return gates.view(batch, length, self.heads, 3).permute(3, 0, 2, 1)[..., None]
+
+    @torch.no_grad()
+    def init_new_parameters(self) -> None:
+        """Continuing a dense model: W = 0, biases (-2, -2, +2) so the window branch leads."""
+        self.weight.zero_()
+        self.bias.copy_(torch.tensor(DENSE_START_GATE_BIAS).repeat(self.heads))
+
+
+def _selection_overlap(num_compressed: int, settings: NSAConfig, num_select: int) -> Tensor:
+    """Compressed blocks overlapping each selection block: [ns, L] indices, -1 padding.
+
+    Compressed block i covers [i d, i d + l - 1], selection block j covers [j l', j l' + l' - 1];
+    they overlap iff ``i d <= j l' + l' - 1`` and ``i d + l - 1 >= j l'``.
+    """
+    stride, length, select = (
+        settings.compress_stride,
+        settings.compress_block,
+        settings.select_block,
+    )
+    starts = torch.arange(num_select) * select  # [ns]
+    first = torch.clamp(starts - length + 1 + stride - 1, min=0) // stride  # ceil((s-l+1)/d)
+    last = torch.clamp((starts + select - 1) // stride, max=num_compressed - 1)
+    width = max(1, int((last - first + 1).max().clamp(min=1)))
+    index = first[:, None] + torch.arange(width)[None, :]  # [ns, L]
+    return torch.where(index <= last[:, None], index, torch.full_like(index, -1))
+
+
+def _compressed_doc_ids(doc_ids: Tensor, num_compressed: int, settings: NSAConfig) -> Tensor:
+    """[B, nc] document of each compressed block; -1 when the block spans two documents (so it
+    matches no query's document)."""
+    starts = torch.arange(num_compressed, device=doc_ids.device) * settings.compress_stride
+    first_doc = doc_ids[:, starts]
+    last_doc = doc_ids[:, starts + settings.compress_block - 1]
+    return torch.where(first_doc == last_doc, last_doc, torch.full_like(last_doc, -1))
+
+
+class _SelectedBlockAttention(torch.autograd.Function):
+    """Attention of every query over the raw tokens of its selected blocks (causal, same doc).
+
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D]; ``selected`` [B, Hkv, T, n] int64 selection block
+    indices (-1 = none), shared by the query heads of a GQA group. Per query chunk the union of
+    the chunk's blocks is gathered once per kv head and each query masks out what it did not
+    select; the backward recomputes the chunk (flash style, nothing saved per chunk) and
+    scatter-adds dk, dv into the gathered token positions.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, selected, doc_ids, scale, select_block, kernel):
+        out = torch.zeros_like(q)
+        lse_dtype = torch.promote_types(q.dtype, torch.float32)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
+        for rows in _query_chunks(q.shape[2]):
+            plan = _gather_plan(selected[:, :, rows], rows, doc_ids, select_block, k.shape[2])
+            q_c, k_c, v_c = _fold(q[:, :, rows], k, v, plan)
+            out_c, lse_c = kernel.forward(q_c, k_c, v_c, PieceKind.MASKED, plan.visible, scale)
+            out[:, :, rows] = out_c.reshape(out[:, :, rows].shape).to(q.dtype)
+            lse[:, :, rows] = lse_c.reshape(lse[:, :, rows].shape).to(lse_dtype)
+        ctx.save_for_backward(q, k, v, out, lse, selected, doc_ids)
+        ctx.scale, ctx.select_block, ctx.kernel = scale, select_block, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, selected, doc_ids = ctx.saved_tensors
+        acc = torch.promote_types(q.dtype, torch.float32)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, T]
+        batch, kv_heads, dim = k.shape[0], k.shape[1], k.shape[3]
+        for rows in _query_chunks(q.shape[2]):
+            plan = _gather_plan(selected[:, :, rows], rows, doc_ids, ctx.select_block, k.shape[2])
+            q_c, k_c, v_c = _fold(q[:, :, rows], k, v, plan)
+            folded = q_c.shape  # [B * Hkv, G, c, D]
+            dq_c, dk_c, dv_c = ctx.kernel.backward(
+                dout[:, :, rows].reshape(folded), q_c, k_c, v_c,
+                out[:, :, rows].reshape(folded), safe_lse[:, :, rows].reshape(folded[:3]),
+                delta[:, :, rows].reshape(folded[:3]), PieceKind.MASKED, plan.visible, ctx.scale,
+            )  # fmt: skip
+            dq[:, :, rows] = dq_c.reshape(dq[:, :, rows].shape).to(acc)
+            index = plan.tokens[..., None].expand(-1, -1, -1, dim)  # [B, Hkv, S, D]
+            dk.scatter_add_(2, index, dk_c.reshape(batch, kv_heads, -1, dim).to(acc))
+            dv.scatter_add_(2, index, dv_c.reshape(batch, kv_heads, -1, dim).to(acc))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def _query_chunks(length: int) -> list[slice]:
+    return [slice(a, min(a + QUERY_CHUNK, length)) for a in range(0, length, QUERY_CHUNK)]
+
+
+class _GatherPlan:
+    """Tokens gathered for one query chunk and which of them each query sees."""
+
+    def __init__(self, tokens: Tensor, visible: Tensor):
+        self.tokens = tokens  # [B, Hkv, S] int64 token index (clamped into range)
+        self.visible = visible  # [B * Hkv, c, S] bool
+
+
+def _gather_plan(
+    selected: Tensor, rows: slice, doc_ids: Tensor | None, select_block: int, length: int
+) -> _GatherPlan:
+    """The union of the selection blocks of queries ``rows`` per (batch, kv head).
+
+    ``selected`` [B, Hkv, c, n]. Returns the union's tokens and a [B * Hkv, c, S] visibility:
+    the query selected the token's block, the token is in range, not after the query, and in
+    the query's document.
+    """
+    batch, kv_heads, count, _ = selected.shape
+    num_select = -(-length // select_block)
+    member = torch.zeros(batch, kv_heads, count, num_select + 1, dtype=torch.bool,
+                         device=selected.device)  # fmt: skip
+    member.scatter_(-1, torch.where(selected < 0, num_select, selected), True)
+    member = member[..., :num_select]  # [B, Hkv, c, ns]: query selected block
+    union = member.any(2)  # [B, Hkv, ns]
+    width = int(union.sum(-1).max())
+    blocks = torch.sort(union.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    blocks = blocks[..., :width]  # [B, Hkv, U]: the union first (padding where union is False)
+    offsets = torch.arange(select_block, device=selected.device)
+    tokens = (blocks[..., None] * select_block + offsets).flatten(-2)  # [B, Hkv, U * l']
+    chosen = member.gather(-1, blocks[:, :, None].expand(-1, -1, count, -1))  # [B, Hkv, c, U]
+    visible = chosen.repeat_interleave(select_block, dim=-1)  # [B, Hkv, c, S]
+    query_pos = torch.arange(rows.start, rows.stop, device=selected.device)
+    visible &= (tokens < length)[:, :, None] & (tokens[:, :, None, :] <= query_pos[:, None])
+    tokens = tokens.clamp(max=length - 1)
+    if doc_ids is not None:
+        token_docs = doc_ids.gather(1, tokens.flatten(1)).view(tokens.shape)  # [B, Hkv, S]
+        query_docs = doc_ids[:, rows]  # [B, c]
+        visible &= token_docs[:, :, None, :] == query_docs[:, None, :, None]
+    return _GatherPlan(tokens, visible.flatten(0, 1))
+
+
+def _fold(q: Tensor, k: Tensor, v: Tensor, plan: _GatherPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold kv heads into the batch: q [B, Hq, c, D] -> [B * Hkv, G, c, D]; the gathered keys and
+    values -> [B * Hkv, 1, S, D], so one kernel call serves every (sequence, GQA group)."""
+    batch, heads, count, dim = q.shape
+    kv_heads = k.shape[1]
+    index = plan.tokens[..., None].expand(-1, -1, -1, dim)  # [B, Hkv, S, D]
+    keys = k.gather(2, index).flatten(0, 1)[:, None]  # [B * Hkv, 1, S, D]
+    values = v.gather(2, index).flatten(0, 1)[:, None]
+    return q.reshape(batch * kv_heads, heads // kv_heads, count, dim), keys, values
+
+
+class NSAAttention(nn.Module):
+    """The NSA core: ``(q, k, v, ctx) -> out``; q [B, Hq, T, D], k/v [B, Hkv, T, D]."""
+
+    def __init__(self, config, attention: AttentionConfig):
+        super().__init__()
+        settings = attention.nsa
+        self.attention = attention
+        self.settings = settings
+        std, dim = config.initializer_range, config.dim_per_head
+        block, stride = settings.compress_block, settings.compress_stride
+        self.compress_key = BlockCompressor(block, stride, dim, std)
+        self.compress_value = BlockCompressor(block, stride, dim, std)
+        self.gates = BranchGates(config.hidden_size, config.num_attention_heads, std)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, T, D] (rotated) -> out [B, Hq, T, D]."""
+        if ctx.hidden is None:
+            raise LongctxError(
+                "NSA needs the layer input (ctx.hidden) for its gates; call the core from the "
+                "model's attention layer, which sets it"
+            )
+        gates = self.gates(ctx.hidden)  # [3, B, Hq, T, 1]: compression, selection, window
+        o_cmp, o_slc, o_win = self.branches(q, k, v, ctx)
+        return gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_win
+
+    def branches(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The ungated (compression, selection, window) outputs, each [B, Hq, T, D]."""
+        _check_unsharded(ctx, q.shape[2])
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        o_cmp, selected = self._compressed_and_selection(q, k, v, ctx.doc_ids, scale)
+        o_slc = _SelectedBlockAttention.apply(
+            q, k, v, selected, ctx.doc_ids, scale, self.settings.select_block, self._kernel(q)
+        )
+        window = MaskSpec(q_doc_ids=ctx.doc_ids, k_doc_ids=ctx.doc_ids, window=self.settings.window)
+        o_win, _ = block_attention(
+            q, k, v, scale=scale, mask=window, backend=self.attention.backend,
+            chunk_size=self.attention.chunk_size,
+        )  # fmt: skip
+        return o_cmp, o_slc, o_win
+
+    def _kernel(self, q: Tensor) -> TileKernel:
+        if resolve_backend(self.attention.backend, q) == "cpu_flash":
+            return CpuFlashTileKernel()
+        return TorchTileKernel()
+
+    def _compressed_and_selection(
+        self, q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        """(o_cmp [B, Hq, T, D], selected blocks [B, Hkv, T, n] int64, -1 = none)."""
+        settings = self.settings
+        length = q.shape[2]
+        num_compressed = self.compress_key.num_blocks(length)
+        if num_compressed == 0:  # shorter than one block: no compressed key, zero importance
+            importance = None
+            o_cmp = torch.zeros_like(q)
+        else:
+            ck = self.compress_key(k)  # [B, Hkv, nc, D]
+            cv = self.compress_value(v)
+            block_ends = (
+                torch.arange(num_compressed, device=q.device) * settings.compress_stride
+                + settings.compress_block - 1
+            )  # fmt: skip
+            block_docs = None
+            if doc_ids is not None:
+                block_docs = _compressed_doc_ids(doc_ids, num_compressed, settings)
+            mask = MaskSpec(k_positions=block_ends, q_doc_ids=doc_ids, k_doc_ids=block_docs)
+            o_cmp, lse_cmp = block_attention(
+                q, ck, cv, scale=scale, mask=mask, backend=self.attention.backend,
+                chunk_size=self.attention.chunk_size,
+            )  # fmt: skip
+            importance = (ck.detach(), lse_cmp.detach(), block_ends, block_docs)
+        with torch.no_grad():
+            selected = self._select_blocks(q.detach(), k.shape[1], importance, doc_ids, scale)
+        return o_cmp, selected
+
+    def _select_blocks(self, q, kv_heads, importance, doc_ids, scale) -> Tensor:
+        """Top-n selection blocks per (batch, kv head, query): [B, Hkv, T, n], -1 = none."""
+        settings = self.settings
+        batch, heads, length, dim = q.shape
+        select = settings.select_block
+        num_select = -(-length // select)
+        keep = min(settings.select_top_n, num_select)
+        block_index = torch.arange(num_select, device=q.device)
+        score_dtype = torch.promote_types(q.dtype, torch.float32)
+        overlap = None
+        if importance is not None:
+            ck, lse_cmp, block_ends, block_docs = importance
+            overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
+        chosen = []
+        for rows in _query_chunks(length):
+            query_pos = torch.arange(rows.start, rows.stop, device=q.device)  # [c]
+            scores = torch.zeros(
+                batch, kv_heads, len(query_pos), num_select, dtype=score_dtype, device=q.device
+            )
+            if importance is not None:
+                logits = q[:, :, rows].reshape(batch, kv_heads, -1, len(query_pos), dim)
+                logits = (logits @ ck[:, :, None].transpose(-1, -2)) * scale  # [B,Hkv,G,c,nc]
+                probs = torch.exp(logits - lse_cmp[:, :, rows].view(logits.shape[:-1])[..., None])
+                seen = (block_ends[None, :] <= query_pos[:, None])[None]  # [1, c, nc]
+                if doc_ids is not None:  # [B, c, nc]
+                    seen = seen & (block_docs[:, None, :] == doc_ids[:, rows, None])
+                probs = torch.where(seen[:, None, None], probs, 0.0)
+                per_block = probs.sum(2)  # [B, Hkv, c, nc]: summed over the GQA group
+                padded = F.pad(per_block, (0, 1))  # index -1 reads the zero column
+                scores = padded[..., overlap].sum(-1).to(score_dtype)  # [B, Hkv, c, ns]
+            current = (query_pos // select)[:, None]  # [c, 1]
+            started = block_index[None, :] <= current  # block begins at or before the query
+            forced = (block_index == 0) | (block_index == current) | (block_index == current - 1)
+            ranked = torch.where(started, scores, float("-inf"))
+            ranked = torch.where(forced & started, float("inf"), ranked)
+            order = torch.sort(ranked, dim=-1, descending=True, stable=True)
+            top = order.indices[..., :keep]
+            chosen.append(torch.where(torch.isneginf(order.values[..., :keep]), -1, top))
+        return torch.cat(chosen, dim=2)
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return (
+            f"l={s.compress_block}, d={s.compress_stride}, l'={s.select_block}, "
+            f"n={s.select_top_n}, w={s.window}, backend={self.attention.backend}"
+        )
+
+
+def _check_unsharded(ctx: AttentionContext, length: int) -> None:
+    positions = ctx.seq_positions
+    expected = torch.arange(length, device=positions.device)
+    if positions.shape != (length,) or not torch.equal(positions, expected):
+        raise LongctxError(
+            "NSA blocks are cut on the whole sequence, but this core got a shard "
+            "(seq_positions != arange(T)); run NSA with parallel.ulysses = parallel.ring = 1"
+        )
+
+
+def nsa_recipe_problem(model, attention: AttentionConfig, ulysses: int, ring: int) -> str | None:
+    """Why a recipe cannot run NSA (None when it can): used by the recipe validator."""
+    if attention.variant != "nsa":
+        return None
+    if ulysses > 1 or ring > 1:
+        return (
+            f"attention.variant 'nsa' runs on the whole sequence, but parallel.ulysses={ulysses} "
+            f"and parallel.ring={ring} shard it; set both to 1 (use data parallelism) or "
+            "choose attention.variant dense"
+        )
+    return None

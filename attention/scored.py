@@ -1,0 +1,229 @@
+"""Attention whose logits come from a score module: the kernel of CoPE, BAM and TAPA.
+
+Some position encodings need the whole row of logits of a query before its softmax (CoPE counts
+gates along the row) or replace the dot product altogether (TAPA), so they cannot ride inside a
+flash kernel that only ever sees one key tile. ``scored_attention`` cuts the QUERIES into chunks
+of ``chunk_size`` and computes, per chunk, the logits against every key with the score module,
+masks them, and applies the softmax. Each chunk runs under activation checkpointing: the forward
+keeps only its output, and the backward recomputes the chunk's logits. Peak memory is therefore
+O(B * H * chunk * T), never the T x T matrix of a naive implementation (bench/positional.py).
+
+A score module is any ``nn.Module`` with
+``scores(q, k, q_positions, k_positions, visible, heads) -> logits`` (see ``ScoreTerm``); its
+own parameters (CoPE embeddings, BAM priors) get gradients through the recomputation.
+
+Under Ulysses the core runs on the full sequence of a contiguous subset of the heads;
+``ScoredAttention.restrict_to_heads`` tells it which, so per-head parameters are sliced to
+match (the parameters stay whole: the gradients of the other heads come from their ranks).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from longctx.attention.config import AttentionConfig
+from longctx.attention.context import AttentionContext
+from longctx.attention.mask import MaskSpec
+from longctx.errors import LongctxError
+from longctx.positional.bam import BAMScore
+from longctx.positional.config import PositionalConfig
+from longctx.positional.cope import CoPEScore
+from longctx.positional.tapa import TAPAScore
+
+if TYPE_CHECKING:  # the model imports this module; only its config's shape is read here
+    from longctx.model.config import ModelConfig
+
+DEFAULT_QUERY_CHUNK = 256  # queries per chunk when the recipe gives no attention.chunk_size
+
+
+class ScoreTerm(Protocol):
+    """Computes the attention logits of a query chunk against all keys.
+
+    q [B, H, c, D], k [B, H, Tk, D] (kv heads already repeated to H), q_positions [c] and
+    k_positions [Tk] global sequence indices (keys in any order), visible [Bm, c, Tk] bool
+    (Bm 1 or B), ``heads``: which of the layer's heads these H are (a slice of its per-head
+    parameters) -> logits [B, H, c, Tk] in q's dtype. Entries where ``visible`` is False are
+    ignored by the kernel (a score term that reads the row, like CoPE's gates, must zero them).
+    """
+
+    def scores(
+        self,
+        q: Tensor,
+        k: Tensor,
+        q_positions: Tensor,
+        k_positions: Tensor,
+        visible: Tensor,
+        heads: slice,
+    ) -> Tensor: ...
+
+
+def repeat_kv_heads(x: Tensor, heads: int) -> Tensor:
+    """[B, Hkv, T, D] -> [B, heads, T, D]: kv head h serves query heads h*g .. h*g+g-1 (GQA)."""
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def masked_softmax(logits: Tensor, visible: Tensor) -> Tensor:
+    """Softmax over the last dim of ``logits`` [B, H, c, Tk] restricted to ``visible``
+    [Bm, 1, c, Tk]; a row without any visible key gets probabilities 0 (never NaN)."""
+    row_has_key = visible.any(dim=-1, keepdim=True)  # [Bm, 1, c, 1]
+    masked = logits.masked_fill(~visible, float("-inf"))
+    masked = masked.masked_fill(~row_has_key, 0.0)  # all-masked rows: finite stand-in
+    return torch.softmax(masked, dim=-1) * row_has_key
+
+
+def _chunk_attention(
+    score: ScoreTerm,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tile: MaskSpec,
+    heads: slice,
+) -> Tensor:
+    """Exact attention of one query chunk: q [B, H, c, D], k/v [B, H, Tk, D] -> [B, H, c, D].
+
+    ``tile`` is the chunk's rows of the bound mask; its [Bm, c, Tk] visibility is rebuilt here
+    (also in the recomputation), so no chunk keeps one between forward and backward.
+    """
+    compute = torch.promote_types(q.dtype, torch.float32)
+    visible = tile.dense_mask()  # [Bm, c, Tk]
+    q_positions, k_positions = tile.q_positions, tile.k_positions
+    logits = score.scores(q.to(compute), k.to(compute), q_positions, k_positions, visible, heads)
+    probs = masked_softmax(logits, visible[:, None])  # [B, H, c, Tk]
+    return (probs @ v.to(compute)).to(q.dtype)
+
+
+def scored_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score: ScoreTerm,
+    *,
+    mask: MaskSpec,
+    chunk_size: int | None = None,
+    heads: slice = slice(None),
+) -> Tensor:
+    """Masked softmax attention with logits from ``score``, chunked over queries.
+
+    q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (Hq % Hkv == 0) -> out [B, Hq, Tq, D] in q's dtype;
+    computed in float32 (float64 stays float64). ``mask`` (positions global, as everywhere) says
+    which keys each query sees; rows without a visible key give 0. Differentiable w.r.t. q, k,
+    v and the score module's parameters; the backward recomputes one chunk at a time.
+    ``heads``: which of the score module's per-head parameters the Hq heads use (all).
+    """
+    tq, tk = q.shape[2], k.shape[2]
+    mask = mask.bind(tq, tk, device=q.device)
+    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
+    chunk = chunk_size or DEFAULT_QUERY_CHUNK
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad
+        or k.requires_grad
+        or v.requires_grad
+        or any(p.requires_grad for p in getattr(score, "parameters", list)())
+    )
+    outs = []
+    for start in range(0, tq, chunk):
+        rows = slice(start, min(start + chunk, tq))
+        args = (score, q[:, :, rows], k, v, mask.slice(rows, slice(None)), heads)
+        if needs_grad:
+            outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False))
+        else:
+            outs.append(_chunk_attention(*args))
+    return torch.cat(outs, dim=2) if outs else torch.zeros_like(q)
+
+
+class ScoredAttention(nn.Module):
+    """Attention core (the model's ``self_attn.core``) around a score module.
+
+    Masks like ``DenseAttention`` (causal on ``ctx.seq_positions``, per document, optional
+    sliding window); the score module sees the same global positions, so distances are
+    measured on the sequence, which equals the per-document position difference inside a
+    packed document.
+    """
+
+    def __init__(
+        self, score: nn.Module, config: AttentionConfig, *, sliding_window: int | None = None
+    ):
+        super().__init__()
+        self.score = score
+        self.config = config
+        self.sliding_window = sliding_window
+        self.heads = slice(None)  # the layer's heads this core computes (all but under Ulysses)
+
+    def restrict_to_heads(self, start: int, stop: int) -> None:
+        """Compute heads ``start .. stop - 1`` of the layer only (a Ulysses rank's subset)."""
+        self.heads = slice(start, stop)
+
+    def mask_for(self, ctx: AttentionContext) -> MaskSpec:
+        """Causal on global positions, per document, windowed."""
+        return MaskSpec(
+            causal=True,
+            q_positions=ctx.seq_positions,
+            k_positions=ctx.seq_positions,
+            q_doc_ids=ctx.doc_ids,
+            k_doc_ids=ctx.doc_ids,
+            window=self.sliding_window,
+        )
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> out [B, Hq, T, D]."""
+        return scored_attention(
+            q,
+            k,
+            v,
+            self.score,
+            mask=self.mask_for(ctx),
+            chunk_size=self.config.chunk_size,
+            heads=self.heads,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"chunk_size={self.config.chunk_size}, sliding_window={self.sliding_window}, "
+            f"heads={self.heads}"
+        )
+
+
+def positional_score_core(
+    config: ModelConfig,
+    attention: AttentionConfig,
+    positional: PositionalConfig,
+    *,
+    sliding_window: int | None,
+) -> ScoredAttention:
+    """The dense attention core of one layer with the score-side encoding ``positional.kind``
+    (``cope``, ``bam`` or ``tapa``), each layer with its own parameters."""
+    heads, head_dim = config.num_attention_heads, config.dim_per_head
+    if positional.kind == "cope":
+        score = CoPEScore(positional.cope, num_heads=heads, head_dim=head_dim)
+    elif positional.kind == "bam":
+        score = BAMScore(
+            positional.bam,
+            num_heads=heads,
+            head_dim=head_dim,
+            max_position_embeddings=config.max_position_embeddings,
+        )
+    elif positional.kind == "tapa":
+        score = TAPAScore(positional.tapa, head_dim=head_dim)
+    else:
+        raise LongctxError(
+            f"positional.kind {positional.kind!r} has no score-side encoding; use cope, bam or "
+            "tapa here (rope and none run in DenseAttention)"
+        )
+    return ScoredAttention(score, attention, sliding_window=sliding_window)
+
+
+def positional_recipe_problem(positional: PositionalConfig, ulysses: int, ring: int) -> str | None:
+    """Why a recipe cannot run its score-side encoding (None when it can): the recipe validator
+    calls it. Ulysses runs the encodings unchanged; ring attention (BAM/TAPA as block score
+    terms, CoPE's two-pass cross-rank scan) is not built."""
+    if positional.kind not in ("cope", "bam", "tapa") or ring == 1:
+        return None
+    return (
+        f"positional.kind {positional.kind!r} does not run under ring attention "
+        f"(parallel.ring={ring}); set parallel.ring: 1 and shard with parallel.ulysses instead"
+    )

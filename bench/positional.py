@@ -1,0 +1,209 @@
+"""Score-side position encodings (CoPE, BAM, TAPA): chunked kernel against naive, fwd+bwd.
+
+Run: ``python -m longctx.bench.positional`` (``--quick`` for a smoke run). Prints a table and
+writes ``bench/results/positional.json``.
+
+Cases: causal attention, B=1, H=``--heads``, D=``--dim``, fp32 on CPU, forward + backward, per
+encoding and length T:
+
+- ``chunked``: ``scored_attention`` (query chunks of ``--chunk`` tokens under activation
+  checkpointing: memory O(chunk x T));
+- ``naive``: the same score module on the whole sequence as one chunk with plain autograd, so
+  every [B, H, T, T] intermediate (logits, gates, positions, probabilities) is kept for the
+  backward, which is how a direct implementation of the SPECS equations behaves.
+
+Memory and time are measured as in ``bench/attention.py`` (fresh subprocess per case, VmHWM
+after a clear_refs reset; median process CPU time, one thread). A naive case whose T^2-scaled
+estimate does not fit in ``--memory-fraction`` of the available memory is estimated from the
+largest length measured (exact for naive: its big buffers are all [B, H, T, T]) and marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from longctx.attention.mask import MaskSpec
+from longctx.attention.scored import masked_softmax, scored_attention
+from longctx.bench.attention import _reset_peak_rss, _status_kib
+from longctx.positional.bam import BAMScore
+from longctx.positional.config import BAMConfig, CoPEConfig, TAPAConfig
+from longctx.positional.cope import CoPEScore
+from longctx.positional.tapa import TAPAScore
+
+RESULTS = Path(__file__).resolve().parent / "results" / "positional.json"
+GiB = 1024**3
+ENCODINGS = ("cope", "bam", "tapa")
+METHODS = ("naive", "chunked")
+
+
+def make_score(encoding: str, heads: int, dim: int) -> torch.nn.Module:
+    """The score module of one layer with trainable parameters (CoPE table random, not 0)."""
+    if encoding == "cope":
+        score = CoPEScore(CoPEConfig(), num_heads=heads, head_dim=dim)
+        torch.nn.init.normal_(score.pos_emb, std=0.1)
+        return score
+    if encoding == "bam":
+        return BAMScore(
+            BAMConfig(ssmax=True), num_heads=heads, head_dim=dim, max_position_embeddings=4096
+        )
+    return TAPAScore(TAPAConfig(), head_dim=dim)
+
+
+def naive_scored_attention(score, q, k, v) -> torch.Tensor:
+    """The whole [B, H, T, T] row block at once, plain autograd: the baseline."""
+    length = q.shape[2]
+    positions = torch.arange(length)
+    visible = (positions[None, :] <= positions[:, None])[None]  # [1, T, T]
+    logits = score.scores(q, k, positions, positions, visible)  # [B, H, T, T]
+    return masked_softmax(logits, visible[:, None]) @ v
+
+
+def _step(method, score, q, k, v, dout, chunk) -> None:
+    if method == "naive":
+        out = naive_scored_attention(score, q, k, v)
+    else:
+        out = scored_attention(q, k, v, score, mask=MaskSpec(), chunk_size=chunk)
+    out.backward(dout)
+
+
+def run_case(encoding, method, length, heads, dim, chunk, repeats) -> dict:
+    """Measure one case in this process (a fresh subprocess started by ``measure``)."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    score = make_score(encoding, heads, dim)
+
+    def inputs(size: int):
+        tensors = [torch.randn(1, heads, size, dim, generator=gen) for _ in range(4)]
+        return [t.requires_grad_() for t in tensors[:3]] + [tensors[3]]
+
+    _step(method, score, *inputs(64), chunk=32)  # warm-up
+    q, k, v, dout = inputs(length)
+    baseline = _reset_peak_rss()
+    _step(method, score, q, k, v, dout, chunk)
+    peak = _status_kib("VmHWM") * 1024 - baseline
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.process_time()
+        _step(method, score, q, k, v, dout, chunk)
+        times.append(time.process_time() - start)
+    return {"time_s": statistics.median(times), "peak_bytes": peak}
+
+
+def measure(encoding: str, method: str, length: int, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable, "-m", "longctx.bench.positional", "--worker", encoding, method,
+        "--lengths", str(length), "--heads", str(args.heads), "--dim", str(args.dim),
+        "--chunk", str(args.chunk), "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench {encoding} {method} T={length} failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"{encoding:>5} {method:>8} T={length:>6} {result['time_s']:8.2f} s cpu "
+        f"{result['peak_bytes'] / GiB:8.3f} GiB",
+        flush=True,
+    )
+    return result
+
+
+def _rows_of(encoding: str, method: str, args: argparse.Namespace) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    largest = None
+    for length in sorted(args.lengths):
+        if largest is not None and method == "naive":
+            scale = (length / largest[0]) ** 2
+            estimate = {key: largest[1][key] * scale for key in ("time_s", "peak_bytes")}
+            budget = args.memory_fraction * psutil.virtual_memory().available
+            if estimate["peak_bytes"] > budget:
+                rows[length] = {**estimate, "measured": False, "estimated_from": largest[0]}
+                continue
+        rows[length] = {**measure(encoding, method, length, args), "measured": True}
+        largest = (length, rows[length])
+    return rows
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for encoding in args.encodings:
+        naive = _rows_of(encoding, "naive", args)
+        chunked = _rows_of(encoding, "chunked", args)
+        for length in sorted(args.lengths):
+            rows.append(
+                {"encoding": encoding, "method": "naive", "length": length, **naive[length]}
+            )
+            rows.append({
+                "encoding": encoding, "method": "chunked", "length": length, **chunked[length],
+                "memory_ratio_vs_naive": chunked[length]["peak_bytes"] / naive[length]["peak_bytes"],
+                "time_ratio_vs_naive": chunked[length]["time_s"] / naive[length]["time_s"],
+                "naive_measured": naive[length]["measured"],
+            })  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'enc':>5} {'method':>8} {'T':>6} {'cpu s':>12} {'peak GiB':>14} {'mem ratio':>16}")
+    for row in rows:
+        mark = "" if row["measured"] else " (est.)"
+        ratio = ""
+        if "memory_ratio_vs_naive" in row:
+            ratio = f"{row['memory_ratio_vs_naive']:.4f}"
+            ratio += "" if row["naive_measured"] else " vs est."
+        print(
+            f"{row['encoding']:>5} {row['method']:>8} {row['length']:>6} "
+            f"{row['time_s']:>5.2f}{mark:<7} {row['peak_bytes'] / GiB:>7.3f}{mark:<7} {ratio:>16}"
+        )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=256, help="queries per chunk")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the memory run")
+    parser.add_argument("--memory-fraction", type=float, default=0.4)
+    parser.add_argument("--quick", action="store_true", help="T = 512, 1024")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", nargs=2, metavar=("ENCODING", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        encoding, method = args.worker
+        result = run_case(
+            encoding, method, args.lengths[0], args.heads, args.dim, args.chunk, args.repeats
+        )
+        print(json.dumps(result))
+        return [result]
+    if args.quick:
+        args.lengths = [512, 1024]
+    rows = sweep(args)
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "config": {
+            "batch": 1, "heads": args.heads, "head_dim": args.dim, "dtype": "float32",
+            "causal": True, "threads": 1, "chunk": args.chunk, "repeats": args.repeats,
+            "mode": "fwd+bwd", "bam_ssmax": True,
+        },
+        "memory_method": "fresh subprocess per case; VmHWM after one run minus VmRSS at a "
+        "/proc/self/clear_refs reset taken after inputs and a tiny warm-up exist",
+        "time_method": "median process CPU time of the timed runs after the memory run",
+        "results": rows,
+    }  # fmt: skip
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

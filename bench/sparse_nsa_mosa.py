@@ -1,0 +1,161 @@
+"""NSA and MoSA cores against the dense core: forward+backward time and peak memory at long T.
+
+Run: ``python -m longctx.bench.sparse_nsa_mosa`` (``--lengths 4096 8192 16384``,
+``--inputs random coherent``). Prints a table and writes ``bench/results/sparse_nsa_mosa.json``.
+
+Cases (B=1, Hq=8, Hkv=2, D=64, d_model=512, fp32, CPU, one thread), each in a fresh
+subprocess, for every length T and input kind:
+
+- ``dense``: ``DenseAttention`` (the cpu_flash kernel, causal);
+- ``nsa``: ``NSAAttention`` with the SPECS defaults (l=32, d=16, l'=64, n=16, w=512);
+- ``mosa``: ``MoSAAttention`` with every head routed and rho=16 (k = T/16).
+
+Input kinds: ``random`` draws q, k, v iid N(0, 1); ``coherent`` mixes a component that varies
+slowly along the sequence (linear interpolation of N(0, 1) knots every 256 tokens) with iid
+noise, rescaled to unit variance, so that neighbouring queries look alike as in a trained model.
+NSA's selection branch gathers, per 64-query chunk and kv head, the UNION of the blocks its
+queries picked: with iid queries neighbouring picks are unrelated and that union approaches
+every past block, so the kind matters for NSA only.
+
+Time: process CPU time of one forward+backward after one warm-up run (the machine is shared;
+CPU time on one thread is the compute time whatever the load). Memory: the resident high-water
+mark after the run minus the resident size once the inputs exist (``/proc/self/clear_refs``).
+Ratios are dense / variant in the same run and input kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from longctx.attention import AttentionConfig, AttentionContext, DenseAttention
+from longctx.attention.config import MoSAConfig
+from longctx.attention.mosa import MoSAAttention
+from longctx.attention.nsa import NSAAttention
+from longctx.model.config import ModelConfig
+
+RESULTS = Path(__file__).resolve().parent / "results" / "sparse_nsa_mosa.json"
+CASES = ("dense", "nsa", "mosa")
+HEADS, KV_HEADS, DIM, HIDDEN = 8, 2, 64, 512
+KNOT_SPACING = 256  # tokens between the knots of the slowly varying component
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> int:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _heads(heads: int, length: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """[1, heads, T, D] unit-variance inputs of the given kind."""
+    noise = torch.randn(1, heads, length, DIM, generator=gen)
+    if kind == "random":
+        return noise
+    knots = torch.randn(1, heads * DIM, length // KNOT_SPACING + 2, generator=gen)
+    slow = F.interpolate(knots, size=length, mode="linear", align_corners=True)
+    slow = slow.view(1, heads, DIM, length).transpose(-1, -2)  # [1, heads, T, D]
+    mixed = 2.0 * slow + 0.5 * noise
+    return (mixed / mixed.std()).contiguous()
+
+
+def _core(case: str) -> torch.nn.Module:
+    config = ModelConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM,
+    )  # fmt: skip
+    if case == "dense":
+        return DenseAttention(AttentionConfig())
+    if case == "nsa":
+        return NSAAttention(config, AttentionConfig(variant="nsa"))
+    mosa = MoSAConfig(dense_heads=0, sparsity=16)
+    return MoSAAttention(config, AttentionConfig(variant="mosa", mosa=mosa))
+
+
+def run_case(case: str, length: int, kind: str) -> dict:
+    """One forward+backward of ``case`` at T = ``length``: CPU seconds and peak bytes."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    q = _heads(HEADS, length, kind, gen).requires_grad_()
+    k = _heads(KV_HEADS, length, kind, gen).requires_grad_()
+    v = _heads(KV_HEADS, length, kind, gen).requires_grad_()
+    hidden = torch.randn(1, length, HIDDEN, generator=gen)
+    positions = torch.arange(length)
+    ctx = AttentionContext(position_ids=positions[None], seq_positions=positions, hidden=hidden)
+    core = _core(case)
+    core(q[:, :, :256], k[:, :, :256], v[:, :, :256], _prefix(ctx, 256)).sum().backward()
+    for tensor in (q, k, v):
+        tensor.grad = None
+    base = _reset_peak_rss()
+    start = time.process_time()
+    core(q, k, v, ctx).sum().backward()
+    seconds = time.process_time() - start
+    peak = _status_kib("VmHWM") * 1024 - base
+    return {"case": case, "length": length, "inputs": kind, "seconds": seconds, "peak_bytes": peak}
+
+
+def _prefix(ctx: AttentionContext, length: int) -> AttentionContext:
+    return AttentionContext(
+        position_ids=ctx.position_ids[:, :length], seq_positions=ctx.seq_positions[:length],
+        hidden=ctx.hidden[:, :length],
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--inputs", nargs="+", default=["random", "coherent"])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON file to write")
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "LENGTH", "INPUTS"))
+    args = parser.parse_args()
+    if args.child:
+        case, length, kind = args.child
+        print(json.dumps(run_case(case, int(length), kind)))
+        return
+    rows = []
+    for kind in args.inputs:
+        for length in args.lengths:
+            for case in args.cases:
+                command = [sys.executable, "-m", "longctx.bench.sparse_nsa_mosa", "--child",
+                           case, str(length), kind]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(_format(rows[-1], rows), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _format(row: dict, rows: list[dict]) -> str:
+    dense = next(
+        (r for r in rows if r["case"] == "dense" and r["length"] == row["length"]
+         and r["inputs"] == row["inputs"]),
+        None,
+    )  # fmt: skip
+    speedup = "" if dense is None else f"  dense/this time {dense['seconds'] / row['seconds']:.2f}x"
+    memory = (
+        "" if dense is None else f"  mem {row['peak_bytes'] / max(dense['peak_bytes'], 1):.2f}x"
+    )
+    return (
+        f"{row['inputs']:>8}  T={row['length']:>6}  {row['case']:>5}  "
+        f"{row['seconds']:8.2f} s  {row['peak_bytes'] / 2**20:8.1f} MiB{speedup}{memory}"
+    )
+
+
+if __name__ == "__main__":
+    main()

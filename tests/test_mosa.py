@@ -1,0 +1,192 @@
+"""MoSA (SPECS 3.2) against a plain float64 loop, the k = T identity, router gradients, and the
+recipe checks that keep unsupported MoSA/NSA combinations from starting."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx.attention import AttentionConfig, AttentionContext, block_attention
+from longctx.attention.config import MoSAConfig
+from longctx.attention.mosa import MoSAAttention, routed_token_count
+from longctx.errors import LongctxError
+from longctx.model.config import ModelConfig
+from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
+from longctx.model.transformer import Transformer
+from longctx.trainer.config import load_recipe
+
+# fp32 fast path vs float64 loop: rounding of short dot products and softmaxes (rtol 1e-5).
+FP32 = {"rtol": 1e-5, "atol": 2e-6}
+HIDDEN, HEADS, KV_HEADS, DIM = 16, 6, 3, 8
+
+
+def model_config() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM,
+    )  # fmt: skip
+
+
+def make_core(dense_heads=2, sparsity=4, sliding_window=None) -> MoSAAttention:
+    attention = AttentionConfig(
+        variant="mosa", mosa=MoSAConfig(dense_heads=dense_heads, sparsity=sparsity)
+    )
+    torch.manual_seed(0)
+    core = MoSAAttention(model_config(), attention, sliding_window=sliding_window)
+    with torch.no_grad():
+        core.router.weight.normal_()  # spread router scores so the top-k is decisive
+    return core
+
+
+def inputs(length=48, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(2, HEADS, length, DIM), (2, KV_HEADS, length, DIM), (2, KV_HEADS, length, DIM),
+              (2, length, HIDDEN)]  # fmt: skip
+    return [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+
+
+def context(hidden, doc_ids=None) -> AttentionContext:
+    batch, length = hidden.shape[:2]
+    positions = torch.arange(length)
+    return AttentionContext(
+        position_ids=positions.expand(batch, length), seq_positions=positions, doc_ids=doc_ids,
+        hidden=hidden,
+    )  # fmt: skip
+
+
+def attend(query, keys, values, scale):
+    probs = torch.softmax(keys @ query * scale, dim=0)
+    return probs @ values
+
+
+def reference_mosa(core, q, k, v, hidden, doc_ids=None, window=None):
+    """MoSA in float64: dense heads per query, routed heads by explicit top-k and a loop."""
+    core = copy.deepcopy(core).double()
+    q, k, v, hidden = q.double(), k.double(), v.double(), hidden.double()
+    batch, heads, length, dim = q.shape
+    group, scale = heads // k.shape[1], 1.0 / math.sqrt(dim)
+    dense = core.dense_heads
+    count = max(2, length // core.attention.mosa.sparsity)
+    router = torch.sigmoid(hidden @ core.router.weight.T)  # [B, T, Hm]
+    rows = {}
+    for b in range(batch):
+        doc = (lambda t: 0) if doc_ids is None else (lambda t, b=b: int(doc_ids[b, t]))
+        for h in range(heads):
+            j = h // group
+            zero = q.new_zeros(dim)
+            if h < dense:
+                for t in range(length):
+                    keys = [u for u in range(t + 1) if doc(u) == doc(t)
+                            and (window is None or t - u < window)]  # fmt: skip
+                    rows[b, h, t] = attend(q[b, h, t], k[b, j, keys], v[b, j, keys], scale)
+                continue
+            scores = router[b, :, h - dense]
+            ranked = sorted(range(length), key=lambda t: -float(scores[t].detach()))
+            chosen = set(ranked[:count])
+            for t in range(length):
+                if t not in chosen:
+                    rows[b, h, t] = zero
+                    continue
+                keys = [u for u in sorted(chosen) if u <= t and doc(u) == doc(t)]
+                rows[b, h, t] = scores[t] * attend(q[b, h, t], k[b, j, keys], v[b, j, keys], scale)
+    out = torch.stack([torch.stack([torch.stack([rows[b, h, t] for t in range(length)])
+                                    for h in range(heads)]) for b in range(batch)])  # fmt: skip
+    return out, core
+
+
+@pytest.mark.parametrize(
+    "doc_ids", [None, torch.tensor([[0] * 20 + [1] * 28, [0] * 5 + [1] * 30 + [2] * 13])]
+)
+def test_mosa_matches_float64_reference_loop_outputs_and_gradients(doc_ids):
+    core = make_core(sliding_window=10)
+    tensors = inputs()
+    fast = core(*tensors[:3], context(tensors[3], doc_ids))
+    ref_tensors = [t.detach().double().requires_grad_() for t in tensors]
+    ref, ref_core = reference_mosa(core, *ref_tensors, doc_ids=doc_ids, window=10)
+    torch.testing.assert_close(fast, ref.float(), **FP32)
+    weight = torch.randn(fast.shape, generator=torch.Generator().manual_seed(3))
+    (fast * weight).sum().backward()
+    (ref * weight.double()).sum().backward()
+    for got, want in zip(tensors, ref_tensors):
+        torch.testing.assert_close(got.grad, want.grad.float(), **FP32)
+    torch.testing.assert_close(core.router.weight.grad, ref_core.router.weight.grad.float(), **FP32)
+
+
+def test_routing_every_token_equals_dense_attention_times_router_score():
+    core = make_core(dense_heads=0, sparsity=1)  # k = T
+    q, k, v, hidden = inputs()
+    out = core(q, k, v, context(hidden))
+    dense, _ = block_attention(q, k, v, backend="reference")
+    scores = core.router_scores(hidden)  # [B, H, T]
+    torch.testing.assert_close(out, dense * scores[..., None], **FP32)
+
+
+def test_router_weights_receive_the_gradient_of_the_loss():
+    """d loss / d W_r is nonzero and agrees with a central finite difference in float64."""
+    core = make_core().double()
+    q, k, v, hidden = (t.detach().double() for t in inputs())
+    ctx = context(hidden)
+    core(q, k, v, ctx).sin().sum().backward()
+    grad = core.router.weight.grad
+    assert grad.abs().sum() > 0
+    step = 1e-6
+    with torch.no_grad():
+        core.router.weight[1, 3] += step
+        plus = core(q, k, v, ctx).sin().sum()
+        core.router.weight[1, 3] -= 2 * step
+        minus = core(q, k, v, ctx).sin().sum()
+    torch.testing.assert_close(grad[1, 3], (plus - minus) / (2 * step), rtol=1e-6, atol=1e-9)
+
+
+def test_routed_heads_output_zero_at_unchosen_positions():
+    core = make_core(dense_heads=0, sparsity=4)
+    q, k, v, hidden = inputs()
+    out = core(q, k, v, context(hidden))
+    nonzero = out.abs().sum(-1) > 0  # [B, H, T]
+    assert (nonzero.sum(-1) == routed_token_count(48, 4)).all()
+
+
+def test_dense_heads_that_split_a_gqa_group_are_rejected():
+    with pytest.raises(LongctxError, match="dense_heads=1 splits a GQA group of 2"):
+        make_core(dense_heads=1)
+
+
+@pytest.mark.parametrize("variant", ["nsa", "mosa"])
+def test_recipe_with_sequence_parallelism_fails_at_load(variant):
+    overrides = [f"attention.variant={variant}", "attention.mosa.dense_heads=2", "parallel.ring=2"]
+    with pytest.raises(LongctxError, match=f"attention.variant '{variant}' .* parallel.ring=2"):
+        load_recipe("recipes/tiny.yaml", overrides)
+
+
+def test_mosa_model_trains_router_and_every_head():
+    torch.manual_seed(0)
+    attention = AttentionConfig(variant="mosa", mosa=MoSAConfig(dense_heads=2, sparsity=4))
+    model = Transformer(model_config(), attention=attention)
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    logits = model(ids)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    attn = model.layers[0].self_attn
+    assert attn.core.router.weight.grad.abs().sum() > 0
+    per_head = attn.q_proj.weight.grad.view(HEADS, DIM, HIDDEN).abs().sum((1, 2))
+    assert (per_head > 0).all()
+
+
+def test_loading_a_dense_checkpoint_adds_the_router_as_a_new_parameter(tmp_path):
+    """load_hf with attention mosa keeps the checkpoint's weights and draws W_r fresh: small,
+    distinct router scores near 0.5."""
+    config = model_config()
+    dense = Transformer(config)
+    save_hf(dense, config, tmp_path / "dense")
+    attention = AttentionConfig(variant="mosa", mosa=MoSAConfig(dense_heads=2, sparsity=4))
+    model, _ = load_hf(tmp_path / "dense", attention=attention)
+    assert "model.layers.0.self_attn.core.router.weight" in new_parameter_names(model)
+    torch.testing.assert_close(
+        model.layers[0].self_attn.q_proj.weight, dense.layers[0].self_attn.q_proj.weight
+    )
+    scores = model.layers[0].self_attn.core.router_scores(torch.randn(2, 48, HIDDEN))
+    assert (scores - 0.5).abs().max() < 0.2
+    assert scores.unique().numel() == scores.numel()

@@ -1,0 +1,255 @@
+"""NSA (SPECS 3.1) against a plain float64 per-query loop, and its branches against dense
+attention where the spec says they coincide.
+
+The reference below recomputes everything per (sequence, kv head, query) in float64 with Python
+loops: phi on each block, the compressed softmax, the importance of each selection block from
+the overlapping compressed blocks summed over the GQA group, the top-n choice (forced blocks,
+ties to the lower index), the raw-token and window softmaxes and the gates.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx.attention import AttentionConfig, AttentionContext, block_attention
+from longctx.attention.config import NSAConfig
+from longctx.attention.nsa import DENSE_START_GATE_BIAS, NSAAttention
+from longctx.model.config import ModelConfig
+from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
+from longctx.model.transformer import Transformer
+
+# fp32 fast path vs float64 loop: sums of <= 100 products, rounding only (rtol 1e-5).
+FP32 = {"rtol": 1e-5, "atol": 2e-6}
+FP64 = {"rtol": 1e-10, "atol": 1e-12}
+HIDDEN, HEADS, KV_HEADS, DIM = 16, 4, 2, 8
+
+
+def small_model_config() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM,
+    )  # fmt: skip
+
+
+def make_core(top_n=4, window=24, backend="auto", select_block=16, seed=0) -> NSAAttention:
+    settings = NSAConfig(
+        compress_block=8,
+        compress_stride=4,
+        select_block=select_block,
+        select_top_n=top_n,
+        window=window,
+    )
+    torch.manual_seed(seed)
+    core = NSAAttention(
+        small_model_config(), AttentionConfig(variant="nsa", backend=backend, nsa=settings)
+    )
+    with torch.no_grad():  # random gate biases so every gate matters
+        core.gates.bias.normal_()
+    return core
+
+
+def inputs(length=80, seed=1, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(2, HEADS, length, DIM), (2, KV_HEADS, length, DIM), (2, KV_HEADS, length, DIM),
+              (2, length, HIDDEN)]  # fmt: skip
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def context(hidden, doc_ids=None) -> AttentionContext:
+    batch, length = hidden.shape[:2]
+    positions = torch.arange(length)
+    return AttentionContext(
+        position_ids=positions.expand(batch, length), seq_positions=positions, doc_ids=doc_ids,
+        hidden=hidden,
+    )  # fmt: skip
+
+
+def softmax_attend(query, keys, values, scale):
+    """One query row over a list of keys; no key -> 0 (the empty-branch rule)."""
+    if keys.shape[0] == 0:
+        return torch.zeros_like(query), None
+    probs = torch.softmax(keys @ query * scale, dim=0)
+    return probs @ values, probs
+
+
+def reference_nsa(core, q, k, v, hidden, doc_ids=None):
+    """NSA in float64, one query at a time."""
+    core = copy.deepcopy(core).double()
+    s = core.settings
+    span, d, sel, n, w = (
+        s.compress_block,
+        s.compress_stride,
+        s.select_block,
+        s.select_top_n,
+        s.window,
+    )
+    q, k, v, hidden = q.double(), k.double(), v.double(), hidden.double()
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    group, scale = heads // kv_heads, 1.0 / math.sqrt(dim)
+    num_compressed = (length - span) // d + 1 if length >= span else 0
+    num_select = -(-length // sel)
+    gates = core.gates(hidden)[..., 0].permute(1, 3, 2, 0)  # [B, T, Hq, 3]
+
+    def phi(compressor, block):  # block [span, D]
+        features = (block + compressor.position).flatten()
+        return (
+            block.mean(0)
+            + compressor.out_bias
+            + compressor.out_weight @ F.silu(compressor.in_weight @ features + compressor.in_bias)
+        )
+
+    rows = {}
+    for b in range(batch):
+        doc = (lambda t: 0) if doc_ids is None else (lambda t, b=b: int(doc_ids[b, t]))
+        for j in range(kv_heads):
+            starts = [i * d for i in range(num_compressed)]
+            ck = [phi(core.compress_key, k[b, j, a : a + span]) for a in starts]
+            cv = [phi(core.compress_value, v[b, j, a : a + span]) for a in starts]
+            for t in range(length):
+                seen = [i for i, a in enumerate(starts)
+                        if a + span - 1 <= t and doc(a) == doc(a + span - 1) == doc(t)]  # fmt: skip
+                importance = [0.0] * num_select
+                o_cmp = {}
+                for h in range(j * group, (j + 1) * group):
+                    keys = torch.stack([ck[i] for i in seen]) if seen else q.new_zeros(0, dim)
+                    vals = torch.stack([cv[i] for i in seen]) if seen else q.new_zeros(0, dim)
+                    o_cmp[h], probs = softmax_attend(q[b, h, t], keys, vals, scale)
+                    for p, i in zip([] if probs is None else probs.tolist(), seen):
+                        for jb in range(num_select):
+                            if i * d <= jb * sel + sel - 1 and i * d + span - 1 >= jb * sel:
+                                importance[jb] += p
+                started = [jb for jb in range(num_select) if jb * sel <= t]
+                current = t // sel
+                forced = [jb for jb in started if jb in (0, current, current - 1)]
+                rest = sorted(
+                    (jb for jb in started if jb not in forced), key=lambda jb: -importance[jb]
+                )
+                chosen = (forced + rest)[:n]
+                picked = [u for jb in chosen for u in range(jb * sel, min(jb * sel + sel, length))
+                          if u <= t and doc(u) == doc(t)]  # fmt: skip
+                recent = [u for u in range(max(0, t - w + 1), t + 1) if doc(u) == doc(t)]
+                for h in range(j * group, (j + 1) * group):
+                    o_slc, _ = softmax_attend(q[b, h, t], k[b, j, picked], v[b, j, picked], scale)
+                    o_win, _ = softmax_attend(q[b, h, t], k[b, j, recent], v[b, j, recent], scale)
+                    g = gates[b, t, h]
+                    rows[b, h, t] = g[0] * o_cmp[h] + g[1] * o_slc + g[2] * o_win
+    out = torch.stack([torch.stack([torch.stack([rows[b, h, t] for t in range(length)])
+                                    for h in range(heads)]) for b in range(batch)])  # fmt: skip
+    return out, core
+
+
+def run_both(core, doc_ids=None, dtype=torch.float32, length=80):
+    """Fast and reference outputs and the gradients of one random projection of them."""
+    tensors = inputs(length, dtype=dtype)
+    core = core.to(dtype)
+    fast = core(*tensors[:3], context(tensors[3], doc_ids))
+    ref_tensors = [t.detach().double().requires_grad_() for t in tensors]
+    ref, ref_core = reference_nsa(core, *ref_tensors, doc_ids=doc_ids)
+    weight = torch.randn(
+        fast.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    (fast * weight.to(dtype)).sum().backward()
+    (ref * weight).sum().backward()
+    grads = [t.grad for t in tensors] + [p.grad for p in core.parameters()]
+    ref_grads = [t.grad for t in ref_tensors] + [p.grad for p in ref_core.parameters()]
+    return fast, ref, grads, ref_grads
+
+
+@pytest.mark.parametrize("doc_ids", [None, torch.tensor([[0] * 37 + [1] * 43, [0] * 80])])
+def test_nsa_matches_float64_reference_loop_outputs_and_gradients(doc_ids):
+    """l' = 8 over 80 tokens: 10 selection blocks, 4 kept, so importance decides most picks."""
+    fast, ref, grads, ref_grads = run_both(make_core(top_n=4, select_block=8), doc_ids)
+    torch.testing.assert_close(fast, ref.float(), **FP32)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad.float(), **FP32)
+
+
+def test_nsa_in_float64_matches_reference_to_rounding():
+    fast, ref, grads, ref_grads = run_both(
+        make_core(top_n=5, select_block=8, backend="chunked"), dtype=torch.float64
+    )
+    torch.testing.assert_close(fast, ref, **FP64)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, **FP64)
+
+
+def test_selection_covering_all_blocks_equals_dense_causal_attention():
+    q, k, v, hidden = inputs(length=96)
+    core = make_core(top_n=6)  # 96 / 16 = 6 selection blocks: every block is kept
+    _, o_slc, _ = core.branches(q, k, v, context(hidden))
+    dense, _ = block_attention(q, k, v, backend="reference")
+    torch.testing.assert_close(o_slc, dense, **FP32)
+    o_slc.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    dense.square().sum().backward()
+    for grad, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(grad, t.grad, **FP32)
+
+
+def test_window_at_least_sequence_equals_dense_causal_attention():
+    q, k, v, hidden = inputs(length=80)
+    _, _, o_win = make_core(window=80).branches(q, k, v, context(hidden))
+    dense, _ = block_attention(q, k, v, backend="reference")
+    torch.testing.assert_close(o_win, dense, **FP32)
+
+
+def test_queries_before_the_first_full_block_get_zero_from_compression():
+    """Queries t < l - 1 = 7 see no compressed key: that branch is exactly 0, gradients finite."""
+    q, k, v, hidden = inputs(length=40)
+    o_cmp, _, _ = make_core().branches(q, k, v, context(hidden))
+    assert torch.equal(o_cmp[:, :, :7], torch.zeros_like(o_cmp[:, :, :7]))
+    assert o_cmp[:, :, 7:].abs().amin(-1).gt(0).all()
+    o_cmp.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_sequence_shorter_than_a_compression_block_keeps_only_selection_and_window():
+    q, k, v, hidden = inputs(length=6)
+    core = make_core()
+    o_cmp, o_slc, o_win = core.branches(q, k, v, context(hidden))
+    dense, _ = block_attention(q, k, v, backend="reference")
+    assert torch.equal(o_cmp, torch.zeros_like(o_cmp))
+    torch.testing.assert_close(o_slc, dense, **FP32)
+    torch.testing.assert_close(o_win, dense, **FP32)
+
+
+def test_loading_a_dense_checkpoint_starts_nsa_from_mean_pooling_and_window_gates(tmp_path):
+    """load_hf with attention nsa: the checkpoint's weights are kept, the NSA parameters are
+    new (listed) and start as SPECS says: phi = block mean, gates sigmoid(-2, -2, +2)."""
+    config = small_model_config()
+    save_hf(Transformer(config), config, tmp_path / "dense")
+    settings = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_top_n=3)
+    model, _ = load_hf(tmp_path / "dense", attention=AttentionConfig(variant="nsa", nsa=settings))
+    core = model.layers[0].self_attn.core
+    assert {"model.layers.0.self_attn.core.gates.bias",
+            "model.layers.0.self_attn.core.compress_value.in_weight"} <= set(
+        new_parameter_names(model))  # fmt: skip
+    q, k, v, hidden = inputs(length=40)
+    means = torch.stack([k[:, :, a : a + 8].mean(2) for a in range(0, 33, 4)], dim=2)
+    torch.testing.assert_close(core.compress_key(k), means, **FP32)
+    gates = core.gates(hidden)  # [3, B, Hq, T, 1]
+    expected = torch.sigmoid(torch.tensor(DENSE_START_GATE_BIAS))[:, None, None, None, None]
+    torch.testing.assert_close(gates, expected.expand_as(gates), **FP32)
+
+
+def test_nsa_model_trains_every_new_parameter():
+    config = small_model_config()
+    settings = NSAConfig(
+        compress_block=8, compress_stride=4, select_block=16, select_top_n=3, window=16
+    )
+    torch.manual_seed(0)
+    model = Transformer(config, attention=AttentionConfig(variant="nsa", nsa=settings))
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    logits = model(ids)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    core = model.layers[0].self_attn.core
+    for name, param in core.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
