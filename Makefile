@@ -1,5 +1,5 @@
 # longctx: `make demo` trains the demo recipe, `make test` runs lint + the test suite,
-# `make bench` runs the benchmarks. Everything installs into .venv on first use.
+# `make bench` runs the benchmarks (minutes to an hour on 2 cores). Everything installs into .venv on first use.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
@@ -33,8 +33,11 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/longctx train recipes/demo.yaml --workers 2
 
+# Each benchmark prints a table and writes bench/results/NAME.json (ratios against a baseline
+# measured in the same run). Run one with: $(PY) -m longctx.bench.NAME --help
+BENCHES ?= attention sp positional sparse_power sparse_nsa_mosa train_overhead
 bench: $(STAMP)
-	$(VENV)/bin/longctx bench
+	for name in $(BENCHES); do $(PY) -m longctx.bench.$$name || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

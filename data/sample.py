@@ -82,6 +82,12 @@ class TargetTooShort(LongctxError):
             f"{target_tokens}; raise data.seq_len"
         )
         self.needed = needed
+        self._args = (task, needed, target_tokens)
+
+    def __reduce__(self):
+        # Rebuild from the constructor's arguments so the error survives pickling (Ray sends
+        # a worker's exception to the driver) with its real message.
+        return (type(self), self._args)
 
 
 def budget_after(task: str, target_tokens: int, fixed_tokens: int) -> int:

@@ -186,3 +186,13 @@ def test_niah_and_kv_place_the_asked_fact_at_the_requested_depth(tokenizer):
     asked_key = re.search(r"What is the value of key ([0-9a-f]{8})\?", text).group(1)
     last_pair = re.findall(r"Key ([0-9a-f]{8}) has value", text)[-1]
     assert last_pair == asked_key
+
+
+def test_target_too_short_survives_pickling_with_its_message():
+    import pickle
+
+    from longctx.data.sample import TargetTooShort
+
+    error = TargetTooShort("passkey", 40, 12)
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) and copy.needed == 40

@@ -249,7 +249,7 @@ BAD_LAYOUTS = {
     ),
     "encoding under ring": (
         ["--workers", "2", "--set", "parallel.ring=2", "--set", "positional.kind=cope"],
-        "does not support ring attention (parallel.ring 2)",
+        "positional.kind 'cope' does not run under ring attention",
     ),
     "variant under ring": (
         ["--workers", "2", "--set", "parallel.ring=2", "--set", "attention.variant=nsa"],
