@@ -191,3 +191,39 @@ def test_crashed_worker_group_restarts_from_last_reported_checkpoint(tmp_path: P
     assert run.summary["step"] == 6
     assert manifest(run_dir / "checkpoints" / "step_000006")["step"] == 6
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["steps"] == 6
+
+
+@pytest.mark.slow
+def test_ring_mode_on_two_workers_has_the_one_worker_loss_curve(tmp_path: Path):
+    """SPECS 1.6 end to end: ``longctx train`` with 2 Ray workers in ring mode (ring 2, so one
+    data-parallel group holding the same batches) logs the same fp32 loss at each of 5 steps as
+    1 worker without sequence parallelism (within 1e-5)."""
+    from longctx.launch.train import loss_curve
+
+    curves = {}
+    for name, workers, ring in (("single", 1, 1), ("ring", 2, 2)):
+        run_dir = tmp_path / name
+        result = longctx_train(
+            [
+                str(TINY),
+                "--workers",
+                str(workers),
+                "--set",
+                f"parallel.ring={ring}",
+                "--set",
+                f"trainer.run_dir={run_dir}",
+                "--set",
+                "trainer.steps=5",
+                "--set",
+                "trainer.log_every=1",
+                "--set",
+                "trainer.warmup_steps=1",
+            ],
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        curves[name] = loss_curve(run_dir / "tensorboard")
+    assert [step for step, _ in curves["ring"]] == [1, 2, 3, 4, 5]
+    assert [step for step, _ in curves["single"]] == [1, 2, 3, 4, 5]
+    for (_, ring_loss), (_, single_loss) in zip(curves["ring"], curves["single"]):
+        assert ring_loss == pytest.approx(single_loss, rel=1e-5, abs=1e-6)
