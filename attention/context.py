@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from longctx.attention.mask import MaskSpec
+
 
 @dataclass
 class AttentionContext:
@@ -24,3 +26,16 @@ class AttentionContext:
     # The layer's normed input, for cores with token-dependent parameters (NSA gates, MoSA
     # routers); set by the attention layer for its own core.
     hidden: Tensor | None = None  # [B, T, d]
+
+    def causal_mask(self, window: int | None = None) -> MaskSpec:
+        """The mask of a forward pass over these tokens: causal on ``seq_positions``, per
+        document (``doc_ids``), and within ``window`` tokens when one is given. Exact cores
+        (dense, score-based) and ring attention all mask by these rules."""
+        return MaskSpec(
+            causal=True,
+            q_positions=self.seq_positions,
+            k_positions=self.seq_positions,
+            q_doc_ids=self.doc_ids,
+            k_doc_ids=self.doc_ids,
+            window=window,
+        )

@@ -24,14 +24,7 @@ class DenseAttention(nn.Module):
 
     def mask_for(self, ctx: AttentionContext) -> MaskSpec:
         """The mask of a forward pass: causal on global positions, per document, windowed."""
-        return MaskSpec(
-            causal=True,
-            q_positions=ctx.seq_positions,
-            k_positions=ctx.seq_positions,
-            q_doc_ids=ctx.doc_ids,
-            k_doc_ids=ctx.doc_ids,
-            window=self.sliding_window,
-        )
+        return ctx.causal_mask(self.sliding_window)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         """q [B, Hq, T, D], k/v [B, Hkv, T, D] (already rotated) -> out [B, Hq, T, D]."""

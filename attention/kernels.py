@@ -113,6 +113,16 @@ def _bind_mask(mask: MaskSpec, q: Tensor, k: Tensor) -> MaskSpec:
     return mask.bind(q.shape[2], k.shape[2], device=q.device)
 
 
+def _prepare_call(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None, mask: MaskSpec, backend: str
+) -> tuple[float, MaskSpec, str]:
+    """The checked inputs of a forward or backward call: (scale, bound mask, concrete backend);
+    ``scale`` defaults to 1/sqrt(D)."""
+    _check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return scale, _bind_mask(mask, q, k), resolve_backend(backend, q)
+
+
 def _chunk(backend: str, chunk_size: int | None) -> int:
     if chunk_size is not None and chunk_size < 1:
         raise LongctxError(f"chunk_size must be >= 1, got {chunk_size}; use e.g. 512")
@@ -165,10 +175,7 @@ def block_attention(
     inputs): the natural log of the sum of exp of the scaled, masked logits. Differentiable
     w.r.t. q, k, v (and through lse). Rows with no visible key: out 0, lse -inf, finite grads.
     """
-    _check_inputs(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mask = _bind_mask(mask, q, k)
-    backend = resolve_backend(backend, q)
+    scale, mask, backend = _prepare_call(q, k, v, scale, mask, backend)
     if backend == "reference":
         return reference_attention(q, k, v, scale, mask)
     if backend == "flex":
@@ -197,10 +204,7 @@ def block_attention_backward(
     gives the gradient of the full attention. The ``flex`` backend has no such entry point and
     uses the plain-torch ``chunked`` kernel here.
     """
-    _check_inputs(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mask = _bind_mask(mask, q, k)
-    backend = resolve_backend(backend, q)
+    scale, mask, backend = _prepare_call(q, k, v, scale, mask, backend)
     if backend == "reference":
         return reference_attention_backward(dout, q, k, v, out, lse, scale, mask)
     if backend == "flex":

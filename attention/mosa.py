@@ -82,12 +82,9 @@ class MoSAAttention(nn.Module):
         parts = []
         if self.dense_heads:
             kv = self.dense_heads // self.group  # dense heads use the first kv heads
-            mask = MaskSpec(
-                q_positions=ctx.seq_positions, k_positions=ctx.seq_positions,
-                q_doc_ids=ctx.doc_ids, k_doc_ids=ctx.doc_ids, window=self.sliding_window,
-            )  # fmt: skip
             dense, _ = block_attention(
-                q[:, : self.dense_heads], k[:, :kv], v[:, :kv], mask=mask,
+                q[:, : self.dense_heads], k[:, :kv], v[:, :kv],
+                mask=ctx.causal_mask(self.sliding_window),
                 backend=self.attention.backend, chunk_size=self.attention.chunk_size,
             )  # fmt: skip
             parts.append(dense)  # [B, Hd, T, D]

@@ -160,14 +160,7 @@ class ScoredAttention(nn.Module):
 
     def mask_for(self, ctx: AttentionContext) -> MaskSpec:
         """Causal on global positions, per document, windowed."""
-        return MaskSpec(
-            causal=True,
-            q_positions=ctx.seq_positions,
-            k_positions=ctx.seq_positions,
-            q_doc_ids=ctx.doc_ids,
-            k_doc_ids=ctx.doc_ids,
-            window=self.sliding_window,
-        )
+        return ctx.causal_mask(self.sliding_window)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> out [B, Hq, T, D]."""

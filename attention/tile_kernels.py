@@ -216,6 +216,20 @@ def _time_major(x: Tensor) -> Tensor:
     return x.transpose(1, 2).contiguous()
 
 
+def _flash_options(kind: PieceKind, scale: float) -> dict[str, object]:
+    """The keyword options forward and backward must pass alike: no dropout, no local window,
+    no softcap, no ALiBi, causal only on a causal diagonal piece."""
+    return {
+        "dropout_p": 0.0,
+        "softmax_scale": scale,
+        "causal": kind is PieceKind.CAUSAL,
+        "window_size_left": -1,
+        "window_size_right": -1,
+        "softcap": 0.0,
+        "alibi_slopes": None,
+    }
+
+
 class FlashTileKernel:
     """``TileKernel`` on flash-attn (CUDA); see the module docstring."""
 
@@ -234,13 +248,7 @@ class FlashTileKernel:
             _time_major(q),
             _time_major(k),
             _time_major(v),
-            dropout_p=0.0,
-            softmax_scale=scale,
-            causal=kind is PieceKind.CAUSAL,
-            window_size_left=-1,
-            window_size_right=-1,
-            softcap=0.0,
-            alibi_slopes=None,
+            **_flash_options(kind, scale),
             return_softmax=False,
         )  # out [B, tq, Hq, D], lse [B, Hq, tq]
         return out.transpose(1, 2), lse[..., : q.shape[2]]
@@ -272,13 +280,7 @@ class FlashTileKernel:
             dq,
             dk,
             dv,
-            dropout_p=0.0,
-            softmax_scale=scale,
-            causal=kind is PieceKind.CAUSAL,
-            window_size_left=-1,
-            window_size_right=-1,
-            softcap=0.0,
-            alibi_slopes=None,
+            **_flash_options(kind, scale),
             deterministic=False,
             rng_state=None,
         )  # writes dq [B, tq, Hq, D], dk/dv [B, tk, Hkv, D]
