@@ -35,39 +35,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from longctx.attention.kernels import block_attention
+from longctx.bench.measure import (
+    MEMORY_METHOD,
+    TIME_METHOD,
+    GiB,
+    attention_inputs,
+    measured_or_extrapolated,
+    peak_and_median_times,
+    run_worker,
+    write_report,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
-GiB = 1024**3
 KERNELS = ("cpu_flash", "chunked", "flex")
 BASELINE = "naive"
 
 
 # ----------------------------------------------------------------------------- one case
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> int:
-    """Reset the resident high-water mark to the current resident size; returns it in bytes."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention with the [B, H, T, T] probabilities materialised (autograd keeps them)."""
     length = q.shape[2]
@@ -92,29 +82,15 @@ def run_case(
     """Measure one case in this process (called in a fresh subprocess by ``measure``)."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
+    warm_up = attention_inputs(gen, heads, 128, dim, requires_grad=backward)
+    _step(backend, backward, *warm_up)  # lazy initialisation of ops and threads
+    q, k, v, dout = attention_inputs(gen, heads, length, dim, requires_grad=backward)
 
-    def inputs(size: int):
-        tensors = [torch.randn(1, heads, size, dim, generator=gen) for _ in range(4)]
-        return [t.requires_grad_(backward) for t in tensors[:3]] + [tensors[3]]
-
-    _step(backend, backward, *inputs(128))  # warm-up: lazy initialisation of ops and threads
-    q, k, v, dout = inputs(length)
-    baseline = _reset_peak_rss()
-    _step(backend, backward, q, k, v, dout)
-    peak = _status_kib("VmHWM") * 1024 - baseline
-    cpu_times, wall_times = [], []
-    for _ in range(max(repeats, 1)):
-        for x in (q, k, v):
-            x.grad = None
-        cpu_start, wall_start = time.process_time(), time.perf_counter()
+    def step() -> None:
+        q.grad = k.grad = v.grad = None
         _step(backend, backward, q, k, v, dout)
-        cpu_times.append(time.process_time() - cpu_start)
-        wall_times.append(time.perf_counter() - wall_start)
-    return {
-        "time_s": statistics.median(cpu_times),
-        "wall_s": statistics.median(wall_times),
-        "peak_bytes": peak,
-    }
+
+    return peak_and_median_times(step, repeats)
 
 
 def measure(backend: str, length: int, args: argparse.Namespace, backward: bool) -> dict:
@@ -125,10 +101,7 @@ def measure(backend: str, length: int, args: argparse.Namespace, backward: bool)
         "--repeats", str(args.repeats), "--threads", str(args.threads),
         *([] if backward else ["--forward-only"]),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench case {backend} T={length} failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_worker(command, f"case {backend} T={length}")
     print(
         f"{backend:>9} {'fwd+bwd' if backward else 'fwd':>7} T={length:>6} "
         f"{result['time_s']:8.2f} s cpu {result['wall_s']:8.2f} s wall "
@@ -141,24 +114,11 @@ def measure(backend: str, length: int, args: argparse.Namespace, backward: bool)
 # ----------------------------------------------------------------------------- the sweep
 def _rows_of(backend: str, lengths: list[int], args: argparse.Namespace, backward: bool) -> dict:
     """Per length: measured while the T^2-scaled estimate of its peak fits, else that estimate."""
-    rows: dict[int, dict] = {}
-    largest = None  # (length, measurement) of the largest length measured so far
-    for length in sorted(lengths):
-        if largest is not None:
-            scale = (length / largest[0]) ** 2
-            estimate = {k: largest[1][k] * scale for k in ("time_s", "wall_s", "peak_bytes")}
-            budget = args.memory_fraction * psutil.virtual_memory().available
-            if estimate["peak_bytes"] > budget:
-                rows[length] = {**estimate, "measured": False, "estimated_from": largest[0]}
-                print(
-                    f"{backend} T={length}: estimated peak {estimate['peak_bytes'] / GiB:.1f} "
-                    f"GiB > {budget / GiB:.1f} GiB budget; extrapolated from T={largest[0]}"
-                )
-                continue
-        result = measure(backend, length, args, backward)
-        rows[length] = {**result, "measured": True}
-        largest = (length, result)
-    return rows
+
+    def measure_length(length: int) -> dict:
+        return measure(backend, length, args, backward)
+
+    return measured_or_extrapolated(lengths, measure_length, args.memory_fraction, backend)
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
@@ -242,20 +202,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.lengths, args.repeats = [512, 1024], 1
     rows = sweep(args)
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "config": {
             "batch": 1, "heads": args.heads, "head_dim": args.dim, "dtype": "float32",
             "causal": True, "threads": args.threads, "repeats": args.repeats,
         },
-        "memory_method": "fresh subprocess per case; VmHWM after one run minus VmRSS at a "
-        "/proc/self/clear_refs reset taken after inputs and a tiny warm-up exist",
-        "time_method": "median process CPU time (time_s; ratios use it) and wall time (wall_s) "
-        "of the timed runs after the memory run",
+        "memory_method": MEMORY_METHOD,
+        "time_method": TIME_METHOD,
         "results": rows,
     }  # fmt: skip
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return rows
 
 

@@ -22,25 +22,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from longctx.attention.mask import MaskSpec
 from longctx.attention.scored import masked_softmax, scored_attention
-from longctx.bench.attention import _reset_peak_rss, _status_kib
+from longctx.bench.measure import (
+    MEMORY_METHOD,
+    TIME_METHOD,
+    GiB,
+    attention_inputs,
+    measured_or_extrapolated,
+    peak_and_median_times,
+    run_worker,
+    write_report,
+)
 from longctx.positional.bam import BAMScore
 from longctx.positional.config import BAMConfig, CoPEConfig, TAPAConfig
 from longctx.positional.cope import CoPEScore
 from longctx.positional.tapa import TAPAScore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "positional.json"
-GiB = 1024**3
 ENCODINGS = ("cope", "bam", "tapa")
 METHODS = ("naive", "chunked")
 
@@ -80,22 +84,15 @@ def run_case(encoding, method, length, heads, dim, chunk, repeats) -> dict:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     score = make_score(encoding, heads, dim)
+    warm_up = attention_inputs(gen, heads, 64, dim)
+    _step(method, score, *warm_up, chunk=32)
+    q, k, v, dout = attention_inputs(gen, heads, length, dim)
 
-    def inputs(size: int):
-        tensors = [torch.randn(1, heads, size, dim, generator=gen) for _ in range(4)]
-        return [t.requires_grad_() for t in tensors[:3]] + [tensors[3]]
-
-    _step(method, score, *inputs(64), chunk=32)  # warm-up
-    q, k, v, dout = inputs(length)
-    baseline = _reset_peak_rss()
-    _step(method, score, q, k, v, dout, chunk)
-    peak = _status_kib("VmHWM") * 1024 - baseline
-    times = []
-    for _ in range(max(repeats, 1)):
-        start = time.process_time()
+    def step() -> None:
+        q.grad = k.grad = v.grad = None
         _step(method, score, q, k, v, dout, chunk)
-        times.append(time.process_time() - start)
-    return {"time_s": statistics.median(times), "peak_bytes": peak}
+
+    return peak_and_median_times(step, repeats)
 
 
 def measure(encoding: str, method: str, length: int, args: argparse.Namespace) -> dict:
@@ -104,10 +101,7 @@ def measure(encoding: str, method: str, length: int, args: argparse.Namespace) -
         "--lengths", str(length), "--heads", str(args.heads), "--dim", str(args.dim),
         "--chunk", str(args.chunk), "--repeats", str(args.repeats),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench {encoding} {method} T={length} failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_worker(command, f"{encoding} {method} T={length}")
     print(
         f"{encoding:>5} {method:>8} T={length:>6} {result['time_s']:8.2f} s cpu "
         f"{result['peak_bytes'] / GiB:8.3f} GiB",
@@ -117,19 +111,18 @@ def measure(encoding: str, method: str, length: int, args: argparse.Namespace) -
 
 
 def _rows_of(encoding: str, method: str, args: argparse.Namespace) -> dict[int, dict]:
-    rows: dict[int, dict] = {}
-    largest = None
-    for length in sorted(args.lengths):
-        if largest is not None and method == "naive":
-            scale = (length / largest[0]) ** 2
-            estimate = {key: largest[1][key] * scale for key in ("time_s", "peak_bytes")}
-            budget = args.memory_fraction * psutil.virtual_memory().available
-            if estimate["peak_bytes"] > budget:
-                rows[length] = {**estimate, "measured": False, "estimated_from": largest[0]}
-                continue
-        rows[length] = {**measure(encoding, method, length, args), "measured": True}
-        largest = (length, rows[length])
-    return rows
+    """Per length: measured, or for naive the T^2-scaled estimate when its peak would not fit."""
+
+    def measure_length(length: int) -> dict:
+        return measure(encoding, method, length, args)
+
+    return measured_or_extrapolated(
+        args.lengths,
+        measure_length,
+        args.memory_fraction,
+        f"{encoding} {method}",
+        extrapolate=method == "naive",
+    )
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
@@ -188,20 +181,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.lengths = [512, 1024]
     rows = sweep(args)
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "config": {
             "batch": 1, "heads": args.heads, "head_dim": args.dim, "dtype": "float32",
             "causal": True, "threads": 1, "chunk": args.chunk, "repeats": args.repeats,
             "mode": "fwd+bwd", "bam_ssmax": True,
         },
-        "memory_method": "fresh subprocess per case; VmHWM after one run minus VmRSS at a "
-        "/proc/self/clear_refs reset taken after inputs and a tiny warm-up exist",
-        "time_method": "median process CPU time of the timed runs after the memory run",
+        "memory_method": MEMORY_METHOD,
+        "time_method": TIME_METHOD,
         "results": rows,
     }  # fmt: skip
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return rows
 
 

@@ -28,7 +28,6 @@ the resident size follows live tensors instead of freed heap that glibc keeps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import time
@@ -43,6 +42,13 @@ import torch.nn.functional as F
 
 from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
+from longctx.bench.measure import (
+    GiB,
+    attention_inputs,
+    peak_memory_since,
+    reset_peak_memory,
+    write_report,
+)
 from longctx.model import ModelConfig, Transformer
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.layout import causal_work, zigzag_positions
@@ -52,33 +58,12 @@ from longctx.parallel.parallelize import parallelize
 from longctx.parallel.ring import ring_attention, visible_pieces
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sp.json"
-GiB = 1024**3
 
 
-# ----------------------------------------------------------------------------- measurement
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_memory() -> int:
-    """Reset the resident high-water mark; returns the resident bytes at the reset."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_memory_since(baseline: int) -> int:
-    """Bytes by which the resident high-water mark rose above ``baseline``."""
-    return _status_kib("VmHWM") * 1024 - baseline
-
-
+# ----------------------------------------------------------------------------- processes
 def _attention_inputs(seq_len: int, heads: int, head_dim: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, heads, seq_len, head_dim, generator=gen) for _ in range(4)]
+    """q, k, v (requiring grad) and dout, [1, H, T, D], drawn from a generator seeded ``seed``."""
+    return attention_inputs(torch.Generator().manual_seed(seed), heads, seq_len, head_dim)
 
 
 def _spawn(fn, world: int, *args, timeout: float = 1800.0) -> list:
@@ -139,7 +124,7 @@ def _child(rank, world, port, fn, args, queue) -> None:
 # ----------------------------------------------------------------------------- attention
 def _warm_up_attention(heads: int, head_dim: int) -> None:
     """Load the kernels' code paths at a tiny size, so the memory reset excludes them."""
-    q, k, v, dout = (x.requires_grad_() for x in _attention_inputs(64, heads, head_dim))
+    q, k, v, dout = _attention_inputs(64, heads, head_dim)
     out, _ = block_attention(q, k, v, mask=MaskSpec(causal=True))
     out.backward(dout)
 
@@ -149,7 +134,6 @@ def _single_process_attention(rank, world, seq_len, heads, head_dim, threads, re
     _warm_up_attention(heads, head_dim)
     baseline = reset_peak_memory()
     q, k, v, dout = _attention_inputs(seq_len, heads, head_dim)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
     times = []
     for _ in range(repeats):
         q.grad = k.grad = v.grad = None
@@ -168,7 +152,6 @@ def _ring_rank_attention(rank, world, seq_len, heads, head_dim, repeats):
     # Values do not matter for time or memory; drawing only the local shard keeps the full
     # sequence from ever being resident on a rank.
     q, k, v, dout = _attention_inputs(len(positions), heads, head_dim, seed=rank)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
     times = []
     for _ in range(repeats):
         q.grad = k.grad = v.grad = None
@@ -181,22 +164,30 @@ def _ring_rank_attention(rank, world, seq_len, heads, head_dim, repeats):
     return {"seconds": min(times), "peak_bytes": peak_memory_since(baseline)}
 
 
-def bench_ring_attention(seq_len: int, heads: int, head_dim: int, repeats: int) -> dict:
-    """Ring P=2 (1 thread per rank) vs one process with 2 threads, causal fwd+bwd."""
-    single = _spawn(_single_process_attention, 1, seq_len, heads, head_dim, 2, repeats)[0]
-    ring = _spawn(_ring_rank_attention, 2, seq_len, heads, head_dim, repeats)
+def _ring_vs_single(single: dict, ring: list[dict]) -> dict:
+    """Ring time (slowest rank) and peak (largest rank) against the single process, each
+    measurement a ``{"seconds", "peak_bytes"}`` dict."""
     ring_seconds = max(r["seconds"] for r in ring)
     ring_peak = max(r["peak_bytes"] for r in ring)
     return {
-        "seq_len": seq_len,
-        "heads": heads,
-        "head_dim": head_dim,
         "single_seconds": single["seconds"],
         "ring2_seconds": ring_seconds,
         "time_ratio": ring_seconds / single["seconds"],
         "single_peak_bytes": single["peak_bytes"],
         "ring2_peak_bytes_per_rank": ring_peak,
         "memory_ratio": ring_peak / single["peak_bytes"],
+    }
+
+
+def bench_ring_attention(seq_len: int, heads: int, head_dim: int, repeats: int) -> dict:
+    """Ring P=2 (1 thread per rank) vs one process with 2 threads, causal fwd+bwd."""
+    single = _spawn(_single_process_attention, 1, seq_len, heads, head_dim, 2, repeats)[0]
+    ring = _spawn(_ring_rank_attention, 2, seq_len, heads, head_dim, repeats)
+    return {
+        "seq_len": seq_len,
+        "heads": heads,
+        "head_dim": head_dim,
+        **_ring_vs_single(single, ring),
     }
 
 
@@ -260,17 +251,10 @@ def _model_step(rank, world, seq_len, threads):
 def bench_model_step(seq_len: int) -> dict:
     single = _spawn(_model_step, 1, seq_len, 2)[0]
     ring = _spawn(_model_step, 2, seq_len, 1)
-    ring_seconds = max(r["seconds"] for r in ring)
-    ring_peak = max(r["peak_bytes"] for r in ring)
     return {
         "seq_len": seq_len,
         "model": BENCH_MODEL.model_dump(include={"hidden_size", "num_hidden_layers", "vocab_size"}),
-        "single_seconds": single["seconds"],
-        "ring2_seconds": ring_seconds,
-        "time_ratio": ring_seconds / single["seconds"],
-        "single_peak_bytes": single["peak_bytes"],
-        "ring2_peak_bytes_per_rank": ring_peak,
-        "memory_ratio": ring_peak / single["peak_bytes"],
+        **_ring_vs_single(single, ring),
     }
 
 
@@ -443,9 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     }
     print_table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, results)
     return results
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,26 +38,13 @@ from longctx.attention import AttentionConfig, AttentionContext, DenseAttention
 from longctx.attention.config import MoSAConfig
 from longctx.attention.mosa import MoSAAttention
 from longctx.attention.nsa import NSAAttention
+from longctx.bench.measure import peak_memory_since, reset_peak_memory, run_worker, write_report
 from longctx.model.config import ModelConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparse_nsa_mosa.json"
 CASES = ("dense", "nsa", "mosa")
 HEADS, KV_HEADS, DIM, HIDDEN = 8, 2, 64, 512
 KNOT_SPACING = 256  # tokens between the knots of the slowly varying component
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> int:
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return _status_kib("VmRSS") * 1024
 
 
 def _heads(heads: int, length: int, kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -100,11 +86,11 @@ def run_case(case: str, length: int, kind: str) -> dict:
     core(q[:, :, :256], k[:, :, :256], v[:, :, :256], _prefix(ctx, 256)).sum().backward()
     for tensor in (q, k, v):
         tensor.grad = None
-    base = _reset_peak_rss()
+    baseline = reset_peak_memory()
     start = time.process_time()
     core(q, k, v, ctx).sum().backward()
     seconds = time.process_time() - start
-    peak = _status_kib("VmHWM") * 1024 - base
+    peak = peak_memory_since(baseline)
     return {"case": case, "length": length, "inputs": kind, "seconds": seconds, "peak_bytes": peak}
 
 
@@ -133,12 +119,9 @@ def main() -> None:
             for case in args.cases:
                 command = [sys.executable, "-m", "longctx.bench.sparse_nsa_mosa", "--child",
                            case, str(length), kind]  # fmt: skip
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                rows.append(run_worker(command, f"{case} T={length} {kind}"))
                 print(_format(rows[-1], rows), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, rows)
 
 
 def _format(row: dict, rows: list[dict]) -> str:

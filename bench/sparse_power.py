@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,17 +32,10 @@ from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.dense import DenseAttention
 from longctx.attention.power import PowerAttention
+from longctx.bench.measure import peak_memory_since, reset_peak_memory, run_worker, write_report
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparse_power.json"
 HEADS, HEAD_DIM = 4, 64
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _core(kind: str, block_size: int) -> torch.nn.Module:
@@ -75,28 +67,22 @@ def run_case(kind: str, length: int, block_size: int, repeats: int) -> dict:
         out.backward(dout)
         q.grad = k.grad = v.grad = None
 
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _rss_kib("VmRSS")
+    baseline = reset_peak_memory()
     step()  # warm-up
     times = []
     for _ in range(repeats):
         started = time.process_time()
         step()
         times.append(time.process_time() - started)
-    peak_mib = (_rss_kib("VmHWM") - base) / 1024
+    peak_mib = peak_memory_since(baseline) / 2**20
     return {"kind": kind, "length": length, "cpu_s": statistics.median(times), "peak_mib": peak_mib}
 
 
 def measure(kind: str, length: int, block_size: int, repeats: int) -> dict:
     """``run_case`` in a fresh subprocess, so each peak counts only its own allocations."""
-    done = subprocess.run(
-        [sys.executable, "-m", "longctx.bench.sparse_power", "--case", kind, str(length)]
-        + ["--block-size", str(block_size), "--repeats", str(repeats)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    command = [sys.executable, "-m", "longctx.bench.sparse_power", "--case", kind, str(length)]
+    command += ["--block-size", str(block_size), "--repeats", str(repeats)]
+    return run_worker(command, f"{kind} T={length}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -139,8 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "repeats": args.repeats,
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     return rows
 
 

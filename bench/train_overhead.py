@@ -33,7 +33,6 @@ printed too, and is the one to read on an idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from longctx.bench.measure import write_report
 from longctx.data import PackedLoader, build_datasets, load_tokenizer, resolve_tokenizer
 from longctx.parallel.loss import IGNORE_INDEX
 from longctx.trainer.config import Recipe, load_recipe
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_goal": overhead <= GOAL,
         "results": rows,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return report
 
 
