@@ -1,7 +1,7 @@
 """Running an evaluation suite and recording it: JSON + PNG files, TensorBoard, the terminal.
 
 ``run_eval_suite`` evaluates the chosen tasks (``ppl``, ``passkey``, ``niah``) and
-``write_eval_outputs`` stores them in a directory (the run's ``eval/step_XXXXXX/``)::
+``write_eval_outputs`` stores them in a directory (the run's ``eval/step_NNNNNN/``)::
 
     ppl.json      PerplexityResult per length          ppl.png      loss by position
     passkey.json  RetrievalResult (grid + examples)    passkey.png  heatmap lengths x depths
@@ -261,7 +261,7 @@ def format_results(results: EvalResults) -> str:
 
 
 def eval_directory(run_dir: Path, step: int) -> Path:
-    """``RUN/eval/step_XXXXXX``: where the evaluation of step ``step`` goes."""
+    """``RUN/eval/step_NNNNNN``: where the evaluation of step ``step`` goes."""
     return Path(run_dir) / EVAL_DIR / f"step_{step:06d}"
 
 

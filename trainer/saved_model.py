@@ -145,7 +145,7 @@ def evaluate_checkpoint(
     saved: SavedCheckpoint, plan: EvalPlan, out: Path | None = None
 ) -> tuple[EvalResults, Path]:
     """Evaluate a checkpoint with ``plan``; JSON + PNG go to ``out`` (default
-    ``RUN/eval/step_XXXXXX``). Returns the results and the directory written."""
+    ``RUN/eval/step_NNNNNN``). Returns the results and the directory written."""
     documents = None
     if "ppl" in plan.tasks:
         documents = load_corpus(saved.recipe.data, saved.tokenizer).eval_documents
