@@ -26,6 +26,38 @@ class AttentionContext:
     # The layer's normed input, for cores with token-dependent parameters (NSA gates, MoSA
     # routers); set by the attention layer for its own core.
     hidden: Tensor | None = None  # [B, T, d]
+    # Key side, when the keys are not the queries' own tokens (key-gather context parallelism,
+    # ``parallel/key_gather.py``: every rank's keys, sorted by global position, against this
+    # rank's queries). None means "the same tokens as the queries".
+    key_seq_positions: Tensor | None = None  # [Tk] int64 global index of each key, increasing
+    key_position_ids: Tensor | None = None  # [B, Tk]
+    key_doc_ids: Tensor | None = None  # [B, Tk]
+    key_hidden: Tensor | None = None  # [B, Tk, d]
+
+    @property
+    def keys_are_queries(self) -> bool:
+        """True when the keys are the queries' own tokens (no key-side fields set)."""
+        return self.key_seq_positions is None
+
+    @property
+    def k_seq_positions(self) -> Tensor:
+        """[Tk] global index of each key."""
+        return self.seq_positions if self.keys_are_queries else self.key_seq_positions
+
+    @property
+    def k_position_ids(self) -> Tensor:
+        """[B, Tk] RoPE positions of the keys."""
+        return self.position_ids if self.keys_are_queries else self.key_position_ids
+
+    @property
+    def k_doc_ids(self) -> Tensor | None:
+        """[B, Tk] document ids of the keys (None when unpacked)."""
+        return self.doc_ids if self.keys_are_queries else self.key_doc_ids
+
+    @property
+    def k_hidden(self) -> Tensor | None:
+        """[B, Tk, d] the layer input at the key tokens (for routers that score keys)."""
+        return self.hidden if self.keys_are_queries else self.key_hidden
 
     def causal_mask(self, window: int | None = None) -> MaskSpec:
         """The mask of a forward pass over these tokens: causal on ``seq_positions``, per
@@ -34,8 +66,8 @@ class AttentionContext:
         return MaskSpec(
             causal=True,
             q_positions=self.seq_positions,
-            k_positions=self.seq_positions,
+            k_positions=self.k_seq_positions,
             q_doc_ids=self.doc_ids,
-            k_doc_ids=self.doc_ids,
+            k_doc_ids=self.k_doc_ids,
             window=window,
         )

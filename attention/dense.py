@@ -15,7 +15,10 @@ class DenseAttention(nn.Module):
 
     The model's attention layer projects and rotates q, k, v and calls this core; sequence
     parallelism swaps the core (ring, Ulysses) without touching the layer. Scale 1/sqrt(D).
+    It masks keys by ``ctx``'s key side, so it also runs on gathered keys (``key_gather``).
     """
+
+    accepts_gathered_keys = True
 
     def __init__(self, config: AttentionConfig, *, sliding_window: int | None = None):
         super().__init__()

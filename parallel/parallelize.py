@@ -9,6 +9,11 @@ sequence-parallel group:
     ulysses > 1              UlyssesAttention(core, ulysses_group)
     ulysses > 1 and ring > 1 UlyssesAttention(RingAttention(core, ring_group), ulysses_group)
 
+Ring attention needs a core whose softmax merges block by block (``DenseAttention`` and its
+block-sparse subclasses). Other cores that opt in (``accepts_gathered_keys``: score-based
+position encodings, sparse variants) run under the ring group by key-gather context
+parallelism instead (``KeyGatherAttention``: local queries against all-gathered keys).
+
 Ulysses sits outside ring: its all-to-all gives each rank the ring shard of a head subset, and
 ring attention then runs across ring ranks on it (``ParallelMesh.shard_batch`` lays the tokens
 out to match). Data parallelism needs nothing here: DeepSpeed sees every rank as data parallel.
@@ -27,6 +32,7 @@ from longctx.attention.factory import build_attention_core
 from longctx.attention.scored import ScoredAttention
 from longctx.errors import LongctxError
 from longctx.parallel.config import ParallelConfig
+from longctx.parallel.key_gather import KeyGatherAttention, accepts_gathered_keys
 from longctx.parallel.mesh import ParallelMesh
 from longctx.parallel.ring import RingAttention
 from longctx.parallel.ulysses import ContextGather, UlyssesAttention, check_ulysses_heads
@@ -53,12 +59,21 @@ def check_core_supported(core: nn.Module, config: ParallelConfig, layer_index: i
             f"layer {layer_index} attention is already sequence parallel ({type(core).__name__}); "
             "call parallelize once per model"
         )
-    if config.ring > 1 and not isinstance(core, DenseAttention):
+    if config.ring > 1 and not accepts_gathered_keys(core):
         raise LongctxError(
             f"attention core {type(core).__name__} of layer {layer_index} does not support ring "
             f"attention (parallel.ring {config.ring}); use parallel.ulysses for this "
             "variant or attention.variant: dense"
         )
+
+
+def _ring_core(core: nn.Module, mesh: ParallelMesh) -> nn.Module:
+    """The ring-group form of ``core``: ring attention for dense cores, key gather otherwise."""
+    if isinstance(core, DenseAttention):
+        return RingAttention(core, mesh.ring_group)
+    return KeyGatherAttention(
+        core, mesh.ring_group, gather_hidden=getattr(core, "reads_key_hidden", False)
+    )
 
 
 def check_recipe_supported(
@@ -129,7 +144,7 @@ def parallelize(model: nn.Module, parallel_config: ParallelConfig, mesh: Paralle
     for layer in model.layers:
         core = layer.self_attn.core
         if config.ring > 1:
-            core = RingAttention(core, mesh.ring_group)
+            core = _ring_core(core, mesh)
         if config.ulysses > 1:
             _restrict_to_rank_heads(core, model.config.num_attention_heads, mesh)
             core = UlyssesAttention(
