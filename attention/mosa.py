@@ -17,8 +17,18 @@ Caveat: top-k over the whole sequence looks at future tokens' router scores, so 
 is chosen depends on tokens after t. That is fine for training and perplexity, but
 token-by-token generation cannot reproduce it (the chosen set changes as the sequence grows).
 
-Limits: the core needs the unsharded sequence (``seq_positions == arange(T)``); recipes asking
-for sequence parallelism with MoSA fail at validation.
+Sequence parallelism: the keys are the whole sequence in order (``sequence_keys``), the queries
+any tokens at their global positions. Under Ulysses the core computes a contiguous subset of the
+layer's heads (``restrict_to_heads``: which of them are dense, which routed and with which router
+rows). Under the ring group (key gather, ``reads_key_hidden``) each rank gets every key, value
+and layer input: it scores every token with the router and picks the same global top-k as one
+device would, gathers the chosen tokens' K, V, and computes the routed outputs of the chosen
+tokens IT holds (their queries are local); the router gradient of a token chosen on another rank
+comes back through the gathered layer input. This replaces SPECS 3.2's "all-gather the router
+scores, then the k chosen K, V" with one K, V gather: exact, and the routed attention of a head
+stays O(k^2) per rank (rows of other ranks' chosen tokens are masked, not skipped).
+Padding tokens added for the layout would join the top-k, so a sharded sequence must not need
+padding (the recipe validator requires ``data.seq_len`` divisible by ``2 x sp``).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
+from longctx.attention.sequence_keys import SequenceKeys, sequence_keys
 from longctx.errors import LongctxError
 
 
@@ -50,8 +61,9 @@ class TokenRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(heads, hidden_size))  # [Hm, d]
         self.init_new_parameters()
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return torch.sigmoid(hidden @ self.weight.T).transpose(1, 2)
+    def forward(self, hidden: Tensor, heads: slice = slice(None)) -> Tensor:
+        """Scores of the routed heads ``heads`` (all by default): [B, T, d] -> [B, h, T]."""
+        return torch.sigmoid(hidden @ self.weight[heads].T).transpose(1, 2)
 
     @torch.no_grad()
     def init_new_parameters(self) -> None:
@@ -62,7 +74,14 @@ class TokenRouter(nn.Module):
 
 
 class MoSAAttention(nn.Module):
-    """The MoSA core: ``(q, k, v, ctx) -> out``; q [B, Hq, T, D], k/v [B, Hkv, T, D]."""
+    """The MoSA core: ``(q, k, v, ctx) -> out``; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D].
+
+    Queries at ``ctx.seq_positions``, keys the whole sequence; under the ring group it runs on
+    gathered keys and reads the gathered layer input (``ctx.k_hidden``) for its routers.
+    """
+
+    accepts_gathered_keys = True
+    reads_key_hidden = True
 
     def __init__(self, config, attention: AttentionConfig, *, sliding_window: int | None = None):
         super().__init__()
@@ -73,74 +92,97 @@ class MoSAAttention(nn.Module):
         self.sliding_window = sliding_window
         self.dense_heads = attention.mosa.dense_heads
         self.routed_heads = config.num_attention_heads - self.dense_heads
-        self.group = config.num_attention_heads // config.kv_heads
         self.router = TokenRouter(config.hidden_size, self.routed_heads, config.initializer_range)
+        self.heads = slice(0, config.num_attention_heads)  # the layer's heads this core computes
+
+    def restrict_to_heads(self, start: int, stop: int) -> None:
+        """Compute heads ``start .. stop - 1`` of the layer only (a Ulysses rank's subset): the
+        dense ones among them stay dense, the routed ones use their own router rows."""
+        self.heads = slice(start, stop)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        """q [B, Hq, T, D], k/v [B, Hkv, T, D] (rotated) -> out [B, Hq, T, D]."""
-        _check_unsharded(ctx, q.shape[2])
+        """q [B, h, Tq, D], k/v [B, hkv, Tk, D] (rotated; the ``h`` heads of ``self.heads``)
+        -> out [B, h, Tq, D]."""
+        start, stop = self.heads.start, self.heads.stop
+        dense = max(0, min(stop, self.dense_heads) - start)  # local heads that are dense
+        group = q.shape[1] // k.shape[1]  # local GQA group (kv heads may be replicated)
         parts = []
-        if self.dense_heads:
-            kv = self.dense_heads // self.group  # dense heads use the first kv heads
-            dense, _ = block_attention(
-                q[:, : self.dense_heads], k[:, :kv], v[:, :kv],
-                mask=ctx.causal_mask(self.sliding_window),
+        if dense:
+            kv = dense // group  # dense heads use the first kv heads
+            out, _ = block_attention(
+                q[:, :dense], k[:, :kv], v[:, :kv], mask=ctx.causal_mask(self.sliding_window),
                 backend=self.attention.backend, chunk_size=self.attention.chunk_size,
             )  # fmt: skip
-            parts.append(dense)  # [B, Hd, T, D]
-        if self.routed_heads:
-            parts.append(self._routed(q[:, self.dense_heads :], k, v, ctx))  # [B, Hm, T, D]
+            parts.append(out)  # [B, hd, Tq, D]
+        if dense < q.shape[1]:
+            router_rows = slice(start + dense - self.dense_heads, stop - self.dense_heads)
+            keys = sequence_keys(k, v, ctx, "mosa")
+            kv_head = (dense + torch.arange(q.shape[1] - dense, device=q.device)) // group
+            parts.append(self._routed(q[:, dense:], keys, kv_head, router_rows, ctx))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def router_scores(self, hidden: Tensor) -> Tensor:
         """r = sigmoid(x W_r): [B, T, d] -> [B, Hm, T]."""
         return self.router(hidden)
 
-    def _routed(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        """Routed heads: q [B, Hm, T, D] -> out [B, Hm, T, D], zero where a head chose nothing."""
-        if ctx.hidden is None:
+    def _routed(
+        self,
+        q: Tensor,
+        keys: SequenceKeys,
+        kv_head: Tensor,
+        router_rows: slice,
+        ctx: AttentionContext,
+    ) -> Tensor:
+        """Routed heads: q [B, hm, Tq, D] -> out [B, hm, Tq, D], zero where a head chose nothing.
+
+        ``keys`` the whole sequence (k, v [B, hkv, Tk, D], layer input [B, Tk, d]); ``kv_head``
+        [hm] the kv head of each routed head; ``router_rows`` their rows of the router.
+        """
+        if keys.hidden is None:
             raise LongctxError(
                 "MoSA needs the layer input (ctx.hidden) for its routers; call the core from "
                 "the model's attention layer, which sets it"
             )
-        batch, heads, length, dim = q.shape
-        scores = self.router_scores(ctx.hidden)  # [B, Hm, T]
+        batch, heads, queries, dim = q.shape
+        length = keys.k.shape[2]
+        scores = self.router(keys.hidden, router_rows)  # [B, hm, Tk]: every token of the sequence
         count = routed_token_count(length, self.attention.mosa.sparsity)
-        chosen = scores.detach().topk(count, dim=-1).indices.sort(dim=-1).values  # [B, Hm, k]
-        # Sorted chosen indices keep original order, so "causal by original position" is the
+        chosen = scores.detach().topk(count, dim=-1).indices.sort(dim=-1).values  # [B, hm, k]
+        # Sorted chosen positions keep original order, so "causal by original position" is the
         # plain causal mask on the chosen list; heads fold into the batch dimension.
-        kv_head = (self.dense_heads + torch.arange(heads, device=q.device)) // self.group  # [Hm]
-        flat = (kv_head[None, :, None] * length + chosen).flatten(1)  # [B, Hm * k] into Hkv * T
+        flat = (kv_head[None, :, None] * length + chosen).flatten(1)  # [B, hm * k] into hkv * Tk
         index = flat[..., None].expand(-1, -1, dim)
-        k_sel = k.flatten(1, 2).gather(1, index).view(batch * heads, 1, count, dim)
-        v_sel = v.flatten(1, 2).gather(1, index).view(batch * heads, 1, count, dim)
-        token_index = chosen[..., None].expand(-1, -1, -1, dim)  # [B, Hm, k, D]
-        q_sel = q.gather(2, token_index).view(batch * heads, 1, count, dim)
-        docs = None
-        if ctx.doc_ids is not None:
-            docs = ctx.doc_ids.gather(1, chosen.flatten(1)).view(batch * heads, count)
+        k_sel = keys.k.flatten(1, 2).gather(1, index).view(batch * heads, 1, count, dim)
+        v_sel = keys.v.flatten(1, 2).gather(1, index).view(batch * heads, 1, count, dim)
+        # Which local query each chosen token is (-1: another rank holds it, and computes it).
+        local_index = torch.full((length,), -1, dtype=torch.long, device=q.device)
+        local_index[ctx.seq_positions.to(q.device)] = torch.arange(queries, device=q.device)
+        chosen_query = local_index[chosen]  # [B, hm, k]
+        is_local = chosen_query >= 0
+        query_index = chosen_query.clamp(min=0)[..., None].expand(-1, -1, -1, dim)
+        q_sel = q.gather(2, query_index).view(batch * heads, 1, count, dim)
+        q_docs = k_docs = None
+        if keys.doc_ids is not None:
+            k_docs = keys.doc_ids.gather(1, chosen.flatten(1)).view(batch * heads, count)
+            q_docs = k_docs
+        if not bool(is_local.all()):  # rows of other ranks' tokens see no key: output 0
+            if k_docs is None:
+                k_docs = torch.zeros(batch * heads, count, dtype=torch.long, device=q.device)
+            q_docs = torch.where(is_local.view(batch * heads, count), k_docs, k_docs.min() - 1)
         out, _ = block_attention(
-            q_sel, k_sel, v_sel, mask=MaskSpec(q_doc_ids=docs, k_doc_ids=docs),
+            q_sel, k_sel, v_sel, mask=MaskSpec(q_doc_ids=q_docs, k_doc_ids=k_docs),
             backend=self.attention.backend, chunk_size=self.attention.chunk_size,
         )  # fmt: skip
         weighted = out.view(batch, heads, count, dim) * scores.gather(-1, chosen)[..., None]
-        return torch.zeros_like(q).scatter(2, token_index, weighted)
+        # Scatter to the local queries; other ranks' rows land in a spare slot that is dropped.
+        slot = torch.where(is_local, chosen_query, queries)[..., None].expand(-1, -1, -1, dim)
+        out = q.new_zeros(batch, heads, queries + 1, dim).scatter(2, slot, weighted)
+        return out[:, :, :queries]
 
     def extra_repr(self) -> str:
         return (
             f"dense_heads={self.dense_heads}, routed_heads={self.routed_heads}, "
             f"rho={self.attention.mosa.sparsity}, backend={self.attention.backend}"
-        )
-
-
-def _check_unsharded(ctx: AttentionContext, length: int) -> None:
-    positions = ctx.seq_positions
-    if positions.shape != (length,) or not torch.equal(
-        positions, torch.arange(length, device=positions.device)
-    ):
-        raise LongctxError(
-            "MoSA picks its top-k over the whole sequence, but this core got a shard "
-            "(seq_positions != arange(T)); run MoSA with parallel.ulysses = parallel.ring = 1"
         )
 
 
@@ -163,13 +205,11 @@ def mosa_heads_problem(model, attention: AttentionConfig) -> str | None:
 
 
 def mosa_recipe_problem(model, attention: AttentionConfig, ulysses: int, ring: int) -> str | None:
-    """Why a recipe cannot run MoSA (None when it can): used by the recipe validator."""
+    """Why a recipe cannot run MoSA (None when it can): used by the recipe validator.
+
+    Every sequence-parallel layout runs (Ulysses on head subsets, ring by key gather); only the
+    head split is checked.
+    """
     if attention.variant != "mosa":
         return None
-    if ulysses > 1 or ring > 1:
-        return (
-            f"attention.variant 'mosa' picks top-k over the whole sequence, but "
-            f"parallel.ulysses={ulysses} and parallel.ring={ring} shard it; set both to 1 "
-            "(use data parallelism) or choose attention.variant dense"
-        )
     return mosa_heads_problem(model, attention)

@@ -18,14 +18,24 @@ selected (cost follows ``n l'``, not T), and the window branch ``w`` keys; nothi
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 
-Limits: the core needs the unsharded sequence (``seq_positions == arange(T)``); recipes that ask
-for sequence parallelism with NSA fail at validation. The model's own ``sliding_window``
-(Mistral/Qwen2) is not applied: the window branch uses ``attention.nsa.window``.
+Sequence parallelism: keys are the whole sequence in order (``sequence_keys``), queries any
+tokens at their global positions (``ctx.seq_positions``), so the same code runs unsharded, under
+Ulysses (every token of a head subset; the gates are sliced to the rank's heads by
+``restrict_to_heads``) and under the ring group by key gather (this rank's zigzag queries against
+all-gathered K, V: compression and selection over the global key blocks, the window by global
+positions, the gates from the local queries' ``ctx.hidden``). Gathering K, V replaces SPECS
+3.1's "all-gather the compressed keys, then fetch the selected raw blocks": exact and simpler,
+for ``B x Hkv x T x D`` of replicated keys per rank. GQA groups share one selection, so a Ulysses
+degree must divide the kv heads (no replicated kv heads; ``nsa_recipe_problem``).
+
+The model's own ``sliding_window`` (Mistral/Qwen2) is not applied: the window branch uses
+``attention.nsa.window``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +45,7 @@ from longctx.attention.config import AttentionConfig, NSAConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.kernels import block_attention, resolve_backend
 from longctx.attention.mask import MaskSpec
+from longctx.attention.sequence_keys import sequence_keys
 from longctx.attention.tile_kernels import CpuFlashTileKernel, TorchTileKernel
 from longctx.attention.tiling import PieceKind, TileKernel
 from longctx.errors import LongctxError
@@ -95,20 +106,31 @@ class BlockCompressor(nn.Module):
 
 
 class BranchGates(nn.Module):
-    """``sigmoid(x W^T + b)``: one gate per (head, branch); [B, T, d] -> [3, B, Hq, T, 1]."""
+    """``sigmoid(x W^T + b)``: one gate per (head, branch); [B, T, d] -> [3, B, h, T, 1].
+
+    ``h`` is every head of the layer, or the heads ``restrict_to_heads`` named (a Ulysses
+    rank's subset: the rows of the other heads stay, their gradients come from their ranks).
+    """
 
     def __init__(self, hidden_size: int, heads: int, std: float):
         super().__init__()
         self.heads = heads
+        self.active = slice(0, heads)  # the heads this module gates
         self.weight = nn.Parameter(torch.empty(3 * heads, hidden_size))  # row h * 3 + branch
         self.bias = nn.Parameter(torch.zeros(3 * heads))
         with torch.no_grad():
             self.weight.normal_(0.0, std)
 
+    def restrict_to_heads(self, start: int, stop: int) -> None:
+        """Gate heads ``start .. stop - 1`` of the layer only."""
+        self.active = slice(start, stop)
+
     def forward(self, hidden: Tensor) -> Tensor:
         batch, length, _ = hidden.shape
-        gates = torch.sigmoid(F.linear(hidden, self.weight, self.bias))  # [B, T, 3 Hq]
-        return gates.view(batch, length, self.heads, 3).permute(3, 0, 2, 1)[..., None]
+        rows = slice(3 * self.active.start, 3 * self.active.stop)
+        gates = torch.sigmoid(F.linear(hidden, self.weight[rows], self.bias[rows]))  # [B, T, 3h]
+        heads = self.active.stop - self.active.start
+        return gates.view(batch, length, heads, 3).permute(3, 0, 2, 1)[..., None]
 
     @torch.no_grad()
     def init_new_parameters(self) -> None:
@@ -136,6 +158,20 @@ def _selection_overlap(num_compressed: int, settings: NSAConfig, num_select: int
     return torch.where(index <= last[:, None], index, torch.full_like(index, -1))
 
 
+@dataclass(frozen=True)
+class _QueryKeySides:
+    """Where the queries sit and which documents both sides belong to (see the module)."""
+
+    q_positions: Tensor  # [Tq] int64 global position of each query
+    q_doc_ids: Tensor | None  # [B, Tq]
+    k_doc_ids: Tensor | None  # [B, Tk]: key j is at global position j
+
+    def rows(self, rows: slice) -> tuple[Tensor, Tensor | None]:
+        """Positions [c] and doc ids [B, c] of the queries ``rows``."""
+        docs = None if self.q_doc_ids is None else self.q_doc_ids[:, rows]
+        return self.q_positions[rows], docs
+
+
 def _compressed_doc_ids(doc_ids: Tensor, num_compressed: int, settings: NSAConfig) -> Tensor:
     """[B, nc] document of each compressed block; -1 when the block spans two documents (so it
     matches no query's document)."""
@@ -148,31 +184,32 @@ def _compressed_doc_ids(doc_ids: Tensor, num_compressed: int, settings: NSAConfi
 class _SelectedBlockAttention(torch.autograd.Function):
     """Attention of every query over the raw tokens of its selected blocks (causal, same doc).
 
-    q [B, Hq, T, D]; k, v [B, Hkv, T, D]; ``selected`` [B, Hkv, T, n] int64 selection block
-    indices (-1 = none), shared by the query heads of a GQA group. Per query chunk the union of
+    q [B, Hq, Tq, D] at global positions ``sides.q_positions``; k, v [B, Hkv, Tk, D] the whole
+    sequence; ``selected`` [B, Hkv, Tq, n] int64 selection block indices (-1 = none), shared
+    by the query heads of a GQA group. Per query chunk the union of
     the chunk's blocks is gathered once per kv head and each query masks out what it did not
     select; the backward recomputes the chunk (flash style, nothing saved per chunk) and
     scatter-adds dk, dv into the gathered token positions.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, selected, doc_ids, scale, select_block, kernel):
+    def forward(ctx, q, k, v, selected, sides, scale, select_block, kernel):
         out = torch.zeros_like(q)
         lse_dtype = torch.promote_types(q.dtype, torch.float32)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
         for rows in _query_chunks(q.shape[2]):
-            plan = _gather_plan(selected[:, :, rows], rows, doc_ids, select_block, k.shape[2])
+            plan = _gather_plan(selected[:, :, rows], sides, rows, select_block, k.shape[2])
             q_c, k_c, v_c = _fold(q[:, :, rows], k, v, plan)
             out_c, lse_c = kernel.forward(q_c, k_c, v_c, PieceKind.MASKED, plan.visible, scale)
             out[:, :, rows] = out_c.reshape(out[:, :, rows].shape).to(q.dtype)
             lse[:, :, rows] = lse_c.reshape(lse[:, :, rows].shape).to(lse_dtype)
-        ctx.save_for_backward(q, k, v, out, lse, selected, doc_ids)
-        ctx.scale, ctx.select_block, ctx.kernel = scale, select_block, kernel
+        ctx.save_for_backward(q, k, v, out, lse, selected)
+        ctx.sides, ctx.scale, ctx.select_block, ctx.kernel = sides, scale, select_block, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, selected, doc_ids = ctx.saved_tensors
+        q, k, v, out, lse, selected = ctx.saved_tensors
         acc = torch.promote_types(q.dtype, torch.float32)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
@@ -181,7 +218,7 @@ class _SelectedBlockAttention(torch.autograd.Function):
         delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, T]
         batch, kv_heads, dim = k.shape[0], k.shape[1], k.shape[3]
         for rows in _query_chunks(q.shape[2]):
-            plan = _gather_plan(selected[:, :, rows], rows, doc_ids, ctx.select_block, k.shape[2])
+            plan = _gather_plan(selected[:, :, rows], ctx.sides, rows, ctx.select_block, k.shape[2])
             q_c, k_c, v_c = _fold(q[:, :, rows], k, v, plan)
             folded = q_c.shape  # [B * Hkv, G, c, D]
             dq_c, dk_c, dv_c = ctx.kernel.backward(
@@ -209,13 +246,13 @@ class _GatherPlan:
 
 
 def _gather_plan(
-    selected: Tensor, rows: slice, doc_ids: Tensor | None, select_block: int, length: int
+    selected: Tensor, sides: _QueryKeySides, rows: slice, select_block: int, length: int
 ) -> _GatherPlan:
     """The union of the selection blocks of queries ``rows`` per (batch, kv head).
 
-    ``selected`` [B, Hkv, c, n]. Returns the union's tokens and a [B * Hkv, c, S] visibility:
-    the query selected the token's block, the token is in range, not after the query, and in
-    the query's document.
+    ``selected`` [B, Hkv, c, n]; ``length`` keys. Returns the union's tokens and a
+    [B * Hkv, c, S] visibility: the query selected the token's block, the token is in range,
+    not after the query (global positions), and in the query's document.
     """
     batch, kv_heads, count, _ = selected.shape
     num_select = -(-length // select_block)
@@ -231,12 +268,11 @@ def _gather_plan(
     tokens = (blocks[..., None] * select_block + offsets).flatten(-2)  # [B, Hkv, U * l']
     chosen = member.gather(-1, blocks[:, :, None].expand(-1, -1, count, -1))  # [B, Hkv, c, U]
     visible = chosen.repeat_interleave(select_block, dim=-1)  # [B, Hkv, c, S]
-    query_pos = torch.arange(rows.start, rows.stop, device=selected.device)
+    query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
     visible &= (tokens < length)[:, :, None] & (tokens[:, :, None, :] <= query_pos[:, None])
     tokens = tokens.clamp(max=length - 1)
-    if doc_ids is not None:
-        token_docs = doc_ids.gather(1, tokens.flatten(1)).view(tokens.shape)  # [B, Hkv, S]
-        query_docs = doc_ids[:, rows]  # [B, c]
+    if query_docs is not None:
+        token_docs = sides.k_doc_ids.gather(1, tokens.flatten(1)).view(tokens.shape)  # [B,Hkv,S]
         visible &= token_docs[:, :, None, :] == query_docs[:, None, :, None]
     return _GatherPlan(tokens, visible.flatten(0, 1))
 
@@ -253,7 +289,13 @@ def _fold(q: Tensor, k: Tensor, v: Tensor, plan: _GatherPlan) -> tuple[Tensor, T
 
 
 class NSAAttention(nn.Module):
-    """The NSA core: ``(q, k, v, ctx) -> out``; q [B, Hq, T, D], k/v [B, Hkv, T, D]."""
+    """The NSA core: ``(q, k, v, ctx) -> out``; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D].
+
+    Queries at ``ctx.seq_positions``, keys the whole sequence (``sequence_keys``): it runs on
+    gathered keys under the ring group (``accepts_gathered_keys``).
+    """
+
+    accepts_gathered_keys = True
 
     def __init__(self, config, attention: AttentionConfig):
         super().__init__()
@@ -265,29 +307,46 @@ class NSAAttention(nn.Module):
         self.compress_key = BlockCompressor(block, stride, dim, std)
         self.compress_value = BlockCompressor(block, stride, dim, std)
         self.gates = BranchGates(config.hidden_size, config.num_attention_heads, std)
+        self.group = config.num_attention_heads // config.kv_heads  # query heads per selection
+
+    def restrict_to_heads(self, start: int, stop: int) -> None:
+        """Compute heads ``start .. stop - 1`` of the layer only (a Ulysses rank's subset): the
+        gates are per head; compression (shared by all heads) needs nothing."""
+        self.gates.restrict_to_heads(start, stop)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        """q [B, Hq, T, D], k/v [B, Hkv, T, D] (rotated) -> out [B, Hq, T, D]."""
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (rotated) -> out [B, Hq, Tq, D]."""
         if ctx.hidden is None:
             raise LongctxError(
                 "NSA needs the layer input (ctx.hidden) for its gates; call the core from the "
                 "model's attention layer, which sets it"
             )
-        gates = self.gates(ctx.hidden)  # [3, B, Hq, T, 1]: compression, selection, window
+        gates = self.gates(ctx.hidden)  # [3, B, Hq, Tq, 1]: compression, selection, window
         o_cmp, o_slc, o_win = self.branches(q, k, v, ctx)
         return gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_win
 
     def branches(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The ungated (compression, selection, window) outputs, each [B, Hq, T, D]."""
-        _check_unsharded(ctx, q.shape[2])
+        """The ungated (compression, selection, window) outputs, each [B, Hq, Tq, D]."""
+        if q.shape[1] != k.shape[1] * self.group:
+            raise LongctxError(
+                f"NSA shares one block selection per GQA group of {self.group} query heads, but "
+                f"this core got {q.shape[1]} query heads over {k.shape[1]} kv heads (kv heads "
+                "replicated by Ulysses); choose parallel.ulysses dividing num_key_value_heads"
+            )
+        keys = sequence_keys(k, v, ctx, "nsa")
+        k, v = keys.k, keys.v  # [B, Hkv, Tk, D], key j at global position j
+        sides = _QueryKeySides(ctx.seq_positions.to(q.device), ctx.doc_ids, keys.doc_ids)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        o_cmp, selected = self._compressed_and_selection(q, k, v, ctx.doc_ids, scale)
+        o_cmp, selected = self._compressed_and_selection(q, k, v, sides, scale)
         o_slc = _SelectedBlockAttention.apply(
-            q, k, v, selected, ctx.doc_ids, scale, self.settings.select_block, self._kernel(q)
+            q, k, v, selected, sides, scale, self.settings.select_block, self._kernel(q)
         )
-        window = MaskSpec(q_doc_ids=ctx.doc_ids, k_doc_ids=ctx.doc_ids, window=self.settings.window)
+        window = MaskSpec(
+            q_positions=sides.q_positions, q_doc_ids=sides.q_doc_ids,
+            k_doc_ids=sides.k_doc_ids, window=self.settings.window,
+        )  # fmt: skip
         o_win, _ = block_attention(
             q, k, v, scale=scale, mask=window, backend=self.attention.backend,
             chunk_size=self.attention.chunk_size,
@@ -300,11 +359,11 @@ class NSAAttention(nn.Module):
         return TorchTileKernel()
 
     def _compressed_and_selection(
-        self, q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, scale: float
+        self, q: Tensor, k: Tensor, v: Tensor, sides: _QueryKeySides, scale: float
     ) -> tuple[Tensor, Tensor]:
-        """(o_cmp [B, Hq, T, D], selected blocks [B, Hkv, T, n] int64, -1 = none)."""
+        """(o_cmp [B, Hq, Tq, D], selected blocks [B, Hkv, Tq, n] int64, -1 = none)."""
         settings = self.settings
-        length = q.shape[2]
+        length = k.shape[2]
         num_compressed = self.compress_key.num_blocks(length)
         if num_compressed == 0:  # shorter than one block: no compressed key, zero importance
             importance = None
@@ -317,22 +376,26 @@ class NSAAttention(nn.Module):
                 + settings.compress_block - 1
             )  # fmt: skip
             block_docs = None
-            if doc_ids is not None:
-                block_docs = _compressed_doc_ids(doc_ids, num_compressed, settings)
-            mask = MaskSpec(k_positions=block_ends, q_doc_ids=doc_ids, k_doc_ids=block_docs)
+            if sides.k_doc_ids is not None:
+                block_docs = _compressed_doc_ids(sides.k_doc_ids, num_compressed, settings)
+            mask = MaskSpec(
+                q_positions=sides.q_positions, k_positions=block_ends,
+                q_doc_ids=sides.q_doc_ids, k_doc_ids=block_docs,
+            )  # fmt: skip
             o_cmp, lse_cmp = block_attention(
                 q, ck, cv, scale=scale, mask=mask, backend=self.attention.backend,
                 chunk_size=self.attention.chunk_size,
             )  # fmt: skip
             importance = (ck.detach(), lse_cmp.detach(), block_ends, block_docs)
         with torch.no_grad():
-            selected = self._select_blocks(q.detach(), k.shape[1], importance, doc_ids, scale)
+            selected = self._select_blocks(q.detach(), k.shape[1], length, importance, sides, scale)
         return o_cmp, selected
 
-    def _select_blocks(self, q, kv_heads, importance, doc_ids, scale) -> Tensor:
-        """Top-n selection blocks per (batch, kv head, query): [B, Hkv, T, n], -1 = none."""
+    def _select_blocks(self, q, kv_heads, length, importance, sides, scale) -> Tensor:
+        """Top-n selection blocks per (batch, kv head, query) over ``length`` keys:
+        [B, Hkv, Tq, n], -1 = none."""
         settings = self.settings
-        batch, heads, length, dim = q.shape
+        batch, heads, _, dim = q.shape
         select = settings.select_block
         num_select = -(-length // select)
         keep = min(settings.select_top_n, num_select)
@@ -343,8 +406,8 @@ class NSAAttention(nn.Module):
             ck, lse_cmp, block_ends, block_docs = importance
             overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
         chosen = []
-        for rows in _query_chunks(length):
-            query_pos = torch.arange(rows.start, rows.stop, device=q.device)  # [c]
+        for rows in _query_chunks(q.shape[2]):
+            query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
             scores = torch.zeros(
                 batch, kv_heads, len(query_pos), num_select, dtype=score_dtype, device=q.device
             )
@@ -353,8 +416,8 @@ class NSAAttention(nn.Module):
                 logits = (logits @ ck[:, :, None].transpose(-1, -2)) * scale  # [B,Hkv,G,c,nc]
                 probs = torch.exp(logits - lse_cmp[:, :, rows].view(logits.shape[:-1])[..., None])
                 seen = (block_ends[None, :] <= query_pos[:, None])[None]  # [1, c, nc]
-                if doc_ids is not None:  # [B, c, nc]
-                    seen = seen & (block_docs[:, None, :] == doc_ids[:, rows, None])
+                if query_docs is not None:  # [B, c, nc]
+                    seen = seen & (block_docs[:, None, :] == query_docs[:, :, None])
                 probs = torch.where(seen[:, None, None], probs, 0.0)
                 per_block = probs.sum(2)  # [B, Hkv, c, nc]: summed over the GQA group
                 padded = F.pad(per_block, (0, 1))  # index -1 reads the zero column
@@ -377,24 +440,19 @@ class NSAAttention(nn.Module):
         )
 
 
-def _check_unsharded(ctx: AttentionContext, length: int) -> None:
-    positions = ctx.seq_positions
-    expected = torch.arange(length, device=positions.device)
-    if positions.shape != (length,) or not torch.equal(positions, expected):
-        raise LongctxError(
-            "NSA blocks are cut on the whole sequence, but this core got a shard "
-            "(seq_positions != arange(T)); run NSA with parallel.ulysses = parallel.ring = 1"
-        )
-
-
 def nsa_recipe_problem(model, attention: AttentionConfig, ulysses: int, ring: int) -> str | None:
-    """Why a recipe cannot run NSA (None when it can): used by the recipe validator."""
-    if attention.variant != "nsa":
+    """Why a recipe cannot run NSA (None when it can): used by the recipe validator.
+
+    Ring (key gather) always works; Ulysses needs whole GQA groups on each rank, because the
+    query heads of a group share one block selection.
+    """
+    if attention.variant != "nsa" or ulysses == 1:
         return None
-    if ulysses > 1 or ring > 1:
+    if model.kv_heads % ulysses:
         return (
-            f"attention.variant 'nsa' runs on the whole sequence, but parallel.ulysses={ulysses} "
-            f"and parallel.ring={ring} shard it; set both to 1 (use data parallelism) or "
-            "choose attention.variant dense"
+            f"attention.variant 'nsa' shares one block selection per GQA group, but "
+            f"parallel.ulysses={ulysses} does not divide num_key_value_heads={model.kv_heads} "
+            "(the group would be split over ranks); choose parallel.ulysses dividing the kv "
+            "heads and shard the rest with parallel.ring"
         )
     return None

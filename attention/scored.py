@@ -12,9 +12,23 @@ A score module is any ``nn.Module`` with
 ``scores(q, k, q_positions, k_positions, visible, heads) -> logits`` (see ``ScoreTerm``); its
 own parameters (CoPE embeddings, BAM priors) get gradients through the recomputation.
 
-Under Ulysses the core runs on the full sequence of a contiguous subset of the heads;
-``ScoredAttention.restrict_to_heads`` tells it which, so per-head parameters are sliced to
-match (the parameters stay whole: the gradients of the other heads come from their ranks).
+Sequence parallelism. Under Ulysses the core runs on the full sequence of a contiguous subset
+of the heads; ``ScoredAttention.restrict_to_heads`` tells it which, so per-head parameters are
+sliced to match (the parameters stay whole: the gradients of the other heads come from their
+ranks). Under ring (``parallel.ring > 1``) the core opts into key-gather context parallelism
+(``accepts_gathered_keys``, ``parallel/key_gather.py``): each rank keeps its T/P zigzag queries
+and receives every key and value of the ring group sorted by global position, so the queries
+are a rectangle ``Tq != Tk`` and every key-side quantity (positions, document ids) comes from
+``ctx.k_*``. With the whole row of keys present, every score term is computed exactly as on
+one device: CoPE's gate sums over the keys between j and i, BAM's distances and SSMax's key
+count ``n_i`` (the GLOBAL number of keys query i sees), TAPA's distances. This replaces the
+two-pass cross-rank scan of SPECS 2.2 (a first ring pass for each query's gate sums per key
+block, an exclusive scan for the block offsets, a second pass to attend): the scan is exact
+too but needs two ring passes and a per-block bookkeeping of CoPE's clamp, whereas the gather
+is one collective with the unchanged kernel. Its cost: K and V of the whole sequence,
+``T x Hkv x D`` each, are replicated on every rank (the logits stay O(B x H x chunk x T), as
+on one device); BAM and TAPA, whose scores would merge block by block, take the same path so
+that one kernel serves all three.
 """
 
 from __future__ import annotations
@@ -139,11 +153,14 @@ def scored_attention(
 class ScoredAttention(nn.Module):
     """Attention core (the model's ``self_attn.core``) around a score module.
 
-    Masks like ``DenseAttention`` (causal on ``ctx.seq_positions``, per document, optional
-    sliding window); the score module sees the same global positions, so distances are
-    measured on the sequence, which equals the per-document position difference inside a
-    packed document.
+    Masks like ``DenseAttention`` (causal on global positions, per document, optional
+    sliding window, queries by ``ctx.seq_positions``, keys by ``ctx.k_seq_positions``); the
+    score module sees the same global positions, so distances are measured on the sequence,
+    which equals the per-document position difference inside a packed document. Runs on
+    gathered keys under ring (``accepts_gathered_keys``; see the module docstring).
     """
+
+    accepts_gathered_keys = True
 
     def __init__(
         self, score: nn.Module, config: AttentionConfig, *, sliding_window: int | None = None
@@ -163,7 +180,8 @@ class ScoredAttention(nn.Module):
         return ctx.causal_mask(self.sliding_window)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> out [B, Hq, T, D]."""
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> out [B, Hq, Tq, D]; Tk = Tq unless the
+        keys were gathered (then ``ctx.key_*`` describe them)."""
         return scored_attention(
             q,
             k,
@@ -208,15 +226,3 @@ def positional_score_core(
             "tapa here (rope and none run in DenseAttention)"
         )
     return ScoredAttention(score, attention, sliding_window=sliding_window)
-
-
-def positional_recipe_problem(positional: PositionalConfig, ulysses: int, ring: int) -> str | None:
-    """Why a recipe cannot run its score-side encoding (None when it can): the recipe validator
-    calls it. Ulysses runs the encodings unchanged; ring attention (BAM/TAPA as block score
-    terms, CoPE's two-pass cross-rank scan) is not built."""
-    if positional.kind not in ("cope", "bam", "tapa") or ring == 1:
-        return None
-    return (
-        f"positional.kind {positional.kind!r} does not run under ring attention "
-        f"(parallel.ring={ring}); set parallel.ring: 1 and shard with parallel.ulysses instead"
-    )

@@ -171,11 +171,11 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--backends", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs after the memory run")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the memory run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per case")
     parser.add_argument(
         "--memory-fraction", type=float, default=0.6,

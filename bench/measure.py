@@ -6,21 +6,31 @@ through ``/proc/self/clear_refs`` (writing ``5`` sets the mark to the current re
 minus the resident size at the reset: every byte a case allocates after the reset, nothing the
 process held before (torch's libraries, whatever the case set up before the reset). Linux only.
 
-Each case of a sweep runs in a fresh subprocess (``run_worker``), so one case's freed heap or
-cached buffers never count in the next one's peak.
+Each case of a sweep runs in a fresh subprocess (``run_worker``, or ``run_ranks`` for cases on
+several gloo ranks), so one case's freed heap or cached buffers never count in the next one's
+peak. ``run_ranks`` children run with a fixed glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_``):
+every large tensor is then its own mapping, returned on free, and the resident size follows live
+tensors instead of freed heap that glibc keeps.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import statistics
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
+from queue import Empty
 
 import psutil
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 GiB = 1024**3
 # how ``peak_and_median_times`` in a ``run_worker`` subprocess measures, for the reports
@@ -66,12 +76,16 @@ def attention_inputs(
 
 def peak_and_median_times(step: Callable[[], None], repeats: int) -> dict:
     """Peak memory of one ``step()`` after a reset, then the median process CPU time and wall
-    time of ``repeats`` (at least 1) more: ``{"time_s", "wall_s", "peak_bytes"}``."""
+    time of ``repeats`` more (0: the times of that first run, which include first-touch page
+    faults): ``{"time_s", "wall_s", "peak_bytes"}``."""
     baseline = reset_peak_memory()
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     step()
+    cpu_times, wall_times = [time.process_time() - cpu_start], [time.perf_counter() - wall_start]
     peak = peak_memory_since(baseline)
-    cpu_times, wall_times = [], []
-    for _ in range(max(repeats, 1)):
+    if repeats > 0:
+        cpu_times, wall_times = [], []
+    for _ in range(repeats):
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         step()
         cpu_times.append(time.process_time() - cpu_start)
@@ -91,6 +105,59 @@ def run_worker(command: list[str], what: str) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"bench {what} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout: float = 1800.0) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` fresh spawned processes (a gloo group when
+    world > 1) and return their results (plain Python values) ordered by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    saved_env = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # children inherit it at start
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        ctx.Process(target=_rank_main, args=(rank, world, port, fn, args, queue), daemon=True)
+        for rank in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    if saved_env is None:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    else:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = saved_env
+    results = {}
+    try:
+        while len(results) < world:
+            try:
+                rank, ok, payload = queue.get(timeout=timeout)
+            except Empty as exc:
+                raise TimeoutError(f"benchmark ranks did not finish in {timeout:.0f} s") from exc
+            if not ok:
+                raise RuntimeError(f"benchmark rank {rank} failed:\n{payload}")
+            results[rank] = payload
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return [results[rank] for rank in range(world)]
+
+
+def _rank_main(rank, world, port, fn, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        if world > 1:
+            dist.init_process_group(
+                "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800)
+            )
+        queue.put((rank, True, fn(rank, world, *args)))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def measured_or_extrapolated(

@@ -12,10 +12,19 @@ encoding and length T:
   every [B, H, T, T] intermediate (logits, gates, positions, probabilities) is kept for the
   backward, which is how a direct implementation of the SPECS equations behaves.
 
+With ``--baseline`` the sweep adds ``none / cpu_flash``: the project's dense block kernel
+(``block_attention``, no position term) at the same shape, the floor that BAM would approach as
+a per-tile score term inside that kernel (a ``score_mod``-style hook, which the kernel does not
+have). BAM needs no such hook to be correct anywhere: its prior is a function of (i, j) only,
+so the query-chunked kernel computes it exactly, under Ulysses and under ring (key gather, see
+``attention/scored.py``), with memory O(chunk x T); the baseline rows measure what the missing
+hook costs in time.
+
 Memory and time are measured as in ``bench/attention.py`` (fresh subprocess per case, VmHWM
-after a clear_refs reset; median process CPU time, one thread). A naive case whose T^2-scaled
-estimate does not fit in ``--memory-fraction`` of the available memory is estimated from the
-largest length measured (exact for naive: its big buffers are all [B, H, T, T]) and marked.
+after a clear_refs reset; by default the process CPU time of that same run, one thread). A
+naive case whose T^2-scaled estimate does not fit in ``--memory-fraction`` of the available
+memory is estimated from the largest length measured (exact for naive: its big buffers are all
+[B, H, T, T]) and marked.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
 from longctx.attention.scored import masked_softmax, scored_attention
 from longctx.bench.measure import (
@@ -47,10 +57,14 @@ from longctx.positional.tapa import TAPAScore
 RESULTS = Path(__file__).resolve().parent / "results" / "positional.json"
 ENCODINGS = ("cope", "bam", "tapa")
 METHODS = ("naive", "chunked")
+BASELINE = ("none", "cpu_flash")  # (encoding, method): dense block kernel, no position term
 
 
-def make_score(encoding: str, heads: int, dim: int) -> torch.nn.Module:
-    """The score module of one layer with trainable parameters (CoPE table random, not 0)."""
+def make_score(encoding: str, heads: int, dim: int) -> torch.nn.Module | None:
+    """The score module of one layer with trainable parameters (CoPE table random, not 0);
+    None for the baseline's ``none``."""
+    if encoding == BASELINE[0]:
+        return None
     if encoding == "cope":
         score = CoPEScore(CoPEConfig(), num_heads=heads, head_dim=dim)
         torch.nn.init.normal_(score.pos_emb, std=0.1)
@@ -74,6 +88,8 @@ def naive_scored_attention(score, q, k, v) -> torch.Tensor:
 def _step(method, score, q, k, v, dout, chunk) -> None:
     if method == "naive":
         out = naive_scored_attention(score, q, k, v)
+    elif method == BASELINE[1]:
+        out, _ = block_attention(q, k, v, backend=BASELINE[1])
     else:
         out = scored_attention(q, k, v, score, mask=MaskSpec(), chunk_size=chunk)
     out.backward(dout)
@@ -127,6 +143,10 @@ def _rows_of(encoding: str, method: str, args: argparse.Namespace) -> dict[int, 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
     rows = []
+    if args.baseline:
+        encoding, method = BASELINE
+        dense = _rows_of(encoding, method, args)
+        rows += [{"encoding": encoding, "method": method, "length": n, **dense[n]} for n in dense]
     for encoding in args.encodings:
         naive = _rows_of(encoding, "naive", args)
         chunked = _rows_of(encoding, "chunked", args)
@@ -140,6 +160,10 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                 "time_ratio_vs_naive": chunked[length]["time_s"] / naive[length]["time_s"],
                 "naive_measured": naive[length]["measured"],
             })  # fmt: skip
+            if args.baseline:
+                rows[-1]["time_ratio_vs_cpu_flash"] = (
+                    chunked[length]["time_s"] / dense[length]["time_s"]
+                )
     return rows
 
 
@@ -159,14 +183,19 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=256, help="queries per chunk")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the memory run")
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="timed runs after the memory run (0: time it)"
+    )
     parser.add_argument("--memory-fraction", type=float, default=0.4)
     parser.add_argument("--quick", action="store_true", help="T = 512, 1024")
+    parser.add_argument(
+        "--baseline", action="store_true", help="also the dense cpu_flash kernel, no encoding"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", nargs=2, metavar=("ENCODING", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -185,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "config": {
             "batch": 1, "heads": args.heads, "head_dim": args.dim, "dtype": "float32",
             "causal": True, "threads": 1, "chunk": args.chunk, "repeats": args.repeats,
-            "mode": "fwd+bwd", "bam_ssmax": True,
+            "mode": "fwd+bwd", "bam_ssmax": True, "baseline": args.baseline,
         },
         "memory_method": MEMORY_METHOD,
         "time_method": TIME_METHOD,

@@ -28,16 +28,11 @@ the resident size follows live tensors instead of freed heap that glibc keeps.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
-from datetime import timedelta
 from pathlib import Path
-from queue import Empty
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from longctx.attention.kernels import block_attention
@@ -47,6 +42,7 @@ from longctx.bench.measure import (
     attention_inputs,
     peak_memory_since,
     reset_peak_memory,
+    run_ranks,
     write_report,
 )
 from longctx.model import ModelConfig, Transformer
@@ -64,61 +60,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "sp.json"
 def _attention_inputs(seq_len: int, heads: int, head_dim: int, seed: int = 0):
     """q, k, v (requiring grad) and dout, [1, H, T, D], drawn from a generator seeded ``seed``."""
     return attention_inputs(torch.Generator().manual_seed(seed), heads, seq_len, head_dim)
-
-
-def _spawn(fn, world: int, *args, timeout: float = 1800.0) -> list:
-    """Run ``fn(rank, world, *args)`` on ``world`` fresh processes (gloo group when world > 1)
-    and return their results (plain Python values) ordered by rank."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    saved_env = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # children inherit it at start
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [
-        ctx.Process(target=_child, args=(rank, world, port, fn, args, queue), daemon=True)
-        for rank in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    if saved_env is None:
-        del os.environ["MALLOC_MMAP_THRESHOLD_"]
-    else:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = saved_env
-    results = {}
-    try:
-        while len(results) < world:
-            try:
-                rank, ok, payload = queue.get(timeout=timeout)
-            except Empty as exc:
-                raise TimeoutError(f"benchmark ranks did not finish in {timeout:.0f} s") from exc
-            if not ok:
-                raise RuntimeError(f"benchmark rank {rank} failed:\n{payload}")
-            results[rank] = payload
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    return [results[rank] for rank in range(world)]
-
-
-def _child(rank, world, port, fn, args, queue) -> None:
-    import traceback
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        if world > 1:
-            dist.init_process_group(
-                "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800)
-            )
-        queue.put((rank, True, fn(rank, world, *args)))
-    except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- attention
@@ -179,15 +120,27 @@ def _ring_vs_single(single: dict, ring: list[dict]) -> dict:
     }
 
 
+# Block-sized fp32 tensors ([1, H, T/2, D]) a ring rank must hold at its backward peak: the
+# caller's q, k, v, dout; out; the results dq, dk, dv; the visiting K,V block (parallel/ring.py).
+RING_FLOOR_BLOCKS = {"q, k, v, dout": 4, "out": 1, "dq, dk, dv": 3, "visiting k, v": 2}
+
+
 def bench_ring_attention(seq_len: int, heads: int, head_dim: int, repeats: int) -> dict:
-    """Ring P=2 (1 thread per rank) vs one process with 2 threads, causal fwd+bwd."""
-    single = _spawn(_single_process_attention, 1, seq_len, heads, head_dim, 2, repeats)[0]
-    ring = _spawn(_ring_rank_attention, 2, seq_len, heads, head_dim, repeats)
+    """Ring P=2 (1 thread per rank) vs one process with 2 threads, causal fwd+bwd; with the
+    floor of a whole-block ring (``RING_FLOOR_BLOCKS``) as a ratio to the same single process."""
+    single = run_ranks(_single_process_attention, 1, seq_len, heads, head_dim, 2, repeats)[0]
+    ring = run_ranks(_ring_rank_attention, 2, seq_len, heads, head_dim, repeats)
+    block_bytes = seq_len // 2 * heads * head_dim * 4
+    floor = sum(RING_FLOOR_BLOCKS.values()) * block_bytes
     return {
         "seq_len": seq_len,
         "heads": heads,
         "head_dim": head_dim,
         **_ring_vs_single(single, ring),
+        "block_bytes": block_bytes,
+        "floor_blocks": RING_FLOOR_BLOCKS,
+        "floor_bytes_per_rank": floor,
+        "floor_ratio": floor / single["peak_bytes"],
     }
 
 
@@ -249,8 +202,8 @@ def _model_step(rank, world, seq_len, threads):
 
 
 def bench_model_step(seq_len: int) -> dict:
-    single = _spawn(_model_step, 1, seq_len, 2)[0]
-    ring = _spawn(_model_step, 2, seq_len, 1)
+    single = run_ranks(_model_step, 1, seq_len, 2)[0]
+    ring = run_ranks(_model_step, 2, seq_len, 1)
     return {
         "seq_len": seq_len,
         "model": BENCH_MODEL.model_dump(include={"hidden_size", "num_hidden_layers", "vocab_size"}),
@@ -323,8 +276,8 @@ def _loss_peak(rank, world, kind, seq_len, vocab, dim):
 
 
 def bench_tiled_loss(seq_len: int, plain_seq_len: int, vocab: int, dim: int) -> dict:
-    tiled = _spawn(_loss_peak, 1, "tiled", seq_len, vocab, dim)[0]
-    plain = _spawn(_loss_peak, 1, "plain", plain_seq_len, vocab, dim)[0]
+    tiled = run_ranks(_loss_peak, 1, "tiled", seq_len, vocab, dim)[0]
+    plain = run_ranks(_loss_peak, 1, "plain", plain_seq_len, vocab, dim)[0]
     plain_scaled = plain["peak_bytes"] * seq_len / plain_seq_len
     return {
         "seq_len": seq_len,
@@ -407,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=16384, help="ring attention length")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs; the fastest counts")
     parser.add_argument("--loss-seq-len", type=int, default=65536)
     parser.add_argument("--plain-loss-seq-len", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=32768)

@@ -103,7 +103,7 @@ def _prefix(ctx: AttentionContext, length: int) -> AttentionContext:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--inputs", nargs="+", default=["random", "coherent"])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON file to write")

@@ -1,16 +1,28 @@
-"""Sentencepiece tokenizers: train one on a corpus, or load a ``tokenizer.model`` (also the one
-inside a Hugging Face checkpoint directory).
+"""Tokenizers: sentencepiece models (trained by longctx or shipped as ``tokenizer.model``) and
+Hugging Face ``tokenizer.json`` files (BPE of Llama-3, Qwen2, SmolLM2, ...), behind one interface.
 
 Trained tokenizers are BPE with byte fallback (any UTF-8 text encodes, no unknown tokens) and
 ``split_digits`` (every digit is its own token, so passkeys and counts are spelled digit by
 digit); ids 0/1/2 are unk/bos/eos, as in Llama's tokenizer.
+
+The interface (``Tokenizer``): ``encode`` / ``encode_batch`` / ``encode_piece`` give the ids of a
+text as it reads after a space in running text, never with bos/eos: sentencepiece does that with
+its dummy ``▁`` prefix, and a byte-level BPE ``tokenizer.json`` (which has no such prefix) gets a
+leading space, so pieces encoded one by one and concatenated (how task prompts are assembled)
+read as the pieces joined by spaces. ``bos_id`` is the token the tokenizer itself puts before a
+sequence (None when it adds none, as SmolLM2's and Qwen2's), ``eos_id`` the end-of-sequence token
+that separates packed documents. ``model_bytes`` is the self-contained serialized form a
+checkpoint stores (``load_tokenizer`` reads it back from a file of any name).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
@@ -20,21 +32,83 @@ from longctx.data.filler import filler_sentences
 from longctx.data.sources import read_documents
 from longctx.errors import LongctxError
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HfTokenizer
+
 TOKENIZER_FILENAME = "tokenizer.model"
+JSON_TOKENIZER_FILENAME = "tokenizer.json"
+JSON_TOKENIZER_CONFIG = "tokenizer_config.json"
+# ``model_bytes`` of a tokenizer.json tokenizer: the file plus its eos token in one JSON.
+_JSON_BUNDLE_FORMAT = "longctx-tokenizer-json/1"
 # Sentencepiece skips lines longer than this many bytes; documents are cut into lines first.
 _MAX_LINE_BYTES = 4096
 _SENTENCE_SAMPLE = 300_000  # lines sampled for training: bounds time and memory on big corpora
 _PIECE_CACHE_LIMIT = 1 << 16
 
 
-class Tokenizer:
-    """A loaded sentencepiece model with the few things the data pipeline needs.
+class Tokenizer(ABC):
+    """What the data pipeline and the evaluation need from a tokenizer (see the module
+    docstring); the backends implement ``_encode_many``, ``decode``, ``model_bytes`` and
+    ``export_files``.
 
-    ``encode`` never adds bos/eos (the packer adds them per document); ``encode_piece`` is a
-    memoised ``encode`` for the short strings task generators repeat thousands of times.
+    ``encode_piece`` is a memoised ``encode`` for the short strings task generators repeat
+    thousands of times.
     """
 
+    path: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+
+    def __init__(self) -> None:
+        self._piece_cache: dict[str, list[int]] = {}
+
+    @abstractmethod
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no bos/eos)."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; bos/eos are dropped."""
+
+    @abstractmethod
+    def model_bytes(self) -> bytes:
+        """The serialized tokenizer, e.g. to store next to a checkpoint."""
+
+    @abstractmethod
+    def export_files(self, directory: str | Path) -> list[Path]:
+        """Write the tokenizer files a Hugging Face model directory holds (what transformers'
+        ``AutoTokenizer`` loads) into ``directory``; returns the paths."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no bos/eos)."""
+        return self._encode_many([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no bos/eos); one call into the backend for the batch."""
+        return self._encode_many(list(texts))
+
+    def encode_piece(self, text: str) -> list[int]:
+        """``encode(text)``, memoised (bounded cache) for short strings that repeat."""
+        ids = self._piece_cache.get(text)
+        if ids is None:
+            ids = self.encode(text)
+            if len(self._piece_cache) < _PIECE_CACHE_LIMIT:
+                self._piece_cache[text] = ids
+        return ids
+
+    def save(self, out: str) -> str:
+        """Write ``model_bytes()`` to ``out`` (a file path); returns it."""
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_bytes(self.model_bytes())
+        return out
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A loaded sentencepiece model (``processor``)."""
+
     def __init__(self, processor: spm.SentencePieceProcessor, path: str):
+        super().__init__()
         self.processor = processor
         self.path = path
         self.vocab_size = processor.vocab_size()
@@ -44,61 +118,117 @@ class Tokenizer:
                 f"tokenizer {path!r} defines no end-of-sequence token; packing needs one to "
                 "separate documents: train one with `longctx tokenizer train`"
             )
-        self.bos_id: int | None = bos if bos >= 0 else None
-        self.eos_id: int = eos
-        self._piece_cache: dict[str, list[int]] = {}
+        self.bos_id = bos if bos >= 0 else None
+        self.eos_id = eos
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no bos/eos)."""
-        return self.processor.encode(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text (no bos/eos); one call into sentencepiece for the batch."""
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
         return self.processor.encode(texts)
 
-    def encode_piece(self, text: str) -> list[int]:
-        """``encode(text)``, memoised (bounded cache) for short strings that repeat."""
-        ids = self._piece_cache.get(text)
-        if ids is None:
-            ids = self.processor.encode(text)
-            if len(self._piece_cache) < _PIECE_CACHE_LIMIT:
-                self._piece_cache[text] = ids
-        return ids
-
     def decode(self, ids: list[int]) -> str:
-        """Text of ``ids``; bos/eos are dropped."""
         return self.processor.decode([int(i) for i in ids])
 
     def model_bytes(self) -> bytes:
-        """The serialized model, e.g. to store next to a checkpoint."""
         return self.processor.serialized_model_proto()
 
-    def save(self, out: str) -> str:
-        """Write the model to ``out`` (a file path); returns it."""
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_bytes(self.model_bytes())
-        return out
+    def export_files(self, directory: str | Path) -> list[Path]:
+        path = Path(directory) / TOKENIZER_FILENAME
+        self.save(str(path))
+        return [path]
+
+
+class JsonTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` run by the ``tokenizers`` library (the engine of
+    transformers' fast tokenizers, so ids equal theirs).
+
+    ``eos_token`` names the end-of-sequence token (from ``tokenizer_config.json``); ``bos_id`` is
+    the token the file's post-processor puts first when special tokens are added (None if none).
+    ``prefix_space`` is found by probing: a tokenizer that already encodes ``"a"`` like ``" a"``
+    (a sentencepiece-style prefix) gets no extra space.
+    """
+
+    def __init__(self, backend: HfTokenizer, eos_token: str, path: str):
+        super().__init__()
+        self.path = path
+        self.backend = backend
+        self.eos_token = eos_token
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        eos = self.backend.token_to_id(eos_token)
+        if eos is None:
+            raise LongctxError(
+                f"tokenizer {path!r}: its end-of-sequence token {eos_token!r} is not in the "
+                "vocabulary; fix eos_token in tokenizer_config.json"
+            )
+        self.eos_id = eos
+        plain = self.backend.encode("a", add_special_tokens=False).ids
+        with_specials = self.backend.encode("a", add_special_tokens=True).ids
+        first_added = len(with_specials) > len(plain) and with_specials[: len(plain)] != plain
+        self.bos_id = with_specials[0] if first_added else None
+        self.prefix_space = plain != self.backend.encode(" a", add_special_tokens=False).ids
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.backend.id_to_token(self.bos_id)
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        if self.prefix_space:
+            texts = [text if text[:1].isspace() else " " + text for text in texts]
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def spec(self) -> str:
+        """The tokenizer.json text."""
+        return self.backend.to_str()
+
+    def model_bytes(self) -> bytes:
+        bundle = {
+            "format": _JSON_BUNDLE_FORMAT,
+            "eos_token": self.eos_token,
+            "tokenizer": json.loads(self.spec),
+        }
+        return json.dumps(bundle, ensure_ascii=False).encode("utf-8")
+
+    def export_files(self, directory: str | Path) -> list[Path]:
+        """``tokenizer.json`` and a minimal ``tokenizer_config.json`` (its eos, and bos if
+        any)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
+        if self.bos_token is not None:
+            config["bos_token"] = self.bos_token
+        files = [directory / JSON_TOKENIZER_FILENAME, directory / JSON_TOKENIZER_CONFIG]
+        files[0].write_text(self.spec, encoding="utf-8")
+        files[1].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return files
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load a sentencepiece ``tokenizer.model``, or the one in directory ``path`` (e.g. a Hugging
-    Face checkpoint such as Llama or Mistral that ships one)."""
+    """Load a tokenizer: a sentencepiece ``tokenizer.model``, a ``tokenizer.json``, a checkpoint's
+    stored tokenizer (``model_bytes``), or the one in directory ``path`` (a Hugging Face
+    checkpoint: its ``tokenizer.model`` if it ships one, else its ``tokenizer.json``)."""
     target = Path(path)
     if target.is_dir():
-        inner = target / TOKENIZER_FILENAME
-        if not inner.is_file():
-            has_json = (target / "tokenizer.json").is_file()
-            hint = " (it has tokenizer.json, a format longctx does not read)" if has_json else ""
+        for name in (TOKENIZER_FILENAME, JSON_TOKENIZER_FILENAME):
+            if (target / name).is_file():
+                target = target / name
+                break
+        else:
             raise LongctxError(
-                f"directory {path!r} has no {TOKENIZER_FILENAME}{hint}; point data.tokenizer.path "
-                "at a sentencepiece model or train one with `longctx tokenizer train`"
+                f"directory {path!r} has neither {TOKENIZER_FILENAME} nor "
+                f"{JSON_TOKENIZER_FILENAME}; point data.tokenizer.path at a tokenizer file or "
+                "train one with `longctx tokenizer train`"
             )
-        target = inner
     if not target.is_file():
         raise LongctxError(
-            f"tokenizer {path!r} does not exist; give the path of a {TOKENIZER_FILENAME} "
-            "or train one with `longctx tokenizer train`"
+            f"tokenizer {path!r} does not exist; give the path of a {TOKENIZER_FILENAME} or "
+            f"{JSON_TOKENIZER_FILENAME}, or train one with `longctx tokenizer train`"
         )
+    raw = target.read_bytes()
+    if raw.lstrip()[:1] == b"{":
+        return _load_json_tokenizer(raw, target)
     processor = spm.SentencePieceProcessor()
     try:
         processor.load(str(target))
@@ -108,7 +238,58 @@ def load_tokenizer(path: str) -> Tokenizer:
             f"tokenizer {str(target)!r} is not a sentencepiece model ({first_line}); "
             "give a tokenizer.model file"
         ) from None
-    return Tokenizer(processor, str(target))
+    return SentencePieceTokenizer(processor, str(target))
+
+
+def _load_json_tokenizer(raw: bytes, target: Path) -> JsonTokenizer:
+    """A ``tokenizer.json`` (its eos token from the ``tokenizer_config.json`` or ``config.json``
+    beside it) or a ``JsonTokenizer.model_bytes`` bundle (which carries its eos token)."""
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LongctxError(f"tokenizer {str(target)!r} is not valid JSON ({err})") from None
+    if isinstance(document, dict) and document.get("format") == _JSON_BUNDLE_FORMAT:
+        backend = _parse_tokenizer_json(json.dumps(document["tokenizer"]), target)
+        return JsonTokenizer(backend, document["eos_token"], str(target))
+    backend = _parse_tokenizer_json(raw.decode("utf-8"), target)
+    return JsonTokenizer(backend, _eos_token_beside(target, document), str(target))
+
+
+def _parse_tokenizer_json(spec: str, target: Path) -> HfTokenizer:
+    from tokenizers import Tokenizer as HfTokenizer
+
+    try:
+        return HfTokenizer.from_str(spec)
+    except Exception as err:  # the Rust library raises plain Exception on a bad file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LongctxError(
+            f"tokenizer {str(target)!r} is not a valid tokenizer.json ({reason}); give the "
+            "tokenizer.json of a Hugging Face checkpoint"
+        ) from None
+
+
+def _eos_token_beside(target: Path, spec: dict) -> str:
+    """The eos token declared next to a ``tokenizer.json``: ``tokenizer_config.json``'s
+    ``eos_token``, else the token of ``config.json``'s ``eos_token_id``."""
+    config_file = target.parent / JSON_TOKENIZER_CONFIG
+    if config_file.is_file():
+        eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
+        if isinstance(eos, dict):  # transformers 4.x AddedToken form
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            return eos
+    model_config = target.parent / "config.json"
+    if model_config.is_file():
+        eos_id = json.loads(model_config.read_text(encoding="utf-8")).get("eos_token_id")
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        for token in spec.get("added_tokens", []):
+            if token.get("id") == eos_id:
+                return token["content"]
+    raise LongctxError(
+        f"tokenizer {str(target)!r} names no end-of-sequence token (no eos_token in "
+        f"{JSON_TOKENIZER_CONFIG}, no eos_token_id in config.json beside it); packing needs one "
+        "to separate documents: add eos_token to tokenizer_config.json"
+    )
 
 
 def train_tokenizer(

@@ -1,11 +1,15 @@
 """The ``longctx`` command line.
 
     longctx train RECIPE [--set k=v ...] [--resume latest|PATH] [--workers N] [--address A]
+                         [--placement PACK|SPREAD|STRICT_SPREAD] [--until-stage N]
                          [--dry-run]
     longctx tokenizer train --input FILES... --vocab-size N --out PATH
-    longctx eval RUN_OR_CHECKPOINT --task ppl|passkey|niah ... [--lengths N ...]
-                 [--depths F ...] [--samples N] [--windows N] [--out DIR]
+    longctx eval RUN_OR_CHECKPOINT|HF_DIR|RECIPE --task ppl|passkey|niah|counting|... [--lengths N ...]
+                 [--depths F ...] [--samples N] [--windows N] [--out DIR] [--set k=v ...]
+                 [--workers N] [--address A]
     longctx export RUN_OR_CHECKPOINT --hf OUT [--dtype fp32|bf16]
+    longctx bench [NAME ...] [--report-only]
+    longctx convert --gguf FILE --out DIR
 
 Every user mistake (a bad recipe, a bad flag, a missing file) ends the same way: one line
 ``error: ...`` on stderr and exit code 2, with nothing written to disk. The heavy parts (Ray,
@@ -23,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from longctx.errors import LongctxError
+from longctx.launch.ray_cluster import PLACEMENT_STRATEGIES
 from longctx.trainer.recipe_errors import single_line
 
 USAGE_ERROR = 2
@@ -57,11 +62,16 @@ def _train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
         from longctx.launch.plan import print_plan
+        from longctx.trainer.stages import plan_stages
 
-        layout = recipe.parallel.resolve(args.workers)
+        stages = plan_stages(recipe)  # a staged recipe: one plan per stage (layout, memory)
+        layouts = [stage.recipe.parallel.resolve(args.workers) for stage in stages]
         console = Console(highlight=False)
         console.out(recipe.resolved_yaml(), end="")
-        print_plan(recipe, layout, console)
+        for stage, layout in zip(stages, layouts):
+            if len(stages) > 1:
+                console.print(f"{stage.label()}: steps {stage.start_step + 1}-{stage.end_step}")
+            print_plan(stage.recipe, layout, console)
         return 0
     from longctx.launch.train import run_training
 
@@ -88,26 +98,11 @@ def _fraction(text: str) -> float:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint; write JSON + PNG and print the tables."""
-    from longctx.trainer.eval_report import EvalPlan, format_results
-    from longctx.trainer.saved_model import evaluate_checkpoint, open_checkpoint
+    """Evaluate a checkpoint or model (here or on Ray workers); write JSON + PNG, print the
+    tables."""
+    from longctx.launch.eval_run import run_eval
 
-    saved = open_checkpoint(args.run_or_checkpoint)
-    trainer = saved.recipe.trainer
-    plan = EvalPlan(
-        tasks=tuple(dict.fromkeys(args.task)),
-        lengths=tuple(args.lengths or trainer.eval_lengths or [saved.recipe.data.seq_len]),
-        depths=tuple(args.depths or trainer.eval_depths),
-        samples=args.samples or trainer.eval_samples,
-        ppl_windows=args.windows or trainer.eval_ppl_windows,
-        seed=saved.recipe.data.seed,
-        params=saved.recipe.data.task_params,
-    )
-    results, directory = evaluate_checkpoint(saved, plan, args.out)
-    print(f"checkpoint {saved.directory} (step {saved.step})\n")
-    print(format_results(results))
-    print(f"\nresults written to {directory}")
-    return 0
+    return run_eval(args)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -116,6 +111,32 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_hf(args.run_or_checkpoint, args.hf, args.dtype)
     print(f"exported to {out}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """Convert a GGUF checkpoint into a Hugging Face model directory."""
+    from longctx.launch.convert import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out)
+    print(f"converted {args.gguf} to {out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run the benchmarks (all, or those named) and write bench/results/REPORT.md; 1 if one
+    failed."""
+    from longctx.bench.report import write_markdown
+    from longctx.bench.suite import check_names, run_suite
+
+    check_names(args.names)
+    if args.report_only:
+        print(f"wrote {write_markdown()}")
+        return 0
+    failed = run_suite(args.names)
+    if failed is not None:
+        print(f"error: benchmark {failed} failed; its output is above", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -150,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", metavar="A", help="Ray cluster to join ('auto', 'ray://...'); default: local"
     )
     train.add_argument(
+        "--placement",
+        type=str.upper,
+        choices=PLACEMENT_STRATEGIES,
+        default="PACK",
+        help="how Ray places the workers: PACK fills a node first (default), SPREAD spreads "
+        "them, STRICT_SPREAD puts each on a different node",
+    )
+    train.add_argument(
+        "--until-stage",
+        type=_positive_int,
+        metavar="N",
+        help="train a staged recipe up to and including stage N (1-based), then stop; "
+        "'--resume latest' later continues with stage N+1",
+    )
+    train.add_argument(
         "--dry-run",
         action="store_true",
         help="print the resolved recipe and the plan (layout, parameters, memory); run nothing",
@@ -172,15 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokenizer_train.set_defaults(handler=_train_tokenizer)
 
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint (ppl, passkey, niah)")
-    evaluate.add_argument("run_or_checkpoint", metavar="RUN_OR_CHECKPOINT")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a checkpoint or model (ppl, passkey, niah), optionally sharded"
+    )
+    evaluate.add_argument(
+        "run_or_checkpoint",
+        metavar="TARGET",
+        help="a run directory, a checkpoint, a Hugging Face model directory, or a recipe "
+        "whose model.init is hf:PATH",
+    )
     evaluate.add_argument(
         "--task",
         nargs="+",
         required=True,
-        choices=("ppl", "passkey", "niah"),
+        choices=("ppl", "passkey", "niah", "counting", "selective_copy", "flip_flop"),
         metavar="TASK",
-        help="ppl (perplexity by position), passkey, niah (multi-key needles); several allowed",
+        help="ppl (perplexity by position), passkey, niah (multi-key needles), counting, "
+        "selective_copy, flip_flop (answer accuracy by length); several allowed",
     )
     evaluate.add_argument(
         "--lengths",
@@ -203,6 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out", type=Path, metavar="DIR", help="output directory (default RUN/eval/step_N)"
     )
+    evaluate.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set model.rope_scaling='{rope_type: yarn, "
+        "factor: 4}' or --set parallel.ring=2; repeatable",
+    )
+    evaluate.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="ranks (Ray workers when more than 1; default parallel.dp x ulysses x ring, "
+        "dp 'auto' -> 1); sequences are sharded over parallel.ulysses x ring",
+    )
+    evaluate.add_argument(
+        "--address", metavar="A", help="Ray cluster to join ('auto', 'ray://...'); default: local"
+    )
     evaluate.set_defaults(handler=_eval)
 
     export = commands.add_parser("export", help="export a checkpoint as a Hugging Face model")
@@ -212,6 +274,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     export.set_defaults(handler=_export)
+
+    convert = commands.add_parser(
+        "convert", help="convert a GGUF Llama-family checkpoint to a Hugging Face directory"
+    )
+    convert.add_argument(
+        "--gguf", required=True, metavar="FILE", help="the .gguf file (quantized or not)"
+    )
+    convert.add_argument(
+        "--out", required=True, metavar="DIR", help="new or empty directory to write"
+    )
+    convert.set_defaults(handler=_convert)
+
+    bench = commands.add_parser(
+        "bench", help="run the benchmarks and write bench/results/REPORT.md (15-20 min)"
+    )
+    bench.add_argument(
+        "names", nargs="*", metavar="NAME", help="benchmarks to run (default: all of them)"
+    )
+    bench.add_argument(
+        "--report-only", action="store_true", help="rebuild REPORT.md from the JSON files only"
+    )
+    bench.set_defaults(handler=_bench)
     return parser
 
 

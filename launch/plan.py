@@ -2,12 +2,23 @@
 rough memory estimate per rank. Printed by ``longctx train RECIPE --dry-run``; it only reads the
 recipe (no Ray, no model, no tensors).
 
-Memory model (bytes per parameter, as in the ZeRO paper's accounting):
-  fp32: weights 4, gradients 4, Adam moments 8;
-  bf16: weights 2, gradients 2, optimizer 12 (fp32 master weights + two fp32 moments).
-ZeRO stage >= 1 shards the optimizer state over all ranks, >= 2 also the gradients, 3 also the
-weights (DeepSpeed sees every rank as data parallel, so it shards over the whole world).
-Activations: see ``activation_bytes``.
+Memory model, per rank (t = micro_batch_size x seq_len / sp tokens on the rank):
+
+- model states (bytes per parameter, as in the ZeRO paper's accounting): fp32: weights 4,
+  gradients 4, Adam moments 8; bf16: weights 2, gradients 2, optimizer 12 (fp32 master weights
+  + two fp32 moments). ZeRO stage >= 1 shards the optimizer state over all ranks, >= 2 also the
+  gradients, 3 also the weights (DeepSpeed sees every rank as data parallel, so it shards over
+  the whole world);
+- ZeRO communication buffers at DeepSpeed's default sizes (``zero_buffer_bytes``);
+- activations kept for backward, with or without activation checkpointing, and the fp32 logits
+  chunk of the tiled loss (``activation_bytes``);
+- the attention workspace of the one layer being computed: float32 merge accumulators, ring
+  K,V and dK,dV buffers, Ulysses all-to-all copies (``attention_workspace_bytes``);
+- the tiled loss's backward workspace: the logits gradient of one chunk and the float32 LM-head
+  gradient accumulator (``loss_workspace_bytes``).
+
+Not counted: allocator fragmentation, CUDA context and NCCL's own buffers (about 1-3 GiB on a
+GPU), and kernel scratch below one [chunk, chunk] score tile per head.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from rich.table import Table
 
 from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig
+from longctx.parallel.ulysses import kv_head_replication
 from longctx.trainer.config import Recipe
 
 # Tokens per chunk of the tiled cross-entropy (longctx.parallel.loss default): the largest
@@ -27,21 +39,39 @@ LOSS_CHUNK_TOKENS = 4096
 # (weights, gradients, optimizer state) bytes per parameter for each training dtype.
 _STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12)}
 _ACTIVATION_BYTES = {"fp32": 4, "bf16": 2}
+FP32_BYTES = 4
+# DeepSpeed's defaults (elements), which longctx's DeepSpeed config leaves unchanged: the gradient
+# reduce bucket (every stage, when there is more than one rank), the parameter all-gather bucket
+# of stages 1-2, and the most gathered parameters stage 3 keeps alive at once.
+DS_REDUCE_BUCKET = 500_000_000
+DS_ALLGATHER_BUCKET = 500_000_000
+DS_STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes one rank holds at the peak of a training step (rough: ignores communication
-    buffers, allocator fragmentation and the attention kernel's own O(T * chunk) workspace)."""
+    """Bytes one rank holds at the peak of a training step (see the module docstring for what
+    each part counts and what is left out)."""
 
     weights: int
     gradients: int
     optimizer: int
     activations: int
+    zero_buffers: int = 0
+    attention_workspace: int = 0
+    loss_workspace: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.zero_buffers
+            + self.attention_workspace
+            + self.loss_workspace
+        )
 
 
 def activation_bytes(
@@ -69,6 +99,55 @@ def activation_bytes(
     return tokens * (kept + d) * element + logits_chunk
 
 
+def zero_buffer_bytes(params: int, dtype: str, zero_stage: int, world: int) -> int:
+    """DeepSpeed's communication buffers at its default sizes: the gradient reduce bucket
+    (``min(params, 5e8)`` gradient elements, only with more than one rank), plus the parameter
+    all-gather bucket of stages 1-2 or the gathered live parameters of stage 3
+    (``min(params, 5e8)`` resp. ``min(params, 1e9)`` weight elements)."""
+    weight_b, grad_b, _ = _STATE_BYTES[dtype]
+    reduce = min(params, DS_REDUCE_BUCKET) * grad_b if world > 1 else 0
+    if zero_stage == 3:
+        return reduce + min(params, DS_STAGE3_MAX_LIVE_PARAMETERS) * weight_b
+    if zero_stage >= 1:
+        return reduce + min(params, DS_ALLGATHER_BUCKET) * weight_b
+    return reduce
+
+
+def attention_workspace_bytes(
+    model: ModelConfig, tokens: int, dtype: str, layout: ParallelConfig
+) -> int:
+    """Scratch of one attention layer on a rank holding ``tokens`` tokens (its query shard).
+
+    - the float32 merge accumulators of the output and log-sum-exp: ``tokens x Hq x (hd + 1)``;
+    - Ulysses (degree u > 1): the all-to-all makes new copies of q, out (``Hq hd``) and k, v
+      (``Hkv r hd`` with each kv head repeated ``r = u / gcd(Hkv, u)`` times) per token;
+    - ring (degree > 1): the backward, the larger phase, has two K,V buffers in flight (one
+      computed on, one arriving) in the activation dtype and two float32 dK,dV accumulators
+      travelling with them; a K,V block has ``tokens x Hkv r hd`` elements per tensor (under
+      Ulysses a rank holds ``u`` times the tokens and ``1/u`` of the heads).
+    """
+    element = _ACTIVATION_BYTES[dtype]
+    hd, heads = model.dim_per_head, model.num_attention_heads
+    kv_heads = model.kv_heads * kv_head_replication(model.kv_heads, layout.ulysses)
+    total = tokens * heads * (hd + 1) * FP32_BYTES
+    if layout.ulysses > 1:
+        total += tokens * (2 * heads + 2 * kv_heads) * hd * element
+    if layout.ring > 1:
+        block = tokens * kv_heads * hd  # elements of one K (or V) block
+        total += 2 * 2 * block * element + 2 * 2 * block * FP32_BYTES
+    return total
+
+
+def loss_workspace_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
+    """The tiled loss's backward on ``tokens`` tokens: the float32 logits gradient of one chunk
+    (next to the recomputed logits counted in ``activation_bytes``), the bf16 matmul output of
+    that chunk before its float32 cast (bf16 only), and the float32 LM-head gradient
+    accumulator ``[V, d]``."""
+    chunk = min(tokens, LOSS_CHUNK_TOKENS) * model.vocab_size
+    cast = chunk * _ACTIVATION_BYTES[dtype] if dtype != "fp32" else 0
+    return chunk * FP32_BYTES + cast + model.vocab_size * model.hidden_size * FP32_BYTES
+
+
 def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
     """Per-rank memory of ``recipe`` on ``layout`` (a ParallelConfig with a concrete dp)."""
     trainer = recipe.trainer
@@ -83,6 +162,9 @@ def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
         activations=activation_bytes(
             recipe.model, tokens, trainer.dtype, trainer.activation_checkpointing
         ),
+        zero_buffers=zero_buffer_bytes(params, trainer.dtype, stage, world),
+        attention_workspace=attention_workspace_bytes(recipe.model, tokens, trainer.dtype, layout),
+        loss_workspace=loss_workspace_bytes(recipe.model, tokens, trainer.dtype),
     )
 
 
@@ -117,11 +199,15 @@ def plan_rows(recipe: Recipe, layout: ParallelConfig) -> list[tuple[str, str]]:
         ("sequences per optimizer step", f"{per_step} ({per_step * seq_len:,} tokens)"),
         ("parameters", human_count(recipe.model.num_parameters())),
         ("precision / ZeRO stage", f"{trainer.dtype} / {trainer.zero_stage}"),
+        ("activation checkpointing", "on" if trainer.activation_checkpointing else "off"),
         ("memory per rank: weights", human_bytes(memory.weights)),
         ("memory per rank: gradients", human_bytes(memory.gradients)),
         ("memory per rank: optimizer", human_bytes(memory.optimizer)),
+        ("memory per rank: ZeRO buffers", human_bytes(memory.zero_buffers)),
         ("memory per rank: activations", human_bytes(memory.activations)),
-        ("memory per rank: total (rough)", human_bytes(memory.total)),
+        ("memory per rank: attention workspace", human_bytes(memory.attention_workspace)),
+        ("memory per rank: loss workspace", human_bytes(memory.loss_workspace)),
+        ("memory per rank: total (estimate)", f"{human_bytes(memory.total)} ({memory.total:,} B)"),
         ("recipe hash (model shape)", recipe.recipe_hash()),
         ("run directory", str(trainer.run_dir)),
     ]

@@ -10,6 +10,18 @@ of its security settings.
 The worker count is checked against the CPUs (and GPUs) the cluster has before any worker starts,
 so an impossible request is a one-line ``LongctxError`` instead of Ray waiting forever for
 resources. For the embedded cluster the check runs before Ray is even started.
+
+The embedded cluster may *oversubscribe* the machine: more CPU workers than cores (say 4 ranks of
+a ring 2 x dp 2 layout on a 2-core laptop) is a legitimate way to test a layout before taking it
+to a cluster. Ray is then started with one logical CPU per worker (``num_cpus = workers``), each
+worker gets one CPU and so one intra-op thread (Ray sets ``OMP_NUM_THREADS`` from it), and the
+launcher logs that the cores are shared. Up to ``MAX_WORKERS_PER_CPU`` workers per core are
+allowed; beyond that the request is almost certainly a typo and is refused. A joined cluster is
+never oversubscribed: its nodes' CPU counts are what its operator declared.
+
+Placement (``--placement``): Ray Train reserves the workers' resources as one placement group;
+``PACK`` (the default) fills a node before using the next, ``SPREAD`` spreads them where it can,
+``STRICT_SPREAD`` puts every worker on a different node (and fails if there are too few nodes).
 """
 
 from __future__ import annotations
@@ -39,6 +51,11 @@ _EMBEDDED_ENV = {
 # Set for embedded and joined clusters alike: Ray Train would otherwise route each worker's
 # print() through a logger that echoes it a second time on the terminal.
 _DRIVER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Most workers the embedded cluster runs per core (each then gets one thread).
+MAX_WORKERS_PER_CPU = 4
+# Ray placement-group strategies that ``--placement`` accepts (Ray Train ScalingConfig).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class WorkerResources:
     use_gpu: bool
     description: str  # one line for the terminal: which cluster, how many CPUs / GPUs
     worker_env: dict[str, str] = field(default_factory=dict)  # set in each worker first thing
+    placement_strategy: str = "PACK"  # one of PLACEMENT_STRATEGIES
 
     @property
     def backend(self) -> str:
@@ -149,18 +167,46 @@ def _embedded_environment() -> dict[str, str]:
     return env
 
 
+def embedded_cpu_plan(workers: int, cpus: int) -> tuple[int, int]:
+    """``(ray_cpus, cpus_per_worker)`` for ``workers`` CPU workers on a machine with ``cpus``
+    cores: the cores are split evenly, or, with more workers than cores, Ray is told there is
+    one CPU per worker (oversubscription, each worker then runs one thread). More than
+    ``MAX_WORKERS_PER_CPU`` workers per core is a one-line ``LongctxError``."""
+    if workers <= cpus:
+        return cpus, cpus // workers
+    limit = MAX_WORKERS_PER_CPU * cpus
+    if workers > limit:
+        raise LongctxError(
+            f"--workers {workers} would put {workers / cpus:g} workers on each of this machine's "
+            f"{cpus} CPUs (at most {MAX_WORKERS_PER_CPU} per CPU are run); pass --workers {limit} "
+            "or fewer, or join a larger cluster with --address"
+        )
+    return workers, 1
+
+
 def _start_embedded(workers: int) -> tuple[int, bool, str]:
     """Start a local cluster for ``workers`` workers; ``(cpus_per_worker, use_gpu, line)``."""
     cpus, gpus = local_cpu_count(), _local_gpu_count()
     fix = ", or join a larger cluster with --address"
-    use_gpu = check_capacity(workers, cpus, gpus, "this machine", fix)
-    # The machine's CPUs are split evenly, so each rank's intra-op threads get their own cores.
-    cpus_per_worker = cpus // workers
+    use_gpu = gpus > 0
+    if use_gpu:
+        check_capacity(workers, max(cpus, workers), gpus, "this machine", fix)
+    ray_cpus, cpus_per_worker = embedded_cpu_plan(workers, cpus)
+    oversubscribed = ray_cpus > cpus
+    if oversubscribed:
+        log.warning(
+            "oversubscribing this machine: %d workers share %d CPUs, 1 thread each "
+            "(Ray is started with num_cpus=%d); steps will be slower than on %d cores",
+            workers,
+            cpus,
+            ray_cpus,
+            workers,
+        )
     import ray
 
     context = ray.init(
         address="local",  # always a new cluster, never one found in /tmp/ray
-        num_cpus=cpus,
+        num_cpus=ray_cpus,
         num_gpus=gpus,
         include_dashboard=True,  # Ray Train's controller queries the state API served here
         dashboard_host="127.0.0.1",
@@ -170,9 +216,27 @@ def _start_embedded(workers: int) -> tuple[int, bool, str]:
     line = (
         f"local Ray on 127.0.0.1: {workers} workers x {cpus_per_worker} CPU"
         + (" + 1 GPU" if use_gpu else "")
+        + (f" (oversubscribed: {cpus} CPUs shared, 1 thread each)" if oversubscribed else "")
         + dashboard
     )
     return cpus_per_worker, use_gpu, line
+
+
+def _gcs_address(address: str) -> str | None:
+    """``HOST:PORT`` when ``address`` names a cluster's GCS directly; None for ``auto`` and
+    Ray Client addresses (``ray://``), which Ray resolves itself."""
+    if address == "auto" or "://" in address:
+        return None
+    return address
+
+
+def _joined_runtime_env(address: str) -> dict:
+    """Runtime environment of this job on a joined cluster: its processes (Ray Train's controller
+    and workers) get ``RAY_ADDRESS``, so the state API calls they make find this cluster even
+    where several Ray clusters share a machine (several nodes or jobs on one host); without it
+    Ray guesses from ``/tmp/ray`` and refuses when it finds more than one."""
+    gcs = _gcs_address(address)
+    return {"env_vars": {"RAY_ADDRESS": gcs}} if gcs else {}
 
 
 def _join(address: str, workers: int) -> tuple[int, bool, str]:
@@ -180,7 +244,9 @@ def _join(address: str, workers: int) -> tuple[int, bool, str]:
     import ray
 
     try:
-        ray.init(address=address, **_quiet_ray_init_kwargs())
+        ray.init(
+            address=address, runtime_env=_joined_runtime_env(address), **_quiet_ray_init_kwargs()
+        )
     except ConnectionError as error:
         raise LongctxError(
             f"--address {address}: cannot connect to a Ray cluster ({error}); start one with "
@@ -203,17 +269,31 @@ def _join(address: str, workers: int) -> tuple[int, bool, str]:
 
 
 @contextmanager
-def ray_cluster(address: str | None, workers: int) -> Iterator[WorkerResources]:
-    """Start (``address=None``) or join a Ray cluster for ``workers`` training workers; yields
-    what each worker gets and disconnects (stopping an embedded cluster) on exit.
+def ray_cluster(
+    address: str | None, workers: int, placement: str = "PACK"
+) -> Iterator[WorkerResources]:
+    """Start (``address=None``) or join a Ray cluster for ``workers`` training workers placed
+    with ``placement`` (one of ``PLACEMENT_STRATEGIES``); yields what each worker gets and
+    disconnects (stopping an embedded cluster) on exit.
 
-    Raises ``LongctxError`` when the cluster cannot hold ``workers`` workers at once; for the
-    embedded cluster this happens before Ray starts. The embedded cluster binds to 127.0.0.1
+    Raises ``LongctxError`` when the cluster cannot hold ``workers`` workers at once (the
+    embedded cluster oversubscribes up to ``MAX_WORKERS_PER_CPU`` per core); for the embedded
+    cluster this happens before Ray starts. The embedded cluster binds to 127.0.0.1
     only when Ray is first imported here (Ray reads its single-machine switch at import). The
     environment variables set for Ray are restored on exit.
     """
+    if placement not in PLACEMENT_STRATEGIES:
+        raise LongctxError(
+            f"placement {placement!r} is not a Ray placement strategy; use one of "
+            f"{', '.join(PLACEMENT_STRATEGIES)}"
+        )
     embedded = address is None
-    env = {**_DRIVER_ENV, **(_embedded_environment() if embedded else {})}
+    if embedded:
+        cluster_env = _embedded_environment()
+    else:
+        gcs = _gcs_address(address)
+        cluster_env = {"RAY_ADDRESS": gcs} if gcs else {}
+    env = {**_DRIVER_ENV, **cluster_env}
     with _environment(env):
         if embedded:
             cpus_per_worker, use_gpu, line = _start_embedded(workers)
@@ -228,6 +308,7 @@ def ray_cluster(address: str | None, workers: int) -> Iterator[WorkerResources]:
                 use_gpu=use_gpu,
                 description=line,
                 worker_env=_worker_env(use_gpu, embedded=embedded),
+                placement_strategy=placement,
             )
         finally:
             ray.shutdown()

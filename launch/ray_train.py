@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from longctx.launch.ray_cluster import WorkerResources
+from longctx.trainer.checkpoint import latest_checkpoint
 
 POINTER_FILE = "longctx_checkpoint.json"
 SUMMARY_FILE = "summary.json"
@@ -45,6 +46,18 @@ def write_pointer(directory: str | Path, checkpoint_dir: str | Path, step: int |
 def read_pointer(directory: str | Path) -> str:
     """The checkpoint path that a pointer directory refers to."""
     return json.loads(Path(directory, POINTER_FILE).read_text())["path"]
+
+
+def restart_checkpoint(reported: str) -> str:
+    """Where a restarted worker group resumes: the run's ``checkpoints/latest``.
+
+    Ray Train hands back the last pointer it *collected*, which can lag the checkpoints on disk
+    (reports are collected asynchronously) and may name one that ``keep_last`` has already
+    deleted; the run's ``latest`` is at least as new and always exists. Once this launch has
+    reported a checkpoint, ``latest`` is this launch's own.
+    """
+    newest = latest_checkpoint(Path(reported).parent.parent)  # RUN/checkpoints/step_N -> RUN
+    return str(newest) if newest is not None else reported
 
 
 class RayTrainReporter:
@@ -100,10 +113,10 @@ def train_loop_per_worker(config: dict) -> None:
     job = dict(config["job"])
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        # Ray Train restarted the group after a failure: continue from the last checkpoint this
-        # launch reported rather than from what the command line asked for.
+        # Ray Train restarted the group after a failure: continue from this launch's newest
+        # checkpoint rather than from what the command line asked for.
         with restored.as_directory() as pointer_dir:
-            job["resume"] = read_pointer(pointer_dir)
+            job["resume"] = restart_checkpoint(read_pointer(pointer_dir))
     summary = config["worker_fn"](job, RayTrainReporter())
     if ray.train.get_context().get_world_rank() == 0:
         # Ray's Result carries only metrics attached to checkpoints; the summary goes to a file.
@@ -158,6 +171,7 @@ def fit_on_ray(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker},
+            placement_strategy=resources.placement_strategy,
         ),
         torch_config=TorchConfig(backend=resources.backend),
         run_config=ray.train.RunConfig(

@@ -4,8 +4,8 @@ The driver (this module) rejects every bad input it can see before a worker star
 one-line ``LongctxError`` the CLI turns into exit code 2: the world layout against ``--workers``,
 the run directory and ``--resume`` target (``trainer.run_dir.validate_run``, the same check each
 worker repeats), and the CPUs Ray has (``launch.ray_cluster``). Then Ray Train runs the workers
-(``launch.ray_train``) and, at the end, the driver prints the loss curve's ends and where the
-checkpoints and TensorBoard logs are.
+(``launch.ray_train``), one launch per stage of a staged recipe, and, at the end, the driver
+prints the loss curve's ends and where the checkpoints and TensorBoard logs are.
 """
 
 from __future__ import annotations
@@ -15,18 +15,24 @@ import math
 import os
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from rich.console import Console
 
+from longctx.errors import LongctxError
 from longctx.launch.ray_cluster import ray_cluster
 from longctx.launch.ray_train import fit_on_ray, new_launch_id
+from longctx.positional.rope import rope_type_of
 from longctx.trainer.checkpoint import CHECKPOINTS_DIR
+from longctx.trainer.eval_report import EVAL_DIR, eval_directory
 from longctx.trainer.run_dir import TENSORBOARD_DIR, validate_run
 
 if TYPE_CHECKING:
     from longctx.trainer.config import Recipe
+    from longctx.trainer.stages import Stage
 
 TRAINING_FAILED = 1
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
@@ -93,10 +99,11 @@ def print_outcome(
     seconds: float,
     next_command: str,
     passkey: str | None = None,
+    next_label: str = "continue",
 ) -> None:
     """The end of a run on the terminal: steps, loss from first to last logged step, the
-    evaluation loss, the passkey check's line (when made), and where the checkpoints and
-    TensorBoard logs are."""
+    evaluation loss, the passkey check's line (when made), where the checkpoints and
+    TensorBoard logs are, and the command to run next (``next_label``: what it does)."""
     console.print(f"done in {_duration(seconds)}: trained to step {summary['step']}")
     curve = loss_curve(run_dir / TENSORBOARD_DIR)
     if curve:
@@ -112,7 +119,7 @@ def print_outcome(
     latest = f" (latest: {Path(checkpoint).name})" if checkpoint else ""
     console.print(f"  checkpoints:  {_short(run_dir / CHECKPOINTS_DIR)}{latest}")
     console.print(f"  tensorboard:  tensorboard --logdir {_short(run_dir / TENSORBOARD_DIR)}")
-    console.print(f"  continue:     {next_command}")
+    console.print(f"  {next_label + ':':<13} {next_command}")
 
 
 def continue_command(args: argparse.Namespace, steps: int) -> str:
@@ -126,6 +133,8 @@ def continue_command(args: argparse.Namespace, steps: int) -> str:
         words += ["--workers", str(args.workers)]
     if args.address is not None:
         words += ["--address", args.address]
+    if getattr(args, "placement", "PACK") != "PACK":
+        words += ["--placement", args.placement]
     words += ["--resume", "latest", "--set", f"trainer.steps={2 * steps}"]
     return shlex.join(words)
 
@@ -134,19 +143,40 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
     """``longctx train`` after the recipe is loaded: validate, train on Ray, report.
 
     ``args``: ``recipe`` (its path), ``set`` (the overrides), ``workers`` (None: the recipe's
-    layout), ``address`` (None: embedded Ray), ``resume`` (None, ``latest`` or a path). Returns
-    the exit code: 0 when training finished, 1 when the workers failed more often than
-    ``trainer.max_failures`` allows, 130 on Ctrl-C. Bad input raises ``LongctxError`` before
-    anything starts.
+    layout), ``address`` (None: embedded Ray), ``placement`` (Ray placement strategy),
+    ``resume`` (None, ``latest`` or a path), ``until_stage`` (None: every stage; N: stop after
+    stage N of a staged recipe). Returns the exit code: 0 when training finished, 1 when the
+    workers failed more often than ``trainer.max_failures`` allows, 130 on Ctrl-C. Bad input
+    raises ``LongctxError`` before anything starts.
+
+    Stages (``trainer/stages.py``) run one Ray Train launch each, in order, from the stage the
+    resume point names; each stage gets its own layout (``--workers`` ranks, or the stage's
+    ``dp x ulysses x ring``) and starts from the previous stage's final checkpoint. A local run
+    that trains passkey prints, around each stage after the first, the passkey table at that
+    stage's length before (the previous stage's weights under its settings) and after it.
     """
+    from longctx.trainer.stages import check_stage_record, plan_stages, resume_point
     from longctx.trainer.worker import check_layout
 
     started = time.monotonic()
-    layout = recipe.parallel.resolve(args.workers)
-    recipe = recipe.model_copy(update={"parallel": layout})
-    check_layout(recipe, layout.world)
+    stages = plan_stages(recipe)
+    last = _last_stage(stages, getattr(args, "until_stage", None))
+    layouts = [stage.recipe.parallel.resolve(args.workers) for stage in stages]
+    for stage, layout in zip(stages, layouts):
+        check_layout(stage.recipe, layout.world)
+    if not recipe.stages:  # config.yaml keeps the resolved layout of an unstaged run
+        recipe = recipe.model_copy(update={"parallel": layouts[0]})
     run_dir = Path(recipe.trainer.run_dir).resolve()
-    validate_run(recipe, run_dir, args.resume)
+    point = resume_point(stages, run_dir, args.resume)
+    validate_run(point.checkpoint_stage.recipe, run_dir, args.resume)
+    check_stage_record(stages, run_dir, point)
+    console = Console(highlight=False, soft_wrap=True, markup=False)  # paths may hold [ ]
+    if point.stage.index > last:
+        console.print(
+            f"stages 1-{last + 1} of '{recipe.name}' are already trained ({point.checkpoint}); "
+            f"continue with {_stage_command(args)}"
+        )
+        return 0
     launch_id = new_launch_id()
     job = {
         "recipe": recipe.model_dump(mode="json"),
@@ -154,43 +184,142 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
         "resume": args.resume,
         "launch_id": launch_id,
     }
-    console = Console(highlight=False, soft_wrap=True)
-    with ray_cluster(args.address, layout.world) as resources:
-        console.print(f"longctx: training '{recipe.name}' on {layout.describe()}")
+    todo = stages[point.stage.index : last + 1]
+    world = max(layouts[stage.index].world for stage in todo)
+    local = args.address is None
+    with ray_cluster(args.address, world, getattr(args, "placement", "PACK")) as resources:
+        console.print(f"longctx: training '{recipe.name}' on {layouts[todo[0].index].describe()}")
         console.print(f"  workers:  {resources.description}")
         console.print(f"  run dir:  {_short(run_dir)}")
-        try:
-            run = fit_on_ray(
-                job,
-                resources,
-                launch_id=launch_id,
-                max_failures=recipe.trainer.max_failures,
-                workdir=os.getcwd() if args.address is None else None,
-            )
-        except KeyboardInterrupt:
-            console.print(f"interrupted; continue with --resume latest ({_short(run_dir)})")
-            return INTERRUPTED
-        except Exception as error:
-            if not _is_training_failure(error):
-                raise
-            console.print(f"error: {failure_line(error)}")
-            console.print(
-                "  (the workers' tracebacks are above; checkpoints so far are in "
-                f"{_short(run_dir / CHECKPOINTS_DIR)}, continue with --resume latest)"
-            )
-            return TRAINING_FAILED
+        boundary = point.checkpoint if point.new_stage else None
+        for stage in todo:
+            layout = layouts[stage.index]
+            if len(stages) > 1:
+                console.print(_stage_line(stage, layout.describe()))
+            if boundary is not None and local and _trains_passkey(stage):
+                before = run_dir / EVAL_DIR / f"before_stage_{stage.index + 1}"
+                console.print(
+                    f"passkey before {stage.label()} (stage {stage.index}'s final weights, "
+                    f"this stage's settings):"
+                )
+                console.print(stage_passkey_table(boundary, stage, before))
+            try:
+                run = fit_on_ray(
+                    {**job, "last_stage": stage.index},
+                    replace(resources, num_workers=layout.world),
+                    launch_id=launch_id if len(stages) == 1 else f"{launch_id}-s{stage.index + 1}",
+                    max_failures=recipe.trainer.max_failures,
+                    workdir=os.getcwd() if local else None,
+                )
+            except KeyboardInterrupt:
+                console.print(f"interrupted; continue with --resume latest ({_short(run_dir)})")
+                return INTERRUPTED
+            except Exception as error:
+                if not _is_training_failure(error):
+                    raise
+                console.print(f"error: {failure_line(error)}")
+                console.print(
+                    "  (the workers' tracebacks are above; checkpoints so far are in "
+                    f"{_short(run_dir / CHECKPOINTS_DIR)}, continue with --resume latest)"
+                )
+                return TRAINING_FAILED
+            boundary = Path(run.summary["checkpoint"])
+            job["resume"] = str(boundary)
+            if stage.index > 0 and local and _trains_passkey(stage):
+                console.print(f"passkey after {stage.label()}:")
+                after = eval_directory(run_dir, run.summary["step"])
+                console.print(stage_passkey_table(boundary, stage, after))
     passkey = None
-    if recipe.data.active_tasks().get("passkey") and args.address is None:
+    if len(stages) == 1 and local and _trains_passkey(stages[0]):
         # A local run's final weights fit this machine; on a cluster they may not fit the driver.
         from longctx.launch.passkey_check import passkey_line
 
         passkey = passkey_line(run.summary["checkpoint"], PASSKEY_EXAMPLES)
-    print_outcome(
-        console,
-        run_dir,
-        run.summary,
-        time.monotonic() - started,
-        continue_command(args, run.summary["step"]),
-        passkey,
-    )
+    next_label, next_command = "continue", continue_command(args, run.summary["step"])
+    if last < len(stages) - 1:
+        next_command = _stage_command(args)
+        console.print(f"stopped after {stages[last].label()} (--until-stage {last + 1})")
+    elif len(stages) > 1:
+        next_label = "export"
+        next_command = f"longctx export {_short(run_dir)} --hf {_short(run_dir)}-hf"
+    seconds = time.monotonic() - started
+    print_outcome(console, run_dir, run.summary, seconds, next_command, passkey, next_label)
     return 0
+
+
+def _last_stage(stages: list[Stage], until_stage: int | None) -> int:
+    """The index of the last stage to train: ``--until-stage N`` (1-based) or the last one."""
+    if until_stage is None:
+        return len(stages) - 1
+    if not 1 <= until_stage <= len(stages):
+        raise LongctxError(
+            f"--until-stage {until_stage} is not a stage of this recipe, which has "
+            f"{len(stages)}; pass a number from 1 to {len(stages)}"
+        )
+    return until_stage - 1
+
+
+def _stage_line(stage: Stage, layout: str) -> str:
+    """``stage 2/2 'extend': steps 601-800, seq_len 1024, YaRN x4, dp 1 x ulysses 1 x ring 2``."""
+    scaling = stage.recipe.model.rope_scaling
+    rope = "" if scaling is None else f", rope_scaling {rope_type_of(scaling)}"
+    if scaling is not None and "factor" in scaling:
+        rope += f" x{scaling['factor']:g}"
+    return (
+        f"{stage.label()}: steps {stage.start_step + 1}-{stage.end_step}, seq_len "
+        f"{stage.recipe.data.seq_len}{rope}, {layout}"
+    )
+
+
+def _stage_command(args: argparse.Namespace) -> str:
+    """The command that trains the remaining stages: the same one with ``--resume latest`` and
+    no ``--until-stage``."""
+    words = ["longctx", "train", args.recipe]
+    for assignment in args.set:
+        words += ["--set", assignment]
+    if args.workers is not None:
+        words += ["--workers", str(args.workers)]
+    if args.address is not None:
+        words += ["--address", args.address]
+    if getattr(args, "placement", "PACK") != "PACK":
+        words += ["--placement", args.placement]
+    return shlex.join([*words, "--resume", "latest"])
+
+
+def _trains_passkey(stage: Stage) -> bool:
+    """Whether the driver prints passkey results for ``stage`` (it trains on passkey and the
+    recipe leaves ``trainer.passkey_check`` on)."""
+    recipe = stage.recipe
+    return recipe.trainer.passkey_check and bool(recipe.data.active_tasks().get("passkey"))
+
+
+def stage_passkey_table(checkpoint: Path, stage: Stage, out: Path) -> str:
+    """The passkey accuracy table of a checkpoint's weights under ``stage``'s model settings
+    (its RoPE scaling), at the stage's ``data.seq_len``, by fact depth, over about
+    ``PASSKEY_EXAMPLES`` prompts (one process). ``passkey.json`` and the heatmap
+    ``passkey.png`` go to ``out``; returns the table and where they are."""
+    from longctx.launch.passkey_check import DEPTHS
+    from longctx.trainer.eval_report import EvalPlan, run_eval_suite, write_eval_outputs
+    from longctx.trainer.evaluate import format_table
+    from longctx.trainer.saved_model import load_trained_model, open_checkpoint
+
+    saved = replace(open_checkpoint(checkpoint), recipe=stage.recipe)
+    data = stage.recipe.data
+    plan = EvalPlan(
+        tasks=("passkey",),
+        lengths=(data.seq_len,),
+        depths=DEPTHS,
+        samples=max(1, PASSKEY_EXAMPLES // len(DEPTHS)),
+        seed=data.seed + 1,
+        params=data.task_params,
+    )
+    with torch.no_grad():
+        results = run_eval_suite(load_trained_model(saved), saved.tokenizer, plan, None)
+    meta = {"step": saved.step, "checkpoint": str(checkpoint), "stage": stage.index + 1}
+    written = write_eval_outputs(results, out, meta)
+    passkey = results["passkey"]
+    heatmap = next(path for path in written if path.suffix == ".png")
+    return (
+        f"{format_table(passkey)}\n  mean {passkey.mean_accuracy:.0%} keys retrieved "
+        f"({passkey.samples} prompts per depth); heatmap {_short(heatmap)}"
+    )

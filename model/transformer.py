@@ -12,15 +12,24 @@ code here: the attention layer delegates the inner ``softmax(q k^T) v`` to one s
 ``self_attn.core`` (``(q, k, v, ctx) -> out``), which sequence parallelism and the sparse
 variants replace without touching this file. RoPE comes from ``longctx.positional``: one rotary
 module computes ``cos``/``sin`` once per forward and every layer rotates its q and k with them.
+
+Two memory options for long sequences, both exact and both off by default: ``apply_tiled_mlp``
+computes each MLP over sequence chunks recomputed in backward (only a chunk's
+``[B, chunk, intermediate]`` activations ever exist), and ``apply_activation_offload`` keeps
+the tensors each layer saves for backward (with activation checkpointing: the layer inputs) in
+CPU memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
@@ -52,16 +61,36 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``down_proj(silu(gate_proj(x)) * up_proj(x))``: the gated MLP of the Llama family."""
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``: the gated MLP of the Llama family.
+
+    ``seq_chunk`` (None: off; set by ``apply_tiled_mlp``) computes the MLP over sequence chunks
+    of that many tokens. Under autograd each chunk runs through a non-reentrant checkpoint, so
+    backward recomputes it from its input slice: the three ``[B, T, intermediate]`` tensors an
+    untiled MLP keeps (gate, up and their product, about 8 x d floats per token for Llama
+    shapes) shrink to one chunk's, alive only while that chunk is computed. The MLP acts on each
+    token alone, so the result is the untiled one (up to the matmuls' summation order).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.seq_chunk: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        # x [B, T, d] -> [B, T, intermediate] -> [B, T, d]
+        # x [B, T, d] -> [B, T, d]
+        if self.seq_chunk is None or x.shape[1] <= self.seq_chunk:
+            return self._mlp(x)
+        pieces = x.split(self.seq_chunk, dim=1)  # each [B, <= chunk, d]
+        if torch.is_grad_enabled():
+            outs = [checkpoint(self._mlp, piece, use_reentrant=False) for piece in pieces]
+        else:
+            outs = [self._mlp(piece) for piece in pieces]
+        return torch.cat(outs, dim=1)  # [B, T, d]
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        # x [B, t, d] -> [B, t, intermediate] -> [B, t, d]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -261,6 +290,35 @@ class Transformer(nn.Module):
             rope_seq_len=rope_seq_len,
         )
         return self.lm_head(hidden)  # [B, T, V]
+
+
+def apply_tiled_mlp(model: Transformer, chunk: int) -> None:
+    """Compute every layer's MLP in sequence chunks of ``chunk`` tokens, each recomputed in
+    backward (``SwiGLU.seq_chunk``). Exact; parameters and their names are unchanged."""
+    if chunk < 1:
+        raise LongctxError(f"tiled MLP chunk must be >= 1 token, got {chunk}; use e.g. 4096")
+    for layer in model.layers:
+        layer.mlp.seq_chunk = chunk
+
+
+def apply_activation_offload(model: Transformer) -> None:
+    """Keep the tensors every decoder layer saves for backward in CPU memory.
+
+    Each layer's ``forward`` (checkpointed or not: apply activation checkpointing first, then
+    this) runs under ``torch.autograd.graph.save_on_cpu``, which copies each saved tensor to
+    CPU memory (pinned when CUDA is present) and back when backward needs it. With activation
+    checkpointing the saved tensors are the layer inputs, ``[B, T, d]`` per layer, so GPU
+    activation memory no longer grows with the number of layers; on a CPU run the tensors
+    already live in CPU memory and nothing changes but a copy.
+    """
+    pin_memory = torch.cuda.is_available()
+    for layer in model.layers:
+        layer.forward = functools.partial(_offloaded_call, layer.forward, pin_memory)
+
+
+def _offloaded_call(forward: Callable[..., Tensor], pin_memory: bool, *args, **kwargs) -> Tensor:
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+        return forward(*args, **kwargs)
 
 
 def _check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:

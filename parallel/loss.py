@@ -82,6 +82,26 @@ class _TiledNLLSum(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+@torch.no_grad()
+def tiled_token_nll(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 4096
+) -> Tensor:
+    """NLL of every token of ``hidden @ weight.T`` against pre-shifted ``labels``, no gradient.
+
+    hidden [N, d], weight [V, d], labels [N] (-100 = not scored) -> nll [N] in at least float32,
+    0 where the label is ignored. The logits exist ``chunk_size`` tokens at a time (the same
+    chunks as ``tiled_cross_entropy``), so evaluation at long context keeps per-token losses
+    without ever holding [N, V].
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    nll = torch.empty(hidden.shape[0], dtype=_accum_dtype(hidden), device=hidden.device)  # [N]
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        nll[sl] = _chunk_nll(hidden[sl], weight, labels[sl])[1]
+    return nll
+
+
 def scored_token_count(labels: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Number of labels that are not ignored, summed over ``group`` when given (float scalar)."""
     count = (labels != IGNORE_INDEX).sum().to(torch.float64)

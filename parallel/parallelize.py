@@ -35,6 +35,7 @@ from longctx.parallel.config import ParallelConfig
 from longctx.parallel.key_gather import KeyGatherAttention, accepts_gathered_keys
 from longctx.parallel.mesh import ParallelMesh
 from longctx.parallel.ring import RingAttention
+from longctx.parallel.state_names import keep_inner_names
 from longctx.parallel.ulysses import ContextGather, UlyssesAttention, check_ulysses_heads
 from longctx.positional.config import PositionalConfig
 
@@ -70,10 +71,10 @@ def check_core_supported(core: nn.Module, config: ParallelConfig, layer_index: i
 def _ring_core(core: nn.Module, mesh: ParallelMesh) -> nn.Module:
     """The ring-group form of ``core``: ring attention for dense cores, key gather otherwise."""
     if isinstance(core, DenseAttention):
-        return RingAttention(core, mesh.ring_group)
-    return KeyGatherAttention(
-        core, mesh.ring_group, gather_hidden=getattr(core, "reads_key_hidden", False)
-    )
+        return keep_inner_names(RingAttention(core, mesh.ring_group), "local")
+    gather_hidden = getattr(core, "reads_key_hidden", False)
+    wrapper = KeyGatherAttention(core, mesh.ring_group, gather_hidden=gather_hidden)
+    return keep_inner_names(wrapper, "inner")
 
 
 def check_recipe_supported(
@@ -112,9 +113,18 @@ def _check_supported(model: nn.Module, mesh: ParallelMesh) -> None:
         check_core_supported(layer.self_attn.core, config, index)
 
 
+def _reads_hidden(core: nn.Module) -> bool:
+    """Whether ``core`` (or the core a key-gather wrapper holds) reads ``ctx.hidden``: Ulysses
+    all-gathers the layer input only for those."""
+    if isinstance(core, KeyGatherAttention):
+        core = core.inner
+    return not isinstance(core, CORES_WITHOUT_HIDDEN)
+
+
 def _restrict_to_rank_heads(core: nn.Module, num_heads: int, mesh: ParallelMesh) -> None:
-    """A core with per-head parameters (``restrict_to_heads``: BAM, per-head CoPE) computes, on
-    a Ulysses rank, the contiguous block of query heads the all-to-all hands that rank."""
+    """A core with per-head parameters (``restrict_to_heads``: BAM, per-head CoPE, NSA's gates,
+    MoSA's dense/routed split and routers) computes, on a Ulysses rank, the contiguous block of
+    query heads the all-to-all hands that rank."""
     if hasattr(core, "restrict_to_heads"):
         per_rank = num_heads // mesh.config.ulysses
         core.restrict_to_heads(mesh.ulysses_rank * per_rank, (mesh.ulysses_rank + 1) * per_rank)
@@ -128,7 +138,8 @@ def parallelize(model: nn.Module, parallel_config: ParallelConfig, mesh: Paralle
     rank (its ulysses and ring degrees must be ``parallel_config``'s). With
     ``ulysses = ring = 1`` the model is returned unchanged. The model must then be fed this
     rank's tokens from ``mesh.shard_batch`` (with their ``seq_positions``), and its loss taken
-    with ``tiled_cross_entropy(..., group=mesh.sp_group)``.
+    with ``tiled_cross_entropy(..., group=mesh.sp_group)``. Its ``state_dict`` keeps the plain
+    model's names (``keep_inner_names``), so checkpoints move between layouts.
     """
     config = mesh.config
     if (parallel_config.ulysses, parallel_config.ring) != (config.ulysses, config.ring):
@@ -143,17 +154,19 @@ def parallelize(model: nn.Module, parallel_config: ParallelConfig, mesh: Paralle
     context_gather = ContextGather(mesh.ulysses_group) if config.ulysses > 1 else None
     for layer in model.layers:
         core = layer.self_attn.core
+        if config.ulysses > 1:  # on the core itself, before a ring wrapper hides it
+            _restrict_to_rank_heads(core, model.config.num_attention_heads, mesh)
         if config.ring > 1:
             core = _ring_core(core, mesh)
         if config.ulysses > 1:
-            _restrict_to_rank_heads(core, model.config.num_attention_heads, mesh)
             core = UlyssesAttention(
                 core,
                 mesh.ulysses_group,
                 num_heads=model.config.num_attention_heads,
                 num_kv_heads=model.config.kv_heads,
-                gather_hidden=not isinstance(core, CORES_WITHOUT_HIDDEN),
+                gather_hidden=_reads_hidden(core),
                 context_gather=context_gather,
             )
+            keep_inner_names(core, "exchange.local_attn.core")
         layer.self_attn.core = core
     return model

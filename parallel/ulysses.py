@@ -11,6 +11,14 @@ the dense core, a sparse variant, or ring attention across a second group (the h
 with token-dependent parameters read ``ctx.hidden`` (the layer input); it is all-gathered too,
 differentiably, unless the core is known not to read it.
 
+Token order: the inner core gets the group's tokens in rank order with their global positions.
+Under the mesh's layout (``ParallelMesh.shard_batch``: the ring shard cut into contiguous
+pieces) that is ``arange(T)`` with Ulysses alone and the ring shard (two zigzag chunks) under
+Ulysses x ring. Cores never rely on it: dense cores mask by positions, and the sparse variants
+(NSA, MoSA, Landmark) sort their keys by position (``attention/sequence_keys.py``). Cores with
+per-head parameters are told their heads before wrapping (``restrict_to_heads``, called by
+``parallelize``).
+
 Heads: the query heads must divide by P. Key/value heads that do not divide by P (GQA with few
 kv heads, down to MQA) are replicated before the exchange: each kv head is repeated
 ``r = P / gcd(Hkv, P)`` times in place, which keeps query head h on the rank holding its kv

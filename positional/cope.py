@@ -9,6 +9,14 @@ linearly between ``floor(p)`` and ``ceil(p)``; it is added to the logits before 
 
 Because ``p`` needs the whole row of gates, ``CoPEScore`` runs in ``scored_attention``'s
 query-chunked kernel (all keys of a chunk's rows), not in a flash kernel.
+
+Sequence parallelism: the row stays whole. Ulysses gives each rank the full sequence of some
+heads; ring gathers every key of the ring group to each rank's queries (key gather,
+``attention/scored.py``), in global order or with their global positions, so the gate sum over
+the keys between j and i is computed exactly as on one device. This replaces SPECS 2.2's
+two-pass cross-rank scan (per-block gate sums on a first ring pass, an exclusive scan for the
+block offsets, attention on a second pass): same result, one collective instead of two ring
+passes and no per-block bookkeeping of the clamp, for K/V replicated at T x Hkv x D per rank.
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ def test_vocab_too_large_for_corpus_is_a_one_line_error(tmp_path):
             lambda d: (d / "garbage.model").write_bytes(b"not a model") and d / "garbage.model",
             "not a sentencepiece model",
         ),
-        (lambda d: (d / "tokenizer.json").write_text("{}") and d, "has tokenizer.json"),
+        (lambda d: (d / "tokenizer.json").write_text("{}") and d, "is not a valid tokenizer.json"),
     ],
     ids=["missing", "garbage", "json_only_checkpoint"],
 )

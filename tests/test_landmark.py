@@ -189,10 +189,12 @@ def test_insert_landmarks_layout_labels_positions_docs():
     assert out["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4]]
 
 
-def test_sharded_sequence_is_rejected():
+def test_a_shard_of_the_keys_is_rejected():
+    """The core needs every key of the sequence: a shard (positions 8..15 of a longer sequence,
+    what ring attention without key gather would hand it) fails in one line."""
     q, k, v = _random_qkv(5, length=8)
     ctx = AttentionContext(position_ids=torch.arange(8)[None], seq_positions=torch.arange(8) + 8)
-    with pytest.raises(LongctxError, match="unsharded"):
+    with pytest.raises(LongctxError, match="needs every key of the sequence"):
         _core(block_size=3)(q, k, v, ctx)
 
 
@@ -216,17 +218,6 @@ def test_model_with_one_block_equals_dense_model():
     landmark.load_state_dict(dense.state_dict())
     input_ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(landmark(input_ids), dense(input_ids), rtol=RTOL, atol=1e-5)
-
-
-def test_recipe_with_ring_and_landmark_fails_at_load():
-    from pathlib import Path
-
-    from longctx.trainer.config import load_recipe
-
-    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
-    with pytest.raises(LongctxError, match="landmark") as caught:
-        load_recipe(tiny, ["attention.variant=landmark", "parallel.ring=2"])
-    assert "\n" not in str(caught.value)
 
 
 def test_landmark_forward_reads_hidden_back_at_regular_tokens():

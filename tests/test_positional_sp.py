@@ -1,5 +1,6 @@
 """CoPE, BAM and TAPA under Ulysses on 2 and 4 real gloo ranks equal the unsharded model (logits
-and every parameter's gradient, fp32 rtol 1e-5); ring attention refuses them with one line.
+and every parameter's gradient, fp32 rtol 1e-5). Ring and hybrid layouts: test_positional_ring.py
+(which reuses this file's model, batch and per-rank run).
 
 Each rank holds the zigzag shard of a packed batch; Ulysses gathers the whole sequence of a
 head subset, so CoPE sees its keys out of sequence order and BAM/CoPE per-head parameters are
@@ -9,21 +10,18 @@ sliced to the rank's heads: both are what these tests pin down.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
 from harness import run_on_ranks
 
 from longctx.attention.config import AttentionConfig
-from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.model.transformer import Transformer
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.mesh import build_mesh
-from longctx.parallel.parallelize import check_recipe_supported, parallelize
+from longctx.parallel.parallelize import parallelize
 from longctx.positional.config import BAMConfig, CoPEConfig, PositionalConfig
-from longctx.trainer.config import load_recipe
 
 B, T, VOCAB = 2, 24, 37
 RTOL, ATOL = 1e-5, 2e-6  # fp32 on both sides, different summation orders
@@ -38,10 +36,10 @@ MODEL = ModelConfig(
 )  # fmt: skip
 
 
-def _model(kind: str) -> Transformer:
+def positional_model(positional: PositionalConfig) -> Transformer:
     """Seeded model whose encoding parameters are random (not their flat initial values)."""
     torch.manual_seed(0)
-    model = Transformer(MODEL, POSITIONALS[kind], AttentionConfig(chunk_size=5))
+    model = Transformer(MODEL, positional, AttentionConfig(chunk_size=5))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -50,7 +48,8 @@ def _model(kind: str) -> Transformer:
     return model
 
 
-def _batch():
+def packed_batch():
+    """Token ids [B, T], doc ids [B, T] (row 0 packs two documents) and the loss weights."""
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, VOCAB, (B, T), generator=gen)
     docs = torch.tensor([[0] * 9 + [1] * 15, [0] * T])
@@ -62,12 +61,15 @@ def _sharded_rank(rank, world):
     """Every encoding on this rank (one spawn per world size: starting ranks is the cost)."""
     config = ParallelConfig(dp=1, ulysses=world, ring=1)
     mesh = build_mesh(config)
-    return {kind: _sharded_run(kind, config, mesh) for kind in POSITIONALS}
+    return {kind: sharded_run(positional, config, mesh) for kind, positional in POSITIONALS.items()}
 
 
-def _sharded_run(kind, config, mesh):
-    model = parallelize(_model(kind), config, mesh)
-    ids, docs, weight = _batch()
+def sharded_run(positional, config, mesh):
+    """This rank's logits [B, T/P, V] and parameter grads of the ``positional`` model
+    parallelized by ``config`` on ``mesh`` (its tokens from ``mesh.shard_batch``), with their
+    global positions."""
+    model = parallelize(positional_model(positional), config, mesh)
+    ids, docs, weight = packed_batch()
     shard = mesh.shard_batch({"input_ids": ids, "doc_ids": docs})
     positions = shard["seq_positions"]
     logits = model(
@@ -89,20 +91,23 @@ def _sharded(world):
     return run_on_ranks(_sharded_rank, world)
 
 
-@functools.cache
-def _unsharded(kind):
-    model = _model(kind)
-    ids, docs, weight = _batch()
+def reference_run(positional):
+    """The one-process reference: logits [B, T, V] and every parameter's gradient."""
+    model = positional_model(positional)
+    ids, docs, weight = packed_batch()
     logits = model(ids, doc_ids=docs)
     (logits * weight).sum().backward()
     return logits.detach(), [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("kind", list(POSITIONALS))
-def test_ulysses_equals_unsharded(kind, world):
-    results = [r[kind] for r in _sharded(world)]
-    logits, grads = _unsharded(kind)
+@functools.cache
+def _unsharded(kind):
+    return reference_run(POSITIONALS[kind])
+
+
+def check_sharded_equals_reference(results, logits, grads):
+    """Every rank's logits equal the reference at its positions; the ranks' summed parameter
+    gradients (what the data-parallel all-reduce gives) equal the reference's."""
     positions = torch.cat([r["positions"] for r in results])
     sharded_logits = torch.cat([r["logits"] for r in results], dim=1)
     torch.testing.assert_close(sharded_logits, logits[:, positions], rtol=RTOL, atol=ATOL)
@@ -111,17 +116,8 @@ def test_ulysses_equals_unsharded(kind, world):
         torch.testing.assert_close(summed, grad, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", list(POSITIONALS))
-def test_ring_is_refused_in_one_line(kind):
-    with pytest.raises(LongctxError, match="does not support ring") as info:
-        check_recipe_supported(
-            MODEL, AttentionConfig(), POSITIONALS[kind], ParallelConfig(dp=1, ulysses=1, ring=2)
-        )
-    assert "\n" not in str(info.value)
-
-
-def test_recipe_with_ring_and_a_score_encoding_fails_at_load():
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "studies" / "bam_passkey.yaml"
-    with pytest.raises(LongctxError, match="does not run under ring attention") as info:
-        load_recipe(recipe, ["parallel.ring=2", "parallel.dp=1"])
-    assert "\n" not in str(info.value)
+def test_ulysses_equals_unsharded(kind, world):
+    results = [r[kind] for r in _sharded(world)]
+    check_sharded_equals_reference(results, *_unsharded(kind))

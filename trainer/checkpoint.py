@@ -1,30 +1,38 @@
-"""Exact-resume checkpoints: DeepSpeed's tag directory plus a manifest, published atomically.
+"""Exact-resume checkpoints: the full training state in safetensors plus a manifest, published
+atomically.
 
 Layout (DESIGN section 8)::
 
-    RUN/checkpoints/step_000500/   DeepSpeed's files for every rank (model, optimizer, LR
-                                   schedule, step counters), rng_rank_NNNNN.pt (each rank's
-                                   python/numpy/torch RNG), recipe.yaml, tokenizer.model,
-                                   manifest.json
+    RUN/checkpoints/step_000500/   model.safetensors, optimizer.safetensors (full fp32 weights and
+                                   AdamW moments, ``trainer.full_state``), rng_rank_NNNNN.pt (each
+                                   rank's python/numpy/torch RNG, tensors and plain values only),
+                                   recipe.yaml, tokenizer.model, manifest.json
     RUN/checkpoints/latest         one line, the name of the newest complete checkpoint
 
-A checkpoint is written under a hidden temporary name (``.tmp-step_000500``), every file is
-hashed, ``manifest.json`` (step, tokens seen, data cursor, recipe hash, world size, sha256 of
-every other file) is written into it, and only then is the directory renamed to its final name
-and ``latest`` replaced by an atomic rename. A crash at any point leaves either the previous
-checkpoint as ``latest`` or the new one complete; a directory without a manifest is never
-loaded. The last ``keep_last`` checkpoints are kept.
+A checkpoint is written under a hidden temporary name (``.tmp-step_000500``); the gathered
+tensors are checked to be finite (a checkpoint of NaN or inf weights is never published: the
+run stops instead), every file is hashed, ``manifest.json`` (step, tokens seen, data cursor,
+recipe hash, layout, counters, sha256 of every other file) is written into it, and only then is
+the directory renamed to its final name and ``latest`` replaced by an atomic rename. A crash at
+any point leaves either the previous checkpoint as ``latest`` or the new one complete; a
+directory without a manifest is never loaded, and ``--resume latest`` reports the incomplete
+ones it skips. The last ``keep_last`` checkpoints are kept.
 
-Every rank calls ``save_checkpoint`` and ``load_checkpoint`` (DeepSpeed saves and loads each
-rank's shards); the run directory must be on storage every rank sees (one machine, or a shared
-file system on a cluster). ``verify_checkpoint`` and ``load_model_state_dict`` work in any
-single process (the CLI driver, evaluation, export).
+Nothing in a checkpoint is unpickled on load: tensors come from safetensors and the RNG files
+through ``torch.load(weights_only=True)``. The manifest's file names must stay inside the
+checkpoint directory. Because the saved state is unsharded, a checkpoint resumes under another
+world size, sequence-parallel layout or ZeRO stage (elastic resume): the data position is
+carried over in global rows (``translate_data_cursor``).
+
+Every rank calls ``save_checkpoint`` and ``load_checkpoint`` (the state is gathered from and
+scattered to every rank's partitions); the run directory must be on storage every rank sees
+(one machine, or a shared file system on a cluster). ``verify_checkpoint`` and
+``load_model_state_dict`` work in any single process (the CLI driver, evaluation, export).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import random
@@ -38,7 +46,18 @@ import torch
 import torch.distributed as dist
 
 from longctx.errors import LongctxError
-from longctx.trainer.engine import import_deepspeed
+from longctx.trainer.full_state import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    FullState,
+    capture_full_state,
+    read_model_tensors,
+    restore_full_state,
+    rng_state_from_plain,
+    rng_state_to_plain,
+    translate_data_cursor,
+    write_full_state,
+)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -50,9 +69,7 @@ LATEST_FILE = "latest"
 MANIFEST_FILE = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
 TOKENIZER_FILE = "tokenizer.model"
-MANIFEST_FORMAT = 1
-# Prefix of the decoder's parameter names inside the engine (CausalLMLoss holds it as .model).
-ENGINE_MODULE_PREFIX = "model."
+MANIFEST_FORMAT = 2  # 1: DeepSpeed's sharded files (pickles); 2: safetensors full state
 _TAG_PATTERN = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _HASH_BLOCK = 1 << 20
@@ -64,6 +81,7 @@ _MANIFEST_KEYS = (
     "world_size",
     "zero_stage",
     "recipe_hash",
+    "counters",
     "files",
 )
 
@@ -195,7 +213,9 @@ def save_checkpoint(
 
     Called on every rank. ``data_cursor`` is the training loader's ``state_dict()`` (the same on
     every rank). Returns the final checkpoint directory; older checkpoints beyond
-    ``recipe.trainer.keep_last`` are removed afterwards.
+    ``recipe.trainer.keep_last`` are removed afterwards. Raises ``LongctxError`` on every rank,
+    leaving ``latest`` and the previous checkpoints as they were, when a weight or optimizer
+    moment is NaN or inf.
     """
     rank, world = _rank_world()
     root = Path(run_dir) / CHECKPOINTS_DIR
@@ -204,16 +224,18 @@ def save_checkpoint(
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
+        staging.mkdir()
     _barrier()
-    client_state = {"step": step, "tokens_seen": tokens_seen, "data_cursor": data_cursor}
-    engine.save_checkpoint(
-        str(root), tag=staging.name, client_state=client_state, save_latest=False
-    )
-    torch.save(capture_rng_state(), staging / rng_file(rank))
+    state = capture_full_state(engine)
+    _refuse_non_finite(state, staging, step)
+    torch.save(rng_state_to_plain(capture_rng_state()), staging / rng_file(rank))
+    counters = None
     if rank == 0:
+        counters = write_full_state(staging, state)
         (staging / RECIPE_FILE).write_text(recipe.resolved_yaml())
         if tokenizer_bytes is not None:
             (staging / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
+    del state
     _barrier()
     digests = _hash_files(staging, _checkpoint_files(staging))
     final = root / tag
@@ -230,6 +252,7 @@ def save_checkpoint(
             "dtype": recipe.trainer.dtype,
             "recipe_hash": recipe.recipe_hash(),
             "shape": shape_summary(recipe),
+            "counters": counters,
             "files": digests,
         }
         write_atomic(staging / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
@@ -238,6 +261,39 @@ def save_checkpoint(
         prune_checkpoints(root, recipe.trainer.keep_last)
     _barrier()
     return final
+
+
+def first_non_finite(state: FullState) -> str | None:
+    """Name of the first weight or AdamW moment holding a NaN or inf, or None."""
+    named = [(name, t) for name, t in state.model.items()]
+    named += [(f"{key} of {n}", t) for key, m in state.moments.items() for n, t in m.items()]
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _refuse_non_finite(state: FullState | None, staging: Path, step: int) -> None:
+    """Stop every rank, before anything is renamed into place, when rank 0's gathered state is
+    not finite; the staging directory is removed and ``latest`` keeps naming the last good
+    checkpoint."""
+    rank, _ = _rank_world()
+    bad = first_non_finite(state) if rank == 0 else None
+    flag = torch.tensor([0 if bad is None else 1], dtype=torch.int64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.broadcast(flag, src=0)
+    if not int(flag):
+        return
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    raise LongctxError(
+        f"step {step}: {bad or 'a weight'} holds NaN or inf, so checkpoint {checkpoint_tag(step)} "
+        "was not written (the last good one stays latest); lower trainer.lr or "
+        "trainer.grad_clip and resume with --resume latest"
+    )
 
 
 def _publish(staging: Path, final: Path) -> None:
@@ -262,6 +318,23 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
             if match and (path / MANIFEST_FILE).is_file():
                 found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def incomplete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under ``root`` that a crash left unfinished: staging directories
+    (``.tmp-step_N``, a save interrupted before its rename) and ``step_N`` directories without a
+    manifest. They are never loaded; the next save or prune removes them."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        path
+        for path in root.iterdir()
+        if path.is_dir()
+        and (
+            path.name.startswith(_TMP_PREFIX)
+            or (_TAG_PATTERN.match(path.name) and not (path / MANIFEST_FILE).is_file())
+        )
+    )
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
@@ -337,6 +410,12 @@ def verify_checkpoint(path: str | Path, recipe: Recipe | None = None) -> dict[st
             f"checkpoint manifest {manifest_path} is not JSON ({type(error).__name__}); the "
             "checkpoint is damaged, resume from another one"
         ) from None
+    if isinstance(manifest, dict) and manifest.get("format") != MANIFEST_FORMAT:
+        raise LongctxError(
+            f"checkpoint {directory} has manifest format {manifest.get('format')!r}, this longctx "
+            f"reads format {MANIFEST_FORMAT} (safetensors state); resume it with the longctx "
+            "version that wrote it, or start a new run"
+        )
     absent = [
         key for key in _MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest
     ]
@@ -346,6 +425,14 @@ def verify_checkpoint(path: str | Path, recipe: Recipe | None = None) -> dict[st
             "is damaged or from another program, resume from another one"
         )
     files: dict[str, str] = manifest["files"]
+    for name in [*files, *manifest["rng_states"]]:
+        _check_inside(directory, name, manifest_path)
+    unhashed = [n for n in [MODEL_FILE, OPTIMIZER_FILE, *manifest["rng_states"]] if n not in files]
+    if unhashed:
+        raise LongctxError(
+            f"checkpoint manifest {manifest_path} has no sha256 for {unhashed[0]}; the "
+            "checkpoint is damaged or from another program, resume from another one"
+        )
     missing = sorted(name for name in files if not (directory / name).is_file())
     if missing:
         raise LongctxError(
@@ -365,6 +452,25 @@ def verify_checkpoint(path: str | Path, recipe: Recipe | None = None) -> dict[st
     return manifest
 
 
+def _check_inside(directory: Path, name: Any, manifest_path: Path) -> None:
+    """Refuse a manifest entry that is not a relative path inside ``directory`` (absolute,
+    ``..``, or a symlink out of it): hashing or loading it would read files elsewhere."""
+    relative = Path(name) if isinstance(name, str) else None
+    inside = (
+        relative is not None
+        and name != ""
+        and not relative.is_absolute()
+        and ".." not in relative.parts
+        and (directory / relative).resolve().is_relative_to(directory.resolve())
+    )
+    if not inside:
+        raise LongctxError(
+            f"checkpoint manifest {manifest_path} lists {name!r}, a path outside the checkpoint "
+            "directory; the manifest is damaged or was tampered with, resume from another "
+            "checkpoint"
+        )
+
+
 def sequence_parallel_layout(recipe: Recipe) -> dict[str, int]:
     """``{ulysses, ring}`` of the recipe: with the world size, the layout a checkpoint was
     written under (each rank's optimizer shard, RNG state and data position belong to it)."""
@@ -373,27 +479,8 @@ def sequence_parallel_layout(recipe: Recipe) -> dict[str, int]:
 
 def check_recipe_compatible(manifest: dict[str, Any], recipe: Recipe, directory: Path) -> None:
     """Refuse a checkpoint whose weights do not fit the recipe's model (different hash, naming
-    the first field that differs), or whose DeepSpeed files belong to another ZeRO stage or
-    precision (their optimizer shards have different layouts), or to another sequence-parallel
-    layout (checkpoints from before the layout was recorded count as ulysses 1 x ring 1)."""
-    saved_layout = manifest.get("sequence_parallel", {"ulysses": 1, "ring": 1})
-    wanted_layout = sequence_parallel_layout(recipe)
-    if saved_layout != wanted_layout:
-        raise LongctxError(
-            f"checkpoint {directory} was trained with parallel.ulysses x ring = "
-            f"{saved_layout['ulysses']} x {saved_layout['ring']} but the recipe has "
-            f"{wanted_layout['ulysses']} x {wanted_layout['ring']}; exact resume needs the same "
-            f"layout, so resume with parallel.ulysses: {saved_layout['ulysses']} and "
-            f"parallel.ring: {saved_layout['ring']}"
-        )
-    for field in ("zero_stage", "dtype"):
-        saved, wanted = manifest.get(field), getattr(recipe.trainer, field)
-        if saved is not None and saved != wanted:
-            raise LongctxError(
-                f"checkpoint {directory} was trained with trainer.{field}={saved!r} but the "
-                f"recipe has {wanted!r}; DeepSpeed checkpoints are specific to both, so resume "
-                f"with trainer.{field}: {saved}"
-            )
+    the first field that differs). World size, sequence-parallel layout, ZeRO stage and dtype
+    may differ: the saved state is full fp32 and fits any of them."""
     if manifest["recipe_hash"] == recipe.recipe_hash():
         return
     saved = manifest.get("shape", {})
@@ -412,56 +499,51 @@ def check_recipe_compatible(manifest: dict[str, Any], recipe: Recipe, directory:
 
 
 def load_checkpoint(engine: DeepSpeedEngine, path: str | Path, recipe: Recipe) -> dict[str, Any]:
-    """Restore model, optimizer, LR schedule and step counters (DeepSpeed), and this rank's RNG
-    state, from a verified checkpoint; returns the manifest (step, tokens_seen, data_cursor).
+    """Restore model, optimizer, LR schedule and step counters, and this rank's RNG state, from
+    a verified checkpoint; returns the manifest (step, tokens_seen, and the data cursor
+    translated to this run's data-parallel layout).
 
-    Called on every rank. The world size must equal the one that wrote the checkpoint: each
-    rank's optimizer shard, RNG state and data position belong to one rank of one layout.
+    Called on every rank, under any world size, sequence-parallel layout and ZeRO stage: the
+    full state is copied into this engine's partitions. A rank beyond the writer's world size
+    takes rank 0's RNG state (training draws no random numbers; the generators only matter
+    for exact continuation of the same layout).
     """
     directory = Path(path)
     manifest = verify_checkpoint(directory, recipe)
     rank, world = _rank_world()
-    if manifest.get("world_size") != world:
-        raise LongctxError(
-            f"checkpoint {directory} was written by {manifest.get('world_size')} ranks but this "
-            f"run has {world}; exact resume needs the same layout, so resume with --workers "
-            f"{manifest.get('world_size')}"
-        )
-    loaded, _ = engine.load_checkpoint(
-        str(directory.parent), tag=directory.name, load_module_strict=True
+    rng_state = read_rng_file(directory, manifest, rank)
+    restore_full_state(engine, directory, manifest["counters"], directory)
+    restore_rng_state(rng_state)
+    dp_size = recipe.parallel.resolve(world).dp
+    cursor = translate_data_cursor(
+        manifest["data_cursor"], dp_size, recipe.trainer.micro_batch_size
     )
-    if loaded is None:
+    return {**manifest, "data_cursor": cursor}
+
+
+def read_rng_file(directory: Path, manifest: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s RNG state from a verified checkpoint (rank 0's for a rank the writer did
+    not have), read with ``torch.load(weights_only=True)``: a file that would need arbitrary
+    code to unpickle is refused, never run."""
+    names = manifest["rng_states"]
+    path = directory / names[rank if rank < len(names) else 0]
+    try:
+        plain = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every refusal to unpickle means the same here
         raise LongctxError(
-            f"DeepSpeed could not load checkpoint {directory}; it is damaged or was written "
-            "by another DeepSpeed layout, resume from another one"
-        )
-    restore_rng_state(torch.load(directory / manifest["rng_states"][rank], weights_only=False))
-    return manifest
+            f"checkpoint file {path} is not a plain tensor file ({type(error).__name__}); it was "
+            "not written by longctx and is not loaded, resume from another checkpoint"
+        ) from None
+    return rng_state_from_plain(plain)
 
 
 def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The decoder's weights from a verified checkpoint, in ``Transformer.state_dict()`` names.
-
-    ZeRO stage 0 keeps the whole model in ``mp_rank_00_model_states.pt``; stages 1-3 shard the
-    fp32 master weights over the ranks, and DeepSpeed's ``zero_to_fp32`` reassembles them.
-    Runs in a single process (evaluation, export, tests).
-    """
+    """The decoder's weights from a verified checkpoint, in ``Transformer.state_dict()`` names
+    (fp32, read from ``model.safetensors``: nothing is unpickled). Runs in a single process
+    (evaluation, export, tests)."""
     directory = Path(path)
-    manifest = verify_checkpoint(directory)
-    if manifest["zero_stage"] == 0:
-        states = torch.load(directory / "mp_rank_00_model_states.pt", weights_only=False)
-        module_state = states["module"]
-    else:
-        import_deepspeed()  # chooses the accelerator before any DeepSpeed module loads
-        zero_to_fp32 = importlib.import_module("deepspeed.utils.zero_to_fp32")
-        module_state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
-            str(directory.parent), tag=directory.name
-        )
-    return _strip_prefix(module_state, ENGINE_MODULE_PREFIX)
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key.removeprefix(prefix): value for key, value in state.items()}
+    verify_checkpoint(directory)
+    return read_model_tensors(directory)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

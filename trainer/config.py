@@ -25,7 +25,6 @@ from longctx.attention.config import AttentionConfig
 from longctx.attention.landmark import landmark_recipe_problem
 from longctx.attention.mosa import mosa_recipe_problem
 from longctx.attention.nsa import nsa_recipe_problem
-from longctx.attention.scored import positional_recipe_problem
 from longctx.data.config import DataConfig
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
@@ -71,13 +70,22 @@ class TrainerConfig(BaseModel):
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
     dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = Field(False, description="recompute each layer in backward")
+    tiled_mlp_chunk: int | None = Field(
+        None, gt=0, description="tokens per MLP chunk, each recomputed in backward; None = off"
+    )
+    offload_activations: bool = Field(
+        False, description="keep saved activations in CPU memory (matters on GPU)"
+    )
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(200, ge=0, description="steps between evaluations; 0 = never")
     eval_batches: int = Field(8, gt=0)
-    eval_tasks: list[Literal["ppl", "passkey", "niah"]] = Field(
+    eval_tasks: list[
+        Literal["ppl", "passkey", "niah", "counting", "selective_copy", "flip_flop"]
+    ] = Field(
         default_factory=list,
         description="long-context evaluations at each eval step (trainer/evaluate.py): "
-        "perplexity by position, passkey and multi-key needle accuracy; [] = none",
+        "perplexity by position, passkey and multi-key needle accuracy, and answer accuracy "
+        "on counting / selective_copy / flip_flop (trainer/task_accuracy.py); [] = none",
     )
     eval_lengths: list[Annotated[int, Field(ge=2)]] = Field(
         default_factory=list, description="context lengths of those evaluations; [] = seq_len"
@@ -89,6 +97,11 @@ class TrainerConfig(BaseModel):
     )
     eval_samples: int = Field(2, gt=0, description="retrieval examples per length x depth cell")
     eval_ppl_windows: int = Field(4, gt=0, description="held-out windows per perplexity length")
+    passkey_check: bool = Field(
+        True,
+        description="after a local run that trains on passkey, score passkey prompts in the "
+        "driver and print the result (turn off for large models: it runs on one process)",
+    )
     ckpt_every: int = Field(500, gt=0, description="steps between checkpoints")
     keep_last: int = Field(3, gt=0, description="checkpoints kept on disk")
     max_bad_steps: int = Field(
@@ -126,6 +139,11 @@ class Recipe(BaseModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    stages: list[Any] = Field(
+        default_factory=list,
+        description="train in stages, each a partial recipe laid over this one (e.g. a longer "
+        "data.seq_len with a YaRN model.rope_scaling); see trainer/stages.py; [] = one stage",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -136,7 +154,8 @@ class Recipe(BaseModel):
         if isinstance(model, ModelConfig):
             model = model.model_dump(include=model.model_fields_set)
         if isinstance(model, dict) and str(model.get("init", "")).startswith("hf:"):
-            return {**data, "model": merge_checkpoint_shape(model)}
+            data = {**data, "model": merge_checkpoint_shape(model)}
+            return with_checkpoint_tokenizer(data, model["init"])
         return data
 
     @model_validator(mode="after")
@@ -170,9 +189,6 @@ class Recipe(BaseModel):
             problem = sparse_problem(model, self.attention, parallel.ulysses, parallel.ring)
             if problem is not None:
                 raise ValueError(problem)
-        problem = positional_recipe_problem(self.positional, parallel.ulysses, parallel.ring)
-        if problem is not None:
-            raise ValueError(problem)
         tokenizer = self.data.tokenizer
         if tokenizer.path is None and tokenizer.vocab_size > model.vocab_size:
             raise ValueError(
@@ -182,6 +198,14 @@ class Recipe(BaseModel):
             )
         if self.trainer.run_dir is None:
             self.trainer.run_dir = f"runs/{self.name}"
+        return self
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> Recipe:
+        if self.stages:
+            from longctx.trainer.stages import stage_recipes
+
+            stage_recipes(self)  # raises a one-line LongctxError naming the first bad stage
         return self
 
     def resolved_yaml(self) -> str:
@@ -246,6 +270,28 @@ def merge_checkpoint_shape(model: dict[str, Any]) -> dict[str, Any]:
             "remove them from the recipe (an hf: checkpoint defines the model shape)"
         )
     return merged
+
+
+def with_checkpoint_tokenizer(data: dict[str, Any], init: str) -> dict[str, Any]:
+    """The raw recipe with ``data.tokenizer.path`` pointing at the ``hf:`` checkpoint's
+    ``tokenizer.model`` when the checkpoint has one and the recipe names no tokenizer: the
+    pretrained embedding rows belong to that tokenizer's ids, so training a new one would
+    scramble them."""
+    tokenizer_file = Path(init.removeprefix("hf:")).expanduser() / "tokenizer.model"
+    section = _explicit_fields(data.get("data"))
+    tokenizer = _explicit_fields(section.get("tokenizer"))
+    if tokenizer.get("path") is not None or not tokenizer_file.is_file():
+        return data
+    section["tokenizer"] = {**tokenizer, "path": str(tokenizer_file)}
+    return {**data, "data": section}
+
+
+def _explicit_fields(section: Any) -> dict[str, Any]:
+    """A raw recipe section as a dict of the fields it sets (a validated section: the fields
+    set on it; anything else, e.g. a missing section: none)."""
+    if isinstance(section, BaseModel):
+        return section.model_dump(exclude_unset=True)
+    return dict(section) if isinstance(section, dict) else {}
 
 
 def _shape_value(config: ModelConfig, key: str) -> Any:

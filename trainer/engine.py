@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
+from longctx.model.transformer import apply_activation_offload, apply_tiled_mlp
 from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
 
 if TYPE_CHECKING:
@@ -229,7 +230,8 @@ def build_engine(
     model: Transformer, cfg: TrainerConfig, sp_group: dist.ProcessGroup | None = None
 ) -> DeepSpeedEngine:
     """Wrap ``model`` in ``CausalLMLoss`` and initialise DeepSpeed with the run's optimizer and
-    schedule; activation checkpointing is applied first when the recipe asks for it.
+    schedule; activation checkpointing, the tiled MLP and activation offload are applied first
+    when the recipe asks for them.
 
     ``torch.distributed`` must already be initialised (every rank calls this). Under sequence
     parallelism ``model`` is already ``parallelize``d and ``sp_group`` is the mesh's SP group
@@ -238,6 +240,10 @@ def build_engine(
     deepspeed = import_deepspeed()
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.tiled_mlp_chunk is not None:
+        apply_tiled_mlp(model, cfg.tiled_mlp_chunk)
+    if cfg.offload_activations:
+        apply_activation_offload(model)  # after checkpointing: it offloads the layer inputs
     module = CausalLMLoss(model, zero_stage=cfg.zero_stage, sp_group=sp_group)
     optimizer = build_optimizer(module, cfg)
     schedule = warmup_cosine_schedule(optimizer, cfg)

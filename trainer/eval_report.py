@@ -6,6 +6,8 @@
     ppl.json      PerplexityResult per length          ppl.png      loss by position
     passkey.json  RetrievalResult (grid + examples)    passkey.png  heatmap lengths x depths
     niah.json     the same for multi-key needles       niah.png     heatmap
+    counting.json TaskAccuracyResult per length        counting.png accuracy by length
+                  (also selective_copy, flip_flop: ``trainer/task_accuracy.py``)
 
 ``log_eval_tensorboard`` adds scalars and the figures to a TensorBoard ``SummaryWriter``:
 
@@ -13,7 +15,9 @@
     eval_ppl/L{length}/nll                 mean NLL over all positions
     eval_{task}/accuracy                   mean exact-match accuracy over the grid
     eval_{task}/L{length}/accuracy         mean over depths at one length
+    eval_{task}/token_accuracy             algorithmic tasks: answer tokens right (also per L)
     eval_{task}/heatmap, eval_ppl/loss_by_position   the figures (images)
+    eval_{task}/accuracy_by_length         the algorithmic tasks' figure
 
 ``TrainingEvaluator`` is what the training loop calls at its eval steps.
 """
@@ -37,9 +41,9 @@ from longctx.data.sample import TargetTooShort
 from longctx.errors import LongctxError
 from longctx.model import Transformer
 from longctx.trainer.evaluate import (
+    ALGORITHMIC_TASKS,
     EVAL_TASKS,
     RETRIEVAL_TASKS,
-    ForwardHidden,
     PerplexityResult,
     RetrievalResult,
     check_grid,
@@ -49,10 +53,18 @@ from longctx.trainer.evaluate import (
     position_perplexity,
     retrieval_accuracy,
 )
+from longctx.trainer.task_accuracy import (
+    accuracy_figure,
+    check_task_lengths,
+    format_task_table,
+    task_accuracy,
+    task_scalars,
+)
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
+    from longctx.parallel.mesh import ParallelMesh
     from longctx.trainer.config import Recipe
 
 EVAL_DIR = "eval"
@@ -90,6 +102,11 @@ class EvalPlan:
                     )
                 held_out_windows(documents, max(self.lengths), windows=1)
                 continue
+            if task in ALGORITHMIC_TASKS:
+                check_task_lengths(
+                    task, tokenizer, self.lengths, self.samples, seed=self.seed, params=self.params
+                )
+                continue
             check_grid(task, self.lengths, self.depths, self.samples)
             # Every example of the grid is drawn once: its filler length varies with the seed.
             for length, depth, k in product(self.lengths, self.depths, range(self.samples)):
@@ -124,9 +141,12 @@ def run_eval_suite(
     plan: EvalPlan,
     documents: Sequence[TokenDocument] | None,
     *,
-    forward_hidden: ForwardHidden | None = None,
+    mesh: ParallelMesh | None = None,
 ) -> EvalResults:
-    """Evaluate every task of ``plan`` with ``model`` in eval mode (restored afterwards)."""
+    """Evaluate every task of ``plan`` with ``model`` in eval mode (restored afterwards).
+
+    ``mesh``: the sequence-parallel mesh a ``parallelize``d ``model`` runs on; every rank of the
+    world must then call this with the same plan, and all get the same results."""
     was_training = model.training
     model.eval()
     results: EvalResults = {}
@@ -139,10 +159,21 @@ def run_eval_suite(
                         documents or [],
                         length,
                         windows=plan.ppl_windows,
-                        forward_hidden=forward_hidden,
+                        mesh=mesh,
                     )
                     for length in plan.lengths
                 ]
+            elif task in ALGORITHMIC_TASKS:
+                results[task] = task_accuracy(
+                    model,
+                    tokenizer,
+                    task,
+                    plan.lengths,
+                    samples=plan.samples,
+                    seed=plan.seed,
+                    params=plan.params,
+                    mesh=mesh,
+                )
             else:
                 results[task] = retrieval_accuracy(
                     model,
@@ -153,7 +184,7 @@ def run_eval_suite(
                     samples=plan.samples,
                     seed=plan.seed,
                     params=plan.params,
-                    forward_hidden=forward_hidden,
+                    mesh=mesh,
                 )
     finally:
         model.train(was_training)
@@ -203,6 +234,9 @@ def _figures(results: EvalResults) -> dict[str, Figure]:
     for task in RETRIEVAL_TASKS:
         if task in results:
             figures[task] = heatmap_figure(results[task])
+    for task in ALGORITHMIC_TASKS:
+        if task in results:
+            figures[task] = accuracy_figure(results[task])
     return figures
 
 
@@ -240,6 +274,9 @@ def eval_scalars(results: EvalResults) -> dict[str, float]:
             scalars[f"eval_{task}/accuracy"] = result.mean_accuracy
             for length, row in zip(result.lengths, result.accuracy):
                 scalars[f"eval_{task}/L{length}/accuracy"] = float(np.mean(row))
+    for task in ALGORITHMIC_TASKS:
+        if task in results:
+            scalars.update(task_scalars(results[task]))
     return scalars
 
 
@@ -248,7 +285,12 @@ def log_eval_tensorboard(results: EvalResults, writer: SummaryWriter, step: int)
     for tag, value in eval_scalars(results).items():
         writer.add_scalar(tag, value, step)
     for task, figure in _figures(results).items():
-        tag = "eval_ppl/loss_by_position" if task == "ppl" else f"eval_{task}/heatmap"
+        if task == "ppl":
+            tag = "eval_ppl/loss_by_position"
+        elif task in ALGORITHMIC_TASKS:
+            tag = f"eval_{task}/accuracy_by_length"
+        else:
+            tag = f"eval_{task}/heatmap"
         writer.add_figure(tag, figure, step, close=True)
     writer.flush()
 
@@ -257,6 +299,7 @@ def format_results(results: EvalResults) -> str:
     """Every task's table, for the terminal."""
     parts = [format_perplexity(result) for result in results.get("ppl", [])]
     parts += [format_table(results[task]) for task in RETRIEVAL_TASKS if task in results]
+    parts += [format_task_table(results[task]) for task in ALGORITHMIC_TASKS if task in results]
     return "\n\n".join(parts)
 
 
@@ -270,7 +313,10 @@ class TrainingEvaluator:
 
     Every rank calls it with the same step (ZeRO-3 gathers parameters with collectives inside
     each layer's forward, so all ranks must run the forwards); the computation is identical on
-    every rank, and only rank 0 writes files and TensorBoard. Returns the scalars.
+    every rank, and only rank 0 writes files and TensorBoard. Returns the scalars. Under
+    sequence parallelism (``mesh``) each sequence is sharded over the SP group like a training
+    batch and the parallelized model scores it at its full length; the data-parallel groups
+    all evaluate every sequence (the same results everywhere, no reduction needed).
     """
 
     def __init__(
@@ -282,6 +328,7 @@ class TrainingEvaluator:
         run_dir: Path,
         *,
         is_writer: bool,
+        mesh: ParallelMesh | None = None,
     ):
         plan.check(tokenizer, documents)
         self.model = model
@@ -290,10 +337,13 @@ class TrainingEvaluator:
         self.documents = documents
         self.run_dir = run_dir
         self.is_writer = is_writer
+        self.mesh = mesh
 
     def __call__(self, step: int, writer: SummaryWriter | None) -> dict[str, float]:
         with torch.no_grad():
-            results = run_eval_suite(self.model, self.tokenizer, self.plan, self.documents)
+            results = run_eval_suite(
+                self.model, self.tokenizer, self.plan, self.documents, mesh=self.mesh
+            )
         if self.is_writer:
             write_eval_outputs(results, eval_directory(self.run_dir, step), {"step": step})
             if writer is not None:

@@ -1,9 +1,14 @@
 """Long-context evaluation: perplexity by position bucket, passkey and multi-key needle accuracy.
 
-Everything here runs a model's ``forward_hidden`` (``input_ids [1, T] -> hidden [1, T, d]``) and
-applies ``lm_head`` in slices of positions, so ``[T, vocab]`` logits never exist at once. The
-forward is a parameter (default: the model's own, in this process), so that a caller can pass
-one that runs the sequence through the SP mesh and returns the full hidden states.
+Every sequence is scored by a ``SequenceScorer`` (``trainer/sequence_scorer.py``): one
+``forward_hidden`` over the whole sequence and the ``lm_head`` in tiles of positions, so
+``[T, vocab]`` logits never exist at once. With a ``mesh`` (``parallel.ulysses x ring > 1`` and a
+``parallelize``d model) the sequence is sharded over the sequence-parallel group as in training
+and the per-token results are gathered in global order, so the results equal the
+single-process evaluation while each rank holds only ``T / sp`` tokens: evaluation runs at the
+full extended length. Every rank of the world makes the same calls and gets the same results
+(data-parallel groups all evaluate every sequence: under ZeRO-3 each forward is a collective of
+the whole world).
 
 - **Perplexity by position** (``position_perplexity``): the held-out documents are joined into
   one token stream (each keeps its ``bos``/``eos``), cut into windows of ``length`` tokens with
@@ -22,25 +27,28 @@ one that runs the sequence through the SP mesh and returns the full hidden state
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from longctx.data import TokenDocument, Tokenizer, make_eval_example
 from longctx.data.config import TaskParams
 from longctx.errors import LongctxError
 from longctx.model import Transformer
+from longctx.trainer.sequence_scorer import SequenceScorer
 
-ForwardHidden = Callable[[Tensor], Tensor]  # input_ids [1, T] -> final hidden states [1, T, d]
+if TYPE_CHECKING:
+    from longctx.parallel.mesh import ParallelMesh
+
 RETRIEVAL_TASKS = ("passkey", "niah")
-EVAL_TASKS = ("ppl", *RETRIEVAL_TASKS)
+ALGORITHMIC_TASKS = ("counting", "selective_copy", "flip_flop")  # trainer/task_accuracy.py
+EVAL_TASKS = ("ppl", *RETRIEVAL_TASKS, *ALGORITHMIC_TASKS)
 _FIRST_BUCKET = 1024  # tokens in the first bucket at full scale (0-1k, 1k-2k, 2k-4k, ...)
 _SMALL_BUCKETS = 8  # lengths below 8k: the first bucket is length / 8 (then doubling)
-_HEAD_SLICE = 1024  # positions per lm_head slice: [1024, vocab] logits at a time
 _CURVE_POINTS = 256  # the loss-by-position curve kept in the results, at most this many points
 
 
@@ -58,27 +66,6 @@ def position_buckets(length: int) -> list[tuple[int, int]]:
     while edges[-1] < length:
         edges.append(min(2 * edges[-1], length))
     return list(zip(edges[:-1], edges[1:]))
-
-
-def model_forward(model: Transformer) -> ForwardHidden:
-    """The single-process forward of ``model``: positions ``0..T-1``, no document masking."""
-    return lambda input_ids: model.forward_hidden(input_ids)
-
-
-def _head_logits(model: Transformer, hidden: Tensor) -> Tensor:
-    """``lm_head`` of ``hidden [n, d]`` in float32: ``[n, vocab]``."""
-    return model.lm_head(hidden).float()
-
-
-def token_nll(model: Transformer, hidden: Tensor, input_ids: Tensor) -> Tensor:
-    """NLL ``[T-1]`` (float64) of tokens ``1..T-1`` of ``input_ids [T]`` from ``hidden [T, d]``,
-    the head applied ``_HEAD_SLICE`` positions at a time."""
-    losses = []
-    for start in range(0, hidden.shape[0] - 1, _HEAD_SLICE):
-        end = min(start + _HEAD_SLICE, hidden.shape[0] - 1)
-        logits = _head_logits(model, hidden[start:end])  # [n, V]
-        losses.append(F.cross_entropy(logits, input_ids[start + 1 : end + 1], reduction="none"))
-    return torch.cat(losses).double()
 
 
 def held_out_windows(documents: Sequence[TokenDocument], length: int, windows: int) -> Tensor:
@@ -117,19 +104,16 @@ def position_perplexity(
     length: int,
     *,
     windows: int = 4,
-    forward_hidden: ForwardHidden | None = None,
+    mesh: ParallelMesh | None = None,
 ) -> PerplexityResult:
     """Perplexity by position bucket on held-out ``documents`` at ``length`` tokens (see the
     module docstring). Each bucket: ``start``, ``end``, ``tokens`` scored, ``nll`` (mean),
-    ``ppl`` (its exp)."""
-    forward = forward_hidden or model_forward(model)
-    device = model.lm_head.weight.device
+    ``ppl`` (its exp). ``mesh``: score over the sequence-parallel mesh ``model`` runs on."""
+    scorer = SequenceScorer(model, mesh)
     rows = held_out_windows(documents, length, windows)  # [n, L]
     nll_sum = torch.zeros(length - 1, dtype=torch.float64)  # [L-1], per predicted position
     for row in rows:
-        ids = row.to(device)
-        hidden = forward(ids[None])[0]  # [L, d]
-        nll_sum += token_nll(model, hidden, ids).cpu()
+        nll_sum += scorer.token_nll(row)
     per_position = nll_sum / rows.shape[0]  # [L-1]: position t+1 at index t
     buckets = []
     for start, end in position_buckets(length):
@@ -167,19 +151,14 @@ class RetrievalResult:
         return {**asdict(self), "mean_accuracy": self.mean_accuracy}
 
 
-@torch.no_grad()
 def score_answer(
-    model: Transformer, prompt_ids: list[int], answer_ids: list[int], forward: ForwardHidden
+    scorer: SequenceScorer, prompt_ids: list[int], answer_ids: list[int]
 ) -> tuple[list[int], float]:
-    """Teacher-forced argmax tokens at the answer positions and the answer's summed NLL."""
-    device = model.lm_head.weight.device
-    ids = torch.tensor([*prompt_ids, *answer_ids], device=device)  # [P + A]
-    hidden = forward(ids[None])[0]  # [P + A, d]
-    first = len(prompt_ids) - 1  # the position whose output predicts the first answer token
-    logits = _head_logits(model, hidden[first : first + len(answer_ids)])  # [A, V]
-    target = ids[len(prompt_ids) :]  # [A]
-    nll = float(F.cross_entropy(logits, target, reduction="sum"))
-    return logits.argmax(dim=-1).tolist(), nll
+    """Teacher-forced argmax tokens at the answer positions and the answer's summed NLL: one
+    forward over ``prompt + answer``; the output at the prompt's last position predicts the
+    first answer token."""
+    ids = torch.tensor([*prompt_ids, *answer_ids])  # [P + A]
+    return scorer.answer_scores(ids, len(prompt_ids) - 1, len(answer_ids))
 
 
 def check_grid(task: str, lengths: Sequence[int], depths: Sequence[float], samples: int) -> None:
@@ -204,12 +183,13 @@ def retrieval_accuracy(
     samples: int = 2,
     seed: int = 0,
     params: TaskParams | None = None,
-    forward_hidden: ForwardHidden | None = None,
+    mesh: ParallelMesh | None = None,
 ) -> RetrievalResult:
     """Accuracy of ``task`` (passkey | niah) on the ``lengths x depths`` grid, ``samples`` per
-    cell; example ``k`` of a cell uses seed ``seed + k`` (the same examples for every model)."""
+    cell; example ``k`` of a cell uses seed ``seed + k`` (the same examples for every model).
+    ``mesh``: score over the sequence-parallel mesh ``model`` runs on."""
     check_grid(task, lengths, depths, samples)
-    forward = forward_hidden or model_forward(model)
+    scorer = SequenceScorer(model, mesh)
     accuracy, token_accuracy, examples = [], [], []
     for length in lengths:
         exact_row, token_row = [], []
@@ -219,7 +199,7 @@ def retrieval_accuracy(
                 sample = make_eval_example(
                     task, tokenizer, length, seed=seed + k, depth=depth, params=params
                 )
-                predicted, nll = score_answer(model, sample.prompt_ids, sample.answer_ids, forward)
+                predicted, nll = score_answer(scorer, sample.prompt_ids, sample.answer_ids)
                 hits = sum(p == a for p, a in zip(predicted, sample.answer_ids))
                 correct = hits == len(sample.answer_ids)
                 exact += correct
@@ -253,11 +233,12 @@ def passkey_accuracy(
     seed: int = 0,
     *,
     params: TaskParams | None = None,
-    forward_hidden: ForwardHidden | None = None,
+    mesh: ParallelMesh | None = None,
 ) -> RetrievalResult:
     """Passkey accuracy table (``result.accuracy[length][depth]``, exact match of the digits,
     ``samples`` per cell) of ``model`` in eval mode; ``format_table`` prints it. ``params``: the
-    recipe's ``data.task_params`` (key digits), defaults otherwise."""
+    recipe's ``data.task_params`` (key digits), defaults otherwise; ``mesh``: score over the
+    sequence-parallel mesh ``model`` runs on."""
     was_training = model.training
     model.eval()
     try:
@@ -270,7 +251,7 @@ def passkey_accuracy(
             samples=samples,
             seed=seed,
             params=params,
-            forward_hidden=forward_hidden,
+            mesh=mesh,
         )
     finally:
         model.train(was_training)

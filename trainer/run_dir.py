@@ -6,9 +6,17 @@ starts (so bad input fails fast, exit code 2), and by every worker before it wri
 It refuses, with a one-line ``LongctxError`` and without touching the disk:
 
 - a run directory that already holds a run when no ``--resume`` is given (never overwrite);
-- a ``--resume`` target that does not exist, has no manifest, fails its sha256 check, or was
-  trained with a different model shape (recipe hash);
-- a tokenizer whose vocabulary is larger than the model's embedding.
+- a ``--resume`` target that does not exist, has no manifest, fails its sha256 check, was
+  trained with a different model shape (recipe hash), or whose data position has no exact
+  equivalent under this run's data-parallel layout;
+- a tokenizer whose vocabulary is larger than the model's embedding;
+- in the CLI driver (no process group yet; the workers build their data themselves): text
+  sources that are missing, empty, binary, not UTF-8, or JSON lines without ``text``, and, when
+  the recipe names its tokenizer, data too short to fill one batch of every data-parallel rank
+  (the splits are built once here, so the mistake fails before any worker starts).
+
+A ``--resume`` that skips checkpoint directories a crash left unfinished says so on stderr
+(one line each); they are never loaded.
 
 Layout written here: ``RUN/config.yaml`` (the resolved recipe) and ``RUN/launch.json`` (which
 invocation owns the run, so a worker group that Ray Train restarts before the first checkpoint
@@ -18,21 +26,28 @@ recognises the half-started run as its own instead of refusing it).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from longctx.data import load_tokenizer
+import torch.distributed as dist
+
+from longctx.data import PackedLoader, Tokenizer, build_datasets, load_tokenizer
+from longctx.data.sources import read_documents
 from longctx.errors import LongctxError
 from longctx.trainer.checkpoint import (
     CHECKPOINTS_DIR,
+    incomplete_checkpoints,
     resolve_checkpoint,
     verify_checkpoint,
     write_atomic,
 )
+from longctx.trainer.full_state import translate_data_cursor
 
 if TYPE_CHECKING:
     from longctx.trainer.config import Recipe
 
+log = logging.getLogger("longctx.run_dir")
 CONFIG_FILE = "config.yaml"
 LAUNCH_FILE = "launch.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -75,6 +90,20 @@ def check_vocabulary(tokenizer_vocab: int, recipe: Recipe, tokenizer_path: str) 
         )
 
 
+def report_incomplete_checkpoints(run_dir: str | Path, chosen: Path) -> None:
+    """Log (stderr, rank 0 or the driver) each checkpoint directory a crash left unfinished,
+    which the resume skips: it is never loaded, and the next save or prune deletes it."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    for partial in incomplete_checkpoints(Path(run_dir) / CHECKPOINTS_DIR):
+        log.warning(
+            "ignoring incomplete checkpoint %s (interrupted while being written, no manifest); "
+            "resuming from %s",
+            partial,
+            chosen,
+        )
+
+
 def validate_run(
     recipe: Recipe,
     run_dir: str | Path,
@@ -100,11 +129,36 @@ def validate_run(
             )
     else:
         checkpoint = resolve_checkpoint(run_dir, resume)
-        verify_checkpoint(checkpoint, recipe)
+        report_incomplete_checkpoints(run_dir, checkpoint)
+        manifest = verify_checkpoint(checkpoint, recipe)
+        if isinstance(recipe.parallel.dp, int):  # a resolved layout (the driver's, a worker's)
+            translate_data_cursor(
+                manifest["data_cursor"], recipe.parallel.dp, recipe.trainer.micro_batch_size
+            )
     tokenizer_path = recipe.data.tokenizer.path
+    tokenizer = None
     if tokenizer_path is not None:
-        check_vocabulary(load_tokenizer(tokenizer_path).vocab_size, recipe, tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)
+        check_vocabulary(tokenizer.vocab_size, recipe, tokenizer_path)
+    if not dist.is_initialized():
+        check_data(recipe, tokenizer)
     return checkpoint
+
+
+def check_data(recipe: Recipe, tokenizer: Tokenizer | None) -> None:
+    """Read the text sources (one-line errors for unusable files) and, with a tokenizer, build
+    the splits and their loaders as a data-parallel rank would (one-line error for too little
+    data). Without a tokenizer (trained by the run's first worker) only the files are read."""
+    data = recipe.data
+    if tokenizer is None:
+        if data.active_tasks().get("text"):
+            read_documents(list(data.sources))
+        return
+    dp = recipe.parallel.dp if isinstance(recipe.parallel.dp, int) else 1
+    splits = build_datasets(data, tokenizer)
+    PackedLoader(splits.train, recipe.trainer.micro_batch_size, 0, dp)
+    if splits.eval is not None and recipe.trainer.eval_every > 0:
+        PackedLoader(splits.eval, recipe.trainer.micro_batch_size, 0, dp)
 
 
 def write_run_files(recipe: Recipe, run_dir: str | Path, launch_id: str | None) -> None:

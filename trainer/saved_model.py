@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from longctx.data import Tokenizer, load_corpus, load_tokenizer
+from longctx.data import Tokenizer, load_tokenizer
 from longctx.errors import LongctxError
 from longctx.model import Transformer, save_hf
 from longctx.trainer.checkpoint import (
@@ -29,13 +29,6 @@ from longctx.trainer.checkpoint import (
     verify_checkpoint,
 )
 from longctx.trainer.config import Recipe, parse_recipe, read_recipe_file
-from longctx.trainer.eval_report import (
-    EvalPlan,
-    EvalResults,
-    eval_directory,
-    run_eval_suite,
-    write_eval_outputs,
-)
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -129,7 +122,8 @@ def _refuse_non_empty(out: Path) -> None:
 def export_hf(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     """Write the checkpoint as a Hugging Face model directory ``out``: ``config.json`` (the
     recipe's architecture, ``rope_scaling`` and ``max_position_embeddings``),
-    ``model.safetensors`` and ``tokenizer.model``. ``out`` must be new or empty."""
+    ``model.safetensors`` and the tokenizer files transformers reads (``tokenizer.model``, or
+    ``tokenizer.json`` with its config). ``out`` must be new or empty."""
     if dtype not in EXPORT_DTYPES:
         raise LongctxError(f"--dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
     out = Path(out).expanduser()
@@ -137,23 +131,5 @@ def export_hf(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "fp32
     saved = open_checkpoint(run_or_checkpoint)
     model = load_trained_model(saved, EXPORT_DTYPES[dtype])
     save_hf(model, saved.recipe.model, out)
-    (out / TOKENIZER_FILE).write_bytes(saved.tokenizer.model_bytes())
+    saved.tokenizer.export_files(out)  # tokenizer.model, or tokenizer.json + its config
     return out
-
-
-def evaluate_checkpoint(
-    saved: SavedCheckpoint, plan: EvalPlan, out: Path | None = None
-) -> tuple[EvalResults, Path]:
-    """Evaluate a checkpoint with ``plan``; JSON + PNG go to ``out`` (default
-    ``RUN/eval/step_NNNNNN``). Returns the results and the directory written."""
-    documents = None
-    if "ppl" in plan.tasks:
-        documents = load_corpus(saved.recipe.data, saved.tokenizer).eval_documents
-    plan.check(saved.tokenizer, documents)
-    model = load_trained_model(saved)
-    with torch.no_grad():
-        results = run_eval_suite(model, saved.tokenizer, plan, documents)
-    directory = out if out is not None else eval_directory(saved.run_dir, saved.step)
-    meta = {"step": saved.step, "checkpoint": str(saved.directory)}
-    write_eval_outputs(results, directory, meta)
-    return results, directory

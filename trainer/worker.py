@@ -1,6 +1,7 @@
 """What every rank runs: ``train_worker(job, report)``, from recipe to final checkpoint.
 
-Order on each rank (DESIGN section 3):
+One call trains one stage of a staged recipe (``trainer/stages.py``; a recipe without stages
+is one stage). Order on each rank (DESIGN section 3):
 
 1. join or create the process group (Ray Train and the test harness create it; a plain
    ``python`` call gets a one-process group);
@@ -8,11 +9,12 @@ Order on each rank (DESIGN section 3):
    then rank 0 writes ``config.yaml``;
 3. tokenizer (rank 0 trains it into the run directory when the recipe asks, the others wait and
    load it), vocabulary check, packed datasets and the data-parallel loaders;
-4. the decoder (seeded, identical on every rank; ``hf:PATH`` weights when the recipe says so),
-   under ``parallel.ulysses x ring > 1`` the mesh and ``parallelize`` (each SP group's ranks
-   load the same batches and train on their shards), the DeepSpeed engine;
-5. on resume: model, optimizer, schedule and counters from the checkpoint, the loader's
-   position from the manifest, this rank's RNG state;
+4. the decoder (seeded, identical on every rank; ``hf:PATH`` weights when the recipe says so,
+   the previous stage's final weights when a new stage starts), under ``parallel.ulysses x
+   ring > 1`` the mesh and ``parallelize`` (each SP group's ranks load the same batches and
+   train on their shards), the DeepSpeed engine (a fresh optimizer and LR schedule per stage);
+5. on resume inside a stage: model, optimizer, schedule and counters from the checkpoint, the
+   loader's position from the manifest, this rank's RNG state;
 6. the loop; a barrier; the summary.
 """
 
@@ -31,11 +33,10 @@ import torch
 import torch.distributed as dist
 
 from longctx.data import PackedLoader, Tokenizer, build_datasets, resolve_tokenizer
-from longctx.errors import LongctxError
 from longctx.model import Transformer, load_hf
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import check_recipe_supported, parallelize
-from longctx.trainer.checkpoint import TOKENIZER_FILE, load_checkpoint
+from longctx.trainer.checkpoint import TOKENIZER_FILE, load_checkpoint, load_model_state_dict
 from longctx.trainer.config import Recipe
 from longctx.trainer.engine import (
     apply_recipe_optimizer_settings,
@@ -50,6 +51,14 @@ from longctx.trainer.run_dir import (
     check_vocabulary,
     validate_run,
     write_run_files,
+)
+from longctx.trainer.stages import (
+    Stage,
+    check_stage_record,
+    plan_stages,
+    read_manifest,
+    resume_point,
+    write_stage_record,
 )
 
 Report = Callable[[dict, "str | None"], None]
@@ -81,19 +90,10 @@ def check_layout(recipe: Recipe, world: int) -> int:
 
     One-line ``LongctxError`` (the launcher's exit 2) when ``world`` does not fit
     ``dp x ulysses x ring``, when ``parallelize`` could not serve the recipe's attention variant
-    or position encoding under its sequence-parallel mode (``check_recipe_supported``), or when
-    the recipe asks for long-context evaluation tasks under sequence parallelism (they run the
-    whole model on one rank's full sequence, which the parallelized model cannot).
+    or position encoding under its sequence-parallel mode (``check_recipe_supported``).
     """
     parallel = recipe.parallel.resolve(world)
     check_recipe_supported(recipe.model, recipe.attention, recipe.positional, parallel)
-    if parallel.sp > 1 and recipe.trainer.eval_tasks:
-        raise LongctxError(
-            f"trainer.eval_tasks {recipe.trainer.eval_tasks} run the model on whole sequences on "
-            f"one rank, but parallel.ulysses x ring = {parallel.ulysses} x {parallel.ring} "
-            "shards them; set trainer.eval_tasks: [] and evaluate the checkpoint with "
-            "'longctx eval' afterwards"
-        )
     return parallel.dp
 
 
@@ -152,46 +152,94 @@ def train_worker(job: dict, report: Report | None = None) -> dict[str, Any]:
 
     ``job``: ``recipe`` (``Recipe.model_dump(mode="json")``), ``run_dir``, ``resume`` (None,
     ``"latest"`` or a checkpoint path) and optionally ``launch_id`` (see
-    ``run_dir.validate_run``). ``report(metrics, checkpoint_dir_or_None)`` is called on every
-    rank after each logged step and each checkpoint. Summary: ``step``, ``tokens_seen``,
-    ``loss`` (last logged train loss), ``eval_loss`` (last, or None), ``bad_steps``,
-    ``checkpoint`` (the last one written).
+    ``run_dir.validate_run``) and ``last_stage`` (the index of the last stage this launch may
+    train). One call trains one stage (``trainer.stages``): the stage the resume point names
+    (``stages.resume_point``); a recipe without stages is one stage. When that stage lies past
+    ``last_stage`` (a group Ray Train restarted after the stage's final checkpoint) nothing is
+    trained. ``report(metrics, checkpoint_dir_or_None)`` is called on every rank after each
+    logged step and each checkpoint. Summary: ``step`` (global), ``tokens_seen``, ``loss`` (last
+    logged train loss), ``eval_loss`` (last, or None), ``bad_steps``, ``checkpoint`` (the last
+    one written), ``stage`` (the index of the stage trained) and ``stages`` (their count).
     """
     recipe = Recipe.model_validate(job["recipe"])
     run_dir = Path(job["run_dir"])
     created_group = init_distributed()
     try:
-        return _train(recipe, run_dir, job.get("resume"), job.get("launch_id"), report)
+        return _train(recipe, run_dir, job, report)
     finally:
         if created_group:
             dist.destroy_process_group()
 
 
-def _train(
-    recipe: Recipe, run_dir: Path, resume: str | None, launch_id: str | None, report: Report | None
-) -> dict[str, Any]:
+def with_layout(recipe: Recipe, world: int) -> Recipe:
+    """``recipe`` with its ``parallel.dp`` resolved for ``world`` ranks (``dp: auto``)."""
+    return recipe.model_copy(update={"parallel": recipe.parallel.resolve(world)})
+
+
+def with_end_step(recipe: Recipe, end_step: int) -> Recipe:
+    """The recipe the training loop runs for a stage: ``trainer.steps`` is the global step the
+    stage ends at (the loop and the checkpoints count global steps; the engine's LR schedule
+    is built from the stage's own step count)."""
+    trainer = recipe.trainer.model_copy(update={"steps": end_step})
+    return recipe.model_copy(update={"trainer": trainer})
+
+
+def _untrained_summary(stage: Stage, checkpoint: Path) -> dict[str, Any]:
+    """The summary of a launch whose stages are already trained: the checkpoint's counters."""
+    manifest = read_manifest(checkpoint)
+    return {
+        "step": manifest["step"],
+        "tokens_seen": manifest["tokens_seen"],
+        "bad_steps": 0,
+        "loss": None,
+        "eval_loss": None,
+        "checkpoint": str(checkpoint),
+        "stage": stage.index - 1,
+        "stages": stage.count,
+    }
+
+
+def _train(recipe: Recipe, run_dir: Path, job: dict, report: Report | None) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = recipe.trainer
-    dp = check_layout(recipe, world)
+    resume, launch_id = job.get("resume"), job.get("launch_id")
+    stages = plan_stages(recipe)
+    point = resume_point(stages, run_dir, resume)
+    stage = point.stage
+    stage_recipe = with_layout(stage.recipe, world)
+    cfg = stage_recipe.trainer
+    dp = check_layout(stage_recipe, world)
     select_device()
-    checkpoint = validate_run(recipe, run_dir, resume, launch_id=launch_id)
+    # The checkpoint is checked against the recipe of the stage that wrote it (its layout).
+    checkpoint = validate_run(point.checkpoint_stage.recipe, run_dir, resume, launch_id=launch_id)
+    check_stage_record(stages, run_dir, point)
+    last_stage = job.get("last_stage")
+    if checkpoint is not None and last_stage is not None and stage.index > last_stage:
+        return _untrained_summary(stage, checkpoint)
     dist.barrier()  # every rank has checked the directory before rank 0 writes into it
     if rank == 0:
         write_run_files(recipe, run_dir, launch_id)
+        if recipe.stages:
+            write_stage_record(stages, run_dir, stage)
 
     # Sequence parallelism: every rank of an SP group loads the group's batch (same dp rank)
     # and trains on its shard of it (train_loop); the model's attention runs over the group.
-    mesh = build_mesh(recipe.parallel) if recipe.parallel.sp > 1 else None
+    mesh = build_mesh(stage_recipe.parallel) if stage_recipe.parallel.sp > 1 else None
     dp_rank = rank if mesh is None else mesh.dp_rank
-    tokenizer = load_run_tokenizer(recipe, run_dir, checkpoint)
-    splits = build_datasets(recipe.data, tokenizer)
+    tokenizer = load_run_tokenizer(stage_recipe, run_dir, checkpoint)
+    splits = build_datasets(stage_recipe.data, tokenizer)
     train_loader = PackedLoader(splits.train, cfg.micro_batch_size, dp_rank, dp)
     eval_loader = None
     if splits.eval is not None and cfg.eval_every > 0:
         eval_loader = PackedLoader(splits.eval, cfg.micro_batch_size, dp_rank, dp)
 
     seed_everything(cfg.seed)
-    model = build_model(recipe)
+    if point.new_stage and checkpoint is not None:
+        # A new stage: the previous stage's final weights under this stage's settings (RoPE
+        # scaling, layout), with the fresh optimizer and LR schedule build_engine makes.
+        model = Transformer(stage_recipe.model, stage_recipe.positional, stage_recipe.attention)
+        model.load_state_dict(load_model_state_dict(checkpoint), strict=True)
+    else:
+        model = build_model(stage_recipe)
     if mesh is not None:
         parallelize(model, mesh.config, mesh)
     engine = build_engine(model, cfg, sp_group=None if mesh is None else mesh.sp_group)
@@ -200,37 +248,52 @@ def _train(
         long_eval = TrainingEvaluator(
             engine.module.model,
             tokenizer,
-            plan_from_recipe(recipe),
+            plan_from_recipe(stage_recipe),
             None if splits.corpus is None else splits.corpus.eval_documents,
             run_dir,
             is_writer=rank == 0,
+            mesh=mesh,
         )
     state = TrainState()
-    if checkpoint is not None:
-        manifest = load_checkpoint(engine, checkpoint, recipe)
+    if point.resumes_exactly:
+        manifest = load_checkpoint(engine, checkpoint, stage_recipe)
         apply_recipe_optimizer_settings(engine, cfg)
         train_loader.load_state_dict(manifest["data_cursor"])
         state = TrainState(step=manifest["step"], tokens_seen=manifest["tokens_seen"])
+    elif checkpoint is not None:
+        manifest = read_manifest(checkpoint)
+        state = TrainState(step=manifest["step"], tokens_seen=manifest["tokens_seen"])
 
+    loop_recipe = with_end_step(stage_recipe, stage.end_step)
     writer = MetricsWriter(
         run_dir / TENSORBOARD_DIR if rank == 0 else None,
         resume_step=None if checkpoint is None else state.step,
     )
-    display = ProgressDisplay(cfg.steps, state.step, enabled=rank == 0)
-    if checkpoint is not None:
+    display = ProgressDisplay(stage.end_step, state.step, enabled=rank == 0)
+    if stage.count > 1:
+        display.message(
+            f"{stage.label()}: steps {stage.start_step + 1}-{stage.end_step}, data.seq_len "
+            f"{stage_recipe.data.seq_len}, {stage_recipe.parallel.describe()}"
+            + (f", weights from {checkpoint}" if point.new_stage and checkpoint else "")
+        )
+    if point.resumes_exactly:
         display.message(
             f"resumed from {checkpoint} at step {state.step}"
-            + (f" (already at trainer.steps={cfg.steps})" if state.step >= cfg.steps else "")
+            + (
+                f" (already at trainer.steps={stage.end_step})"
+                if state.step >= stage.end_step
+                else ""
+            )
         )
     try:
         summary = train_loop(
             engine,
-            recipe,
+            loop_recipe,
             run_dir,
             train_loader=train_loader,
             eval_loader=eval_loader,
             state=state,
-            tokens_per_step=cfg.micro_batch_size * cfg.grad_accum * recipe.data.seq_len * dp,
+            tokens_per_step=cfg.micro_batch_size * cfg.grad_accum * stage_recipe.data.seq_len * dp,
             tokenizer_bytes=tokenizer.model_bytes(),
             writer=writer,
             display=display,
@@ -243,5 +306,6 @@ def _train(
         display.close()
     if summary["checkpoint"] is None and checkpoint is not None:
         summary["checkpoint"] = str(checkpoint)  # resumed at the last step: nothing new written
+    summary.update(stage=stage.index, stages=stage.count)
     dist.barrier()
     return summary

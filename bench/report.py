@@ -1,0 +1,533 @@
+"""bench/results/REPORT.md: every measured ratio against its target, from the benchmarks' JSON.
+
+Run: ``python -m longctx.bench.report`` (``longctx bench`` and ``make bench`` call it after the
+benchmarks). It reads only the JSON files in ``bench/results/``, so it can be regenerated without
+rerunning anything. Targets come from the issues: attention backends (issue 3), training
+overhead (4), sequence parallelism (5), position-encoding kernels (6), sparse variants (7), and
+the memory ceiling (10). A missing JSON file gives a "not run" row; a target whose measured
+length differs from the one the issue names says so in its row.
+
+Each row: the benchmark, what is measured, the values behind the ratio, the ratio, the target
+and whether it is met. Rows without a target (context such as the model step under ring 2) show
+an empty target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPORT_NAME = "REPORT.md"
+GiB = 1024**3
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the report. ``op``/``target`` None: context without a target."""
+
+    bench: str
+    measure: str
+    values: str
+    ratio: float | None
+    op: str | None = None
+    target: float | None = None
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.op is None or self.ratio is None:
+            return None
+        compare = {"<=": operator.le, ">=": operator.ge}[self.op]
+        return compare(self.ratio, self.target)
+
+    def cells(self) -> list[str]:
+        ratio = "" if self.ratio is None else _number(self.ratio)
+        target = "" if self.op is None else f"{self.op} {_number(self.target)}"
+        met = {True: "yes", False: "**no**", None: ""}[self.met]
+        values = f"{self.values} ({self.note})" if self.note else self.values
+        return [self.bench, self.measure, values, ratio, target, met]
+
+
+def _number(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def _load(results_dir: Path, name: str):
+    path = results_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _length_note(length: int, wanted: int) -> str:
+    return "" if length == wanted else f"measured at T={length}; the target is for T={wanted}"
+
+
+# --------------------------------------------------------------------------- per benchmark
+def attention_rows(data: dict) -> list[Row]:
+    """Issue 3: cpu_flash and chunked fwd+bwd peak memory at 16k <= 1/20 of naive."""
+    rows = []
+    for backend in ("cpu_flash", "chunked"):
+        cases = [r for r in data["results"] if r["backend"] == backend and r["mode"] == "fwd+bwd"]
+        if not cases:
+            continue
+        case = max(cases, key=lambda r: r["length"])
+        naive = next(
+            r
+            for r in data["results"]
+            if r["backend"] == "naive" and r["mode"] == "fwd+bwd" and r["length"] == case["length"]
+        )
+        estimated = "" if case["naive_measured"] else ", naive estimated x T^2"
+        rows.append(
+            Row(
+                "attention",
+                f"{backend} fwd+bwd peak memory vs naive, T={case['length']}",
+                f"{case['peak_bytes'] / MiB:.0f} vs {naive['peak_bytes'] / MiB:.0f} MiB{estimated}",
+                case["memory_ratio_vs_naive"],
+                "<=",
+                1 / 20,
+                _length_note(case["length"], 16384),
+            )
+        )
+        rows.append(
+            Row(
+                "attention",
+                f"{backend} fwd+bwd CPU time vs naive, T={case['length']}",
+                f"{case['time_s']:.2f} vs {naive['time_s']:.2f} s{estimated}",
+                case["time_ratio_vs_naive"],
+            )
+        )
+    return rows
+
+
+def sp_rows(data: dict) -> list[Row]:
+    """Issue 5: ring P=2 time <= 1.15x and memory <= 0.55x at 16k, zigzag <= 1.05, tiled loss
+    <= 1/8 at 64k x 32k."""
+    ring, step = data["ring"], data["model_step"]
+    balance, loss = data["balance"], data["tiled_loss"]
+    t = ring["seq_len"]
+    note = _length_note(t, 16384)
+    return [
+        Row(
+            "sp",
+            f"ring P=2 fwd+bwd time vs 1 process (2 threads), T={t}",
+            f"{ring['ring2_seconds']:.2f} vs {ring['single_seconds']:.2f} s",
+            ring["time_ratio"],
+            "<=",
+            1.15,
+            note,
+        ),
+        Row(
+            "sp",
+            f"ring P=2 peak memory per rank vs 1 process, T={t}",
+            f"{ring['ring2_peak_bytes_per_rank'] / MiB:.1f} vs "
+            f"{ring['single_peak_bytes'] / MiB:.1f} MiB",
+            ring["memory_ratio"],
+            "<=",
+            0.55,
+            _join(note, _ring_floor(ring)),
+        ),
+        Row(
+            "sp",
+            f"model step (tiled loss) time, ring 2 vs 1 process, T={step['seq_len']}",
+            f"{step['ring2_seconds']:.2f} vs {step['single_seconds']:.2f} s",
+            step["time_ratio"],
+        ),
+        Row(
+            "sp",
+            f"model step peak memory per rank, ring 2 vs 1 process, T={step['seq_len']}",
+            f"{step['ring2_peak_bytes_per_rank'] / MiB:.0f} vs "
+            f"{step['single_peak_bytes'] / MiB:.0f} MiB",
+            step["memory_ratio"],
+        ),
+        Row(
+            "sp",
+            f"zigzag per-rank causal work max/min, P={balance['world']}",
+            f"as scheduled {balance['zigzag_scheduled_ratio']:.3f}; contiguous split "
+            f"{balance['contiguous_causal_pairs_ratio']:.2f}",
+            balance["zigzag_causal_pairs_ratio"],
+            "<=",
+            1.05,
+        ),
+        Row(
+            "sp",
+            f"tiled loss peak memory vs plain CE, T={loss['seq_len']}, V={loss['vocab']}",
+            f"{loss['tiled_peak_bytes'] / GiB:.2f} vs "
+            f"{loss['plain_peak_bytes_at_seq_len'] / GiB:.1f} GiB (plain measured at "
+            f"T={loss['plain_measured_seq_len']}, x T)",
+            loss["memory_ratio"],
+            "<=",
+            1 / 8,
+        ),
+    ]
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(note for note in notes if note)
+
+
+def _ring_floor(ring: dict) -> str:
+    if "floor_bytes_per_rank" not in ring:
+        return ""
+    blocks = " + ".join(f"{count} {what}" for what, count in ring["floor_blocks"].items())
+    return (
+        f"floor of a whole-block ring: {blocks} = {sum(ring['floor_blocks'].values())} blocks of "
+        f"{ring['block_bytes'] / MiB:.0f} MiB = {ring['floor_bytes_per_rank'] / MiB:.0f} MiB, "
+        f"{ring['floor_ratio']:.2f}x"
+    )
+
+
+def positional_rows(data: dict) -> list[Row]:
+    """Issue 6: each chunked kernel's peak memory at 16k <= 1/10 of naive."""
+    rows = []
+    chunked = [r for r in data["results"] if r["method"] == "chunked"]
+    for encoding in sorted({r["encoding"] for r in chunked}):
+        case = max((r for r in chunked if r["encoding"] == encoding), key=lambda r: r["length"])
+        naive = next(
+            r
+            for r in data["results"]
+            if r["encoding"] == encoding
+            and r["method"] == "naive"
+            and r["length"] == case["length"]
+        )
+        estimated = "" if case["naive_measured"] else ", naive estimated x T^2"
+        rows.append(
+            Row(
+                "positional",
+                f"{encoding} chunked peak memory vs naive, T={case['length']}",
+                f"{case['peak_bytes'] / MiB:.0f} vs {naive['peak_bytes'] / MiB:.0f} MiB{estimated}",
+                case["memory_ratio_vs_naive"],
+                "<=",
+                1 / 10,
+                _length_note(case["length"], 16384),
+            )
+        )
+    return rows
+
+
+def sparse_power_rows(data: dict) -> list[Row]:
+    """Issue 7: PowerAttention >= 3x faster than dense at 32k, peak memory <= dense."""
+    case = max(data["results"], key=lambda r: r["length"])
+    t = case["length"]
+    note = _length_note(t, 32768)
+    return [
+        Row(
+            "sparse_power",
+            f"PowerAttention fwd+bwd speedup over dense, T={t}",
+            f"{case['dense_cpu_s']:.2f} vs {case['power_cpu_s']:.2f} s; by T: "
+            + ", ".join(f"{r['length'] // 1024}k {r['speedup']:.2f}x" for r in data["results"]),
+            case["speedup"],
+            ">=",
+            3.0,
+            note,
+        ),
+        Row(
+            "sparse_power",
+            f"PowerAttention peak memory vs dense, T={t}",
+            f"{case['power_peak_mib']:.0f} vs {case['dense_peak_mib']:.0f} MiB",
+            case["power_peak_mib"] / case["dense_peak_mib"],
+            "<=",
+            1.0,
+        ),
+    ]
+
+
+SPARSE_SPEEDUP_TARGETS = {"mosa": 5.0, "nsa": 2.0}
+
+
+def sparse_nsa_mosa_rows(data: list[dict]) -> list[Row]:
+    """Issue 7: MoSA (k = T/16) >= 5x, NSA (defaults) >= 2x faster than dense; memory <= dense.
+    One pair of rows per variant and input kind, at the longest length measured."""
+    rows = []
+    for kind in sorted({r["inputs"] for r in data}):
+        for case, target in SPARSE_SPEEDUP_TARGETS.items():
+            mine = [r for r in data if r["inputs"] == kind and r["case"] == case]
+            if not mine:
+                continue
+            row = max(mine, key=lambda r: r["length"])
+            dense = next(
+                r
+                for r in data
+                if r["inputs"] == kind and r["case"] == "dense" and r["length"] == row["length"]
+            )
+            by_length = ", ".join(
+                f"{r['length'] // 1024}k {_dense_seconds(data, r) / r['seconds']:.2f}x"
+                for r in sorted(mine, key=lambda r: r["length"])
+            )
+            t = row["length"]
+            rows.append(
+                Row(
+                    "sparse_nsa_mosa",
+                    f"{case.upper()} fwd+bwd speedup over dense, {kind} inputs, T={t}",
+                    f"{dense['seconds']:.2f} vs {row['seconds']:.2f} s; by T: {by_length}",
+                    dense["seconds"] / row["seconds"],
+                    ">=",
+                    target,
+                )
+            )
+            rows.append(
+                Row(
+                    "sparse_nsa_mosa",
+                    f"{case.upper()} peak memory vs dense, {kind} inputs, T={t}",
+                    f"{row['peak_bytes'] / MiB:.0f} vs {dense['peak_bytes'] / MiB:.0f} MiB",
+                    row["peak_bytes"] / dense["peak_bytes"],
+                    "<=",
+                    1.0,
+                )
+            )
+    return rows
+
+
+def _dense_seconds(data: list[dict], row: dict) -> float:
+    return next(
+        r["seconds"]
+        for r in data
+        if r["inputs"] == row["inputs"] and r["case"] == "dense" and r["length"] == row["length"]
+    )
+
+
+def train_overhead_rows(data: dict) -> list[Row]:
+    """Issue 4: the Ray + DeepSpeed step (1 worker) <= 1.2x a plain torch loop."""
+    by_path = {(r["path"], r["workers"]): r for r in data["results"]}
+    plain, ours = by_path[("plain torch", 1)], by_path[("ray + deepspeed", 1)]
+    return [
+        Row(
+            "train_overhead",
+            f"Ray + DeepSpeed step CPU time vs plain torch, 1 worker, "
+            f"T={data['config']['seq_len']}",
+            f"{ours['step_cpu_s'] * 1000:.1f} vs {plain['step_cpu_s'] * 1000:.1f} ms",
+            data["overhead_ratio_1_worker"],
+            "<=",
+            data["goal_ratio"],
+        )
+    ]
+
+
+def memory_rows(data: dict) -> list[Row]:
+    """Issue 10 (and 5): bytes per token per layer; the longest trainable sequence of the demo
+    model with 1 and 2 workers (goal >= 128k with 2, stretch 256k)."""
+    rows = [
+        Row(
+            "memory",
+            f"activation bytes per token per layer, {setting['name']}",
+            f"slope of step peak over T={setting['lengths'][0]}..{setting['lengths'][-1]}, "
+            f"layers {setting['layers'][0]} vs {setting['layers'][1]}",
+            setting["bytes_per_token_per_layer"],
+        )
+        for setting in data["per_layer"]
+    ]
+    for ceiling in data["ceiling"]:
+        rows.append(
+            Row(
+                "memory",
+                f"longest trainable T (memory ceiling), demo model, {ceiling['workers']} "
+                f"worker(s), extrapolated",
+                f"peak = {ceiling['fixed_bytes'] / MiB:.0f} MiB + "
+                f"{ceiling['bytes_per_token']:.0f} B x T per rank, fitted at "
+                f"T={ceiling['lengths'][0]}..{ceiling['lengths'][-1]}; "
+                f"{ceiling['memory_budget_bytes'] / GiB:.1f} GiB budget; step at 128k "
+                f"~{ceiling['seconds_at_128k']:.0f} s",
+                ceiling["max_tokens"],
+                ">=" if ceiling["workers"] == 2 else None,
+                131072 if ceiling["workers"] == 2 else None,
+                f"a step at that T would take ~{ceiling['seconds_at_max_tokens'] / 3600:.0f} h: "
+                "compute bound, not memory bound",
+            )
+        )
+    return rows
+
+
+def memory_longest_rows(data: dict) -> list[Row]:
+    """``bench.memory --longest``: real training steps at 128k / 256k."""
+    return [
+        Row(
+            "memory --longest",
+            f"training step of the demo model, T={run['seq_len']}, {run['workers']} worker(s)",
+            f"{'completed' if run['completed'] else 'failed'} in {run['seconds']:.0f} s, "
+            f"peak {run['peak_bytes_per_rank'] / GiB:.2f} GiB per rank",
+            run["seq_len"] if run["completed"] else 0,
+            ">=",
+            131072,
+        )
+        for run in data["runs"]
+    ]
+
+
+def gpu_rows(data: dict) -> list[Row]:
+    """bench/gpu_check.sh on a lent GPU (issue 10's GPU goals)."""
+    rows = [
+        Row(
+            "gpu",
+            f"attention fwd+bwd TFLOP/s vs bf16 GEMM, T={data['attention']['seq_len']}",
+            f"{data['attention']['tflops']:.0f} vs {data['gemm_tflops']:.0f} TFLOP/s",
+            data["attention"]["tflops"] / data["gemm_tflops"],
+            ">=",
+            0.6,
+        )
+    ]
+    if "longest" in data:
+        rows.append(
+            Row(
+                "gpu",
+                "longest Llama-3-8B-shaped training sequence, 1 GPU, ZeRO-3 offload",
+                f"largest completed T; limit: {data['longest']['limit']}",
+                data["longest"]["max_tokens"],
+                ">=",
+                500_000,
+            )
+        )
+    if "tokens_per_second" in data:
+        rows.append(Row("gpu", "training step tokens/s, T=32k", "", data["tokens_per_second"]))
+    return rows
+
+
+SECTIONS: dict[str, Callable] = {
+    "attention": attention_rows,
+    "sp": sp_rows,
+    "positional": positional_rows,
+    "sparse_power": sparse_power_rows,
+    "sparse_nsa_mosa": sparse_nsa_mosa_rows,
+    "train_overhead": train_overhead_rows,
+    "memory": memory_rows,
+    "memory_longest": memory_longest_rows,
+    "gpu": gpu_rows,
+}
+OPTIONAL = ("memory_longest", "gpu")  # written only by flags or scripts that make bench skips
+
+
+def collect_rows(results_dir: Path) -> list[Row]:
+    """Every row of every benchmark's JSON in ``results_dir``; "not run" for missing ones."""
+    rows = []
+    for name, section in SECTIONS.items():
+        data = _load(results_dir, name)
+        if data is None:
+            if name not in OPTIONAL:
+                rows.append(Row(name, "not run (no JSON in bench/results)", "", None))
+            continue
+        rows.extend(section(data))
+    return rows
+
+
+# --------------------------------------------------------------------------- environment
+def machine_lines() -> list[str]:
+    """Machine, versions and date, one markdown bullet each."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    memory = ""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        total_kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+        memory = f", {total_kib / 1024**2:.1f} GiB memory"
+    versions = ", ".join(
+        f"{package} {_version(package)}" for package in ("torch", "deepspeed", "ray", "longctx")
+    )
+    return [
+        f"- Machine: {cpu}, {os.cpu_count()} cores{memory}; {platform.platform()}",
+        f"- Versions: Python {platform.python_version()}, {versions}",
+        f"- Report generated: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+    ]
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _result_dates(results_dir: Path) -> str:
+    stamps = []
+    for name in SECTIONS:
+        path = results_dir / f"{name}.json"
+        if path.exists():
+            when = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            stamps.append(f"{name} {when:%Y-%m-%d %H:%M}")
+    return "- Measured (JSON written, UTC): " + (", ".join(stamps) or "nothing yet")
+
+
+def _suite_line(results_dir: Path) -> list[str]:
+    suite = _load(results_dir, "suite")
+    if suite is None:
+        return []
+    runs = ", ".join(
+        f"{r['name']} {r['seconds'] / 60:.1f} min ({r['cpu_seconds'] / 60:.1f} min CPU)"
+        for r in suite["runs"]
+    )
+    cpu = sum(r["cpu_seconds"] for r in suite["runs"])
+    return [
+        f"- Last `longctx bench` run: {suite['started']} UTC, {suite['seconds'] / 60:.1f} min "
+        f"wall, {cpu / 60:.1f} min CPU in all: {runs}; 1-minute load average "
+        f"{suite['load_average'][0]:.0f} at the start and {suite['load_average'][1]:.0f} at the "
+        f"end on {os.cpu_count()} cores: {suite['note']}"
+    ]
+
+
+def render(results_dir: Path) -> str:
+    """The markdown text of the report."""
+    rows = collect_rows(results_dir)
+    header = ["bench", "measure", "values", "ratio", "target", "met"]
+    table = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row.cells()) + " |" for row in rows),
+    ]
+    judged = [row for row in rows if row.met is not None]
+    met = sum(row.met for row in judged)
+    missed = [row for row in judged if not row.met]
+    lines = [
+        "# longctx benchmark report",
+        "",
+        "Every measured ratio against its target (issues 3-7 and 10). Ratios compare against a",
+        "baseline measured in the same run on the same machine; each benchmark's module",
+        "docstring says how it measures (`python -m longctx.bench.NAME --help`). Regenerate",
+        "from the JSON files with `python -m longctx.bench.report`.",
+        "",
+        *machine_lines(),
+        _result_dates(results_dir),
+        *_suite_line(results_dir),
+        "",
+        f"Targets met: {met} of {len(judged)}.",
+        "",
+        *table,
+    ]
+    if missed:
+        lines += ["", "Missed: " + "; ".join(row.measure for row in missed) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(results_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``REPORT.md`` into ``results_dir`` from its JSON files; returns its path."""
+    path = results_dir / REPORT_NAME
+    path.write_text(render(results_dir))
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of JSON files")
+    args = parser.parse_args(argv)
+    path = write_markdown(args.results)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,94 @@
+"""Run the benchmark suite and write bench/results/REPORT.md (``longctx bench``, ``make bench``).
+
+Each benchmark runs as ``python -m longctx.bench.NAME`` in its own process with its default
+(quick) settings, writes ``bench/results/NAME.json`` and prints its table; the report is then
+rebuilt from every JSON file present (``bench/report.py``), so benchmarks not run this time keep
+their last results. The whole default suite takes about 15-20 minutes on a 2-core CPU; the very
+long measurements sit behind each benchmark's own flags (``python -m longctx.bench.memory
+--longest`` runs real 128k/256k training steps, ~12 minutes more).
+
+``bench/results/suite.json`` records when the suite last ran and how long each benchmark took,
+in wall time and in CPU time of its processes (on a shared machine the wall time says more
+about the other jobs than about the benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from longctx.bench.report import RESULTS_DIR, write_markdown
+from longctx.errors import LongctxError
+
+# Sequence parallelism and memory first (the issue-10 targets), the slowest last.
+BENCHES = (
+    "sp",
+    "memory",
+    "sparse_power",
+    "attention",
+    "sparse_nsa_mosa",
+    "train_overhead",
+    "positional",
+)
+NOTE = (
+    "the machine may be shared: other jobs inflate wall times (the ratios use CPU time where "
+    "the module says so) and any ratio timed in wall time"
+)
+
+
+def check_names(names: list[str]) -> list[str]:
+    """``names`` in suite order (all of them when empty); unknown names are an error."""
+    unknown = sorted(set(names) - set(BENCHES))
+    if unknown:
+        raise LongctxError(
+            f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHES)}"
+        )
+    return [name for name in BENCHES if not names or name in names]
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process (and theirs) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_suite(names: list[str], results_dir: Path = RESULTS_DIR) -> str | None:
+    """Run the benchmarks ``names`` (all when empty) one after another, then write the report.
+
+    A benchmark that fails stops the suite (its output is already on the terminal) and its
+    name is returned (None when all succeeded); the report is rebuilt from what exists either
+    way."""
+    selected = check_names(names)
+    started, runs, load_start = datetime.now(UTC), [], os.getloadavg()[0]
+    suite_start = time.perf_counter()
+    failed = None
+    for name in selected:
+        print(f"== bench {name}", flush=True)
+        start, cpu_start = time.perf_counter(), _children_cpu_seconds()
+        done = subprocess.run([sys.executable, "-m", f"longctx.bench.{name}"], check=False)
+        runs.append(
+            {
+                "name": name,
+                "seconds": time.perf_counter() - start,
+                "cpu_seconds": _children_cpu_seconds() - cpu_start,
+            }
+        )
+        if done.returncode != 0:
+            failed = name
+            break
+    summary = {
+        "started": f"{started:%Y-%m-%d %H:%M}",
+        "seconds": time.perf_counter() - suite_start,
+        "runs": runs,
+        "load_average": [load_start, os.getloadavg()[0]],
+        "note": NOTE,
+    }
+    (results_dir / "suite.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {write_markdown(results_dir)}")
+    return failed

@@ -1,0 +1,271 @@
+"""The bad-input battery: every user mistake through the real ``longctx`` command line.
+
+Each case runs ``longctx ...`` in a subprocess, as a user would, and must end with exit code 2,
+exactly one stderr line ``error: ...`` that names the problem and the fix (checked by words of
+both), no traceback, and no change on disk: names, bytes and modification times of every file
+under the case's directory and the shared data directory are the same afterwards.
+
+Cases cover the recipe (keys, types, ranges, incompatible settings, sequence-parallel and head
+divisibility, stage order, YAML), the data (missing, empty, binary, not UTF-8, JSON lines without
+``text``, too little text for one batch), the tokenizer (larger than the model's vocabulary,
+missing), checkpoints (missing, foreign directory, another model shape, damaged, a run
+directory that already holds a run) and the command line (bad ``--set``, unknown command or
+flag, bad ``--workers``). Recipe mistakes are caught by ``--dry-run``; the others by the checks
+``longctx train`` makes before it starts Ray (``trainer.run_dir.validate_run``).
+
+All cases run concurrently in one module fixture (each is a separate short process), so the
+battery costs about as much as its slowest few cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from trainer_helpers import deepspeed_env, job, make_data, tiny_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny.yaml"
+LONGCTX = Path(sys.executable).parent / "longctx"
+PARALLEL_CASES = 4
+
+
+@dataclass(frozen=True)
+class Case:
+    """``argv`` after ``longctx`` ({data}, {case} and {checkpoint} are filled in), words the
+    error line must contain (the problem and the fix), and files the case creates first."""
+
+    argv: tuple[str, ...]
+    needles: tuple[str, ...]
+    files: tuple[tuple[str, bytes], ...] = ()
+
+
+def _train(*settings: str, dry_run: bool = True, recipe: str = str(TINY)) -> tuple[str, ...]:
+    argv = ["train", recipe, "--set", "trainer.run_dir={case}/run"]  # a setting may override
+    for setting in settings:
+        argv += ["--set", setting]
+    return (*argv, "--dry-run") if dry_run else tuple(argv)
+
+
+def _on_data(*settings: str, sources: str = "[{data}/corpus.txt]") -> tuple[str, ...]:
+    """A real ``train`` (no --dry-run) of the tiny recipe on the shared test data."""
+    return _train(
+        f"data.sources={sources}",
+        "data.tasks={{text: 1.0}}",  # braces doubled: argv is format()ted
+        "data.tokenizer.path={data}/tokenizer_320.model",
+        *settings,
+        dry_run=False,
+    )
+
+
+STAGES_SHRINKING = b"""name: staged
+stages:
+  - data: {seq_len: 256}
+  - data: {seq_len: 128}
+"""
+
+CASES: dict[str, Case] = {
+    # --- recipe: keys, types, ranges, combinations, layouts
+    "unknown section": Case(_train("trainer_x.lr=1"), ("trainer_x", "trainer")),
+    "unknown key": Case(
+        _train("trainer.learning_rate=1e-3"),
+        ("unknown key 'trainer.learning_rate'", "valid keys under 'trainer'"),
+    ),
+    "wrong type": Case(_train("trainer.steps=many"), ("trainer.steps", "many")),
+    "negative lr": Case(_train("trainer.lr=-1"), ("trainer.lr", "greater than 0")),
+    "zero stage out of range": Case(_train("trainer.zero_stage=4"), ("trainer.zero_stage", "4")),
+    "unknown dtype": Case(_train("trainer.dtype=fp8"), ("trainer.dtype", "fp32")),
+    "unknown attention variant": Case(_train("attention.variant=magic"), ("magic", "variant")),
+    "min_lr above lr": Case(_train("trainer.min_lr=1.0"), ("min_lr", "lr")),
+    "heads not divisible by kv heads": Case(
+        _train("model.num_attention_heads=5"), ("num_attention_heads=5", "choose kv heads")
+    ),
+    "workers not a multiple of sp": Case(
+        (*_train("parallel.ring=3"), "--workers", "2"), ("multiple", "ring")
+    ),
+    "query heads not divisible by ulysses": Case(
+        (*_train("parallel.ulysses=3", dry_run=False), "--workers", "3"),
+        ("not divisible by parallel.ulysses=3", "choose parallel.ulysses"),
+    ),
+    "stage order": Case(
+        ("train", "{case}/staged.yaml", "--dry-run"),
+        ("seq_len", "stage"),
+        (("staged.yaml", STAGES_SHRINKING),),
+    ),
+    "recipe not yaml": Case(
+        ("train", "{case}/broken.yaml", "--dry-run"),
+        ("broken.yaml", "YAML"),
+        (("broken.yaml", b"model: [unclosed\n"),),
+    ),
+    "recipe missing": Case(("train", "{case}/absent.yaml", "--dry-run"), ("absent.yaml",)),
+    # --- data
+    "data file missing": Case(_on_data(sources="[{case}/nothing.txt]"), ("nothing.txt", "path")),
+    "data file empty": Case(
+        _on_data(sources="[{case}/empty.txt]"), ("empty", "add text"), (("empty.txt", b"\n\n"),)
+    ),
+    "data file binary": Case(
+        _on_data(sources="[{case}/blob.txt]"),
+        ("binary", "UTF-8"),
+        (("blob.txt", bytes(range(256)) * 8),),
+    ),
+    "data file not utf-8": Case(
+        _on_data(sources="[{case}/latin.txt]"),
+        ("not valid UTF-8", "iconv"),
+        (("latin.txt", "caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1")),),
+    ),
+    "jsonl without text": Case(
+        _on_data(sources="[{case}/docs.jsonl]"),
+        ("no 'text' field", '{"text": "..."}'),
+        (("docs.jsonl", b'{"body": "a document"}\n'),),
+    ),
+    "documents too short for a batch": Case(
+        _on_data(sources="[{case}/short.txt]"),
+        ("rows", "add data"),
+        (("short.txt", b"A very short document.\n"),),
+    ),
+    "data directory without text files": Case(
+        _on_data(sources="[{case}/folder]"),
+        (".txt or .jsonl", "add some"),
+        (("folder/x.csv", b"a"),),
+    ),
+    # --- tokenizer
+    "tokenizer larger than the model vocabulary": Case(
+        _on_data("model.vocab_size=256"), ("320 tokens", "model.vocab_size >= 320")
+    ),
+    "tokenizer missing": Case(
+        _on_data("data.tokenizer.path={case}/absent.model"), ("absent.model", "tokenizer")
+    ),
+    # --- checkpoints
+    "resume latest without checkpoints": Case(
+        (*_on_data(), "--resume", "latest"), ("no checkpoint yet", "without --resume")
+    ),
+    "resume path missing": Case(
+        (*_on_data(), "--resume", "{case}/nowhere"), ("no such file", "latest")
+    ),
+    "resume a foreign directory": Case(
+        (*_on_data(), "--resume", "{case}/foreign"),
+        ("no manifest.json", "resume from another"),
+        (("foreign/weights.bin", b"\x00" * 64),),
+    ),
+    "resume a checkpoint of another model shape": Case(
+        (*_on_data(), "--resume", "{checkpoint}"),
+        ("does not fit this recipe's model: model.", "recipe the checkpoint was trained"),
+    ),
+    "resume a damaged checkpoint": Case(
+        (*_on_data("model.intermediate_size=96"), "--resume", "{damaged}"),
+        ("sha256 of model.safetensors", "resume from another"),
+    ),
+    "run directory already holds a run": Case(
+        _on_data("trainer.run_dir={existing}", "model.intermediate_size=96"),
+        ("already holds a run", "--resume latest"),
+    ),
+    # --- command line
+    "set without equals": Case(_train("trainer.lr"), ("trainer.lr", "=")),
+    "set with an empty key": Case(_train("=3"), ("=3",)),
+    "unknown command": Case(("frobnicate",), ("frobnicate", "--help")),
+    "unknown flag": Case(("train", str(TINY), "--bogus"), ("--bogus", "--help")),
+    "zero workers": Case(("train", str(TINY), "--workers", "0", "--dry-run"), ("--workers", "1")),
+}
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``root``: relative path -> (bytes, mtime in ns)."""
+    if not root.exists():
+        return {}
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _make_checkpoint(data: Path, tmp: Path) -> Path:
+    """A real checkpoint of the test model (two steps, one process), in its own run directory."""
+    corpus, tokenizer = data / "corpus.txt", data / "tokenizer_320.model"
+    recipe = tiny_recipe(corpus, tokenizer, tmp / "trained", steps=2, ckpt_every=2, eval_every=0)
+    job_file = tmp / "job.json"
+    job_file.write_text(json.dumps(job(recipe)))
+    script = "import json,sys; from longctx.trainer.worker import train_worker; "
+    script += "train_worker(json.loads(open(sys.argv[1]).read()))"
+    env = {**os.environ, **deepspeed_env()}
+    subprocess.run([sys.executable, "-c", script, str(job_file)], check=True, env=env, timeout=600)
+    return tmp / "trained"
+
+
+def _run_case(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, **deepspeed_env(), "COLUMNS": "200"}
+    return subprocess.run(
+        [str(LONGCTX), *argv], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    data = root / "data"
+    make_data(data)
+    trained = _make_checkpoint(data, root)
+    checkpoint = trained / "checkpoints" / "step_000002"
+    import shutil
+
+    damaged_run = Path(shutil.copytree(trained, root / "damaged"))
+    weights = damaged_run / "checkpoints" / "step_000002" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-7] ^= 0x10
+    weights.write_bytes(bytes(raw))
+    places = {
+        "data": str(data),
+        "checkpoint": str(checkpoint),
+        "damaged": str(damaged_run / "checkpoints" / "step_000002"),
+        "existing": str(trained),
+    }
+    prepared = {}
+    for name, case in CASES.items():
+        case_dir = root / "cases" / name.replace(" ", "_")
+        case_dir.mkdir(parents=True)
+        for relative, content in case.files:
+            (case_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            (case_dir / relative).write_bytes(content)
+        argv = [part.format(case=case_dir, **places) for part in case.argv]
+        prepared[name] = (case_dir, argv)
+    shared_before = {path: snapshot(Path(path)) for path in (data, trained, damaged_run)}
+    before = {name: snapshot(case_dir) for name, (case_dir, _) in prepared.items()}
+    with ThreadPoolExecutor(PARALLEL_CASES) as pool:
+        futures = {
+            name: pool.submit(_run_case, argv, case_dir)
+            for name, (case_dir, argv) in prepared.items()
+        }
+        results = {name: future.result() for name, future in futures.items()}
+    shared_after = {path: snapshot(Path(path)) for path in (data, trained, damaged_run)}
+    return {
+        "results": results,
+        "unchanged": {
+            name: before[name] == snapshot(case_dir) for name, (case_dir, _) in prepared.items()
+        },
+        "shared_unchanged": shared_before == shared_after,
+    }
+
+
+def test_the_battery_has_at_least_25_distinct_inputs():
+    assert len(CASES) >= 25
+    assert len({case.argv for case in CASES.values()}) == len(CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(outcomes, name):
+    result = outcomes["results"][name]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in CASES[name].needles:
+        assert needle in lines[0], lines[0]
+    assert outcomes["unchanged"][name], "files under the case directory changed"
+    assert outcomes["shared_unchanged"], "the shared data or checkpoints changed"

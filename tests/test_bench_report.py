@@ -1,0 +1,152 @@
+"""bench/report.py builds REPORT.md from the benchmarks' JSON; bench/memory.py's fit; the
+``longctx bench`` command line.
+
+References: the committed bench/results JSON files (every section must parse them), hand-made
+variations of them whose verdicts are known, and ``numpy.polyfit`` for the least-squares fit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from longctx.bench.memory import fit_line
+from longctx.bench.report import RESULTS_DIR, SECTIONS, collect_rows, render, write_markdown
+from longctx.bench.suite import BENCHES, check_names
+from longctx.errors import LongctxError
+from longctx.launch.cli import main as cli_main
+
+SP = {
+    "ring": {
+        "seq_len": 16384, "heads": 4, "head_dim": 64, "single_seconds": 4.0,
+        "ring2_seconds": 3.0, "time_ratio": 0.75, "single_peak_bytes": 100 * 2**20,
+        "ring2_peak_bytes_per_rank": 60 * 2**20, "memory_ratio": 0.6,
+        "block_bytes": 8 * 2**20, "floor_blocks": {"q, k, v, dout": 4, "visiting k, v": 2},
+        "floor_bytes_per_rank": 48 * 2**20, "floor_ratio": 0.48,
+    },
+    "model_step": {
+        "seq_len": 16384, "single_seconds": 10.0, "ring2_seconds": 6.0, "time_ratio": 0.6,
+        "single_peak_bytes": 2**30, "ring2_peak_bytes_per_rank": 2**29, "memory_ratio": 0.5,
+    },
+    "balance": {
+        "seq_len": 16384, "world": 2, "zigzag_causal_pairs_ratio": 1.0,
+        "contiguous_causal_pairs_ratio": 3.0, "zigzag_scheduled_ratio": 1.0,
+        "contiguous_scheduled_ratio": 2.33,
+    },
+    "tiled_loss": {
+        "seq_len": 65536, "vocab": 32768, "hidden_dim": 64, "tiled_peak_bytes": 2**30,
+        "tiled_seconds": 60.0, "plain_measured_seq_len": 8192,
+        "plain_measured_peak_bytes": 3 * 2**30, "plain_peak_bytes_at_seq_len": 24 * 2**30,
+        "memory_ratio": 1 / 24,
+    },
+}  # fmt: skip
+
+
+def _write(folder: Path, name: str, data) -> None:
+    (folder / f"{name}.json").write_text(json.dumps(data))
+
+
+def _row(rows, bench: str, starts: str):
+    matches = [r for r in rows if r.bench == bench and r.measure.startswith(starts)]
+    assert len(matches) == 1, [r.measure for r in rows if r.bench == bench]
+    return matches[0]
+
+
+def test_every_committed_result_parses_into_rows():
+    rows = collect_rows(RESULTS_DIR)
+    present = {p.stem for p in RESULTS_DIR.glob("*.json")} & set(SECTIONS)
+    assert present, "bench/results holds no benchmark JSON"
+    assert {r.bench.split()[0] for r in rows if r.ratio is not None} >= present - {"memory_longest"}
+
+
+def test_verdicts_follow_the_targets(tmp_path):
+    _write(tmp_path, "sp", SP)
+    rows = collect_rows(tmp_path)
+    memory = _row(rows, "sp", "ring P=2 peak memory")
+    assert (memory.ratio, memory.op, memory.target, memory.met) == (0.6, "<=", 0.55, False)
+    assert "floor of a whole-block ring" in memory.note and "0.48x" in memory.note
+    assert _row(rows, "sp", "ring P=2 fwd+bwd time").met is True
+    assert _row(rows, "sp", "tiled loss").met is True
+    assert _row(rows, "sp", "model step peak").met is None  # context, no target
+
+    SP["ring"]["memory_ratio"] = 0.5
+    try:
+        _write(tmp_path, "sp", SP)
+        assert _row(collect_rows(tmp_path), "sp", "ring P=2 peak memory").met is True
+    finally:
+        SP["ring"]["memory_ratio"] = 0.6
+
+
+def test_missing_results_are_rows_saying_not_run(tmp_path):
+    rows = collect_rows(tmp_path)
+    not_run = {r.bench for r in rows if r.measure.startswith("not run")}
+    assert not_run == set(SECTIONS) - {"memory_longest", "gpu"}
+
+
+def test_sparse_speedups_are_judged_at_the_longest_length(tmp_path):
+    cases = []
+    for length, dense_s, nsa_s in ((4096, 1.0, 2.0), (8192, 4.0, 1.0)):
+        cases += [
+            {"case": "dense", "length": length, "inputs": "random", "seconds": dense_s,
+             "peak_bytes": 100},
+            {"case": "nsa", "length": length, "inputs": "random", "seconds": nsa_s,
+             "peak_bytes": 90},
+        ]  # fmt: skip
+    _write(tmp_path, "sparse_nsa_mosa", cases)
+    speed = _row(collect_rows(tmp_path), "sparse_nsa_mosa", "NSA fwd+bwd speedup")
+    assert speed.ratio == pytest.approx(4.0) and speed.met is True
+    assert "4k 0.50x, 8k 4.00x" in speed.values
+
+
+def test_render_has_environment_counts_and_table(tmp_path):
+    for path in RESULTS_DIR.glob("*.json"):
+        shutil.copy(path, tmp_path / path.name)
+    _write(tmp_path, "sp", SP)
+    text = render(tmp_path)
+    for needle in ("- Machine: ", "- Versions: Python", "torch ", "- Report generated: "):
+        assert needle in text
+    judged = [r for r in collect_rows(tmp_path) if r.met is not None]
+    assert f"Targets met: {sum(r.met for r in judged)} of {len(judged)}." in text
+    assert "| sp | ring P=2 peak memory per rank vs 1 process, T=16384 |" in text
+    assert "Missed: " in text and "ring P=2 peak memory" in text.split("Missed: ")[1]
+    assert write_markdown(tmp_path).read_text().startswith("# longctx benchmark report")
+
+
+def test_fit_line_matches_numpy_polyfit():
+    gen = np.random.default_rng(0)
+    xs = [4096.0, 8192.0, 16384.0, 32768.0]
+    ys = [3e8 + 9000.0 * x + gen.normal(0, 1e6) for x in xs]
+    slope, intercept = np.polyfit(xs, ys, 1)
+    got_intercept, got_slope = fit_line(xs, ys)
+    assert got_slope == pytest.approx(slope, rel=1e-9)
+    assert got_intercept == pytest.approx(intercept, rel=1e-9)
+
+
+def test_bench_names_are_checked():
+    assert check_names([]) == list(BENCHES)
+    assert check_names(["positional", "sp"]) == ["sp", "positional"]  # suite order
+    with pytest.raises(LongctxError, match="unknown benchmark nope"):
+        check_names(["nope"])
+
+
+def test_cli_rejects_unknown_bench_with_one_line(capsys):
+    assert cli_main(["bench", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown benchmark nope") and err.count("\n") == 1
+
+
+def test_suite_timings_appear_in_the_report(tmp_path):
+    suite = {
+        "started": "2026-01-01 10:00", "seconds": 1200.0, "load_average": [3.0, 5.0],
+        "note": "shared machine",
+        "runs": [{"name": "sp", "seconds": 600.0, "cpu_seconds": 300.0},
+                 {"name": "memory", "seconds": 600.0, "cpu_seconds": 420.0}],
+    }  # fmt: skip
+    _write(tmp_path, "suite", suite)
+    line = next(x for x in render(tmp_path).splitlines() if x.startswith("- Last `longctx bench`"))
+    assert "20.0 min wall, 12.0 min CPU in all" in line
+    assert "sp 10.0 min (5.0 min CPU)" in line and "load average 3 at the start" in line
