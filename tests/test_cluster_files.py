@@ -229,6 +229,7 @@ def write_standin(directory: Path, name: str, text: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_slurm_script_runs_the_tiny_recipe_on_a_one_node_allocation(tmp_path: Path):
     standins = tmp_path / "bin"
     standins.mkdir()

@@ -63,6 +63,7 @@ def _manifest(root: Path, name: str, step: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("index, name", [(1, "ring"), (2, "zero3")])
 def test_elastic_run_continues_with_the_uninterrupted_losses(runs, index, name):
     straight = _losses(runs["results"][0])
@@ -73,6 +74,7 @@ def test_elastic_run_continues_with_the_uninterrupted_losses(runs, index, name):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["ring", "zero3"])
 def test_elastic_run_ends_at_the_same_data_position_and_token_count(runs, name):
     """The final cursors name the same global row: next_batch x dp x micro_batch_size."""
@@ -88,6 +90,7 @@ def test_elastic_run_ends_at_the_same_data_position_and_token_count(runs, name):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ring_run_resumed_at_dp_one(runs):
     manifest = _manifest(runs["root"], "ring", 2 * HALF)
     assert manifest["data_cursor"]["dp_size"] == 1
@@ -96,6 +99,7 @@ def test_ring_run_resumed_at_dp_one(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_elastic_final_weights_are_close_to_the_uninterrupted_ones(runs):
     straight = load_model_state_dict(runs["root"] / "straight" / "checkpoints" / "step_000006")
     for name in ("ring", "zero3"):

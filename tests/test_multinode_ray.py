@@ -204,6 +204,7 @@ def two_node_cluster(tmp_path: Path) -> Iterator[dict]:
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_two_workers_on_two_nodes_one_each(two_node_cluster: dict, tmp_path: Path):
     run_dir = tmp_path / "run"

@@ -90,6 +90,7 @@ def _crash_and_reference(tmp_path: Path, steps: int, ckpt_every: int, kill_steps
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_worker_killed_at_a_random_step_restarts_and_ends_with_identical_weights(tmp_path):
     steps, ckpt_every = 24, 4
     kill_step = random.Random(20261128).randint(ckpt_every + 1, steps // 2)

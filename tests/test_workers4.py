@@ -76,6 +76,7 @@ def _train(tmp_path: Path, name: str, workers: int, ring: int) -> subprocess.Com
     )
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_ring2_dp2_on_four_workers_has_the_dp2_loss_curve(tmp_path: Path):
     from longctx.launch.train import loss_curve
