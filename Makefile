@@ -38,6 +38,11 @@ test: lint
 test-heavy: $(STAMP)
 	$(PY) -m pytest -q -m heavy
 
+# 200 steps, a checkpoint every 10, three random kill -9s of a worker; ends with the weights
+# of the uninterrupted run and at most keep_last checkpoints (several minutes on 2 cores).
+soak: $(STAMP)
+	LONGCTX_SOAK=1 $(PY) -m pytest -q tests/test_soak.py -k soak
+
 demo: $(STAMP)
 	$(VENV)/bin/longctx train recipes/demo.yaml --workers 2
 
