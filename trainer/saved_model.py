@@ -3,7 +3,8 @@
 ``open_checkpoint(RUN_OR_CHECKPOINT)`` accepts a checkpoint directory (``manifest.json``) or a
 run directory (its ``checkpoints/latest``), verifies every file against the manifest's sha256,
 and reads the recipe the checkpoint was trained with (its own ``recipe.yaml``) and its
-tokenizer. ``load_trained_model`` consolidates the weights (ZeRO shards included) into a
+tokenizer. ``load_trained_model`` loads the checkpoint's full fp32 weights
+(``model.safetensors``, gathered from every ZeRO partition when it was saved) into a
 ``Transformer`` built from that recipe, so the RoPE settings are the ones trained with (e.g. the
 extension's YaRN ``rope_scaling``). Everything runs in one process and only reads the run.
 """

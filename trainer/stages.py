@@ -16,11 +16,10 @@ global (stage ``i`` covers steps ``start_step + 1 .. end_step``), so TensorBoard
 checkpoint names and ``--resume`` all speak of one run.
 
 Boundaries. The last step of every stage is checkpointed. The next stage builds its model under
-its own settings, loads the previous stage's final consolidated weights (ZeRO shards gathered,
-``checkpoint.load_model_state_dict``) and trains them with a *fresh* optimizer and a fresh
-warmup + cosine LR schedule over its own steps: Adam moments and the LR schedule of a stage at
-another length (and possibly another layout, whose ZeRO shards would not fit) are not carried
-over. Its data loaders start from the beginning of the stage's data.
+its own settings, loads the previous stage's final full weights
+(``checkpoint.load_model_state_dict``) and trains them with a *fresh* optimizer and a fresh
+warmup + cosine LR schedule over its own steps: the Adam moments and LR schedule of a stage at
+another length and scaling are not carried over (the extension recipes restart them). Its data loaders start from the beginning of the stage's data.
 
 Resume. A checkpoint's step says which stage wrote it (``stage_of_step``): a step inside a
 stage resumes that stage exactly (optimizer, schedule, data position, RNG), a stage's last step
