@@ -74,6 +74,26 @@ def attention_inputs(
     return [x.requires_grad_(requires_grad) for x in (q, k, v)] + [dout]
 
 
+def random_training_batch(
+    vocab_size: int,
+    length: int,
+    gen: torch.Generator,
+    shard: Callable[[dict], dict] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One random next-token batch of ``length`` tokens (input_ids, labels, position_ids
+    [1, T]); with ``shard`` (a mesh's ``shard_batch``) this rank's zigzag shard of it, else the
+    whole sequence with its ``seq_positions``."""
+    ids = torch.randint(0, vocab_size, (1, length + 1), generator=gen)
+    batch = {
+        "input_ids": ids[:, :-1],
+        "labels": ids[:, 1:],
+        "position_ids": torch.arange(length)[None],
+    }
+    if shard is None:
+        return batch | {"seq_positions": torch.arange(length)}
+    return shard(batch)
+
+
 def peak_and_median_times(step: Callable[[], None], repeats: int) -> dict:
     """Peak memory of one ``step()`` after a reset, then the median process CPU time and wall
     time of ``repeats`` more (0: the times of that first run, which include first-touch page

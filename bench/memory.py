@@ -39,6 +39,7 @@ import torch.distributed as dist
 from longctx.bench.measure import (
     GiB,
     peak_memory_since,
+    random_training_batch,
     reset_peak_memory,
     run_ranks,
     write_report,
@@ -114,15 +115,7 @@ def _steps_of_model(world: int, setting: str, layers: int, lengths: list[int]) -
     gen = torch.Generator().manual_seed(0)
 
     def batch_of(length: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(0, config.vocab_size, (1, length + 1), generator=gen)
-        batch = {
-            "input_ids": ids[:, :-1],
-            "labels": ids[:, 1:],
-            "position_ids": torch.arange(length)[None],
-        }
-        if shard is None:
-            return batch | {"seq_positions": torch.arange(length)}
-        return shard(batch)
+        return random_training_batch(config.vocab_size, length, gen, shard)
 
     _training_step(model, optimizer, batch_of(256), group)  # optimizer state, code paths
     results = []

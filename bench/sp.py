@@ -41,6 +41,7 @@ from longctx.bench.measure import (
     GiB,
     attention_inputs,
     peak_memory_since,
+    random_training_batch,
     reset_peak_memory,
     run_ranks,
     write_report,
@@ -178,15 +179,7 @@ def _model_step(rank, world, seq_len, threads):
     gen = torch.Generator().manual_seed(0)
 
     def tokens(length: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(0, BENCH_MODEL.vocab_size, (1, length + 1), generator=gen)
-        batch = {
-            "input_ids": ids[:, :-1],
-            "labels": ids[:, 1:],
-            "position_ids": torch.arange(length)[None],
-        }
-        if shard is None:
-            return batch | {"seq_positions": torch.arange(length)}
-        return shard(batch)
+        return random_training_batch(BENCH_MODEL.vocab_size, length, gen, shard)
 
     _model_step_once(model, tokens(64), group)  # warm-up at a tiny length
     model.zero_grad(set_to_none=False)  # gradient buffers exist in both runs before the reset
