@@ -25,20 +25,11 @@ from longctx.launch.cli import main
 from longctx.trainer.config import Recipe
 from longctx.trainer.saved_model import export_hf, load_trained_model, open_checkpoint
 
-pytestmark = pytest.mark.slow  # two real DeepSpeed trainings in a spawned rank (~30 s)
+# two real DeepSpeed trainings in a spawned rank (~30 s); one thread (tests/conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 EVAL_LENGTH = 192  # passkey examples need >= 165 tokens with this tokenizer
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads, and on a loaded 2-core machine
-    OpenMP threads waiting for each other make them many times slower; restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def yarn_recipe(base: Recipe, run_dir: Path) -> Recipe:

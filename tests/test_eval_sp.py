@@ -43,13 +43,7 @@ NIAH_PLAN = EvalPlan(tasks=("niah",), lengths=(322,), depths=(0.5,), samples=1)
 LONGCTX = Path(sys.executable).parent / "longctx"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -42,14 +42,7 @@ PASSKEY_LENGTHS = (192, 224)
 NIAH_LENGTH = 320
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads, and on a loaded 2-core machine
-    OpenMP threads waiting for each other make them many times slower; restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ PLAN_FLAGS = ["--task", "ppl", "passkey", "--lengths", "192", "--depths", "0.5"]
 PLAN_FLAGS += ["--samples", "1", "--windows", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
