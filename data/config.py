@@ -101,9 +101,11 @@ class TaskParams(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    """``path``: a sentencepiece ``tokenizer.model`` or a directory holding one (e.g. a Hugging
-    Face checkpoint). None trains one of ``vocab_size`` on the training sources plus generated
-    task text and stores it in the run directory."""
+    """``path``: a sentencepiece ``tokenizer.model``, a Hugging Face ``tokenizer.json`` (byte-level
+    BPE as Llama 3, Qwen2 and SmolLM2 ship it, loaded with the ``tokenizers`` library), or a
+    directory holding either (e.g. a Hugging Face checkpoint; ``data/tokenizer.py``). None
+    trains a sentencepiece model of ``vocab_size`` on the training sources plus generated task
+    text and stores it in the run directory."""
 
     path: str | None = None
     vocab_size: int = Field(2048, ge=300, description="only used when training a tokenizer")

@@ -53,6 +53,7 @@ from longctx.trainer.eval_report import (
     EvalResults,
     eval_directory,
     format_results,
+    perplexity_documents,
     run_eval_suite,
     write_eval_outputs,
 )
@@ -158,21 +159,25 @@ def eval_plan(args: argparse.Namespace, recipe: Recipe) -> EvalPlan:
         ppl_windows=args.windows or trainer.eval_ppl_windows,
         seed=recipe.data.seed,
         params=recipe.data.task_params,
+        ppl_text=trainer.eval_ppl_text,
     )
 
 
 def load_eval_data(
     target: EvalTarget, plan: EvalPlan
 ) -> tuple[Tokenizer, list[TokenDocument] | None]:
-    """The tokenizer and, when the plan has ``ppl``, the held-out documents of the recipe's
-    data (the same split as training: ``data.sources``, ``eval_fraction``, ``seed``)."""
+    """The tokenizer and, when the plan has ``ppl``, the documents it scores: the held-out
+    split of the recipe's data (the same split as training: ``data.sources``,
+    ``eval_fraction``, ``seed``) or, under ``trainer.eval_ppl_text: long_text``, the sources'
+    long-text stream (``perplexity_documents``)."""
     from longctx.data import load_corpus, load_tokenizer
 
     tokenizer = load_tokenizer(target.tokenizer_path)
-    documents = None
-    if "ppl" in plan.tasks:
-        documents = load_corpus(target.recipe.data, tokenizer).eval_documents
-    return tokenizer, documents
+    data = target.recipe.data
+    held_out = None
+    if "ppl" in plan.tasks and plan.ppl_text == "held_out":
+        held_out = load_corpus(data, tokenizer).eval_documents
+    return tokenizer, perplexity_documents(plan, data, tokenizer, held_out)
 
 
 def load_eval_model(target: EvalTarget, tokenizer: Tokenizer) -> Transformer:

@@ -18,9 +18,11 @@ import torch
 from trainer_helpers import make_data, tiny_recipe, tree_digest
 
 from longctx.data import load_corpus, load_tokenizer
+from longctx.data.long_text import long_text_documents
 from longctx.launch.cli import main
 from longctx.model import Transformer, save_hf
 from longctx.trainer.eval_report import EvalPlan, results_json, run_eval_suite
+from longctx.trainer.evaluate import held_out_windows, position_perplexity
 
 YARN = "{rope_type: yarn, factor: 4.0, original_max_position_embeddings: 32}"
 PLAN = EvalPlan(tasks=("ppl", "passkey"), lengths=(192,), depths=(0.5,), samples=1, ppl_windows=1)
@@ -107,6 +109,23 @@ def test_rope_scaling_override_evaluates_the_scaled_model(setup, tmp_path):
     mean = ours["ppl"]["results"][0]["mean_nll"]
     unscaled = in_process(setup, setup["model"])["ppl"]["results"][0]["mean_nll"]
     assert abs(mean - unscaled) > 100 * abs(mean - reference["ppl"]["results"][0]["mean_nll"])
+
+
+def test_long_text_perplexity_scores_the_seeded_stream_of_every_source_document(setup, tmp_path):
+    """``trainer.eval_ppl_text=long_text`` (a pretrained model never saw the sources): the
+    perplexity text is ``long_text_documents`` of the recipe's sources in seed order, not the
+    held-out split; the result equals ``position_perplexity`` on exactly those tokens."""
+    out = tmp_path / "long"
+    args = ["eval", str(setup["hf_dir"]), *PLAN_FLAGS, *setup["data"], "--out", str(out)]
+    assert main([*args, "--set", "trainer.eval_ppl_text=long_text", "--set", "data.seed=3"]) == 0
+    recipe = setup["recipe"]
+    tokenizer = load_tokenizer(recipe.data.tokenizer.path)
+    stream = long_text_documents(tokenizer, 192, 1, sources=recipe.data.sources, seed=3)
+    held_out = load_corpus(recipe.data, tokenizer).eval_documents
+    assert not torch.equal(held_out_windows(stream, 192, 1), held_out_windows(held_out, 192, 1))
+    expected = position_perplexity(setup["model"], stream, 192, windows=1)
+    nll = [b["nll"] for b in written(out)["ppl"]["results"][0]["buckets"]]
+    assert nll == pytest.approx([b["nll"] for b in expected.buckets], rel=1e-5)
 
 
 def refused(args: list[str], setup: dict, capsys) -> str:

@@ -97,6 +97,13 @@ class TrainerConfig(BaseModel):
     )
     eval_samples: int = Field(2, gt=0, description="retrieval examples per length x depth cell")
     eval_ppl_windows: int = Field(4, gt=0, description="held-out windows per perplexity length")
+    eval_ppl_text: Literal["held_out", "long_text"] = Field(
+        "held_out",
+        description="text the perplexity evaluation scores: 'held_out' = the eval split of the "
+        "training corpus; 'long_text' = consecutive windows of all of data.sources' documents "
+        "in seeded order (data/long_text.py), for a model that never trained on them "
+        "(training-free extension studies of a pretrained checkpoint)",
+    )
     passkey_check: bool = Field(
         True,
         description="after a local run that trains on passkey, score passkey prompts in the "

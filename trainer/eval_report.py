@@ -29,14 +29,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from longctx.data import TokenDocument, Tokenizer, make_eval_example
-from longctx.data.config import TaskParams
+from longctx.data.config import DataConfig, TaskParams
+from longctx.data.long_text import long_text_documents
 from longctx.data.sample import TargetTooShort
 from longctx.errors import LongctxError
 from longctx.model import Transformer
@@ -74,7 +75,8 @@ EvalResults = dict[str, Any]  # "ppl": [PerplexityResult, ...], "passkey"/"niah"
 @dataclass(frozen=True)
 class EvalPlan:
     """What to evaluate: tasks, context lengths, retrieval depths, examples per grid cell,
-    held-out windows per perplexity length, the examples' base seed and task parameters."""
+    windows per perplexity length, the examples' base seed, task parameters and the text
+    perplexity scores (``ppl_text``: "held_out" or "long_text", see ``perplexity_documents``)."""
 
     tasks: tuple[str, ...]
     lengths: tuple[int, ...]
@@ -83,6 +85,7 @@ class EvalPlan:
     ppl_windows: int = 4
     seed: int = 0
     params: TaskParams | None = None
+    ppl_text: Literal["held_out", "long_text"] = "held_out"
 
     def check(self, tokenizer: Tokenizer, documents: Sequence[TokenDocument] | None) -> None:
         """Fail early (one line) on anything the evaluation would trip over later: an unknown
@@ -132,6 +135,27 @@ def plan_from_recipe(recipe: Recipe) -> EvalPlan:
         ppl_windows=cfg.eval_ppl_windows,
         seed=recipe.data.seed,
         params=recipe.data.task_params,
+        ppl_text=cfg.eval_ppl_text,
+    )
+
+
+def perplexity_documents(
+    plan: EvalPlan,
+    data: DataConfig,
+    tokenizer: Tokenizer,
+    held_out: Sequence[TokenDocument] | None,
+) -> list[TokenDocument] | None:
+    """The documents ``ppl`` scores under ``plan.ppl_text`` (``trainer.eval_ppl_text``): the
+    corpus' ``held_out`` split, or the long-text stream of ``data.sources`` in ``data.seed``
+    order holding exactly ``ppl_windows`` windows of the longest plan length (the windows of
+    every shorter length are prefixes of the same stream, as ``long_text_documents`` cuts
+    them). None when the plan has no ``ppl``."""
+    if "ppl" not in plan.tasks:
+        return None
+    if plan.ppl_text == "held_out":
+        return None if held_out is None else list(held_out)
+    return long_text_documents(
+        tokenizer, max(plan.lengths), plan.ppl_windows, sources=data.sources, seed=data.seed
     )
 
 

@@ -43,7 +43,7 @@ from longctx.trainer.engine import (
     build_engine,
     select_device,
 )
-from longctx.trainer.eval_report import TrainingEvaluator, plan_from_recipe
+from longctx.trainer.eval_report import TrainingEvaluator, perplexity_documents, plan_from_recipe
 from longctx.trainer.loop import TrainState, train_loop
 from longctx.trainer.metrics import MetricsWriter, ProgressDisplay
 from longctx.trainer.run_dir import (
@@ -245,11 +245,17 @@ def _train(recipe: Recipe, run_dir: Path, job: dict, report: Report | None) -> d
     engine = build_engine(model, cfg, sp_group=None if mesh is None else mesh.sp_group)
     long_eval = None
     if cfg.eval_tasks and cfg.eval_every > 0:
+        plan = plan_from_recipe(stage_recipe)
         long_eval = TrainingEvaluator(
             engine.module.model,
             tokenizer,
-            plan_from_recipe(stage_recipe),
-            None if splits.corpus is None else splits.corpus.eval_documents,
+            plan,
+            perplexity_documents(
+                plan,
+                stage_recipe.data,
+                tokenizer,
+                None if splits.corpus is None else splits.corpus.eval_documents,
+            ),
             run_dir,
             is_writer=rank == 0,
             mesh=mesh,
