@@ -35,7 +35,6 @@ The model's own ``sliding_window`` (Mistral/Qwen2) is not applied: the window br
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +42,15 @@ from torch import Tensor, nn
 
 from longctx.attention.config import AttentionConfig, NSAConfig
 from longctx.attention.context import AttentionContext
-from longctx.attention.kernels import block_attention, resolve_backend
+from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
+from longctx.attention.nsa_selection import QueryKeySides, SelectedBlockAttention
 from longctx.attention.sequence_keys import sequence_keys
-from longctx.attention.tile_kernels import CpuFlashTileKernel, TorchTileKernel
-from longctx.attention.tiling import PieceKind, TileKernel
 from longctx.errors import LongctxError
 
-# Queries per step of the selection kernel and the importance pass: small enough that a step's
-# gathered keys (union of selected blocks) stay close to n * l', large enough to amortise the
-# per-step overhead.
-QUERY_CHUNK = 64
+# Elements (rows x compressed blocks x heads) of one step of the importance pass: bounds its
+# [B, Hkv, G, rows, nc] probability temporary (16 MiB in float32) whatever T is.
+IMPORTANCE_STEP_ELEMENTS = 2**22
 # Gate biases for (compression, selection, window) when NSA continues a dense model: the
 # window branch (dense attention over the recent past) dominates at first (SPECS 3.1).
 DENSE_START_GATE_BIAS = (-2.0, -2.0, 2.0)
@@ -88,12 +85,22 @@ class BlockCompressor(nn.Module):
         return 0 if length < self.block else (length - self.block) // self.stride + 1
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [B, H, T, D] -> [B, H, nc, D], block i summarising tokens [i d, i d + l - 1]."""
-        blocks = x.unfold(2, self.block, self.stride).transpose(-1, -2)  # [B, H, nc, l, D]
-        pooled = blocks.mean(-2)  # [B, H, nc, D]
-        features = (blocks + self.position).flatten(-2)  # [B, H, nc, l * D]
-        inner = F.silu(F.linear(features, self.in_weight, self.in_bias))  # [B, H, nc, D]
-        return pooled + F.linear(inner, self.out_weight, self.out_bias)
+        """x [B, H, T, D] -> [B, H, nc, D], block i summarising tokens [i d, i d + l - 1].
+
+        ``W_in flatten(X + P)`` is computed as a strided conv1d over the sequence (kernel l,
+        stride d) plus the constant ``W_in flatten(P)``: the same sums as unfolding the blocks,
+        without materialising [B, H, nc, l D] (whose backward is a slow scatter).
+        """
+        batch, heads, length, dim = x.shape
+        channels = x.reshape(batch * heads, length, dim).transpose(1, 2)  # [B H, D, T]
+        kernel = self.in_weight.view(dim, self.block, dim).transpose(1, 2)  # [D_out, D_in, l]
+        bias = self.in_bias + self.in_weight @ self.position.flatten()  # [D]
+        inner = F.silu(F.conv1d(channels, kernel, bias, stride=self.stride))  # [B H, D, nc]
+        pooled = F.avg_pool1d(channels, self.block, self.stride)  # [B H, D, nc]
+        summary = pooled.transpose(1, 2) + F.linear(
+            inner.transpose(1, 2), self.out_weight, self.out_bias
+        )  # [B H, nc, D]
+        return summary.view(batch, heads, -1, dim)
 
     @torch.no_grad()
     def init_new_parameters(self) -> None:
@@ -158,20 +165,6 @@ def _selection_overlap(num_compressed: int, settings: NSAConfig, num_select: int
     return torch.where(index <= last[:, None], index, torch.full_like(index, -1))
 
 
-@dataclass(frozen=True)
-class _QueryKeySides:
-    """Where the queries sit and which documents both sides belong to (see the module)."""
-
-    q_positions: Tensor  # [Tq] int64 global position of each query
-    q_doc_ids: Tensor | None  # [B, Tq]
-    k_doc_ids: Tensor | None  # [B, Tk]: key j is at global position j
-
-    def rows(self, rows: slice) -> tuple[Tensor, Tensor | None]:
-        """Positions [c] and doc ids [B, c] of the queries ``rows``."""
-        docs = None if self.q_doc_ids is None else self.q_doc_ids[:, rows]
-        return self.q_positions[rows], docs
-
-
 def _compressed_doc_ids(doc_ids: Tensor, num_compressed: int, settings: NSAConfig) -> Tensor:
     """[B, nc] document of each compressed block; -1 when the block spans two documents (so it
     matches no query's document)."""
@@ -181,111 +174,23 @@ def _compressed_doc_ids(doc_ids: Tensor, num_compressed: int, settings: NSAConfi
     return torch.where(first_doc == last_doc, last_doc, torch.full_like(last_doc, -1))
 
 
-class _SelectedBlockAttention(torch.autograd.Function):
-    """Attention of every query over the raw tokens of its selected blocks (causal, same doc).
+def _query_chunks(length: int, rows: int) -> list[slice]:
+    return [slice(a, min(a + rows, length)) for a in range(0, length, rows)]
 
-    q [B, Hq, Tq, D] at global positions ``sides.q_positions``; k, v [B, Hkv, Tk, D] the whole
-    sequence; ``selected`` [B, Hkv, Tq, n] int64 selection block indices (-1 = none), shared
-    by the query heads of a GQA group. Per query chunk the union of
-    the chunk's blocks is gathered once per kv head and each query masks out what it did not
-    select; the backward recomputes the chunk (flash style, nothing saved per chunk) and
-    scatter-adds dk, dv into the gathered token positions.
+
+def _top_blocks(ranked: Tensor, keep: int) -> Tensor:
+    """Indices of the ``keep`` largest entries of ``ranked`` [..., ns], ties to the lower index:
+    [..., keep] in increasing index order (the selection is a set).
+
+    ``topk`` alone breaks ties arbitrarily; here its k-th value is the threshold, every entry
+    above it is kept and the remaining places go to the first entries equal to it.
     """
-
-    @staticmethod
-    def forward(ctx, q, k, v, selected, sides, scale, select_block, kernel):
-        out = torch.zeros_like(q)
-        lse_dtype = torch.promote_types(q.dtype, torch.float32)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
-        for rows in _query_chunks(q.shape[2]):
-            plan = _gather_plan(selected[:, :, rows], sides, rows, select_block, k.shape[2])
-            q_c, k_c, v_c = _fold(q[:, :, rows], k, v, plan)
-            out_c, lse_c = kernel.forward(q_c, k_c, v_c, PieceKind.MASKED, plan.visible, scale)
-            out[:, :, rows] = out_c.reshape(out[:, :, rows].shape).to(q.dtype)
-            lse[:, :, rows] = lse_c.reshape(lse[:, :, rows].shape).to(lse_dtype)
-        ctx.save_for_backward(q, k, v, out, lse, selected)
-        ctx.sides, ctx.scale, ctx.select_block, ctx.kernel = sides, scale, select_block, kernel
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, selected = ctx.saved_tensors
-        acc = torch.promote_types(q.dtype, torch.float32)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-        delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, T]
-        batch, kv_heads, dim = k.shape[0], k.shape[1], k.shape[3]
-        for rows in _query_chunks(q.shape[2]):
-            plan = _gather_plan(selected[:, :, rows], ctx.sides, rows, ctx.select_block, k.shape[2])
-            q_c, k_c, v_c = _fold(q[:, :, rows], k, v, plan)
-            folded = q_c.shape  # [B * Hkv, G, c, D]
-            dq_c, dk_c, dv_c = ctx.kernel.backward(
-                dout[:, :, rows].reshape(folded), q_c, k_c, v_c,
-                out[:, :, rows].reshape(folded), safe_lse[:, :, rows].reshape(folded[:3]),
-                delta[:, :, rows].reshape(folded[:3]), PieceKind.MASKED, plan.visible, ctx.scale,
-            )  # fmt: skip
-            dq[:, :, rows] = dq_c.reshape(dq[:, :, rows].shape).to(acc)
-            index = plan.tokens[..., None].expand(-1, -1, -1, dim)  # [B, Hkv, S, D]
-            dk.scatter_add_(2, index, dk_c.reshape(batch, kv_heads, -1, dim).to(acc))
-            dv.scatter_add_(2, index, dv_c.reshape(batch, kv_heads, -1, dim).to(acc))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
-
-
-def _query_chunks(length: int) -> list[slice]:
-    return [slice(a, min(a + QUERY_CHUNK, length)) for a in range(0, length, QUERY_CHUNK)]
-
-
-class _GatherPlan:
-    """Tokens gathered for one query chunk and which of them each query sees."""
-
-    def __init__(self, tokens: Tensor, visible: Tensor):
-        self.tokens = tokens  # [B, Hkv, S] int64 token index (clamped into range)
-        self.visible = visible  # [B * Hkv, c, S] bool
-
-
-def _gather_plan(
-    selected: Tensor, sides: _QueryKeySides, rows: slice, select_block: int, length: int
-) -> _GatherPlan:
-    """The union of the selection blocks of queries ``rows`` per (batch, kv head).
-
-    ``selected`` [B, Hkv, c, n]; ``length`` keys. Returns the union's tokens and a
-    [B * Hkv, c, S] visibility: the query selected the token's block, the token is in range,
-    not after the query (global positions), and in the query's document.
-    """
-    batch, kv_heads, count, _ = selected.shape
-    num_select = -(-length // select_block)
-    member = torch.zeros(batch, kv_heads, count, num_select + 1, dtype=torch.bool,
-                         device=selected.device)  # fmt: skip
-    member.scatter_(-1, torch.where(selected < 0, num_select, selected), True)
-    member = member[..., :num_select]  # [B, Hkv, c, ns]: query selected block
-    union = member.any(2)  # [B, Hkv, ns]
-    width = int(union.sum(-1).max())
-    blocks = torch.sort(union.to(torch.int8), dim=-1, descending=True, stable=True).indices
-    blocks = blocks[..., :width]  # [B, Hkv, U]: the union first (padding where union is False)
-    offsets = torch.arange(select_block, device=selected.device)
-    tokens = (blocks[..., None] * select_block + offsets).flatten(-2)  # [B, Hkv, U * l']
-    chosen = member.gather(-1, blocks[:, :, None].expand(-1, -1, count, -1))  # [B, Hkv, c, U]
-    visible = chosen.repeat_interleave(select_block, dim=-1)  # [B, Hkv, c, S]
-    query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
-    visible &= (tokens < length)[:, :, None] & (tokens[:, :, None, :] <= query_pos[:, None])
-    tokens = tokens.clamp(max=length - 1)
-    if query_docs is not None:
-        token_docs = sides.k_doc_ids.gather(1, tokens.flatten(1)).view(tokens.shape)  # [B,Hkv,S]
-        visible &= token_docs[:, :, None, :] == query_docs[:, None, :, None]
-    return _GatherPlan(tokens, visible.flatten(0, 1))
-
-
-def _fold(q: Tensor, k: Tensor, v: Tensor, plan: _GatherPlan) -> tuple[Tensor, Tensor, Tensor]:
-    """Fold kv heads into the batch: q [B, Hq, c, D] -> [B * Hkv, G, c, D]; the gathered keys and
-    values -> [B * Hkv, 1, S, D], so one kernel call serves every (sequence, GQA group)."""
-    batch, heads, count, dim = q.shape
-    kv_heads = k.shape[1]
-    index = plan.tokens[..., None].expand(-1, -1, -1, dim)  # [B, Hkv, S, D]
-    keys = k.gather(2, index).flatten(0, 1)[:, None]  # [B * Hkv, 1, S, D]
-    values = v.gather(2, index).flatten(0, 1)[:, None]
-    return q.reshape(batch * kv_heads, heads // kv_heads, count, dim), keys, values
+    threshold = ranked.topk(keep, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = ranked > threshold
+    at = ranked == threshold
+    places = keep - above.sum(-1, keepdim=True)  # [..., 1]
+    kept = above | (at & (at.cumsum(-1) <= places))  # exactly ``keep`` per row
+    return kept.nonzero()[:, -1].view(*ranked.shape[:-1], keep)
 
 
 class NSAAttention(nn.Module):
@@ -337,11 +242,11 @@ class NSAAttention(nn.Module):
             )
         keys = sequence_keys(k, v, ctx, "nsa")
         k, v = keys.k, keys.v  # [B, Hkv, Tk, D], key j at global position j
-        sides = _QueryKeySides(ctx.seq_positions.to(q.device), ctx.doc_ids, keys.doc_ids)
+        sides = QueryKeySides(ctx.seq_positions.to(q.device), ctx.doc_ids, keys.doc_ids)
         scale = 1.0 / math.sqrt(q.shape[-1])
         o_cmp, selected = self._compressed_and_selection(q, k, v, sides, scale)
-        o_slc = _SelectedBlockAttention.apply(
-            q, k, v, selected, sides, scale, self.settings.select_block, self._kernel(q)
+        o_slc = SelectedBlockAttention.apply(
+            q, k, v, selected, sides, scale, self.settings.select_block
         )
         window = MaskSpec(
             q_positions=sides.q_positions, q_doc_ids=sides.q_doc_ids,
@@ -353,13 +258,8 @@ class NSAAttention(nn.Module):
         )  # fmt: skip
         return o_cmp, o_slc, o_win
 
-    def _kernel(self, q: Tensor) -> TileKernel:
-        if resolve_backend(self.attention.backend, q) == "cpu_flash":
-            return CpuFlashTileKernel()
-        return TorchTileKernel()
-
     def _compressed_and_selection(
-        self, q: Tensor, k: Tensor, v: Tensor, sides: _QueryKeySides, scale: float
+        self, q: Tensor, k: Tensor, v: Tensor, sides: QueryKeySides, scale: float
     ) -> tuple[Tensor, Tensor]:
         """(o_cmp [B, Hq, Tq, D], selected blocks [B, Hkv, Tq, n] int64, -1 = none)."""
         settings = self.settings
@@ -401,25 +301,33 @@ class NSAAttention(nn.Module):
         keep = min(settings.select_top_n, num_select)
         block_index = torch.arange(num_select, device=q.device)
         score_dtype = torch.promote_types(q.dtype, torch.float32)
-        overlap = None
+        overlap, rows_per_step = None, q.shape[2]
         if importance is not None:
             ck, lse_cmp, block_ends, block_docs = importance
             overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
+            rows_per_step = max(1, IMPORTANCE_STEP_ELEMENTS // (batch * heads * ck.shape[2]))
         chosen = []
-        for rows in _query_chunks(q.shape[2]):
+        for rows in _query_chunks(q.shape[2], rows_per_step):
             query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
-            scores = torch.zeros(
-                batch, kv_heads, len(query_pos), num_select, dtype=score_dtype, device=q.device
-            )
+            count = len(query_pos)
+            scores = q.new_zeros(batch, kv_heads, count, num_select, dtype=score_dtype)
             if importance is not None:
-                logits = q[:, :, rows].reshape(batch, kv_heads, -1, len(query_pos), dim)
-                logits = (logits @ ck[:, :, None].transpose(-1, -2)) * scale  # [B,Hkv,G,c,nc]
-                probs = torch.exp(logits - lse_cmp[:, :, rows].view(logits.shape[:-1])[..., None])
-                seen = (block_ends[None, :] <= query_pos[:, None])[None]  # [1, c, nc]
+                queries = q[:, :, rows].reshape(batch, kv_heads, -1, dim)  # [B, Hkv, G c, D]
+                logits = queries @ (ck.transpose(-1, -2) * scale)  # [B, Hkv, G c, nc]
+                logits = logits.view(batch, kv_heads, -1, count, logits.shape[-1])
+                seen = block_ends[None, :] <= query_pos[:, None]  # [c, nc]
                 if query_docs is not None:  # [B, c, nc]
                     seen = seen & (block_docs[:, None, :] == query_docs[:, :, None])
-                probs = torch.where(seen[:, None, None], probs, 0.0)
-                per_block = probs.sum(2)  # [B, Hkv, c, nc]: summed over the GQA group
+                hidden = torch.zeros(seen.shape, dtype=logits.dtype, device=q.device)
+                hidden = hidden.masked_fill_(~seen, float("-inf"))  # additive: exp -> 0
+                row_lse = lse_cmp[:, :, rows].reshape(logits.shape[:-1])  # [B, Hkv, G, c]
+                row_lse = torch.where(torch.isneginf(row_lse), 0.0, row_lse)  # sees no block
+                logits = logits.sub_(row_lse[..., None])
+                if query_docs is None:
+                    logits += hidden
+                else:
+                    logits += hidden[:, None, None]
+                per_block = logits.exp_().sum(2)  # [B, Hkv, c, nc]: summed over the GQA group
                 padded = F.pad(per_block, (0, 1))  # index -1 reads the zero column
                 scores = padded[..., overlap].sum(-1).to(score_dtype)  # [B, Hkv, c, ns]
             current = (query_pos // select)[:, None]  # [c, 1]
@@ -427,9 +335,8 @@ class NSAAttention(nn.Module):
             forced = (block_index == 0) | (block_index == current) | (block_index == current - 1)
             ranked = torch.where(started, scores, float("-inf"))
             ranked = torch.where(forced & started, float("inf"), ranked)
-            order = torch.sort(ranked, dim=-1, descending=True, stable=True)
-            top = order.indices[..., :keep]
-            chosen.append(torch.where(torch.isneginf(order.values[..., :keep]), -1, top))
+            top = _top_blocks(ranked, keep)  # [B, Hkv, c, keep]
+            chosen.append(torch.where(top <= current, top, -1))  # not started: fewer than n
         return torch.cat(chosen, dim=2)
 
     def extra_repr(self) -> str:
