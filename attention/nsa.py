@@ -12,9 +12,11 @@ branch (x is the layer's normed input, ``ctx.hidden``):
   their raw tokens (causal inside its own block). Ties go to the lower block index.
 - sliding window: the last ``w`` tokens, through the tiled kernel with a window mask.
 
-A branch with no visible key contributes 0. Cost: the compressed branch reads ``T / d`` keys,
-the selection branch gathers, per (query chunk, kv head), the union of the blocks its queries
-selected (cost follows ``n l'``, not T), and the window branch ``w`` keys; nothing T x T exists.
+A branch with no visible key contributes 0. Cost: the compressed branch reads ``T / d`` keys
+(the importance pass only the compressed blocks its query chunk can see), the selection branch
+is block-major (``nsa_selection``: per key block, one GEMM against the queries that chose it,
+so it costs ``n l'`` keys per query whatever the selections look like), and the window branch
+``w`` keys; nothing T x T exists.
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 
@@ -49,8 +51,14 @@ from longctx.attention.sequence_keys import sequence_keys
 from longctx.errors import LongctxError
 
 # Elements (rows x compressed blocks x heads) of one step of the importance pass: bounds its
-# [B, Hkv, G, rows, nc] probability temporary (16 MiB in float32) whatever T is.
-IMPORTANCE_STEP_ELEMENTS = 2**22
+# [B, Hkv, G, rows, nc] probability temporary (4 MiB in float32, so the step's elementwise
+# passes stay in cache) whatever T is. At T=16384: 0.88/0.77/0.75 s for 2**18/2**20/2**22.
+IMPORTANCE_STEP_ELEMENTS = 2**20
+# Tile (tokens) of the compressed and window branches when the recipe sets no
+# attention.chunk_size. Measured (cpu_flash, T=8192, 8 heads, D=64, fwd+bwd, one thread, CPU s):
+# compressed 0.30/0.30/0.37/0.38 s and 512-token window 0.53/0.58/0.76/1.31 s at tiles
+# 128/256/512/1024: small tiles skip more of the hidden keys of these thin masks.
+BRANCH_TILE = 128
 # Gate biases for (compression, selection, window) when NSA continues a dense model: the
 # window branch (dense attention over the recent past) dominates at first (SPECS 3.1).
 DENSE_START_GATE_BIAS = (-2.0, -2.0, 2.0)
@@ -254,9 +262,13 @@ class NSAAttention(nn.Module):
         )  # fmt: skip
         o_win, _ = block_attention(
             q, k, v, scale=scale, mask=window, backend=self.attention.backend,
-            chunk_size=self.attention.chunk_size,
+            chunk_size=self._tile,
         )  # fmt: skip
         return o_cmp, o_slc, o_win
+
+    @property
+    def _tile(self) -> int:
+        return self.attention.chunk_size or BRANCH_TILE
 
     def _compressed_and_selection(
         self, q: Tensor, k: Tensor, v: Tensor, sides: QueryKeySides, scale: float
@@ -284,7 +296,7 @@ class NSAAttention(nn.Module):
             )  # fmt: skip
             o_cmp, lse_cmp = block_attention(
                 q, ck, cv, scale=scale, mask=mask, backend=self.attention.backend,
-                chunk_size=self.attention.chunk_size,
+                chunk_size=self._tile,
             )  # fmt: skip
             importance = (ck.detach(), lse_cmp.detach(), block_ends, block_docs)
         with torch.no_grad():
@@ -309,35 +321,60 @@ class NSAAttention(nn.Module):
         chosen = []
         for rows in _query_chunks(q.shape[2], rows_per_step):
             query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
-            count = len(query_pos)
-            scores = q.new_zeros(batch, kv_heads, count, num_select, dtype=score_dtype)
+            count, last = len(query_pos), int(query_pos.max())
+            started_blocks = min(num_select, last // select + 1)  # blocks any query here sees
+            scores = q.new_zeros(batch, kv_heads, count, started_blocks, dtype=score_dtype)
             if importance is not None:
-                queries = q[:, :, rows].reshape(batch, kv_heads, -1, dim)  # [B, Hkv, G c, D]
-                logits = queries @ (ck.transpose(-1, -2) * scale)  # [B, Hkv, G c, nc]
-                logits = logits.view(batch, kv_heads, -1, count, logits.shape[-1])
-                seen = block_ends[None, :] <= query_pos[:, None]  # [c, nc]
-                if query_docs is not None:  # [B, c, nc]
-                    seen = seen & (block_docs[:, None, :] == query_docs[:, :, None])
-                hidden = torch.zeros(seen.shape, dtype=logits.dtype, device=q.device)
-                hidden = hidden.masked_fill_(~seen, float("-inf"))  # additive: exp -> 0
-                row_lse = lse_cmp[:, :, rows].reshape(logits.shape[:-1])  # [B, Hkv, G, c]
-                row_lse = torch.where(torch.isneginf(row_lse), 0.0, row_lse)  # sees no block
-                logits = logits.sub_(row_lse[..., None])
-                if query_docs is None:
-                    logits += hidden
-                else:
-                    logits += hidden[:, None, None]
-                per_block = logits.exp_().sum(2)  # [B, Hkv, c, nc]: summed over the GQA group
-                padded = F.pad(per_block, (0, 1))  # index -1 reads the zero column
-                scores = padded[..., overlap].sum(-1).to(score_dtype)  # [B, Hkv, c, ns]
+                # compressed blocks ending at or before the last query: the rest are unseen
+                visible = min(
+                    ck.shape[2],
+                    max(0, (last - settings.compress_block + 1) // settings.compress_stride + 1),
+                )
+                if visible:
+                    per_block = self._block_importance(
+                        q[:, :, rows],
+                        ck[:, :, :visible],
+                        lse_cmp[:, :, rows],
+                        block_ends[:visible] <= query_pos[:, None],
+                        None if query_docs is None else (block_docs[:, :visible], query_docs),
+                        scale,
+                    )  # [B, Hkv, c, visible]
+                    padded = F.pad(per_block, (0, 1))  # index -1 reads the zero column
+                    index = overlap[:started_blocks]
+                    index = torch.where(index < visible, index, -1)
+                    scores = padded[..., index].sum(-1).to(score_dtype)  # [B, Hkv, c, started]
             current = (query_pos // select)[:, None]  # [c, 1]
-            started = block_index[None, :] <= current  # block begins at or before the query
-            forced = (block_index == 0) | (block_index == current) | (block_index == current - 1)
+            index = block_index[:started_blocks]
+            started = index[None, :] <= current  # block begins at or before the query
+            forced = (index == 0) | (index == current) | (index == current - 1)
             ranked = torch.where(started, scores, float("-inf"))
             ranked = torch.where(forced & started, float("inf"), ranked)
+            ranked = F.pad(ranked, (0, max(0, keep - started_blocks)), value=float("-inf"))
             top = _top_blocks(ranked, keep)  # [B, Hkv, c, keep]
             chosen.append(torch.where(top <= current, top, -1))  # not started: fewer than n
         return torch.cat(chosen, dim=2)
+
+    @staticmethod
+    def _block_importance(q, ck, lse_cmp, seen, docs, scale) -> Tensor:
+        """Compression attention probabilities summed over each GQA group: [B, Hkv, c, nc].
+
+        q [B, Hq, c, D]; ck [B, Hkv, nc, D]; lse_cmp [B, Hq, c] (the compressed branch's);
+        ``seen`` [c, nc] causal visibility; ``docs`` (block docs [B, nc], query docs [B, c]).
+        """
+        batch, _, count, dim = q.shape
+        kv_heads = ck.shape[1]
+        queries = q.reshape(batch, kv_heads, -1, dim)  # [B, Hkv, G c, D]
+        logits = queries @ (ck.transpose(-1, -2) * scale)  # [B, Hkv, G c, nc]
+        logits = logits.view(batch, kv_heads, -1, count, ck.shape[2])
+        if docs is not None:  # [B, c, nc]
+            seen = seen & (docs[0][:, None, :] == docs[1][:, :, None])
+        hidden = torch.zeros(seen.shape, dtype=logits.dtype, device=q.device)
+        hidden = hidden.masked_fill_(~seen, float("-inf"))  # additive: exp -> 0
+        row_lse = lse_cmp.reshape(logits.shape[:-1])  # [B, Hkv, G, c]
+        row_lse = torch.where(torch.isneginf(row_lse), 0.0, row_lse)  # sees no block
+        logits = logits.sub_(row_lse[..., None])
+        logits += hidden if docs is None else hidden[:, None, None]
+        return logits.exp_().sum(2)
 
     def extra_repr(self) -> str:
         s = self.settings

@@ -253,3 +253,92 @@ def test_nsa_model_trains_every_new_parameter():
     core = model.layers[0].self_attn.core
     for name, param in core.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------- selected-block kernel alone
+
+
+def random_selection(batch, kv_heads, q_positions, select_block, top_n, gen):
+    """[B, Hkv, Tq, top_n] distinct started blocks per query (-1 padding), random subsets."""
+    rows = []
+    for t in q_positions.tolist():
+        started = t // select_block + 1
+        for _ in range(batch * kv_heads):
+            count = int(torch.randint(1, min(top_n, started) + 1, (1,), generator=gen))
+            picks = torch.randperm(started, generator=gen)[:count]
+            rows.append(torch.cat([picks, torch.full((top_n - count,), -1)]))
+    chosen = torch.stack(rows).view(len(q_positions), batch, kv_heads, top_n)
+    return chosen.permute(1, 2, 0, 3).contiguous()
+
+
+def reference_selected_attention(q, k, v, selected, q_positions, q_docs, k_docs, select_block):
+    """float64, one (sequence, head, query) at a time: softmax over the raw tokens of the
+    selected blocks that are not after the query and share its document; none -> 0."""
+    batch, heads, count, dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    group, scale = heads // kv_heads, 1.0 / math.sqrt(dim)
+    rows = []
+    for b in range(batch):
+        for h in range(heads):
+            j = h // group
+            for i in range(count):
+                t = int(q_positions[i])
+                keys = [u for blk in selected[b, j, i].tolist() if blk >= 0
+                        for u in range(blk * select_block, min(blk * select_block + select_block, length))
+                        if u <= t and (q_docs is None or k_docs[b, u] == q_docs[b, i])]  # fmt: skip
+                rows.append(softmax_attend(q[b, h, i], k[b, j, keys], v[b, j, keys], scale)[0])
+    return torch.stack(rows).view(batch, heads, count, dim)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["causal", "documents", "query_subset", "small_steps"],
+)
+def test_selected_block_kernel_matches_float64_per_query_reference(case, monkeypatch):
+    """Block-major selected attention against a per-query float64 loop: 75 tokens (not a
+    multiple of l' = 8, so the last block is short), random selections of up to 4 blocks,
+    outputs and gradients of q, k, v. ``documents``: packed documents (some queries then see
+    none of their keys: output 0); ``query_subset``: queries at shuffled global positions
+    (a sequence-parallel shard); ``small_steps``: blocks' queries split over several steps."""
+    from longctx.attention import nsa_selection
+    from longctx.attention.nsa_selection import QueryKeySides, SelectedBlockAttention
+
+    if case == "small_steps":
+        monkeypatch.setattr(nsa_selection, "ROWS_PER_STEP", 16)
+    gen = torch.Generator().manual_seed(3)
+    length, block, top_n = 75, 8, 4
+    q_positions = torch.arange(length)
+    if case == "query_subset":
+        q_positions = torch.randperm(length, generator=gen)[:40]
+    k_docs = q_docs = None
+    if case == "documents":
+        k_docs = torch.tensor([[0] * 20 + [1] * 33 + [2] * 22, [0] * 61 + [1] * 14])
+        q_docs = k_docs[:, q_positions]
+    q = torch.randn(2, HEADS, len(q_positions), DIM, generator=gen, requires_grad=True)
+    k = torch.randn(2, KV_HEADS, length, DIM, generator=gen, requires_grad=True)
+    v = torch.randn(2, KV_HEADS, length, DIM, generator=gen, requires_grad=True)
+    selected = random_selection(2, KV_HEADS, q_positions, block, top_n, gen)
+    sides = QueryKeySides(q_positions, q_docs, k_docs)
+    fast = SelectedBlockAttention.apply(q, k, v, selected, sides, 1.0 / math.sqrt(DIM), block)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_selected_attention(*ref_inputs, selected, q_positions, q_docs, k_docs, block)
+    torch.testing.assert_close(fast, ref.float(), **FP32)
+    weight = torch.randn(fast.shape, generator=gen, dtype=torch.float64)
+    (fast * weight.float()).sum().backward()
+    (ref * weight).sum().backward()
+    for tensor, ref_tensor in zip((q, k, v), ref_inputs):
+        torch.testing.assert_close(tensor.grad, ref_tensor.grad.float(), **FP32)
+    if case == "documents":  # the empty-branch rule is exercised: some queries see no key
+        assert (ref.abs().sum(-1) == 0).any()
+
+
+def test_top_blocks_keeps_the_largest_and_breaks_ties_to_the_lower_index():
+    """Against a stable descending sort on scores with many ties (and +-inf entries)."""
+    from longctx.attention.nsa import _top_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    ranked = torch.randint(0, 4, (3, 50, 20), generator=gen).float()
+    ranked[..., 0] = float("inf")
+    ranked[:, :, -5:] = float("-inf")
+    expected = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :7]
+    assert torch.equal(_top_blocks(ranked, 7), expected.sort(-1).values)
