@@ -1,6 +1,8 @@
 """A parallelized model saves and loads under the plain model's parameter names (real gloo
 ranks): BAM's per-layer slopes under ring 2 (key gather) and Ulysses 2, the dense core under
-ring 2; a plain model's state dict loads strictly into the wrapped one and back."""
+ring 2; a plain model's state dict loads strictly into the wrapped one and back, and the
+checkpoint walks the wrapped model's parameters under the plain names, in the plain order
+(``unique_parameters``: the names of the saved weights and AdamW moments)."""
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from longctx.parallel.config import ParallelConfig
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import parallelize
 from longctx.positional.config import BAMConfig, PositionalConfig
+from longctx.trainer.full_state import unique_parameters
 
 LAYOUTS = {"ring2": (1, 2), "ulysses2": (2, 1)}
 POSITIONALS = {"bam": PositionalConfig(kind="bam", bam=BAMConfig()), "rope": PositionalConfig()}
@@ -22,7 +25,8 @@ def _names_rank(rank, world):
         config = ParallelConfig(dp=1, ulysses=ulysses, ring=ring)
         mesh = build_mesh(config)
         for kind, positional in POSITIONALS.items():
-            plain = positional_model(positional).state_dict()
+            plain_model = positional_model(positional)
+            plain = plain_model.state_dict()
             wrapped = parallelize(positional_model(positional), config, mesh)
             # a differently seeded state, loaded strictly through the wrapper's names
             torch.manual_seed(123)
@@ -34,6 +38,10 @@ def _names_rank(rank, world):
                 "wrapped_names": sorted(saved),
                 "round_trip": all(torch.equal(saved[n], other[n]) for n in other),
                 "core_type": type(wrapped.layers[0].self_attn.core).__name__,
+                "checkpoint_names": [name for name, _ in unique_parameters(wrapped)],
+                "plain_parameters": [
+                    name for name, p in plain_model.named_parameters() if p.requires_grad
+                ],
             }
     return results
 
@@ -51,5 +59,6 @@ def test_wrapped_model_keeps_plain_names(name_results, layout, kind):
         assert got["core_type"] in ("RingAttention", "KeyGatherAttention", "UlyssesAttention")
         assert got["wrapped_names"] == got["plain_names"]
         assert got["round_trip"]
+        assert got["checkpoint_names"] == got["plain_parameters"]
     if kind == "bam":  # the case that has parameters inside the wrapped core
         assert any(".core." in name for name in name_results[0][layout, kind]["plain_names"])

@@ -143,8 +143,16 @@ def _is_managed(param: torch.nn.Parameter) -> bool:
 
 def unique_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """``(name, parameter)`` of each trainable parameter once (tied weights under their first
-    name), in registration order: the order every rank walks them in."""
-    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    name), in registration order: the order every rank walks them in.
+
+    Names are the module's state-dict names, not its ``named_parameters`` paths: sequence-
+    parallel wrappers keep the plain model's names in the state dict (``parallel/
+    state_names.py``) but not in their parameter paths (``core.inner.``), and the saved
+    weights and moments must carry the layout-free names to resume under any layout."""
+    names: dict[int, str] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), name)
+    return [(names[id(p)], p) for _, p in module.named_parameters() if p.requires_grad]
 
 
 def optimizer_step_count(engine: DeepSpeedEngine) -> int:
