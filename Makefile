@@ -31,7 +31,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # `make test` is CI's command (about 10 min on 2 cores); `make test-heavy` runs the multi-minute
-# cluster and failure tests (SLURM script, two Ray nodes, kill -9 restarts, elastic resume).
+# cluster and failure tests (SLURM script, two Ray nodes, kill -9 restarts, elastic resume,
+# each sparse variant trained and resumed through `longctx train`).
 test: lint
 	$(PY) -m pytest -q -m "not heavy"
 
