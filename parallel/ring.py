@@ -23,11 +23,13 @@ The backward cuts each side finer (``BACKWARD_PARTS``) to keep one call's tempor
 GQA rotates only the Hkv key/value heads.
 
 Memory per rank, in blocks (one [B, H, T_local, D] tensor; P=2, fp32, measured in bench/sp.py):
-the caller's q, k, v and dout (4), out (1), the results dq (1) and dK,dV (2), and the visiting
-K,V block (2): 10 blocks, plus one kernel call's temporaries (``BACKWARD_PARTS``) and the
-1/``PASS_PIECES`` staging buffer of the accumulator exchange. The visiting block is the floor
-of a ring that passes whole blocks; passing K,V and the accumulators in key segments would
-lower it to the caller's 8.
+the caller's q, k, v and dout (4), out (1), the results dq (1) and dK,dV (2): 8 blocks, plus
+one kernel call's temporaries (``BACKWARD_PARTS``), the 1/``PASS_PIECES`` staging buffer of the
+accumulator exchange, and the last step's key segments. The backward's last step receives its
+visiting K,V one key segment at a time (``_rotate_segments``: every query piece of a segment is
+computed before the next segment is used), because nobody passes that block on; earlier steps
+(P > 2) receive whole blocks, which the next rank needs whole one step later. Measured at
+T=16k, P=2, H=4, D=64: 87.7 MiB per rank with a whole visiting block, 77.0 MiB in segments.
 """
 
 from __future__ import annotations
@@ -125,16 +127,18 @@ def _unpack_meta(meta: Tensor, has_docs: bool) -> tuple[Tensor, Tensor | None]:
     return meta[0], (meta[1:] if has_docs else None)
 
 
-def _rotate(group: dist.ProcessGroup, local: list[Tensor], tag: int = 0):
+def _rotate(group: dist.ProcessGroup, local: list[Tensor], steps: int | None = None):
     """Yield ``(step, tensors)``: this rank's ``local`` tensors at step 0, then the blocks of
-    ranks r-1, r-2, ... Each next block is received while the consumer works on the current
-    one (double buffering); ``local`` itself is never written. Receive buffers are allocated
-    once: one set for a ring of 2, two alternating sets for larger rings."""
-    exchange = RingExchange(group, tag)
+    ranks r-1, r-2, ... for ``steps`` steps (default: the ring size). Each next block is
+    received while the consumer works on the current one (double buffering); ``local`` itself
+    is never written. Receive buffers are allocated once: one set for two steps, two
+    alternating sets for more."""
+    exchange = RingExchange(group)
+    steps = exchange.size if steps is None else steps
     buffers: list[list[Tensor] | None] = [None, None]
     current = local
-    for step in range(exchange.size):
-        last = step + 1 == exchange.size
+    for step in range(steps):
+        last = step + 1 == steps
         if not last:
             slot = step % 2
             if buffers[slot] is None:
@@ -144,6 +148,34 @@ def _rotate(group: dist.ProcessGroup, local: list[Tensor], tag: int = 0):
         if not last:
             exchange.wait()
             current = buffers[slot]
+
+
+def _rotate_segments(group: dist.ProcessGroup, held: list[Tensor], segments: list[slice]):
+    """Yield ``(segment, tensors)``: the previous rank's ``held`` block, one key segment
+    (dim 2) at a time, for a ring's last step, whose block nobody passes on.
+
+    This rank sends its own ``held`` block's segments in the same order, so no whole visiting
+    block is ever received: segment i+1 travels while segment i is used, through fresh
+    [B, H, len(segment), D] buffers (the one in use, and the next one's send and receive
+    copies: 3/len(segments) of a block per tensor). Each of the two exchanges in flight has
+    its own tags.
+    """
+    exchanges = [RingExchange(group, tag=16), RingExchange(group, tag=16 + len(held))]
+
+    def post(index: int) -> list[Tensor]:
+        sending = [t[:, :, segments[index]].contiguous() for t in held]
+        receiving = [torch.empty_like(t) for t in sending]
+        exchanges[index % 2].start(sending, receiving)
+        return receiving
+
+    incoming = post(0)
+    for index, segment in enumerate(segments):
+        exchanges[index % 2].wait()
+        received = incoming
+        if index + 1 < len(segments):
+            incoming = post(index + 1)
+        yield segment, received
+        del received
 
 
 def _step_mask(
@@ -214,11 +246,12 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor | None):
         q, k, v, out, lse, positions, doc_ids = ctx.saved_tensors
-        group, rules, (scale, backend, chunk_size) = ctx.settings
+        group, rules, kernel = ctx.settings
         grads_ring = RingExchange(group, tag=8)
+        world = grads_ring.size
         length = q.shape[2]
         acc_dtype = torch.promote_types(q.dtype, torch.float32)
-        dout = dout.contiguous()
+        saved = (dout.contiguous(), q, out, lse)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # [B, Hq, T, D]
         # The dK,dV accumulator of the visiting block, float32 [2, B, Hkv, T, D]: at step 0 this
         # rank's own block's. Between two steps it is exchanged in place (``_pass_on``): sent
@@ -227,31 +260,84 @@ class _RingAttention(torch.autograd.Function):
         # second accumulator alive next to the visiting K,V block: 2 more block-sized tensors
         # at the peak (measured: 97.6 against 90.7 MiB per rank at T=16k, P=2, H=4, D=64).
         dkv = torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device)
-        local = [k.contiguous(), v.contiguous()]
-        for step, (block_k, block_v) in _rotate(group, local):
+        # Every step but the last receives whole blocks (the next rank needs them whole one
+        # step later); the last step's block goes nowhere, so it arrives in key segments.
+        held = [k.contiguous(), v.contiguous()]  # the block of the step just computed
+        for step, block in _rotate(group, held, steps=max(world - 1, 1)):
+            held = block
             if step > 0:
                 _pass_on(grads_ring, dkv)
             mask = _step_mask(positions, doc_ids, ctx.visiting_meta[step], rules)
-            for qs, ks in visible_pieces(mask, length, block_k.shape[2], parts=BACKWARD_PARTS):
-                dq_part, dk_part, dv_part = block_attention_backward(
-                    dout[:, :, qs],
-                    q[:, :, qs],
-                    block_k[:, :, ks],
-                    block_v[:, :, ks],
-                    out[:, :, qs],
-                    lse[:, :, qs],
-                    scale=scale,
-                    mask=mask.slice(qs, ks),
-                    backend=backend,
-                    chunk_size=chunk_size,
-                )
-                dq[:, :, qs] += dq_part
-                dkv[0][:, :, ks] += dk_part
-                dkv[1][:, :, ks] += dv_part
-                del dq_part, dk_part, dv_part
-        if grads_ring.size > 1:
+            for qs, ks in visible_pieces(mask, length, held[0].shape[2], parts=BACKWARD_PARTS):
+                _backward_piece(saved, held, qs, ks, ks, mask, kernel, dq, dkv)
+        if world > 1:
+            _pass_on(grads_ring, dkv)
+            mask = _step_mask(positions, doc_ids, ctx.visiting_meta[world - 1], rules)
+            query_segments = _segments(length, BACKWARD_PARTS)
+            key_segments = _balanced_order(_segments(held[0].shape[2], BACKWARD_PARTS))
+            for ks, block in _rotate_segments(group, held, key_segments):
+                for qs in query_segments:
+                    if mask.classify(qs, ks) != TileClass.EMPTY:
+                        _backward_piece(saved, block, qs, ks, slice(None), mask, kernel, dq, dkv)
+                del block  # freed before the segment after the next one is posted
             _pass_on(grads_ring, dkv)  # the last one goes home; this rank's own block's returns
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def _balanced_order(segments: list[slice]) -> list[slice]:
+    """``segments`` alternating from the front and the back half: ``[0, n-1, 1, n-2, ...]``.
+
+    The last backward step consumes key segments in lock-step with the neighbouring ranks (one
+    segment of slack). Under zigzag a block's two halves are far apart in the sequence, so a
+    rank's causal work per key segment is often all in one half (one rank: 2 units per
+    segment of the first half, 0 in the second; its neighbour 1 unit everywhere). Taken in
+    order, the ranks wait on each other and the step costs ~1.5x; alternating the halves keeps
+    every rank's running total of work within one segment of the others'."""
+    order = []
+    front, back = 0, len(segments) - 1
+    while front <= back:
+        order.append(segments[front])
+        if back != front:
+            order.append(segments[back])
+        front, back = front + 1, back - 1
+    return order
+
+
+def _backward_piece(
+    saved: tuple[Tensor, Tensor, Tensor, Tensor],
+    block: list[Tensor],
+    qs: slice,
+    ks: slice,
+    block_keys: slice,
+    mask: MaskSpec,
+    kernel: tuple[float, str, int | None],
+    dq: Tensor,
+    dkv: Tensor,
+) -> None:
+    """Add one (query segment ``qs``, key segment ``ks``) pair's dq and dK,dV into ``dq`` [B,
+    Hq, T, D] and the accumulator ``dkv`` [2, B, Hkv, T, D], in place.
+
+    ``saved`` is (dout, q, out, lse) of the local queries; ``block`` the visiting K,V, a whole
+    block or just segment ``ks`` of it; ``block_keys`` the part of ``block`` holding ``ks``
+    (``ks`` itself for a whole block, ``slice(None)`` for a segment).
+    """
+    dout, q, out, lse = saved
+    scale, backend, chunk_size = kernel
+    dq_part, dk_part, dv_part = block_attention_backward(
+        dout[:, :, qs],
+        q[:, :, qs],
+        block[0][:, :, block_keys],
+        block[1][:, :, block_keys],
+        out[:, :, qs],
+        lse[:, :, qs],
+        scale=scale,
+        mask=mask.slice(qs, ks),
+        backend=backend,
+        chunk_size=chunk_size,
+    )
+    dq[:, :, qs] += dq_part
+    dkv[0][:, :, ks] += dk_part
+    dkv[1][:, :, ks] += dv_part
 
 
 # Pieces of an in-place accumulator exchange: the staging buffer is 1/PASS_PIECES of it.

@@ -1,6 +1,7 @@
 """Ring attention (SPECS 1.4) on 2 and 4 real gloo ranks equals dense attention on the full
 sequence: out, lse, dq, dk, dv, for every case of ``sp_cases`` (causal, documents, GQA, MQA,
-sliding window, block-sparse, head dim 80, padded length); and it skips hidden work."""
+sliding window, block-sparse, head dim 80, padded length); on 3 ranks with shards that the
+backward's key segments do not divide evenly; and it skips hidden work."""
 
 import pytest
 import torch
@@ -16,7 +17,13 @@ from sp_cases import (
 
 from longctx.attention.mask import MaskSpec
 from longctx.parallel.layout import causal_work, zigzag_positions
-from longctx.parallel.ring import ring_attention, visible_pieces
+from longctx.parallel.ring import (
+    BACKWARD_PARTS,
+    _rotate_segments,
+    _segments,
+    ring_attention,
+    visible_pieces,
+)
 
 
 def _ring_rank(rank, world, padded_inputs):
@@ -62,6 +69,56 @@ def ring_results(request):
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_ring_equals_dense_attention(ring_results, case_name):
     check_against_reference(CASES[case_name], [r[case_name] for r in ring_results])
+
+
+# Cases for the 3-rank ring: zigzag pads 64 to 66 and 50 to 54 tokens, 22 and 18 per rank,
+# neither a multiple of BACKWARD_PARTS, so the last step's key segments are uneven.
+ODD_RING_CASES = ("sliding_window", "gqa", "needs_padding")
+SEGMENTED_BLOCK = (2, 3, 13, 5)  # [B, H, T, D]: 13 keys in 8 segments of 1 or 2
+
+
+def _odd_ring_rank(rank, world, padded_inputs, block_shape):
+    """The ring results of ``ODD_RING_CASES``, and what ``_rotate_segments`` delivers of a
+    seeded random block per rank ([B, H, T, D], T split into uneven segments)."""
+    results = _ring_rank(rank, world, padded_inputs)
+    blocks = [
+        torch.randn(block_shape, generator=torch.Generator().manual_seed(r))
+        for r in range(2 * world)
+    ]
+    held = [blocks[2 * rank], blocks[2 * rank + 1]]
+    segments = _segments(block_shape[2], BACKWARD_PARTS)
+    received = [
+        (segment, [t.clone() for t in tensors])
+        for segment, tensors in _rotate_segments(dist.group.WORLD, held, segments)
+    ]
+    return results, received
+
+
+@pytest.fixture(scope="module")
+def odd_ring_results():
+    world = 3
+    padded = {name: padded_case(case_inputs(CASES[name]), world) for name in ODD_RING_CASES}
+    return run_on_ranks(_odd_ring_rank, world, padded, SEGMENTED_BLOCK)
+
+
+@pytest.mark.parametrize("case_name", ODD_RING_CASES)
+def test_three_rank_ring_with_uneven_key_segments_equals_dense(odd_ring_results, case_name):
+    check_against_reference(CASES[case_name], [r[case_name] for r, _ in odd_ring_results])
+
+
+def test_segmented_receive_delivers_the_previous_ranks_block(odd_ring_results):
+    """Each rank receives, segment by segment in order, exactly the previous rank's K,V."""
+    world = len(odd_ring_results)
+    for rank, (_, received) in enumerate(odd_ring_results):
+        source = (rank - 1) % world
+        expected = [
+            torch.randn(SEGMENTED_BLOCK, generator=torch.Generator().manual_seed(r))
+            for r in (2 * source, 2 * source + 1)
+        ]
+        assert [segment for segment, _ in received] == _segments(SEGMENTED_BLOCK[2], BACKWARD_PARTS)
+        for segment, tensors in received:
+            for got, block in zip(tensors, expected, strict=True):
+                assert torch.equal(got, block[:, :, segment])
 
 
 def _zigzag_mask(seq_len, world, rank, source, window=None):
