@@ -135,20 +135,17 @@ def evaluate_row(model_dir: str | Path, scaling: str, task: str, length: int) ->
                 model, tokenizer, [length], row_depths(length), samples=SAMPLES, seed=SEED
             ).to_dict()
     done = time.perf_counter()
-    rope_scaling, max_positions = SCALINGS[scaling]
-    return {
-        "scaling": scaling,
-        "task": task,
-        "length": length,
-        "rope_scaling": rope_scaling,
-        "max_position_embeddings": max_positions,
-        "load_s": loaded - start,
-        "eval_s": done - loaded,
-        "peak_rss_gib": _peak_rss_gib(),
-        "torch_threads": torch.get_num_threads(),
-        "where": "CPU, 1 process",
-        "result": result,
-    }
+    return _row(
+        scaling,
+        task,
+        length,
+        result,
+        load_s=loaded - start,
+        eval_s=done - loaded,
+        peak_rss_gib=_peak_rss_gib(),
+        torch_threads=torch.get_num_threads(),
+        where="CPU, 1 process",
+    )
 
 
 def evaluate_row_on_mesh(
@@ -180,17 +177,30 @@ def evaluate_row_on_mesh(
         result = written["results"][0]
     else:
         result = {field.name: written[field.name] for field in fields(RetrievalResult)}
+    return _row(
+        scaling,
+        task,
+        length,
+        result,
+        load_s=0.0,
+        eval_s=elapsed,
+        torch_threads=1,
+        where=f"CPU, `longctx eval` on {workers} Ray workers (ring {workers}, 1 thread each); "
+        "eval_s includes starting Ray and loading the model",
+    )
+
+
+def _row(scaling: str, task: str, length: int, result: dict, **measured: Any) -> dict[str, Any]:
+    """One row's JSON: the grid cell, its RoPE setting, ``measured`` (times, threads, where it
+    ran) and the evaluator's ``result``."""
+    rope_scaling, max_positions = SCALINGS[scaling]
     return {
         "scaling": scaling,
         "task": task,
         "length": length,
         "rope_scaling": rope_scaling,
         "max_position_embeddings": max_positions,
-        "load_s": 0.0,
-        "eval_s": elapsed,
-        "torch_threads": 1,
-        "where": f"CPU, `longctx eval` on {workers} Ray workers (ring {workers}, 1 thread "
-        "each); eval_s includes starting Ray and loading the model",
+        **measured,
         "result": result,
     }
 
