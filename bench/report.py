@@ -464,20 +464,28 @@ def _result_dates(results_dir: Path) -> str:
 
 
 def _suite_line(results_dir: Path) -> list[str]:
-    suite = _load(results_dir, "suite")
-    if suite is None:
-        return []
+    """The timing lines of the last whole-suite run and of a later partial run, if any."""
+    lines = []
+    full, partial = _load(results_dir, "suite"), _load(results_dir, "suite_partial")
+    if full is not None:
+        lines.append(_timing_line("Last full `longctx bench` run", full))
+    if partial is not None and (full is None or partial["started"] > full["started"]):
+        lines.append(_timing_line("Later partial run", partial))
+    return lines
+
+
+def _timing_line(label: str, suite: dict) -> str:
     runs = ", ".join(
         f"{r['name']} {r['seconds'] / 60:.1f} min ({r['cpu_seconds'] / 60:.1f} min CPU)"
         for r in suite["runs"]
     )
     cpu = sum(r["cpu_seconds"] for r in suite["runs"])
-    return [
-        f"- Last `longctx bench` run: {suite['started']} UTC, {suite['seconds'] / 60:.1f} min "
+    return (
+        f"- {label}: {suite['started']} UTC, {suite['seconds'] / 60:.1f} min "
         f"wall, {cpu / 60:.1f} min CPU in all: {runs}; 1-minute load average "
         f"{suite['load_average'][0]:.0f} at the start and {suite['load_average'][1]:.0f} at the "
         f"end on {os.cpu_count()} cores: {suite['note']}"
-    ]
+    )
 
 
 def render(results_dir: Path) -> str:

@@ -147,6 +147,15 @@ def test_suite_timings_appear_in_the_report(tmp_path):
                  {"name": "memory", "seconds": 600.0, "cpu_seconds": 420.0}],
     }  # fmt: skip
     _write(tmp_path, "suite", suite)
-    line = next(x for x in render(tmp_path).splitlines() if x.startswith("- Last `longctx bench`"))
+    lines = render(tmp_path).splitlines()
+    line = next(x for x in lines if x.startswith("- Last full `longctx bench` run"))
     assert "20.0 min wall, 12.0 min CPU in all" in line
     assert "sp 10.0 min (5.0 min CPU)" in line and "load average 3 at the start" in line
+    assert not any(x.startswith("- Later partial run") for x in lines)
+    # a later run of one benchmark is shown next to the full suite's time, not instead of it
+    partial = {**suite, "started": "2026-01-02 09:00", "seconds": 60.0, "runs": suite["runs"][:1]}
+    _write(tmp_path, "suite_partial", partial)
+    lines = render(tmp_path).splitlines()
+    assert any(x.startswith("- Last full `longctx bench` run") and "20.0 min" in x for x in lines)
+    partial_line = next(x for x in lines if x.startswith("- Later partial run"))
+    assert "2026-01-02 09:00 UTC, 1.0 min wall" in partial_line
