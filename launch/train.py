@@ -125,9 +125,17 @@ def print_outcome(
 def continue_command(args: argparse.Namespace, steps: int) -> str:
     """The command that continues this run for as many steps again: the same recipe, overrides,
     workers and address, ``--resume latest`` and ``trainer.steps`` doubled."""
+    words = _rerun_words(args, drop_steps=True)
+    words += ["--resume", "latest", "--set", f"trainer.steps={2 * steps}"]
+    return shlex.join(words)
+
+
+def _rerun_words(args: argparse.Namespace, *, drop_steps: bool) -> list[str]:
+    """``longctx train`` with this invocation's recipe, ``--set`` overrides (without
+    ``trainer.steps`` when ``drop_steps``), workers, address and placement."""
     words = ["longctx", "train", args.recipe]
     for assignment in args.set:
-        if assignment.split("=", 1)[0].strip() != "trainer.steps":
+        if not (drop_steps and assignment.split("=", 1)[0].strip() == "trainer.steps"):
             words += ["--set", assignment]
     if args.workers is not None:
         words += ["--workers", str(args.workers)]
@@ -135,8 +143,7 @@ def continue_command(args: argparse.Namespace, steps: int) -> str:
         words += ["--address", args.address]
     if getattr(args, "placement", "PACK") != "PACK":
         words += ["--placement", args.placement]
-    words += ["--resume", "latest", "--set", f"trainer.steps={2 * steps}"]
-    return shlex.join(words)
+    return words
 
 
 def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
@@ -274,15 +281,7 @@ def _stage_line(stage: Stage, layout: str) -> str:
 def _stage_command(args: argparse.Namespace) -> str:
     """The command that trains the remaining stages: the same one with ``--resume latest`` and
     no ``--until-stage``."""
-    words = ["longctx", "train", args.recipe]
-    for assignment in args.set:
-        words += ["--set", assignment]
-    if args.workers is not None:
-        words += ["--workers", str(args.workers)]
-    if args.address is not None:
-        words += ["--address", args.address]
-    if getattr(args, "placement", "PACK") != "PACK":
-        words += ["--placement", args.placement]
+    words = _rerun_words(args, drop_steps=False)
     return shlex.join([*words, "--resume", "latest"])
 
 

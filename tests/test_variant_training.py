@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_multinode_ray import stop_node
 from trainer_helpers import TOKENIZER_VOCAB, make_data
 
 from longctx.launch.train import loss_curve
@@ -136,18 +136,7 @@ def ray_head(cpus: int, log: Path) -> Iterator[str]:
             time.sleep(2)
         yield address
     finally:
-        if node.poll() is None:
-            node.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.wait(timeout=10)
-        left = subprocess.run(
-            ["ps", "-o", "pid=", "-s", str(node.pid)], capture_output=True, text=True
-        ).stdout.split()
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        if node.poll() is None:
-            node.wait(timeout=10)
+        stop_node(node, grace_s=10)
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
