@@ -30,7 +30,8 @@ from longctx.attention.kernels import block_attention, resolve_backend
 from longctx.bench.measure import write_report
 from longctx.model import ModelConfig, Transformer
 from longctx.model.transformer import apply_tiled_mlp
-from longctx.trainer.engine import CausalLMLoss, apply_activation_checkpointing, import_deepspeed
+from longctx.parallel.accelerator import import_deepspeed
+from longctx.trainer.engine import CausalLMLoss, apply_activation_checkpointing
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
 LLAMA3_8B = dict(

@@ -44,13 +44,13 @@ from longctx.bench.measure import (
     run_ranks,
     write_report,
 )
+from longctx.config.recipe import load_recipe
 from longctx.model import Transformer
 from longctx.model.transformer import apply_tiled_mlp
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import parallelize
-from longctx.trainer.config import load_recipe
 from longctx.trainer.engine import apply_activation_checkpointing
 
 REPO = Path(__file__).resolve().parents[1]

@@ -52,15 +52,15 @@ from matplotlib.figure import Figure
 from longctx.bench.measure import write_report
 from longctx.data.long_text import long_text_documents
 from longctx.data.tokenizer import load_tokenizer
-from longctx.model.config import ModelConfig
-from longctx.model.hf_io import load_hf, model_config_from_hf
-from longctx.trainer.eval_report import log_eval_tensorboard, write_eval_outputs
-from longctx.trainer.evaluate import (
+from longctx.eval.evaluate import (
     PerplexityResult,
     RetrievalResult,
     passkey_accuracy,
     position_perplexity,
 )
+from longctx.eval.report import log_eval_tensorboard, write_eval_outputs
+from longctx.model.config import ModelConfig
+from longctx.model.hf_io import load_hf, model_config_from_hf
 
 ORIGINAL_LENGTH = 8192  # SmolLM2's trained context
 FACTOR = 4.0

@@ -15,6 +15,7 @@ about the other jobs than about the benchmark); a run of some benchmarks only wr
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -96,3 +97,29 @@ def run_suite(names: list[str], results_dir: Path = RESULTS_DIR) -> str | None:
     (results_dir / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {write_markdown(results_dir)}")
     return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``longctx bench [NAME ...] [--report-only]``: 0 when every benchmark ran, 1 when one
+    failed (its output is above), 2 with one ``error:`` line for an unknown name."""
+    parser = argparse.ArgumentParser(prog="longctx bench", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help="benchmarks (default: all)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild REPORT.md")
+    args = parser.parse_args(argv)
+    try:
+        check_names(args.names)
+    except LongctxError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.report_only:
+        print(f"wrote {write_markdown()}")
+        return 0
+    failed = run_suite(args.names)
+    if failed is not None:
+        print(f"error: benchmark {failed} failed; its output is above", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from longctx.bench.measure import write_report
+from longctx.config.recipe import Recipe, load_recipe
 from longctx.data import PackedLoader, build_datasets, load_tokenizer, resolve_tokenizer
 from longctx.parallel.loss import IGNORE_INDEX
-from longctx.trainer.config import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "train_overhead.json"

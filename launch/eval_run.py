@@ -17,7 +17,7 @@ weights' shape is refused. The layout's world (``--workers N``, else ``dp x ulys
 with ``dp: auto`` = 1) decides where the evaluation runs: one rank runs here, in the driver;
 more run as Ray Train workers (``launch.ray_cluster`` + ``launch.ray_train.fit_on_ray``, the
 same launch as ``longctx train``), each loading the full weights, the SP groups scoring every
-sequence sharded like a training batch (``trainer/sequence_scorer.py``). The results equal the
+sequence sharded like a training batch (``eval/sequence_scorer.py``). The results equal the
 single-process evaluation; every data-parallel group evaluates every sequence (no split), and
 only rank 0 writes the JSON and PNG files.
 
@@ -29,7 +29,6 @@ is written or any worker starts: a one-line ``LongctxError`` (exit 2).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import tempfile
@@ -39,16 +38,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from longctx.errors import LongctxError
-from longctx.trainer.checkpoint import MANIFEST_FILE, RECIPE_FILE, TOKENIZER_FILE
-from longctx.trainer.config import (
+from longctx.checkpoint.store import MANIFEST_FILE, RECIPE_FILE, TOKENIZER_FILE, read_manifest
+from longctx.config.recipe import (
     Recipe,
     apply_override,
     load_recipe,
     parse_recipe,
     read_recipe_file,
 )
-from longctx.trainer.eval_report import (
+from longctx.errors import LongctxError
+from longctx.eval.report import (
     EvalPlan,
     EvalResults,
     eval_directory,
@@ -90,7 +89,7 @@ class EvalTarget:
 
 
 def _checkpoint_target(path: Path, overrides: list[str]) -> EvalTarget:
-    from longctx.trainer.saved_model import open_checkpoint
+    from longctx.checkpoint.saved_model import open_checkpoint
 
     saved = open_checkpoint(path)  # finds the latest of a run, verifies every file's sha256
     raw = read_recipe_file(saved.directory / RECIPE_FILE)
@@ -186,9 +185,9 @@ def load_eval_model(target: EvalTarget, tokenizer: Tokenizer) -> Transformer:
         from longctx.trainer.worker import build_model
 
         return build_model(target.recipe).eval()
-    from longctx.trainer.saved_model import SavedCheckpoint, load_trained_model
+    from longctx.checkpoint.saved_model import SavedCheckpoint, load_trained_model
 
-    manifest = json.loads((target.checkpoint / MANIFEST_FILE).read_text())
+    manifest = read_manifest(target.checkpoint)
     return load_trained_model(
         SavedCheckpoint(target.checkpoint, manifest, target.recipe, tokenizer)
     )

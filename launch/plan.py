@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from longctx.config.recipe import Recipe
 from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.ulysses import kv_head_replication
-from longctx.trainer.config import Recipe
 
 # Tokens per chunk of the tiled cross-entropy (longctx.parallel.loss default): the largest
 # logits block that exists at once is [chunk, vocab] in fp32.

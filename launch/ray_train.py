@@ -28,8 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from longctx.checkpoint.store import latest_checkpoint
 from longctx.launch.ray_cluster import WorkerResources
-from longctx.trainer.checkpoint import latest_checkpoint
 
 POINTER_FILE = "longctx_checkpoint.json"
 SUMMARY_FILE = "summary.json"

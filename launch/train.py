@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from rich.console import Console
 
+from longctx.checkpoint.run_dir import TENSORBOARD_DIR, validate_run
+from longctx.checkpoint.store import CHECKPOINTS_DIR
 from longctx.errors import LongctxError
+from longctx.eval.report import EVAL_DIR, eval_directory
 from longctx.launch.ray_cluster import ray_cluster
 from longctx.launch.ray_train import fit_on_ray, new_launch_id
 from longctx.positional.rope import rope_type_of
-from longctx.trainer.checkpoint import CHECKPOINTS_DIR
-from longctx.trainer.eval_report import EVAL_DIR, eval_directory
-from longctx.trainer.run_dir import TENSORBOARD_DIR, validate_run
 
 if TYPE_CHECKING:
-    from longctx.trainer.config import Recipe
-    from longctx.trainer.stages import Stage
+    from longctx.config.recipe import Recipe
+    from longctx.config.stages import Stage
 
 TRAINING_FAILED = 1
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
@@ -162,7 +162,8 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
     that trains passkey prints, around each stage after the first, the passkey table at that
     stage's length before (the previous stage's weights under its settings) and after it.
     """
-    from longctx.trainer.stages import check_stage_record, plan_stages, resume_point
+    from longctx.config.stages import plan_stages
+    from longctx.trainer.stages import check_stage_record, resume_point
     from longctx.trainer.worker import check_layout
 
     started = time.monotonic()
@@ -239,7 +240,7 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
     passkey = None
     if len(stages) == 1 and local and _trains_passkey(stages[0]):
         # A local run's final weights fit this machine; on a cluster they may not fit the driver.
-        from longctx.launch.passkey_check import passkey_line
+        from longctx.eval.passkey_check import passkey_line
 
         passkey = passkey_line(run.summary["checkpoint"], PASSKEY_EXAMPLES)
     next_label, next_command = "continue", continue_command(args, run.summary["step"])
@@ -297,10 +298,10 @@ def stage_passkey_table(checkpoint: Path, stage: Stage, out: Path) -> str:
     (its RoPE scaling), at the stage's ``data.seq_len``, by fact depth, over about
     ``PASSKEY_EXAMPLES`` prompts (one process). ``passkey.json`` and the heatmap
     ``passkey.png`` go to ``out``; returns the table and where they are."""
-    from longctx.launch.passkey_check import DEPTHS
-    from longctx.trainer.eval_report import EvalPlan, run_eval_suite, write_eval_outputs
-    from longctx.trainer.evaluate import format_table
-    from longctx.trainer.saved_model import load_trained_model, open_checkpoint
+    from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
+    from longctx.eval.evaluate import format_table
+    from longctx.eval.passkey_check import DEPTHS
+    from longctx.eval.report import EvalPlan, run_eval_suite, write_eval_outputs
 
     saved = replace(open_checkpoint(checkpoint), recipe=stage.recipe)
     data = stage.recipe.data

@@ -133,9 +133,9 @@ def test_bench_names_are_checked():
         check_names(["nope"])
 
 
-def test_cli_rejects_unknown_bench_with_one_line(capsys):
+def test_cli_rejects_unknown_bench_with_one_line(capfd):
     assert cli_main(["bench", "nope"]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.startswith("error: unknown benchmark nope") and err.count("\n") == 1
 
 

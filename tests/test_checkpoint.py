@@ -21,10 +21,8 @@ import pytest
 import torch
 from trainer_helpers import finished_run, tiny_recipe, tree_digest
 
-from longctx.data import PackedLoader, build_datasets, load_tokenizer
-from longctx.errors import LongctxError
-from longctx.model import Transformer
-from longctx.trainer.checkpoint import (
+from longctx.checkpoint.run_dir import validate_run
+from longctx.checkpoint.store import (
     MANIFEST_FILE,
     capture_rng_state,
     list_checkpoints,
@@ -34,7 +32,9 @@ from longctx.trainer.checkpoint import (
     restore_rng_state,
     verify_checkpoint,
 )
-from longctx.trainer.run_dir import validate_run
+from longctx.data import PackedLoader, build_datasets, load_tokenizer
+from longctx.errors import LongctxError
+from longctx.model import Transformer
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from longctx.config.recipe import load_recipe
 from longctx.launch.cli import main
 from longctx.launch.plan import activation_bytes, estimate_memory, human_bytes
 from longctx.parallel.config import ParallelConfig
-from longctx.trainer.config import load_recipe
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 LONGCTX = Path(sys.executable).parent / "longctx"  # the console script of this environment

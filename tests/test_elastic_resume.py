@@ -19,10 +19,10 @@ import pytest
 from harness import run_on_ranks
 from trainer_helpers import deepspeed_environment, job, make_data, rank_train, tiny_recipe
 
+from longctx.checkpoint.full_state import translate_data_cursor
+from longctx.checkpoint.store import load_model_state_dict
 from longctx.data import PackedLoader, build_datasets, load_tokenizer
 from longctx.errors import LongctxError
-from longctx.trainer.checkpoint import load_model_state_dict
-from longctx.trainer.full_state import translate_data_cursor
 
 HALF = 3  # steps before the checkpoint the elastic runs start from
 LOSS_RTOL = 1e-5

@@ -21,9 +21,9 @@ from hf_fixtures import hf_logits, load_with_transformers, random_tokens
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from trainer_helpers import job, make_data, tiny_recipe, train_on_ranks, tree_digest
 
+from longctx.checkpoint.saved_model import export_hf, load_trained_model, open_checkpoint
+from longctx.config.recipe import Recipe
 from longctx.launch.cli import main
-from longctx.trainer.config import Recipe
-from longctx.trainer.saved_model import export_hf, load_trained_model, open_checkpoint
 
 # two real DeepSpeed trainings in a spawned rank (~30 s); one thread (tests/conftest.py)
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]

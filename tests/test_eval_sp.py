@@ -26,12 +26,12 @@ from harness import run_on_ranks
 from trainer_helpers import VENV, job, make_data, tiny_recipe, train_on_ranks
 
 from longctx.data import load_corpus, load_tokenizer
+from longctx.eval.report import EvalPlan, results_json, run_eval_suite
+from longctx.eval.sequence_scorer import SequenceScorer
 from longctx.launch.cli import main
 from longctx.model import Transformer
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.loss import tiled_token_nll
-from longctx.trainer.eval_report import EvalPlan, results_json, run_eval_suite
-from longctx.trainer.sequence_scorer import SequenceScorer
 
 RTOL = 1e-5
 # 230 is not a multiple of 2 x sp = 4: the shards are padded, and padding must not leak in.
@@ -233,7 +233,7 @@ torch.set_num_threads(1)
 from longctx.attention.config import AttentionConfig
 from longctx.model import Transformer
 from longctx.model.config import ModelConfig
-from longctx.trainer.sequence_scorer import SequenceScorer
+from longctx.eval.sequence_scorer import SequenceScorer
 T, V = int(sys.argv[1]), int(sys.argv[2])
 config = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=2, max_position_embeddings=T)

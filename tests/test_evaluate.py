@@ -21,8 +21,13 @@ from trainer_helpers import make_data, tiny_recipe
 
 from longctx.data import load_corpus, load_tokenizer, make_eval_example
 from longctx.errors import LongctxError
-from longctx.model import Transformer
-from longctx.trainer.eval_report import (
+from longctx.eval.evaluate import (
+    passkey_accuracy,
+    position_buckets,
+    position_perplexity,
+    retrieval_accuracy,
+)
+from longctx.eval.report import (
     EvalPlan,
     eval_scalars,
     log_eval_tensorboard,
@@ -30,12 +35,7 @@ from longctx.trainer.eval_report import (
     run_eval_suite,
     write_eval_outputs,
 )
-from longctx.trainer.evaluate import (
-    passkey_accuracy,
-    position_buckets,
-    position_perplexity,
-    retrieval_accuracy,
-)
+from longctx.model import Transformer
 
 # Passkey examples need >= 165 tokens and niah >= 311 with this tokenizer (no task words).
 PASSKEY_LENGTHS = (192, 224)

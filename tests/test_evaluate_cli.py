@@ -19,10 +19,10 @@ from trainer_helpers import make_data, tiny_recipe, tree_digest
 
 from longctx.data import load_corpus, load_tokenizer
 from longctx.data.long_text import long_text_documents
+from longctx.eval.evaluate import held_out_windows, position_perplexity
+from longctx.eval.report import EvalPlan, results_json, run_eval_suite
 from longctx.launch.cli import main
 from longctx.model import Transformer, save_hf
-from longctx.trainer.eval_report import EvalPlan, results_json, run_eval_suite
-from longctx.trainer.evaluate import held_out_windows, position_perplexity
 
 YARN = "{rope_type: yarn, factor: 4.0, original_max_position_embeddings: 32}"
 PLAN = EvalPlan(tasks=("ppl", "passkey"), lengths=(192,), depths=(0.5,), samples=1, ppl_windows=1)

@@ -145,9 +145,9 @@ def test_crashed_worker_group_restarts_from_last_reported_checkpoint(tmp_path: P
     """FailureConfig(max_failures=1): rank 1 dies after the step-4 checkpoint; Ray Train
     restarts both workers, which resume from the step-4 checkpoint (read from Ray's pointer)
     and finish all 6 steps."""
+    from longctx.config.recipe import load_recipe
     from longctx.launch.ray_cluster import ray_cluster
     from longctx.launch.ray_train import fit_on_ray, new_launch_id
-    from longctx.trainer.config import load_recipe
 
     run_dir = tmp_path / "run"
     recipe = load_recipe(

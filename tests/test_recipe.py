@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from longctx.config.recipe import Recipe, load_recipe, parse_recipe
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig
-from longctx.trainer.config import Recipe, load_recipe, parse_recipe
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 

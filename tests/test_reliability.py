@@ -40,10 +40,10 @@ from trainer_helpers import (
     tree_digest,
 )
 
+from longctx.checkpoint.full_state import MODEL_FILE, OPTIMIZER_FILE
+from longctx.checkpoint.run_dir import validate_run
+from longctx.checkpoint.store import MANIFEST_FILE, verify_checkpoint
 from longctx.errors import LongctxError
-from longctx.trainer.checkpoint import MANIFEST_FILE, verify_checkpoint
-from longctx.trainer.full_state import MODEL_FILE, OPTIMIZER_FILE
-from longctx.trainer.run_dir import validate_run
 
 pytestmark = pytest.mark.slow  # spawned 2-rank DeepSpeed runs and a killed training process
 
@@ -56,8 +56,8 @@ def _rank_poisoned_save(recipe_dump: dict, run_dir: str) -> dict:
     master weight (every rank takes part in DeepSpeed's gather/scatter), then try step 2."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-    from longctx.trainer.checkpoint import save_checkpoint
-    from longctx.trainer.config import Recipe
+    from longctx.checkpoint.store import save_checkpoint
+    from longctx.config.recipe import Recipe
     from longctx.trainer.engine import build_engine
     from longctx.trainer.worker import build_model, seed_everything
 

@@ -29,9 +29,8 @@ import numpy as np
 import pytest
 import torch
 
-from longctx.errors import LongctxError
-from longctx.launch import ray_cluster
-from longctx.trainer.checkpoint import (
+from longctx.checkpoint.full_state import MODEL_FILE, OPTIMIZER_FILE, rng_state_to_plain
+from longctx.checkpoint.store import (
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     capture_rng_state,
@@ -39,8 +38,9 @@ from longctx.trainer.checkpoint import (
     read_rng_file,
     restore_rng_state,
 )
-from longctx.trainer.config import load_recipe
-from longctx.trainer.full_state import MODEL_FILE, OPTIMIZER_FILE, rng_state_to_plain
+from longctx.config.recipe import load_recipe
+from longctx.errors import LongctxError
+from longctx.launch import ray_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 

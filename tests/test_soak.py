@@ -27,7 +27,7 @@ import yaml
 from trainer_helpers import make_data
 from worker_kills import train_with_kills
 
-from longctx.trainer.checkpoint import load_model_state_dict
+from longctx.checkpoint.store import load_model_state_dict
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 

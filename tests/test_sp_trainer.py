@@ -27,11 +27,11 @@ import torch
 from harness import run_on_ranks
 from trainer_helpers import deepspeed_environment, job, make_data, tiny_recipe, train_on_ranks
 
+from longctx.checkpoint.store import check_recipe_compatible, sequence_parallel_layout
+from longctx.config.recipe import Recipe
 from longctx.errors import LongctxError
 from longctx.launch.cli import main
 from longctx.parallel.config import ParallelConfig
-from longctx.trainer.checkpoint import check_recipe_compatible, sequence_parallel_layout
-from longctx.trainer.config import Recipe
 
 RTOL, ATOL = 1e-5, 1e-6
 ENGINE_LR = 1e-2
@@ -72,7 +72,7 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 def _trainer_config(micro_batch_size: int, zero_stage: int):
-    from longctx.trainer.config import TrainerConfig
+    from longctx.config.recipe import TrainerConfig
 
     return TrainerConfig(
         steps=2,

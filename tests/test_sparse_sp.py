@@ -32,6 +32,7 @@ from trainer_helpers import job, make_data, tiny_recipe, train_on_ranks
 from longctx.attention.config import AttentionConfig, LandmarkConfig, MoSAConfig, NSAConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.landmark import insert_landmarks
+from longctx.config.recipe import Recipe, load_recipe
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.model.transformer import Transformer
@@ -39,7 +40,6 @@ from longctx.parallel.config import ParallelConfig
 from longctx.parallel.layout import zigzag_positions
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import parallelize
-from longctx.trainer.config import Recipe, load_recipe
 
 B, T, VOCAB = 2, 32, 37
 LANDMARK_TOKENS = 26  # regular tokens; 8 landmarks (block 3) make 34, which needs padding

@@ -11,16 +11,15 @@ import pytest
 import yaml
 from hf_fixtures import save_tiny_hf
 
+from longctx.checkpoint.store import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE
+from longctx.config.recipe import Recipe, load_recipe
+from longctx.config.stages import plan_stages, stage_of_step
 from longctx.errors import LongctxError
 from longctx.launch.cli import main
-from longctx.trainer.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE
-from longctx.trainer.config import Recipe, load_recipe
 from longctx.trainer.stages import (
     STAGES_FILE,
     check_stage_record,
-    plan_stages,
     resume_point,
-    stage_of_step,
     write_stage_record,
 )
 
@@ -56,7 +55,7 @@ EXTEND = {
 
 def error_of(raw: dict) -> str:
     with pytest.raises(LongctxError) as caught:
-        from longctx.trainer.config import parse_recipe
+        from longctx.config.recipe import parse_recipe
 
         parse_recipe(raw, source="r.yaml")
     message = str(caught.value)

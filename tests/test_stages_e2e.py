@@ -23,8 +23,8 @@ import yaml
 from hf_fixtures import hf_logits, load_with_transformers, random_tokens, save_tiny_hf
 from trainer_helpers import make_data
 
+from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
 from longctx.launch.train import loss_curve
-from longctx.trainer.saved_model import load_trained_model, open_checkpoint
 
 pytestmark = pytest.mark.slow  # three Ray launches of DeepSpeed workers, eval and export (~90 s)
 

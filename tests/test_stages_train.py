@@ -18,10 +18,10 @@ import torch
 from harness import run_on_ranks
 from trainer_helpers import deepspeed_environment, make_data, tiny_recipe
 
-from longctx.trainer.checkpoint import load_model_state_dict
-from longctx.trainer.config import Recipe
+from longctx.checkpoint.store import load_model_state_dict
+from longctx.config.recipe import Recipe
+from longctx.config.stages import plan_stages
 from longctx.trainer.engine import lr_factor
-from longctx.trainer.stages import plan_stages
 
 pytestmark = pytest.mark.slow  # 6 stage launches of DeepSpeed on 2 spawned ranks (~40 s)
 
@@ -147,10 +147,10 @@ def test_the_stage_passkey_table_scores_the_weights_under_the_stage_settings(run
     """The demo's before/after table: the checkpoint's weights in a model built with the
     stage's YaRN settings, scored by the passkey evaluator at the stage's length."""
     from longctx.data import load_tokenizer
-    from longctx.launch.passkey_check import DEPTHS
+    from longctx.eval.evaluate import passkey_accuracy
+    from longctx.eval.passkey_check import DEPTHS
     from longctx.launch.train import stage_passkey_table
     from longctx.model import Transformer
-    from longctx.trainer.evaluate import passkey_accuracy
 
     raw = runs["full"].model_dump(mode="json")
     raw["stages"][1]["data"]["seq_len"] = 192  # long enough for a passkey prompt

@@ -9,11 +9,11 @@ import torch
 from harness import run_on_ranks
 from test_positional_sp import positional_model
 
+from longctx.checkpoint.full_state import unique_parameters
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import parallelize
 from longctx.positional.config import BAMConfig, PositionalConfig
-from longctx.trainer.full_state import unique_parameters
 
 LAYOUTS = {"ring2": (1, 2), "ulysses2": (2, 1)}
 POSITIONALS = {"bam": PositionalConfig(kind="bam", bam=BAMConfig()), "rope": PositionalConfig()}

@@ -1,4 +1,4 @@
-"""Answer accuracy on counting, selective copy and flip-flop (trainer/task_accuracy.py).
+"""Answer accuracy on counting, selective copy and flip-flop (eval/task_accuracy.py).
 
 Reference model: a real Transformer made into a "successor table". Its layers add nothing
 (o_proj and down_proj zero), its embedding rows have unit norm, and ``lm_head`` row ``f(t)`` is
@@ -20,12 +20,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 from trainer_helpers import TOKENIZER_VOCAB, make_data
 
+from longctx.config.recipe import Recipe
 from longctx.data import load_tokenizer, make_eval_example
 from longctx.errors import LongctxError
-from longctx.launch.cli import build_parser
-from longctx.model import ModelConfig, Transformer
-from longctx.trainer.config import Recipe
-from longctx.trainer.eval_report import (
+from longctx.eval.evaluate import ALGORITHMIC_TASKS
+from longctx.eval.report import (
     EvalPlan,
     TrainingEvaluator,
     eval_scalars,
@@ -36,8 +35,9 @@ from longctx.trainer.eval_report import (
     run_eval_suite,
     write_eval_outputs,
 )
-from longctx.trainer.evaluate import ALGORITHMIC_TASKS
-from longctx.trainer.task_accuracy import task_accuracy
+from longctx.eval.task_accuracy import task_accuracy
+from longctx.launch.cli import build_parser
+from longctx.model import ModelConfig, Transformer
 
 LENGTHS = (256, 512)
 SAMPLES = 4

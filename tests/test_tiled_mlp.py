@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from harness import run_on_ranks
 from trainer_helpers import deepspeed_environment
 
+from longctx.config.recipe import TrainerConfig
 from longctx.errors import LongctxError
 from longctx.model import ModelConfig, Transformer
 from longctx.model.transformer import SwiGLU, apply_activation_offload, apply_tiled_mlp
-from longctx.trainer.config import TrainerConfig
 from longctx.trainer.engine import apply_activation_checkpointing
 
 MODEL = ModelConfig(

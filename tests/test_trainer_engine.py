@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from harness import run_on_ranks
 from trainer_helpers import deepspeed_environment
 
+from longctx.config.recipe import TrainerConfig
 from longctx.errors import LongctxError
 from longctx.model import ModelConfig, Transformer
-from longctx.trainer.config import TrainerConfig
 from longctx.trainer.engine import (
     GuardedAdamW,
     apply_activation_checkpointing,
@@ -176,7 +176,7 @@ def test_activation_checkpointing_recomputes_layers_with_identical_gradients():
 
 def _engine_weights(engine) -> dict[str, np.ndarray]:
     """Full decoder weights of an engine (ZeRO-3 gathers its partitions)."""
-    from longctx.trainer.engine import import_deepspeed
+    from longctx.parallel.accelerator import import_deepspeed
 
     params = list(engine.module.model.named_parameters())
     with import_deepspeed().zero.GatheredParameters([p for _, p in params], enabled=True):

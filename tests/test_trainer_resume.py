@@ -15,7 +15,7 @@ import torch
 from harness import run_on_ranks
 from trainer_helpers import deepspeed_environment, job, make_data, rank_train, tiny_recipe
 
-from longctx.trainer.checkpoint import load_model_state_dict
+from longctx.checkpoint.store import load_model_state_dict
 from longctx.trainer.engine import lr_factor
 
 pytestmark = pytest.mark.slow  # two rounds of spawned 2-rank DeepSpeed runs

@@ -18,7 +18,7 @@ import torch
 from hf_fixtures import ROPE_SCALINGS, hf_logits, random_tokens, save_tiny_hf
 from trainer_helpers import deepspeed_env, make_data, tiny_recipe
 
-from longctx.trainer.config import Recipe
+from longctx.config.recipe import Recipe
 from longctx.trainer.worker import build_model, check_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_long_context_eval_tasks_run_under_sequence_parallelism():
 
 WORKER_SCRIPT = """
 import json, sys
-from longctx.trainer.config import Recipe
+from longctx.config.recipe import Recipe
 from longctx.trainer.worker import train_worker
 import torch.distributed as dist
 recipe = Recipe.model_validate_json(sys.argv[1])

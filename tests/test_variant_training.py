@@ -49,10 +49,10 @@ from safetensors.torch import load_file
 from test_multinode_ray import stop_node
 from trainer_helpers import TOKENIZER_VOCAB, make_data
 
+from longctx.checkpoint.full_state import MODEL_FILE, OPTIMIZER_FILE
+from longctx.checkpoint.run_dir import TENSORBOARD_DIR
+from longctx.checkpoint.store import CHECKPOINTS_DIR, LATEST_FILE, checkpoint_tag
 from longctx.launch.train import loss_curve
-from longctx.trainer.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, checkpoint_tag
-from longctx.trainer.full_state import MODEL_FILE, OPTIMIZER_FILE
-from longctx.trainer.run_dir import TENSORBOARD_DIR
 
 pytestmark = [pytest.mark.heavy, pytest.mark.slow]  # 8 Ray launches of 2 workers (4 at a time)
 

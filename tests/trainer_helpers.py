@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from harness import run_on_ranks
 
+from longctx.config.recipe import Recipe
 from longctx.data import train_tokenizer
 from longctx.data.filler import filler_sentences
-from longctx.trainer.config import Recipe
 
 VENV = Path(__file__).resolve().parents[1] / ".venv"
 TOKENIZER_VOCAB = 320

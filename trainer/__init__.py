@@ -1,14 +1,11 @@
-"""longctx.trainer: the recipe schema, the DeepSpeed engine, the training loop, checkpoints and
-metrics.
+"""longctx.trainer: the DeepSpeed engine, the training loop, stages, metrics and the per-rank
+worker.
 
-Names are exported lazily (PEP 562): reading a recipe (``longctx.trainer.config``) must not pay
+Names are exported lazily (PEP 562): importing the package must not pay
 for importing DeepSpeed, TensorBoard, the model and the data pipeline.
 
     train_worker(job, report=None) -> summary            every rank of a run
-    validate_run(recipe, run_dir, resume) -> Path | None the checks the CLI makes up front
-    resolve_checkpoint(run_dir, "latest" | PATH) -> Path
-    verify_checkpoint(path, recipe=None) -> manifest
-    load_model_state_dict(path) -> Transformer state dict
+    build_engine(model, trainer_config, sp_group) -> DeepSpeed engine
 """
 
 from __future__ import annotations
@@ -17,17 +14,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Recipe": "longctx.trainer.config",
-    "TrainerConfig": "longctx.trainer.config",
-    "load_recipe": "longctx.trainer.config",
     "train_worker": "longctx.trainer.worker",
     "build_model": "longctx.trainer.worker",
-    "validate_run": "longctx.trainer.run_dir",
-    "run_markers": "longctx.trainer.run_dir",
-    "resolve_checkpoint": "longctx.trainer.checkpoint",
-    "verify_checkpoint": "longctx.trainer.checkpoint",
-    "latest_checkpoint": "longctx.trainer.checkpoint",
-    "load_model_state_dict": "longctx.trainer.checkpoint",
     "build_engine": "longctx.trainer.engine",
     "lr_factor": "longctx.trainer.engine",
 }

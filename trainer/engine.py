@@ -23,16 +23,14 @@ On resume DeepSpeed restores the optimizer's hyperparameters as they were saved;
 ``apply_recipe_optimizer_settings`` puts the recipe's peak LR, betas and weight decay back in
 force (a no-op for an unchanged recipe, so exact resume is unaffected).
 
-DeepSpeed is imported through ``import_deepspeed()``: the accelerator must be chosen
-(``DS_ACCELERATOR``) before the first import, and the import costs seconds, which code that only
-reads a recipe should not pay.
+DeepSpeed is imported through ``longctx.parallel.accelerator.import_deepspeed()`` (the
+accelerator must be chosen before the first import).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,43 +40,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
 from longctx.model.transformer import apply_activation_offload, apply_tiled_mlp
+from longctx.parallel.accelerator import import_deepspeed
 from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
+    from longctx.config.recipe import TrainerConfig
     from longctx.model import Transformer
-    from longctx.trainer.config import TrainerConfig
-
-
-def import_deepspeed():
-    """Import DeepSpeed after choosing its accelerator and the rank's local index.
-
-    DeepSpeed picks its accelerator once, at first use, and its CPU accelerator is not chosen
-    automatically: ``DS_ACCELERATOR`` defaults to ``cuda`` when torch sees a GPU, else ``cpu``.
-    ``LOCAL_RANK`` (which device this rank drives) is required by DeepSpeed; launchers such as
-    Ray Train set it; when it is missing it is derived from the global rank.
-    """
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    if "LOCAL_RANK" not in os.environ:
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or max(torch.cuda.device_count(), 1)
-        os.environ["LOCAL_RANK"] = str(rank % per_node if torch.cuda.is_available() else rank)
-    import deepspeed
-
-    return deepspeed
-
-
-def select_device() -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` made current on a GPU machine (NCCL collectives,
-    including the checkpoint checks that run before the engine exists, use the current
-    device), else the CPU."""
-    import_deepspeed()  # fills in LOCAL_RANK when the launcher did not
-    if torch.cuda.is_available():
-        index = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

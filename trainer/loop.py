@@ -25,18 +25,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 from longctx.attention.landmark import batch_transform
+from longctx.checkpoint.store import save_checkpoint
 from longctx.errors import LongctxError
 from longctx.parallel.loss import scored_token_count, world_mean_scale
-from longctx.trainer.checkpoint import save_checkpoint
 from longctx.trainer.engine import global_grad_norm
 from longctx.trainer.metrics import MetricsWriter, ProgressDisplay, peak_memory_gib
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
+    from longctx.config.recipe import Recipe
     from longctx.data import PackedLoader
     from longctx.parallel.mesh import ParallelMesh
-    from longctx.trainer.config import Recipe
 
 Batch = dict[str, Tensor]
 Report = Callable[[dict, "str | None"], None]

@@ -32,34 +32,30 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from longctx.data import PackedLoader, Tokenizer, build_datasets, resolve_tokenizer
-from longctx.model import Transformer, load_hf
-from longctx.parallel.mesh import build_mesh
-from longctx.parallel.parallelize import check_recipe_supported, parallelize
-from longctx.trainer.checkpoint import TOKENIZER_FILE, load_checkpoint, load_model_state_dict
-from longctx.trainer.config import Recipe
-from longctx.trainer.engine import (
-    apply_recipe_optimizer_settings,
-    build_engine,
-    select_device,
-)
-from longctx.trainer.eval_report import TrainingEvaluator, perplexity_documents, plan_from_recipe
-from longctx.trainer.loop import TrainState, train_loop
-from longctx.trainer.metrics import MetricsWriter, ProgressDisplay
-from longctx.trainer.run_dir import (
+from longctx.checkpoint.run_dir import (
     TENSORBOARD_DIR,
     check_vocabulary,
     validate_run,
     write_run_files,
 )
-from longctx.trainer.stages import (
-    Stage,
-    check_stage_record,
-    plan_stages,
+from longctx.checkpoint.store import (
+    TOKENIZER_FILE,
+    load_checkpoint,
+    load_model_state_dict,
     read_manifest,
-    resume_point,
-    write_stage_record,
 )
+from longctx.config.recipe import Recipe
+from longctx.config.stages import Stage, plan_stages
+from longctx.data import PackedLoader, Tokenizer, build_datasets, resolve_tokenizer
+from longctx.eval.report import TrainingEvaluator, perplexity_documents, plan_from_recipe
+from longctx.model import Transformer, load_hf
+from longctx.parallel.accelerator import select_device
+from longctx.parallel.mesh import build_mesh
+from longctx.parallel.parallelize import check_recipe_supported, parallelize
+from longctx.trainer.engine import apply_recipe_optimizer_settings, build_engine
+from longctx.trainer.loop import TrainState, train_loop
+from longctx.trainer.metrics import MetricsWriter, ProgressDisplay
+from longctx.trainer.stages import check_stage_record, resume_point, write_stage_record
 
 Report = Callable[[dict, "str | None"], None]
 

@@ -1,6 +1,6 @@
 """The passkey line ``longctx train`` prints at the end of a local run that trains on passkey.
 
-Scoring is ``longctx.trainer.evaluate.passkey_accuracy`` (teacher-forced argmax over the answer
+Scoring is ``longctx.eval.evaluate.passkey_accuracy`` (teacher-forced argmax over the answer
 tokens, exact when greedy decoding would write the key); this module only picks the grid (the
 trained length, evenly spread depths) and says it in one line next to the chance levels: a
 ``d``-digit key without a leading zero is one of ``9 x 10^(d-1)``, a digit one of ten.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from longctx.trainer.evaluate import passkey_accuracy
-from longctx.trainer.saved_model import load_trained_model, open_checkpoint
+from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
+from longctx.eval.evaluate import passkey_accuracy
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 

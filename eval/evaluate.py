@@ -1,6 +1,6 @@
 """Long-context evaluation: perplexity by position bucket, passkey and multi-key needle accuracy.
 
-Every sequence is scored by a ``SequenceScorer`` (``trainer/sequence_scorer.py``): one
+Every sequence is scored by a ``SequenceScorer`` (``eval/sequence_scorer.py``): one
 ``forward_hidden`` over the whole sequence and the ``lm_head`` in tiles of positions, so
 ``[T, vocab]`` logits never exist at once. With a ``mesh`` (``parallel.ulysses x ring > 1`` and a
 ``parallelize``d model) the sequence is sharded over the sequence-parallel group as in training
@@ -38,14 +38,14 @@ from torch import Tensor
 from longctx.data import TokenDocument, Tokenizer, make_eval_example
 from longctx.data.config import TaskParams
 from longctx.errors import LongctxError
+from longctx.eval.sequence_scorer import SequenceScorer
 from longctx.model import Transformer
-from longctx.trainer.sequence_scorer import SequenceScorer
 
 if TYPE_CHECKING:
     from longctx.parallel.mesh import ParallelMesh
 
 RETRIEVAL_TASKS = ("passkey", "niah")
-ALGORITHMIC_TASKS = ("counting", "selective_copy", "flip_flop")  # trainer/task_accuracy.py
+ALGORITHMIC_TASKS = ("counting", "selective_copy", "flip_flop")  # eval/task_accuracy.py
 EVAL_TASKS = ("ppl", *RETRIEVAL_TASKS, *ALGORITHMIC_TASKS)
 _FIRST_BUCKET = 1024  # tokens in the first bucket at full scale (0-1k, 1k-2k, 2k-4k, ...)
 _SMALL_BUCKETS = 8  # lengths below 8k: the first bucket is length / 8 (then doubling)

@@ -7,7 +7,7 @@
     passkey.json  RetrievalResult (grid + examples)    passkey.png  heatmap lengths x depths
     niah.json     the same for multi-key needles       niah.png     heatmap
     counting.json TaskAccuracyResult per length        counting.png accuracy by length
-                  (also selective_copy, flip_flop: ``trainer/task_accuracy.py``)
+                  (also selective_copy, flip_flop: ``eval/task_accuracy.py``)
 
 ``log_eval_tensorboard`` adds scalars and the figures to a TensorBoard ``SummaryWriter``:
 
@@ -40,8 +40,7 @@ from longctx.data.config import DataConfig, TaskParams
 from longctx.data.long_text import long_text_documents
 from longctx.data.sample import TargetTooShort
 from longctx.errors import LongctxError
-from longctx.model import Transformer
-from longctx.trainer.evaluate import (
+from longctx.eval.evaluate import (
     ALGORITHMIC_TASKS,
     EVAL_TASKS,
     RETRIEVAL_TASKS,
@@ -54,19 +53,20 @@ from longctx.trainer.evaluate import (
     position_perplexity,
     retrieval_accuracy,
 )
-from longctx.trainer.task_accuracy import (
+from longctx.eval.task_accuracy import (
     accuracy_figure,
     check_task_lengths,
     format_task_table,
     task_accuracy,
     task_scalars,
 )
+from longctx.model import Transformer
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
+    from longctx.config.recipe import Recipe
     from longctx.parallel.mesh import ParallelMesh
-    from longctx.trainer.config import Recipe
 
 EVAL_DIR = "eval"
 EvalResults = dict[str, Any]  # "ppl": [PerplexityResult, ...], "passkey"/"niah": RetrievalResult

@@ -8,7 +8,7 @@ axis: the context length. A model trained at one length is evaluated there and a
 Per length, ``samples`` held-out examples come from the training generators
 (``make_eval_example``: example ``k`` uses seed ``seed + k``, so every model sees the same
 examples, and the stream differs from the training rows). Scoring is teacher-forced, as for
-the retrieval tasks (``trainer/evaluate.py``): one forward over ``prompt + answer``, the argmax
+the retrieval tasks (``eval/evaluate.py``): one forward over ``prompt + answer``, the argmax
 at every answer position. Two numbers per length:
 
 - ``token_accuracy``: answer tokens predicted right / answer tokens (a selective-copy answer of
@@ -17,7 +17,7 @@ at every answer position. Two numbers per length:
   decoding reproduces the answer.
 
 Registered as eval tasks ``counting``, ``selective_copy`` and ``flip_flop`` of ``longctx eval
---task`` and ``trainer.eval_tasks`` (``trainer/eval_report.py`` runs and records them).
+--task`` and ``trainer.eval_tasks`` (``eval/report.py`` runs and records them).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from longctx.data import Tokenizer, make_eval_example
 from longctx.data.config import TaskParams
 from longctx.data.sample import TargetTooShort
 from longctx.errors import LongctxError
+from longctx.eval.evaluate import ALGORITHMIC_TASKS, score_answer
+from longctx.eval.sequence_scorer import SequenceScorer
 from longctx.model import Transformer
-from longctx.trainer.evaluate import ALGORITHMIC_TASKS, score_answer
-from longctx.trainer.sequence_scorer import SequenceScorer
 
 if TYPE_CHECKING:
     from longctx.parallel.mesh import ParallelMesh

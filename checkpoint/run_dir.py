@@ -32,20 +32,20 @@ from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
-from longctx.data import PackedLoader, Tokenizer, build_datasets, load_tokenizer
-from longctx.data.sources import read_documents
-from longctx.errors import LongctxError
-from longctx.trainer.checkpoint import (
+from longctx.checkpoint.full_state import translate_data_cursor
+from longctx.checkpoint.store import (
     CHECKPOINTS_DIR,
     incomplete_checkpoints,
     resolve_checkpoint,
     verify_checkpoint,
     write_atomic,
 )
-from longctx.trainer.full_state import translate_data_cursor
+from longctx.data import PackedLoader, Tokenizer, build_datasets, load_tokenizer
+from longctx.data.sources import read_documents
+from longctx.errors import LongctxError
 
 if TYPE_CHECKING:
-    from longctx.trainer.config import Recipe
+    from longctx.config.recipe import Recipe
 
 log = logging.getLogger("longctx.run_dir")
 CONFIG_FILE = "config.yaml"

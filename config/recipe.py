@@ -25,12 +25,12 @@ from longctx.attention.config import AttentionConfig
 from longctx.attention.landmark import landmark_recipe_problem
 from longctx.attention.mosa import mosa_recipe_problem
 from longctx.attention.nsa import nsa_recipe_problem
+from longctx.config.recipe_errors import check_key_path, single_line, validation_error_line
 from longctx.data.config import DataConfig
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig
 from longctx.positional.config import PositionalConfig
-from longctx.trainer.recipe_errors import check_key_path, single_line, validation_error_line
 
 # ModelConfig fields that fix the shapes of the weights: an hf: checkpoint defines them, and a
 # checkpoint saved under one set of values cannot be resumed under another.
@@ -83,9 +83,9 @@ class TrainerConfig(BaseModel):
         Literal["ppl", "passkey", "niah", "counting", "selective_copy", "flip_flop"]
     ] = Field(
         default_factory=list,
-        description="long-context evaluations at each eval step (trainer/evaluate.py): "
+        description="long-context evaluations at each eval step (eval/evaluate.py): "
         "perplexity by position, passkey and multi-key needle accuracy, and answer accuracy "
-        "on counting / selective_copy / flip_flop (trainer/task_accuracy.py); [] = none",
+        "on counting / selective_copy / flip_flop (eval/task_accuracy.py); [] = none",
     )
     eval_lengths: list[Annotated[int, Field(ge=2)]] = Field(
         default_factory=list, description="context lengths of those evaluations; [] = seq_len"
@@ -149,7 +149,7 @@ class Recipe(BaseModel):
     stages: list[Any] = Field(
         default_factory=list,
         description="train in stages, each a partial recipe laid over this one (e.g. a longer "
-        "data.seq_len with a YaRN model.rope_scaling); see trainer/stages.py; [] = one stage",
+        "data.seq_len with a YaRN model.rope_scaling); see config/stages.py; [] = one stage",
     )
 
     @model_validator(mode="before")
@@ -210,7 +210,7 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:
         if self.stages:
-            from longctx.trainer.stages import stage_recipes
+            from longctx.config.stages import stage_recipes
 
             stage_recipes(self)  # raises a one-line LongctxError naming the first bad stage
         return self

@@ -45,8 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from longctx.errors import LongctxError
-from longctx.trainer.full_state import (
+from longctx.checkpoint.full_state import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     FullState,
@@ -58,11 +57,12 @@ from longctx.trainer.full_state import (
     translate_data_cursor,
     write_full_state,
 )
+from longctx.errors import LongctxError
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-    from longctx.trainer.config import Recipe
+    from longctx.config.recipe import Recipe
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -355,6 +355,13 @@ def _read_latest(root: Path) -> str:
     return (root / LATEST_FILE).read_text().strip()
 
 
+def read_manifest(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's manifest as JSON, unverified: the one reader of ``manifest.json``
+    (``verify_checkpoint`` checks it and the files it names; the stage planner only reads which
+    step wrote the checkpoint)."""
+    return json.loads((Path(checkpoint) / MANIFEST_FILE).read_text())
+
+
 def resolve_checkpoint(run_dir: str | Path, resume: str) -> Path:
     """The checkpoint directory that ``--resume`` names.
 
@@ -404,7 +411,7 @@ def verify_checkpoint(path: str | Path, recipe: Recipe | None = None) -> dict[st
             "longctx checkpoint; resume from another one (e.g. --resume latest)"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(directory)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LongctxError(
             f"checkpoint manifest {manifest_path} is not JSON ({type(error).__name__}); the "

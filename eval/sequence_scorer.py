@@ -1,6 +1,6 @@
 """Scoring one whole evaluation sequence, in this process or over the sequence-parallel mesh.
 
-The evaluation (``trainer/evaluate.py``) asks two things of a sequence ``ids [T]``: the NLL of
+The evaluation (``eval/evaluate.py``) asks two things of a sequence ``ids [T]``: the NLL of
 every next token (perplexity by position), and the argmax and NLL at a few answer positions
 (passkey, needles). ``SequenceScorer`` answers both without ever holding ``[T, vocab]`` logits:
 
@@ -138,7 +138,7 @@ class SequenceScorer:
         if not hasattr(weight, "ds_id"):
             yield weight
             return
-        from longctx.trainer.engine import import_deepspeed
+        from longctx.parallel.accelerator import import_deepspeed
 
         with import_deepspeed().zero.GatheredParameters([weight]):
             yield weight

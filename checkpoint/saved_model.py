@@ -17,10 +17,7 @@ from typing import Any
 
 import torch
 
-from longctx.data import Tokenizer, load_tokenizer
-from longctx.errors import LongctxError
-from longctx.model import Transformer, save_hf
-from longctx.trainer.checkpoint import (
+from longctx.checkpoint.store import (
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
     RECIPE_FILE,
@@ -29,7 +26,10 @@ from longctx.trainer.checkpoint import (
     load_model_state_dict,
     verify_checkpoint,
 )
-from longctx.trainer.config import Recipe, parse_recipe, read_recipe_file
+from longctx.config.recipe import Recipe, parse_recipe, read_recipe_file
+from longctx.data import Tokenizer, load_tokenizer
+from longctx.errors import LongctxError
+from longctx.model import Transformer, save_hf
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
