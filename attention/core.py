@@ -1,0 +1,113 @@
+"""The attention-core contract: what every inner attention of the model implements.
+
+The model's attention layer projects q, k, v (and rotates them when ``positional.kind`` is
+``rope``) and hands the rest to one core, ``layers[i].self_attn.core``:
+
+    core(q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D], ctx: AttentionContext)
+        -> out [B, Hq, T, D]
+
+A core is an ``AttentionCore``. It is built from an ``AttentionShape`` (the layer's numbers,
+never the model's config: attention sits below model) plus the recipe's ``AttentionConfig``
+and ``PositionalConfig``, and it declares what it can do as class attributes, so that sequence
+parallelism, the recipe validator and the batch path ask instead of probing:
+
+    reads_hidden           reads ``ctx.hidden`` (the layer input); Ulysses gathers it for them
+    reads_key_hidden       under key gather, also reads ``ctx.key_hidden`` (the gathered input)
+    merges_blockwise       its softmax merges block by block, so ring attention can run it
+    accepts_gathered_keys  runs on all-gathered keys (key-gather context parallelism) under ring
+    supports_window        honours the model's sliding window (else ``recipe_problem`` refuses it)
+    has_head_parameters    has per-head parameters: ``restrict_to_heads`` narrows them to the
+                           query heads a Ulysses rank computes
+
+Two hooks a core owns, both class methods so they run before any model exists:
+``recipe_problem`` (why a recipe cannot run this core, one line, or None) and
+``transform_batch`` (what the batch path does to every batch before it is sharded, e.g.
+Landmark inserts its landmark tokens). ``longctx.attention.registry`` maps
+``(attention.variant, positional.kind)`` to the core class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from longctx.attention.config import AttentionConfig
+from longctx.positional.config import PositionalConfig
+
+Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The numbers of one attention layer a core may read.
+
+    ``vocab_size`` is for cores that add tokens to the sequence (Landmark's token id);
+    ``max_position_embeddings`` for encodings scaled by the trained length (BAM).
+    ``sliding_window`` is this layer's window (None: full attention).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    layer_index: int = 0
+    sliding_window: int | None = None
+
+
+class AttentionCore(nn.Module):
+    """Base class of every attention core; see the module docstring for the contract.
+
+    Subclasses implement ``forward(q, k, v, ctx) -> out`` with the shapes above."""
+
+    reads_hidden: ClassVar[bool] = False
+    reads_key_hidden: ClassVar[bool] = False
+    merges_blockwise: ClassVar[bool] = False
+    accepts_gathered_keys: ClassVar[bool] = False
+    supports_window: ClassVar[bool] = True
+    has_head_parameters: ClassVar[bool] = False
+
+    def __init__(
+        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
+    ):
+        super().__init__()
+        self.shape = shape
+        self.config = attention
+        self.positional = positional
+        self.sliding_window = shape.sliding_window
+
+    @classmethod
+    def recipe_problem(
+        cls,
+        shape: AttentionShape,
+        attention: AttentionConfig,
+        positional: PositionalConfig,
+        *,
+        ulysses: int,
+        ring: int,
+    ) -> str | None:
+        """Why a recipe with these sections and SP degrees cannot run this core (one line
+        naming the field and the fix), or None. The default refuses only a sliding window the
+        core cannot honour."""
+        if shape.sliding_window is not None and not cls.supports_window:
+            return (
+                f"attention.variant {attention.variant!r} does not honour the model's "
+                f"sliding_window ({shape.sliding_window}); set model.sliding_window: null or use "
+                "attention.variant: dense"
+            )
+        return None
+
+    @classmethod
+    def transform_batch(
+        cls, batch: Batch, shape: AttentionShape, attention: AttentionConfig
+    ) -> Batch:
+        """The packed batch ``{input_ids, labels, position_ids, doc_ids}`` (each [B, T]) this
+        core trains and evaluates on; the identity unless the core adds tokens."""
+        return batch
+
+    def restrict_to_heads(self, start: int, stop: int) -> None:
+        """Compute query heads ``start .. stop - 1`` only (a Ulysses rank's block of heads).
+        Cores with ``has_head_parameters`` override it; the others need nothing."""
