@@ -217,8 +217,10 @@ class Recipe(BaseModel):
 
     def resolved_yaml(self) -> str:
         """The fully resolved recipe (defaults filled, overrides and checkpoint shape applied)
-        as YAML; loading it again gives an equal ``Recipe``."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        as YAML; loading it again gives an equal ``Recipe``. A one-stage recipe has no
+        ``stages`` key (an explicit ``stages: []`` in a recipe file is refused as a mistake)."""
+        resolved = self.model_dump(mode="json", exclude={"stages"} if not self.stages else None)
+        return yaml.safe_dump(resolved, sort_keys=False)
 
     def recipe_hash(self) -> str:
         """16 hex digits identifying the model's shape: the weight-shape fields of the model
@@ -369,8 +371,11 @@ def read_recipe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = _parse_yaml(text)
     except yaml.YAMLError as error:
         raise LongctxError(single_line(_yaml_problem(source, error))) from None
-    if raw is None:
-        return {}
+    if raw is None or raw == {}:
+        raise LongctxError(
+            f"the recipe {source} is empty (no settings, only comments or whitespace); start "
+            "from recipes/tiny.yaml"
+        )
     if not isinstance(raw, dict):
         raise LongctxError(
             f"{source}: a recipe is a mapping of sections (name, model, data, trainer, ...), "
@@ -393,6 +398,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             "e.g. --set trainer.lr=3e-4"
         )
     key, text = assignment.split("=", 1)
+    if not text.strip():
+        raise LongctxError(
+            f"--set {assignment!r} has an empty value; write a value after '=' (or null to "
+            "clear a field that allows it)"
+        )
     parts = key.strip().split(".")
     if not all(parts):
         raise LongctxError(
@@ -441,6 +451,11 @@ def load_recipe(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> 
     read, never written.
     """
     raw = read_recipe_file(path)
+    if raw.get("stages", None) == []:
+        raise LongctxError(
+            f"{path}: stages is an empty list; remove the stages key for a one-stage run or "
+            "list at least one stage"
+        )
     for assignment in overrides:
         apply_override(raw, assignment)
     raw.setdefault("name", Path(path).stem)
