@@ -22,6 +22,7 @@ from longctx.attention.nsa import DENSE_START_GATE_BIAS, NSAAttention
 from longctx.model.config import ModelConfig
 from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
 from longctx.model.transformer import Transformer
+from longctx.positional.config import PositionalConfig
 
 # fp32 fast path vs float64 loop: sums of <= 100 products, rounding only (rtol 1e-5).
 FP32 = {"rtol": 1e-5, "atol": 2e-6}
@@ -46,7 +47,9 @@ def make_core(top_n=4, window=24, backend="auto", select_block=16, seed=0) -> NS
     )
     torch.manual_seed(seed)
     core = NSAAttention(
-        small_model_config(), AttentionConfig(variant="nsa", backend=backend, nsa=settings)
+        small_model_config().attention_shape(0),
+        AttentionConfig(variant="nsa", backend=backend, nsa=settings),
+        PositionalConfig(),
     )
     with torch.no_grad():  # random gate biases so every gate matters
         core.gates.bias.normal_()
