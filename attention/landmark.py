@@ -161,15 +161,7 @@ class LandmarkAttention(AttentionCore):
         self.top_k = attention.landmark.retrieve_top_k
 
     @classmethod
-    def recipe_problem(
-        cls,
-        shape: AttentionShape,
-        attention: AttentionConfig,
-        positional: PositionalConfig,
-        *,
-        ulysses: int,
-        ring: int,
-    ) -> str | None:
+    def recipe_problem(cls, shape, attention, positional, *, ulysses, ring) -> str | None:
         """Every sequence-parallel layout runs (see the module docstring), so ``ulysses`` and
         ``ring`` impose nothing; the model's sliding window and the landmark id are checked."""
         problem = super().recipe_problem(shape, attention, positional, ulysses=ulysses, ring=ring)

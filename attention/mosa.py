@@ -99,15 +99,7 @@ class MoSAAttention(AttentionCore):
         self.heads = slice(0, shape.num_heads)  # the layer's heads this core computes
 
     @classmethod
-    def recipe_problem(
-        cls,
-        shape: AttentionShape,
-        attention: AttentionConfig,
-        positional: PositionalConfig,
-        *,
-        ulysses: int,
-        ring: int,
-    ) -> str | None:
+    def recipe_problem(cls, shape, attention, positional, *, ulysses, ring) -> str | None:
         """Every sequence-parallel layout runs (Ulysses on head subsets, ring by key gather);
         only the head split is checked."""
         problem = super().recipe_problem(shape, attention, positional, ulysses=ulysses, ring=ring)

@@ -230,15 +230,7 @@ class NSAAttention(AttentionCore):
         self.group = shape.num_heads // shape.num_kv_heads  # query heads per selection
 
     @classmethod
-    def recipe_problem(
-        cls,
-        shape: AttentionShape,
-        attention: AttentionConfig,
-        positional: PositionalConfig,
-        *,
-        ulysses: int,
-        ring: int,
-    ) -> str | None:
+    def recipe_problem(cls, shape, attention, positional, *, ulysses, ring) -> str | None:
         """The model's sliding window is refused (the window branch is ``attention.nsa.window``).
         Ring (key gather) always works; Ulysses needs whole GQA groups on each rank, because the
         query heads of a group share one block selection."""
