@@ -14,6 +14,7 @@ parallelism, the recipe validator and the batch path ask instead of probing:
     reads_hidden           reads ``ctx.hidden`` (the layer input); Ulysses gathers it for them
     reads_key_hidden       under key gather, also reads ``ctx.key_hidden`` (the gathered input)
     merges_blockwise       its softmax merges block by block, so ring attention can run it
+                           (from its ``mask_for(ctx)`` and ``config.backend``, as for dense)
     accepts_gathered_keys  runs on all-gathered keys (key-gather context parallelism) under ring
     supports_window        honours the model's sliding window (else ``recipe_problem`` refuses it)
     has_head_parameters    has per-head parameters: ``restrict_to_heads`` narrows them to the
