@@ -30,7 +30,6 @@ class AttentionContext:
     # ``parallel/key_gather.py``: every rank's keys, sorted by global position, against this
     # rank's queries). None means "the same tokens as the queries".
     key_seq_positions: Tensor | None = None  # [Tk] int64 global index of each key, increasing
-    key_position_ids: Tensor | None = None  # [B, Tk]
     key_doc_ids: Tensor | None = None  # [B, Tk]
     key_hidden: Tensor | None = None  # [B, Tk, d]
 
@@ -43,11 +42,6 @@ class AttentionContext:
     def k_seq_positions(self) -> Tensor:
         """[Tk] global index of each key."""
         return self.seq_positions if self.keys_are_queries else self.key_seq_positions
-
-    @property
-    def k_position_ids(self) -> Tensor:
-        """[B, Tk] RoPE positions of the keys."""
-        return self.position_ids if self.keys_are_queries else self.key_position_ids
 
     @property
     def k_doc_ids(self) -> Tensor | None:

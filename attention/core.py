@@ -14,6 +14,7 @@ parallelism, the recipe validator and the batch path ask instead of probing:
     reads_hidden           reads ``ctx.hidden`` (the layer input); Ulysses gathers it for them
     reads_key_hidden       under key gather, also reads ``ctx.key_hidden`` (the gathered input)
     merges_blockwise       its softmax merges block by block, so ring attention can run it
+                           (from its ``mask_for(ctx)`` and ``config.backend``, as for dense)
     accepts_gathered_keys  runs on all-gathered keys (key-gather context parallelism) under ring
     supports_window        honours the model's sliding window (else ``recipe_problem`` refuses it)
     has_head_parameters    has per-head parameters: ``restrict_to_heads`` narrows them to the
@@ -34,6 +35,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from longctx.attention.config import AttentionConfig
+from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
 
 Batch = dict[str, Tensor]
@@ -44,8 +46,10 @@ class AttentionShape:
     """The numbers of one attention layer a core may read.
 
     ``vocab_size`` is for cores that add tokens to the sequence (Landmark's token id);
-    ``max_position_embeddings`` for encodings scaled by the trained length (BAM).
-    ``sliding_window`` is this layer's window (None: full attention).
+    ``max_position_embeddings`` for encodings scaled by the trained length (BAM);
+    ``initializer_range`` the std a core draws its new weights with (NSA, MoSA).
+    ``sliding_window`` is this layer's window (None: full attention). ``ModelConfig``'s
+    ``attention_shape(layer_index)`` builds it for a model layer.
     """
 
     num_heads: int
@@ -56,12 +60,15 @@ class AttentionShape:
     max_position_embeddings: int
     layer_index: int = 0
     sliding_window: int | None = None
+    initializer_range: float = 0.02
 
 
 class AttentionCore(nn.Module):
     """Base class of every attention core; see the module docstring for the contract.
 
-    Subclasses implement ``forward(q, k, v, ctx) -> out`` with the shapes above."""
+    Subclasses implement ``forward(q, k, v, ctx) -> out`` with the shapes above. The
+    constructor refuses, in one line, what ``recipe_problem`` refuses without sequence
+    parallelism (a window the core cannot honour, a head split that does not fit, ...)."""
 
     reads_hidden: ClassVar[bool] = False
     reads_key_hidden: ClassVar[bool] = False
@@ -74,6 +81,9 @@ class AttentionCore(nn.Module):
         self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
     ):
         super().__init__()
+        problem = type(self).recipe_problem(shape, attention, positional, ulysses=1, ring=1)
+        if problem is not None:
+            raise LongctxError(problem)
         self.shape = shape
         self.config = attention
         self.positional = positional

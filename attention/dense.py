@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
+from longctx.attention.core import AttentionCore
 from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
 
 
-class DenseAttention(nn.Module):
-    """Exact causal softmax attention over the local tokens, with doc ids and a sliding window.
+class DenseAttention(AttentionCore):
+    """Exact causal softmax attention over the local tokens, with doc ids and the layer's
+    sliding window (``shape.sliding_window``).
 
     The model's attention layer projects and rotates q, k, v and calls this core; sequence
     parallelism swaps the core (ring, Ulysses) without touching the layer. Scale 1/sqrt(D).
-    It masks keys by ``ctx``'s key side, so it also runs on gathered keys (``key_gather``).
+    Its softmax merges block by block (ring attention runs it), and it masks keys by ``ctx``'s
+    key side, so it also runs on gathered keys (``key_gather``).
     """
 
+    merges_blockwise = True
     accepts_gathered_keys = True
-
-    def __init__(self, config: AttentionConfig, *, sliding_window: int | None = None):
-        super().__init__()
-        self.config = config
-        self.sliding_window = sliding_window
 
     def mask_for(self, ctx: AttentionContext) -> MaskSpec:
         """The mask of a forward pass: causal on global positions, per document, windowed."""

@@ -4,7 +4,7 @@ A landmark token follows every ``block_size`` regular tokens, so the sequence is
 groups of ``G = block_size + 1`` tokens whose last token is the landmark: sequence index ``p`` is
 a landmark iff ``p % G == G - 1`` and belongs to block ``p // G``. ``insert_landmarks`` puts
 them into a packed batch (labels -100 on landmarks, positions and doc ids kept consistent); the
-trainer applies it when ``attention.variant`` is ``landmark``.
+core's ``transform_batch`` applies it, and the trainer calls that hook on every batch.
 
 Grouped softmax, for a query in block c: the top-level softmax runs over the visible regular
 tokens of block c (causal) and the landmarks of the earlier blocks; the weight landmark L_b wins
@@ -23,7 +23,7 @@ grouped softmax over those blocks plus the own block: cost ``O(T (T / G + (k + 1
 of ``O(T^2)``. With ``k`` >= the number of blocks, retrieval equals training.
 
 Sequence parallelism: blocks are defined on GLOBAL positions, so the data path inserts the
-landmarks into the whole sequence before ``shard_batch`` cuts it (``trainer/loop.py``), and any
+landmarks into the whole sequence before ``shard_batch`` cuts it (``transform_batch``), and any
 layout keeps the block structure: the keys are the whole sequence in order (``sequence_keys``),
 the queries any tokens at their global positions. Under Ulysses the core sees every token of a
 head subset; under the ring group (key gather) this rank's zigzag queries against every key, so
@@ -36,8 +36,6 @@ real token and are never visible to one, whatever block they fall in.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -45,11 +43,9 @@ from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
+from longctx.attention.core import AttentionCore, AttentionShape, Batch
 from longctx.attention.sequence_keys import sequence_keys
-from longctx.errors import LongctxError
-
-if TYPE_CHECKING:  # only the config's fields are read
-    from longctx.model.config import ModelConfig
+from longctx.positional.config import PositionalConfig
 
 IGNORE_INDEX = -100  # labels without loss (the cross-entropy's ignore index)
 DEFAULT_QUERY_TILE = 256  # queries per tile when the recipe gives no chunk_size
@@ -109,65 +105,10 @@ def insert_landmarks(
     return result
 
 
-def landmark_recipe_problem(
-    model: ModelConfig, attention: AttentionConfig, ulysses: int, ring: int
-) -> str | None:
-    """Why a recipe cannot run landmark attention (None when it can): the recipe validator.
-
-    Every sequence-parallel layout runs (see the module docstring), so ``ulysses`` and ``ring``
-    impose nothing; the model's sliding window and the landmark id are checked.
-    """
-    if attention.variant != "landmark":
-        return None
-    if model.sliding_window is not None:
-        return (
-            f"attention.variant 'landmark' replaces the model's sliding_window "
-            f"({model.sliding_window}); set model.sliding_window: null"
-        )
-    token_id = landmark_token_id(attention, model.vocab_size)
-    if token_id >= model.vocab_size:
-        return (
-            f"attention.landmark.token_id={token_id} is outside the vocabulary "
-            f"(model.vocab_size={model.vocab_size}); pick an id below {model.vocab_size} or null"
-        )
-    return None
-
-
-def batch_transform(
-    attention: AttentionConfig, vocab_size: int
-) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-    """What the trainer applies to every packed batch: ``insert_landmarks`` when
-    ``attention.variant`` is ``landmark``, else the identity."""
-    if attention.variant != "landmark":
-        return lambda batch: batch
-    block_size = attention.landmark.block_size
-    token_id = landmark_token_id(attention, vocab_size)
-    return lambda batch: insert_landmarks(batch, block_size=block_size, landmark_id=token_id)
-
-
 def regular_slots(length: int, block_size: int, device: torch.device | None = None) -> Tensor:
     """[T] index of each of ``length`` regular tokens once the landmarks are inserted."""
     index = torch.arange(length, device=device)
     return index + index // block_size
-
-
-def landmark_forward(
-    model: nn.Module, block_size: int, landmark_id: int
-) -> Callable[[Tensor], Tensor]:
-    """A ``forward_hidden`` for evaluation code that knows nothing of landmarks: ``input_ids``
-    [B, T] -> hidden [B, T, d] of ``model`` run on the ids with landmarks inserted (positions
-    0..T'-1, one document), read back at the regular tokens. In eval mode the cores retrieve
-    their top-k blocks, so a model trained at 512 tokens can be scored on much longer prompts.
-    """
-
-    def forward(input_ids: Tensor) -> Tensor:
-        with_landmarks = insert_landmarks(
-            {"input_ids": input_ids}, block_size=block_size, landmark_id=landmark_id
-        )["input_ids"]
-        hidden = model.forward_hidden(with_landmarks)  # [B, T', d]
-        return hidden[:, regular_slots(input_ids.shape[1], block_size, input_ids.device)]
-
-    return forward
 
 
 def grouped_softmax_weights(
@@ -199,27 +140,52 @@ def grouped_softmax_weights(
     return within * block_weight[..., None]  # [B, H, tq, m, G]
 
 
-class LandmarkAttention(nn.Module):
+class LandmarkAttention(AttentionCore):
     """Landmark attention core: grouped softmax in training, top-k block retrieval in eval.
 
     q [B, Hq, Tq, D] at global positions ``ctx.seq_positions``, k/v [B, Hkv, Tk, D] the whole
     sequence (any order; ``sequence_keys``) -> out [B, Hq, Tq, D]; the sequence must already hold
-    the landmarks (``insert_landmarks``). Queries go in tiles of ``chunk_size`` (checkpointed in
-    training), so no [Tq, Tk] tensor exists. Runs on gathered keys under the ring group.
+    the landmarks (``transform_batch``). Queries go in tiles of ``chunk_size`` (checkpointed in
+    training), so no [Tq, Tk] tensor exists. Runs on gathered keys under the ring group; its
+    blocks replace the model's sliding window (``supports_window`` is False).
     """
 
     accepts_gathered_keys = True
+    supports_window = False
 
-    def __init__(self, config: AttentionConfig, *, sliding_window: int | None = None):
-        super().__init__()
-        if sliding_window is not None:
-            raise LongctxError(
-                f"attention.variant landmark does not combine with a model sliding_window "
-                f"({sliding_window}); set the model's sliding_window to null or use variant dense"
+    def __init__(
+        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
+    ):
+        super().__init__(shape, attention, positional)
+        self.group = attention.landmark.block_size + 1
+        self.top_k = attention.landmark.retrieve_top_k
+
+    @classmethod
+    def recipe_problem(cls, shape, attention, positional, *, ulysses, ring) -> str | None:
+        """Every sequence-parallel layout runs (see the module docstring), so ``ulysses`` and
+        ``ring`` impose nothing; the model's sliding window and the landmark id are checked."""
+        problem = super().recipe_problem(shape, attention, positional, ulysses=ulysses, ring=ring)
+        if problem is not None:
+            return problem
+        vocab = shape.vocab_size
+        token_id = landmark_token_id(attention, vocab)
+        if token_id >= vocab:
+            return (
+                f"attention.landmark.token_id={token_id} is outside the vocabulary "
+                f"(model.vocab_size={vocab}); pick an id below {vocab} or null"
             )
-        self.config = config
-        self.group = config.landmark.block_size + 1
-        self.top_k = config.landmark.retrieve_top_k
+        return None
+
+    @classmethod
+    def transform_batch(
+        cls, batch: Batch, shape: AttentionShape, attention: AttentionConfig
+    ) -> Batch:
+        """``insert_landmarks`` with ``attention.landmark.block_size`` and the landmark id."""
+        return insert_landmarks(
+            batch,
+            block_size=attention.landmark.block_size,
+            landmark_id=landmark_token_id(attention, shape.vocab_size),
+        )
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (already rotated) -> out [B, Hq, Tq, D]."""

@@ -38,10 +38,12 @@ from torch import Tensor, nn
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
+from longctx.attention.core import AttentionCore, AttentionShape
 from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
 from longctx.attention.sequence_keys import SequenceKeys, sequence_keys
 from longctx.errors import LongctxError
+from longctx.positional.config import PositionalConfig
 
 
 def routed_token_count(length: int, sparsity: int) -> int:
@@ -73,27 +75,50 @@ class TokenRouter(nn.Module):
         self.weight.normal_(0.0, self.std)
 
 
-class MoSAAttention(nn.Module):
+class MoSAAttention(AttentionCore):
     """The MoSA core: ``(q, k, v, ctx) -> out``; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D].
 
-    Queries at ``ctx.seq_positions``, keys the whole sequence; under the ring group it runs on
-    gathered keys and reads the gathered layer input (``ctx.k_hidden``) for its routers.
+    Queries at ``ctx.seq_positions``, keys the whole sequence; its routers read the layer input
+    (``reads_hidden``), and under the ring group it runs on gathered keys and reads the gathered
+    layer input (``ctx.k_hidden``, ``reads_key_hidden``). The dense heads honour the layer's
+    sliding window.
     """
 
-    accepts_gathered_keys = True
+    reads_hidden = True
     reads_key_hidden = True
+    accepts_gathered_keys = True
+    has_head_parameters = True
 
-    def __init__(self, config, attention: AttentionConfig, *, sliding_window: int | None = None):
-        super().__init__()
-        problem = mosa_heads_problem(config, attention)
-        if problem is not None:
-            raise LongctxError(problem)
-        self.attention = attention
-        self.sliding_window = sliding_window
+    def __init__(
+        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
+    ):
+        super().__init__(shape, attention, positional)
         self.dense_heads = attention.mosa.dense_heads
-        self.routed_heads = config.num_attention_heads - self.dense_heads
-        self.router = TokenRouter(config.hidden_size, self.routed_heads, config.initializer_range)
-        self.heads = slice(0, config.num_attention_heads)  # the layer's heads this core computes
+        self.routed_heads = shape.num_heads - self.dense_heads
+        self.router = TokenRouter(shape.hidden_size, self.routed_heads, shape.initializer_range)
+        self.heads = slice(0, shape.num_heads)  # the layer's heads this core computes
+
+    @classmethod
+    def recipe_problem(cls, shape, attention, positional, *, ulysses, ring) -> str | None:
+        """Every sequence-parallel layout runs (Ulysses on head subsets, ring by key gather);
+        only the head split is checked."""
+        problem = super().recipe_problem(shape, attention, positional, ulysses=ulysses, ring=ring)
+        if problem is not None:
+            return problem
+        dense, heads = attention.mosa.dense_heads, shape.num_heads
+        group = heads // shape.num_kv_heads
+        if dense > heads:
+            return (
+                f"attention.mosa.dense_heads={dense} exceeds model.num_attention_heads={heads}; "
+                f"use at most {heads}"
+            )
+        if dense % group:
+            return (
+                f"attention.mosa.dense_heads={dense} splits a GQA group of {group} query heads "
+                f"(num_attention_heads={heads}, num_key_value_heads={shape.num_kv_heads}); use "
+                f"a multiple of {group}"
+            )
+        return None
 
     def restrict_to_heads(self, start: int, stop: int) -> None:
         """Compute heads ``start .. stop - 1`` of the layer only (a Ulysses rank's subset): the
@@ -111,7 +136,7 @@ class MoSAAttention(nn.Module):
             kv = dense // group  # dense heads use the first kv heads
             out, _ = block_attention(
                 q[:, :dense], k[:, :kv], v[:, :kv], mask=ctx.causal_mask(self.sliding_window),
-                backend=self.attention.backend, chunk_size=self.attention.chunk_size,
+                backend=self.config.backend, chunk_size=self.config.chunk_size,
             )  # fmt: skip
             parts.append(out)  # [B, hd, Tq, D]
         if dense < q.shape[1]:
@@ -120,10 +145,6 @@ class MoSAAttention(nn.Module):
             kv_head = (dense + torch.arange(q.shape[1] - dense, device=q.device)) // group
             parts.append(self._routed(q[:, dense:], keys, kv_head, router_rows, ctx))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
-    def router_scores(self, hidden: Tensor) -> Tensor:
-        """r = sigmoid(x W_r): [B, T, d] -> [B, Hm, T]."""
-        return self.router(hidden)
 
     def _routed(
         self,
@@ -146,7 +167,7 @@ class MoSAAttention(nn.Module):
         batch, heads, queries, dim = q.shape
         length = keys.k.shape[2]
         scores = self.router(keys.hidden, router_rows)  # [B, hm, Tk]: every token of the sequence
-        count = routed_token_count(length, self.attention.mosa.sparsity)
+        count = routed_token_count(length, self.config.mosa.sparsity)
         chosen = scores.detach().topk(count, dim=-1).indices.sort(dim=-1).values  # [B, hm, k]
         # Sorted chosen positions keep original order, so "causal by original position" is the
         # plain causal mask on the chosen list; heads fold into the batch dimension.
@@ -171,7 +192,7 @@ class MoSAAttention(nn.Module):
             q_docs = torch.where(is_local.view(batch * heads, count), k_docs, k_docs.min() - 1)
         out, _ = block_attention(
             q_sel, k_sel, v_sel, mask=MaskSpec(q_doc_ids=q_docs, k_doc_ids=k_docs),
-            backend=self.attention.backend, chunk_size=self.attention.chunk_size,
+            backend=self.config.backend, chunk_size=self.config.chunk_size,
         )  # fmt: skip
         weighted = out.view(batch, heads, count, dim) * scores.gather(-1, chosen)[..., None]
         # Scatter to the local queries; other ranks' rows land in a spare slot that is dropped.
@@ -182,34 +203,5 @@ class MoSAAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dense_heads={self.dense_heads}, routed_heads={self.routed_heads}, "
-            f"rho={self.attention.mosa.sparsity}, backend={self.attention.backend}"
+            f"rho={self.config.mosa.sparsity}, backend={self.config.backend}"
         )
-
-
-def mosa_heads_problem(model, attention: AttentionConfig) -> str | None:
-    """Why MoSA's head split does not fit the model (None when it does)."""
-    dense, heads = attention.mosa.dense_heads, model.num_attention_heads
-    group = heads // model.kv_heads
-    if dense > heads:
-        return (
-            f"attention.mosa.dense_heads={dense} exceeds model.num_attention_heads={heads}; "
-            f"use at most {heads}"
-        )
-    if dense % group:
-        return (
-            f"attention.mosa.dense_heads={dense} splits a GQA group of {group} query heads "
-            f"(num_attention_heads={heads}, num_key_value_heads={model.kv_heads}); use a "
-            f"multiple of {group}"
-        )
-    return None
-
-
-def mosa_recipe_problem(model, attention: AttentionConfig, ulysses: int, ring: int) -> str | None:
-    """Why a recipe cannot run MoSA (None when it can): used by the recipe validator.
-
-    Every sequence-parallel layout runs (Ulysses on head subsets, ring by key gather); only the
-    head split is checked.
-    """
-    if attention.variant != "mosa":
-        return None
-    return mosa_heads_problem(model, attention)

@@ -28,10 +28,10 @@ all-gathered K, V: compression and selection over the global key blocks, the win
 positions, the gates from the local queries' ``ctx.hidden``). Gathering K, V replaces SPECS
 3.1's "all-gather the compressed keys, then fetch the selected raw blocks": exact and simpler,
 for ``B x Hkv x T x D`` of replicated keys per rank. GQA groups share one selection, so a Ulysses
-degree must divide the kv heads (no replicated kv heads; ``nsa_recipe_problem``).
+degree must divide the kv heads (no replicated kv heads; ``NSAAttention.recipe_problem``).
 
-The model's own ``sliding_window`` (Mistral/Qwen2) is not applied: the window branch uses
-``attention.nsa.window``.
+The window branch uses ``attention.nsa.window``; a model's own ``sliding_window``
+(Mistral/Qwen2) is refused (``supports_window`` is False) rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -44,11 +44,13 @@ from torch import Tensor, nn
 
 from longctx.attention.config import AttentionConfig, NSAConfig
 from longctx.attention.context import AttentionContext
+from longctx.attention.core import AttentionCore, AttentionShape
 from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
 from longctx.attention.nsa_selection import QueryKeySides, SelectedBlockAttention
 from longctx.attention.sequence_keys import sequence_keys
 from longctx.errors import LongctxError
+from longctx.positional.config import PositionalConfig
 
 # Elements (rows x compressed blocks x heads) of one step of the importance pass: bounds its
 # [B, Hkv, G, rows, nc] probability temporary (4 MiB in float32, so the step's elementwise
@@ -201,26 +203,48 @@ def _top_blocks(ranked: Tensor, keep: int) -> Tensor:
     return kept.nonzero()[:, -1].view(*ranked.shape[:-1], keep)
 
 
-class NSAAttention(nn.Module):
+class NSAAttention(AttentionCore):
     """The NSA core: ``(q, k, v, ctx) -> out``; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D].
 
     Queries at ``ctx.seq_positions``, keys the whole sequence (``sequence_keys``): it runs on
-    gathered keys under the ring group (``accepts_gathered_keys``).
+    gathered keys under the ring group (``accepts_gathered_keys``). Its gates read the layer
+    input (``reads_hidden``) and are per head (``has_head_parameters``).
     """
 
+    reads_hidden = True
     accepts_gathered_keys = True
+    supports_window = False
+    has_head_parameters = True
 
-    def __init__(self, config, attention: AttentionConfig):
-        super().__init__()
+    def __init__(
+        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
+    ):
+        super().__init__(shape, attention, positional)
         settings = attention.nsa
-        self.attention = attention
         self.settings = settings
-        std, dim = config.initializer_range, config.dim_per_head
+        std, dim = shape.initializer_range, shape.head_dim
         block, stride = settings.compress_block, settings.compress_stride
         self.compress_key = BlockCompressor(block, stride, dim, std)
         self.compress_value = BlockCompressor(block, stride, dim, std)
-        self.gates = BranchGates(config.hidden_size, config.num_attention_heads, std)
-        self.group = config.num_attention_heads // config.kv_heads  # query heads per selection
+        self.gates = BranchGates(shape.hidden_size, shape.num_heads, std)
+        self.group = shape.num_heads // shape.num_kv_heads  # query heads per selection
+
+    @classmethod
+    def recipe_problem(cls, shape, attention, positional, *, ulysses, ring) -> str | None:
+        """The model's sliding window is refused (the window branch is ``attention.nsa.window``).
+        Ring (key gather) always works; Ulysses needs whole GQA groups on each rank, because the
+        query heads of a group share one block selection."""
+        problem = super().recipe_problem(shape, attention, positional, ulysses=ulysses, ring=ring)
+        if problem is not None or ulysses == 1:
+            return problem
+        if shape.num_kv_heads % ulysses:
+            return (
+                f"attention.variant 'nsa' shares one block selection per GQA group, but "
+                f"parallel.ulysses={ulysses} does not divide num_key_value_heads="
+                f"{shape.num_kv_heads} (the group would be split over ranks); choose "
+                "parallel.ulysses dividing the kv heads and shard the rest with parallel.ring"
+            )
+        return None
 
     def restrict_to_heads(self, start: int, stop: int) -> None:
         """Compute heads ``start .. stop - 1`` of the layer only (a Ulysses rank's subset): the
@@ -261,14 +285,14 @@ class NSAAttention(nn.Module):
             k_doc_ids=sides.k_doc_ids, window=self.settings.window,
         )  # fmt: skip
         o_win, _ = block_attention(
-            q, k, v, scale=scale, mask=window, backend=self.attention.backend,
+            q, k, v, scale=scale, mask=window, backend=self.config.backend,
             chunk_size=self._tile,
         )  # fmt: skip
         return o_cmp, o_slc, o_win
 
     @property
     def _tile(self) -> int:
-        return self.attention.chunk_size or BRANCH_TILE
+        return self.config.chunk_size or BRANCH_TILE
 
     def _compressed_and_selection(
         self, q: Tensor, k: Tensor, v: Tensor, sides: QueryKeySides, scale: float
@@ -295,7 +319,7 @@ class NSAAttention(nn.Module):
                 q_doc_ids=sides.q_doc_ids, k_doc_ids=block_docs,
             )  # fmt: skip
             o_cmp, lse_cmp = block_attention(
-                q, ck, cv, scale=scale, mask=mask, backend=self.attention.backend,
+                q, ck, cv, scale=scale, mask=mask, backend=self.config.backend,
                 chunk_size=self._tile,
             )  # fmt: skip
             importance = (ck.detach(), lse_cmp.detach(), block_ends, block_docs)
@@ -380,23 +404,5 @@ class NSAAttention(nn.Module):
         s = self.settings
         return (
             f"l={s.compress_block}, d={s.compress_stride}, l'={s.select_block}, "
-            f"n={s.select_top_n}, w={s.window}, backend={self.attention.backend}"
+            f"n={s.select_top_n}, w={s.window}, backend={self.config.backend}"
         )
-
-
-def nsa_recipe_problem(model, attention: AttentionConfig, ulysses: int, ring: int) -> str | None:
-    """Why a recipe cannot run NSA (None when it can): used by the recipe validator.
-
-    Ring (key gather) always works; Ulysses needs whole GQA groups on each rank, because the
-    query heads of a group share one block selection.
-    """
-    if attention.variant != "nsa" or ulysses == 1:
-        return None
-    if model.kv_heads % ulysses:
-        return (
-            f"attention.variant 'nsa' shares one block selection per GQA group, but "
-            f"parallel.ulysses={ulysses} does not divide num_key_value_heads={model.kv_heads} "
-            "(the group would be split over ranks); choose parallel.ulysses dividing the kv "
-            "heads and shard the rest with parallel.ring"
-        )
-    return None

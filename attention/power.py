@@ -24,8 +24,10 @@ from torch import Tensor
 
 from longctx.attention.config import AttentionConfig, PowerConfig
 from longctx.attention.context import AttentionContext
+from longctx.attention.core import AttentionShape
 from longctx.attention.dense import DenseAttention
 from longctx.attention.mask import BlockSparsePattern, MaskSpec
+from longctx.positional.config import PositionalConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +54,19 @@ def power_pattern(config: PowerConfig) -> BlockSparsePattern:
 
 
 class PowerAttention(DenseAttention):
-    """Exact softmax attention restricted to the power-of-two block pattern of ``config.power``.
+    """Exact softmax attention restricted to the power-of-two block pattern of
+    ``attention.power``.
 
     q [B, Hq, T, D], k/v [B, Hkv, T, D] -> out [B, Hq, T, D], scale 1/sqrt(D). Causality,
     documents and a model's sliding window still apply on top of the pattern; everything else
-    (kernels, backward, ring) is ``DenseAttention``'s.
+    (kernels, backward, ring, capabilities) is ``DenseAttention``'s.
     """
 
-    def __init__(self, config: AttentionConfig, *, sliding_window: int | None = None):
-        super().__init__(config, sliding_window=sliding_window)
-        self.pattern = power_pattern(config.power)
+    def __init__(
+        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
+    ):
+        super().__init__(shape, attention, positional)
+        self.pattern = power_pattern(attention.power)
 
     def mask_for(self, ctx: AttentionContext) -> MaskSpec:
         """The dense causal/document/window mask plus the power pattern on global positions."""

@@ -33,7 +33,7 @@ that one kernel serves all three.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -41,15 +41,12 @@ from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
+from longctx.attention.core import AttentionCore, AttentionShape
 from longctx.attention.mask import MaskSpec
-from longctx.errors import LongctxError
 from longctx.positional.bam import BAMScore
 from longctx.positional.config import PositionalConfig
 from longctx.positional.cope import CoPEScore
 from longctx.positional.tapa import TAPAScore
-
-if TYPE_CHECKING:  # the model imports this module; only its config's shape is read here
-    from longctx.model.config import ModelConfig
 
 DEFAULT_QUERY_CHUNK = 256  # queries per chunk when the recipe gives no attention.chunk_size
 
@@ -150,26 +147,30 @@ def scored_attention(
     return torch.cat(outs, dim=2) if outs else torch.zeros_like(q)
 
 
-class ScoredAttention(nn.Module):
-    """Attention core (the model's ``self_attn.core``) around a score module.
+class ScoredAttention(AttentionCore):
+    """Attention core (the model's ``self_attn.core``) around a score module, ``self.score``.
 
-    Masks like ``DenseAttention`` (causal on global positions, per document, optional
+    Masks like ``DenseAttention`` (causal on global positions, per document, the layer's
     sliding window, queries by ``ctx.seq_positions``, keys by ``ctx.k_seq_positions``); the
     score module sees the same global positions, so distances are measured on the sequence,
     which equals the per-document position difference inside a packed document. Runs on
     gathered keys under ring (``accepts_gathered_keys``; see the module docstring).
+    A subclass per score-side encoding says which score module ``build_score`` makes.
     """
 
     accepts_gathered_keys = True
 
     def __init__(
-        self, score: nn.Module, config: AttentionConfig, *, sliding_window: int | None = None
+        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
     ):
-        super().__init__()
-        self.score = score
-        self.config = config
-        self.sliding_window = sliding_window
+        super().__init__(shape, attention, positional)
+        self.score = self.build_score(shape, positional)
         self.heads = slice(None)  # the layer's heads this core computes (all but under Ulysses)
+
+    @staticmethod
+    def build_score(shape: AttentionShape, positional: PositionalConfig) -> nn.Module:
+        """The ``ScoreTerm`` module of one layer, with its own parameters."""
+        raise NotImplementedError
 
     def restrict_to_heads(self, start: int, stop: int) -> None:
         """Compute heads ``start .. stop - 1`` of the layer only (a Ulysses rank's subset)."""
@@ -199,30 +200,35 @@ class ScoredAttention(nn.Module):
         )
 
 
-def positional_score_core(
-    config: ModelConfig,
-    attention: AttentionConfig,
-    positional: PositionalConfig,
-    *,
-    sliding_window: int | None,
-) -> ScoredAttention:
-    """The dense attention core of one layer with the score-side encoding ``positional.kind``
-    (``cope``, ``bam`` or ``tapa``), each layer with its own parameters."""
-    heads, head_dim = config.num_attention_heads, config.dim_per_head
-    if positional.kind == "cope":
-        score = CoPEScore(positional.cope, num_heads=heads, head_dim=head_dim)
-    elif positional.kind == "bam":
-        score = BAMScore(
+class CoPEAttention(ScoredAttention):
+    """Dense attention with CoPE's contextual positions in the logits (per-head tables unless
+    ``positional.cope.shared_heads``)."""
+
+    has_head_parameters = True
+
+    @staticmethod
+    def build_score(shape: AttentionShape, positional: PositionalConfig) -> nn.Module:
+        return CoPEScore(positional.cope, num_heads=shape.num_heads, head_dim=shape.head_dim)
+
+
+class BAMAttention(ScoredAttention):
+    """Dense attention with BAM's per-head priors (and SSMax) in the logits."""
+
+    has_head_parameters = True
+
+    @staticmethod
+    def build_score(shape: AttentionShape, positional: PositionalConfig) -> nn.Module:
+        return BAMScore(
             positional.bam,
-            num_heads=heads,
-            head_dim=head_dim,
-            max_position_embeddings=config.max_position_embeddings,
+            num_heads=shape.num_heads,
+            head_dim=shape.head_dim,
+            max_position_embeddings=shape.max_position_embeddings,
         )
-    elif positional.kind == "tapa":
-        score = TAPAScore(positional.tapa, head_dim=head_dim)
-    else:
-        raise LongctxError(
-            f"positional.kind {positional.kind!r} has no score-side encoding; use cope, bam or "
-            "tapa here (rope and none run in DenseAttention)"
-        )
-    return ScoredAttention(score, attention, sliding_window=sliding_window)
+
+
+class TAPAAttention(ScoredAttention):
+    """Dense attention with TAPA's distance-aware logits (no per-head parameters)."""
+
+    @staticmethod
+    def build_score(shape: AttentionShape, positional: PositionalConfig) -> nn.Module:
+        return TAPAScore(positional.tapa, head_dim=shape.head_dim)

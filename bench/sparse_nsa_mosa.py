@@ -35,12 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longctx.attention import AttentionConfig, AttentionContext, DenseAttention
+from longctx.attention import AttentionConfig, AttentionContext, build_attention_core
 from longctx.attention.config import MoSAConfig
-from longctx.attention.mosa import MoSAAttention
-from longctx.attention.nsa import NSAAttention
 from longctx.bench.measure import peak_memory_since, reset_peak_memory, run_worker, write_report
 from longctx.model.config import ModelConfig
+from longctx.positional.config import PositionalConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparse_nsa_mosa.json"
 CASES = ("dense", "nsa", "mosa")
@@ -65,12 +64,12 @@ def _core(case: str) -> torch.nn.Module:
         vocab_size=64, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM,
     )  # fmt: skip
-    if case == "dense":
-        return DenseAttention(AttentionConfig())
-    if case == "nsa":
-        return NSAAttention(config, AttentionConfig(variant="nsa"))
-    mosa = MoSAConfig(dense_heads=0, sparsity=16)
-    return MoSAAttention(config, AttentionConfig(variant="mosa", mosa=mosa))
+    attention = {
+        "dense": AttentionConfig(),
+        "nsa": AttentionConfig(variant="nsa"),
+        "mosa": AttentionConfig(variant="mosa", mosa=MoSAConfig(dense_heads=0, sparsity=16)),
+    }[case]
+    return build_attention_core(config.attention_shape(0), attention, PositionalConfig())
 
 
 def run_case(case: str, length: int, kind: str) -> dict:

@@ -30,24 +30,26 @@ import torch
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
-from longctx.attention.dense import DenseAttention
-from longctx.attention.power import PowerAttention
+from longctx.attention.registry import build_attention_core
 from longctx.bench.measure import peak_memory_since, reset_peak_memory, run_worker, write_report
+from longctx.model.config import ModelConfig
+from longctx.positional.config import PositionalConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparse_power.json"
 HEADS, HEAD_DIM = 4, 64
 
 
 def _core(kind: str, block_size: int) -> torch.nn.Module:
-    if kind == "dense":
-        return DenseAttention(AttentionConfig(backend="cpu_flash"))
-    config = AttentionConfig(
-        variant="power",
-        backend="cpu_flash",
-        chunk_size=block_size,
-        power={"block_size": block_size, "window_blocks": 1, "sink_blocks": 1},
-    )
-    return PowerAttention(config)
+    config = AttentionConfig(backend="cpu_flash")
+    if kind != "dense":
+        config = AttentionConfig(
+            variant="power",
+            backend="cpu_flash",
+            chunk_size=block_size,
+            power={"block_size": block_size, "window_blocks": 1, "sink_blocks": 1},
+        )
+    shape = ModelConfig(num_attention_heads=HEADS, head_dim=HEAD_DIM).attention_shape(0)
+    return build_attention_core(shape, config, PositionalConfig())
 
 
 def run_case(kind: str, length: int, block_size: int, repeats: int) -> dict:

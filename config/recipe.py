@@ -22,14 +22,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from longctx.attention.config import AttentionConfig
-from longctx.attention.landmark import landmark_recipe_problem
-from longctx.attention.mosa import mosa_recipe_problem
-from longctx.attention.nsa import nsa_recipe_problem
+from longctx.attention.registry import recipe_problem
 from longctx.config.recipe_errors import check_key_path, single_line, validation_error_line
 from longctx.data.config import DataConfig
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig
+from longctx.parallel.ulysses import check_ulysses_heads
 from longctx.positional.config import PositionalConfig
 
 # ModelConfig fields that fix the shapes of the weights: an hf: checkpoint defines them, and a
@@ -174,17 +173,9 @@ class Recipe(BaseModel):
                 "num_attention_heads), odd, but positional.kind 'rope' rotates pairs of "
                 "dimensions; make it even or set positional.kind: none"
             )
-        if model.num_attention_heads % parallel.ulysses:
-            fits = [
-                u
-                for u in range(1, model.num_attention_heads + 1)
-                if model.num_attention_heads % u == 0
-            ]
-            raise ValueError(
-                f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
-                f"parallel.ulysses={parallel.ulysses} (each Ulysses rank computes heads / "
-                f"ulysses heads); choose parallel.ulysses from {fits}"
-            )
+        check_ulysses_heads(
+            model.num_attention_heads, model.kv_heads, parallel.ulysses, recipe_fields=True
+        )
         chunks = 2 * parallel.sp
         if parallel.sp > 1 and self.data.seq_len % chunks:
             raise ValueError(
@@ -192,10 +183,13 @@ class Recipe(BaseModel):
                 f"ring = {chunks} (the zigzag layout cuts a sequence into 2 x sp equal chunks); "
                 f"use a multiple of {chunks}, e.g. {-(-self.data.seq_len // chunks) * chunks}"
             )
-        for sparse_problem in (nsa_recipe_problem, mosa_recipe_problem, landmark_recipe_problem):
-            problem = sparse_problem(model, self.attention, parallel.ulysses, parallel.ring)
-            if problem is not None:
-                raise ValueError(problem)
+        # The attention core's own rules; the last layer is windowed whenever any layer is.
+        shape = model.attention_shape(model.num_hidden_layers - 1)
+        problem = recipe_problem(
+            shape, self.attention, self.positional, ulysses=parallel.ulysses, ring=parallel.ring
+        )
+        if problem is not None:
+            raise ValueError(problem)
         tokenizer = self.data.tokenizer
         if tokenizer.path is None and tokenizer.vocab_size > model.vocab_size:
             raise ValueError(

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from longctx.attention.core import AttentionShape
+
 Architecture = Literal["llama", "mistral", "qwen2"]
 
 
@@ -76,6 +78,26 @@ class ModelConfig(BaseModel):
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def attention_shape(self, layer_index: int) -> AttentionShape:
+        """What the attention core of layer ``layer_index`` may know of this model, its window
+        included: Mistral windows every layer; Qwen2 windows only layers ``>=
+        max_window_layers`` (the lower ones attend to the whole past), so the last layer is
+        windowed whenever any layer is."""
+        window = self.sliding_window
+        if self.max_window_layers is not None and layer_index < self.max_window_layers:
+            window = None
+        return AttentionShape(
+            num_heads=self.num_attention_heads,
+            num_kv_heads=self.kv_heads,
+            head_dim=self.dim_per_head,
+            hidden_size=self.hidden_size,
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_position_embeddings,
+            layer_index=layer_index,
+            sliding_window=window,
+            initializer_range=self.initializer_range,
+        )
 
     def num_parameters(self) -> int:
         """Trainable parameters of the decoder this config describes, by formula (no model built).

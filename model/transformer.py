@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
-from longctx.attention.factory import build_attention_core
+from longctx.attention.registry import build_attention_core
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.positional.config import PositionalConfig
@@ -100,8 +100,9 @@ class SelfAttention(nn.Module):
     ``q_proj`` makes ``num_attention_heads`` heads, ``k_proj``/``v_proj`` make
     ``num_key_value_heads`` (each serves ``heads / kv_heads`` consecutive query heads, the order
     of transformers' ``repeat_kv``). ``attention_bias`` puts a bias on q, k and v only (Qwen2);
-    ``o_proj`` never has one. ``sliding_window`` (Mistral, Qwen2) is handed to the core, which
-    owns every masking decision.
+    ``o_proj`` never has one. The core comes from the attention registry with this layer's
+    ``config.attention_shape(layer_index)``, whose ``sliding_window`` (Mistral, Qwen2) it
+    honours: the core owns every masking decision.
     """
 
     def __init__(
@@ -111,7 +112,6 @@ class SelfAttention(nn.Module):
         positional: PositionalConfig,
         *,
         layer_index: int,
-        sliding_window: int | None,
     ):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -122,9 +122,7 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
-        self.core = build_attention_core(
-            config, attention, positional, layer_index=layer_index, sliding_window=sliding_window
-        )
+        self.core = build_attention_core(config.attention_shape(layer_index), attention, positional)
 
     def forward(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
         B, T, _ = x.shape
@@ -152,29 +150,13 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = SelfAttention(
-            config,
-            attention,
-            positional,
-            layer_index=layer_index,
-            sliding_window=layer_sliding_window(config, layer_index),
-        )
+        self.self_attn = SelfAttention(config, attention, positional, layer_index=layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rotary, ctx)  # [B, T, d]
         return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, d]
-
-
-def layer_sliding_window(config: ModelConfig, layer_index: int) -> int | None:
-    """The attention window of one layer: Mistral windows every layer; Qwen2 windows only layers
-    ``>= max_window_layers`` (the lower ones attend to the whole past)."""
-    if config.sliding_window is None:
-        return None
-    if config.max_window_layers is not None and layer_index < config.max_window_layers:
-        return None
-    return config.sliding_window
 
 
 class Transformer(nn.Module):

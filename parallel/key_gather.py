@@ -2,7 +2,7 @@
 
 Ring attention (``parallel/ring.py``) streams K,V blocks around the ring and merges partial
 softmaxes, which only works for cores whose attention is a softmax over independent
-(query, key) scores: ``DenseAttention``. Cores whose weights couple keys (CoPE's gate sums run
+(query, key) scores (``merges_blockwise``: ``DenseAttention``). Cores whose weights couple keys (CoPE's gate sums run
 over every key between j and i; NSA compresses and selects key blocks; MoSA picks its top-k
 tokens over the whole sequence; Landmark normalises per key block) cannot be merged block by
 block. For them the ring group all-gathers K and V instead (the scheme Llama 3 trains its
@@ -16,8 +16,9 @@ rank's own slice, so dK, dV are exact sums over every rank's queries.
 
 The core receives ``ctx`` with the key side filled in (``AttentionContext.key_*``): its
 ``seq_positions``/``doc_ids``/``hidden`` are this rank's queries', its ``k_*`` properties the
-keys'. A core opts in with the class attribute ``accepts_gathered_keys = True``, promising that
-it masks and positions keys by ``ctx.k_*`` (``parallelize`` refuses the others under ring).
+keys'. A core opts in with the ``AttentionCore`` capability ``accepts_gathered_keys = True``,
+promising that it masks and positions keys by ``ctx.k_*`` (``parallelize`` refuses the others
+under ring unless their softmax ``merges_blockwise``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,6 @@ from torch import Tensor, nn
 
 from longctx.attention.context import AttentionContext
 from longctx.parallel.ulysses import ContextGather, gather_tokens_with_grad
-
-
-def accepts_gathered_keys(core: nn.Module) -> bool:
-    """Whether ``core`` runs on this rank's queries against gathered, sorted keys."""
-    return bool(getattr(core, "accepts_gathered_keys", False))
 
 
 class KeyGatherAttention(nn.Module):
@@ -61,7 +57,6 @@ class KeyGatherAttention(nn.Module):
             doc_ids=ctx.doc_ids,
             hidden=ctx.hidden,
             key_seq_positions=full.seq_positions[order],
-            key_position_ids=full.position_ids.index_select(1, order),
             key_doc_ids=None if full.doc_ids is None else full.doc_ids.index_select(1, order),
             key_hidden=None if full.hidden is None else full.hidden.index_select(1, order),
         )

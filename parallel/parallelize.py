@@ -9,10 +9,13 @@ sequence-parallel group:
     ulysses > 1              UlyssesAttention(core, ulysses_group)
     ulysses > 1 and ring > 1 UlyssesAttention(RingAttention(core, ring_group), ulysses_group)
 
-Ring attention needs a core whose softmax merges block by block (``DenseAttention`` and its
-block-sparse subclasses). Other cores that opt in (``accepts_gathered_keys``: score-based
-position encodings, sparse variants) run under the ring group by key-gather context
-parallelism instead (``KeyGatherAttention``: local queries against all-gathered keys).
+Which wrapper a core gets is read from its class's capabilities (``AttentionCore``): ring
+attention for a core whose softmax ``merges_blockwise`` (``DenseAttention`` and its
+block-sparse subclasses); key-gather context parallelism (``KeyGatherAttention``: local queries
+against all-gathered keys, and the gathered layer input for ``reads_key_hidden``) for one that
+``accepts_gathered_keys`` (score-based position encodings, sparse variants). Ulysses gathers
+the layer input for cores that declare ``reads_hidden`` and tells cores with
+``has_head_parameters`` their heads (``restrict_to_heads``).
 
 Ulysses sits outside ring: its all-to-all gives each rank the ring shard of a head subset, and
 ring attention then runs across ring ranks on it (``ParallelMesh.shard_batch`` lays the tokens
@@ -22,58 +25,67 @@ Everything is validated before any layer changes, so a bad combination leaves th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from longctx.attention.config import AttentionConfig
-from longctx.attention.dense import DenseAttention
-from longctx.attention.factory import build_attention_core
-from longctx.attention.scored import ScoredAttention
+from longctx.attention.core import AttentionCore
+from longctx.attention.registry import core_class
 from longctx.errors import LongctxError
+from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig
-from longctx.parallel.key_gather import KeyGatherAttention, accepts_gathered_keys
+from longctx.parallel.key_gather import KeyGatherAttention
 from longctx.parallel.mesh import ParallelMesh
 from longctx.parallel.ring import RingAttention
 from longctx.parallel.state_names import keep_inner_names
 from longctx.parallel.ulysses import ContextGather, UlyssesAttention, check_ulysses_heads
 from longctx.positional.config import PositionalConfig
 
-if TYPE_CHECKING:  # parallel sits below model; only the config's shape is read here
-    from longctx.model.config import ModelConfig
-
 SEQUENCE_PARALLEL_CORES = (RingAttention, UlyssesAttention)
-# Cores that never read ctx.hidden: Ulysses need not gather the layer input for them.
-CORES_WITHOUT_HIDDEN = (DenseAttention, RingAttention, ScoredAttention)
+
+
+def runs_under_ring(core: type[nn.Module]) -> bool:
+    """Whether a core of this class runs under the ring group: ring attention merges its
+    softmax block by block, or key gather hands it every key."""
+    return issubclass(core, AttentionCore) and (core.merges_blockwise or core.accepts_gathered_keys)
+
+
+def _check_ring(core: type[nn.Module], config: ParallelConfig, layer_index: int) -> None:
+    if config.ring > 1 and not runs_under_ring(core):
+        raise LongctxError(
+            f"attention core {core.__name__} of layer {layer_index} does not support ring "
+            f"attention (parallel.ring {config.ring}); use parallel.ulysses for this "
+            "variant or attention.variant: dense"
+        )
 
 
 def check_core_supported(core: nn.Module, config: ParallelConfig, layer_index: int) -> None:
     """One-line LongctxError when one layer's attention core cannot run under ``config``.
 
-    The one owner of the rule "which cores sequence parallelism serves": ring attention runs
-    only over ``DenseAttention`` (it merges partial softmaxes block by block); Ulysses runs any
-    core on the full sequence of a head subset. A core that is already sequence parallel means
-    ``parallelize`` ran twice.
+    The one owner of the rule "which cores sequence parallelism serves": the ring group runs
+    the ``AttentionCore``s that merge blockwise or accept gathered keys (``runs_under_ring``);
+    Ulysses runs any ``AttentionCore`` on the full sequence of a head subset. A core that is
+    already sequence parallel means ``parallelize`` ran twice.
     """
     if isinstance(core, SEQUENCE_PARALLEL_CORES):
         raise LongctxError(
             f"layer {layer_index} attention is already sequence parallel ({type(core).__name__}); "
             "call parallelize once per model"
         )
-    if config.ring > 1 and not accepts_gathered_keys(core):
+    _check_ring(type(core), config, layer_index)
+    if not isinstance(core, AttentionCore):
         raise LongctxError(
-            f"attention core {type(core).__name__} of layer {layer_index} does not support ring "
-            f"attention (parallel.ring {config.ring}); use parallel.ulysses for this "
-            "variant or attention.variant: dense"
+            f"attention core {type(core).__name__} of layer {layer_index} is not an "
+            "AttentionCore, so sequence parallelism cannot read what it needs; subclass "
+            "longctx.attention.AttentionCore"
         )
 
 
-def _ring_core(core: nn.Module, mesh: ParallelMesh) -> nn.Module:
-    """The ring-group form of ``core``: ring attention for dense cores, key gather otherwise."""
-    if isinstance(core, DenseAttention):
+def _ring_core(core: AttentionCore, mesh: ParallelMesh) -> nn.Module:
+    """The ring-group form of ``core``: ring attention when its softmax merges blockwise, key
+    gather otherwise (with the layer input gathered for ``reads_key_hidden``)."""
+    if core.merges_blockwise:
         return keep_inner_names(RingAttention(core, mesh.ring_group), "local")
-    gather_hidden = getattr(core, "reads_key_hidden", False)
-    wrapper = KeyGatherAttention(core, mesh.ring_group, gather_hidden=gather_hidden)
+    wrapper = KeyGatherAttention(core, mesh.ring_group, gather_hidden=core.reads_key_hidden)
     return keep_inner_names(wrapper, "inner")
 
 
@@ -86,22 +98,13 @@ def check_recipe_supported(
     """The checks ``parallelize`` makes, from the recipe alone (before any rank starts).
 
     The launcher and each worker call it so that a bad combination is a one-line error (exit 2)
-    instead of a failure after the workers started. Layer 0's core is built by the attention
-    factory (the core's type depends only on the variant and the position encoding, so one layer
-    stands for all) and checked with ``check_core_supported``; the heads with
-    ``check_ulysses_heads``.
+    instead of a failure after the workers started. Every layer's core has the class the
+    attention registry gives for the variant and the position encoding, so its capabilities
+    decide (reported as layer 0); the heads are checked with ``check_ulysses_heads``.
     """
     if config.ulysses > 1:
         check_ulysses_heads(model_config.num_attention_heads, model_config.kv_heads, config.ulysses)
-    if config.ring > 1:
-        core = build_attention_core(
-            model_config,
-            attention,
-            positional,
-            layer_index=0,
-            sliding_window=model_config.sliding_window,
-        )
-        check_core_supported(core, config, 0)
+    _check_ring(core_class(attention, positional), config, 0)
 
 
 def _check_supported(model: nn.Module, mesh: ParallelMesh) -> None:
@@ -111,23 +114,6 @@ def _check_supported(model: nn.Module, mesh: ParallelMesh) -> None:
         check_ulysses_heads(model.config.num_attention_heads, model.config.kv_heads, config.ulysses)
     for index, layer in enumerate(model.layers):
         check_core_supported(layer.self_attn.core, config, index)
-
-
-def _reads_hidden(core: nn.Module) -> bool:
-    """Whether ``core`` (or the core a key-gather wrapper holds) reads ``ctx.hidden``: Ulysses
-    all-gathers the layer input only for those."""
-    if isinstance(core, KeyGatherAttention):
-        core = core.inner
-    return not isinstance(core, CORES_WITHOUT_HIDDEN)
-
-
-def _restrict_to_rank_heads(core: nn.Module, num_heads: int, mesh: ParallelMesh) -> None:
-    """A core with per-head parameters (``restrict_to_heads``: BAM, per-head CoPE, NSA's gates,
-    MoSA's dense/routed split and routers) computes, on a Ulysses rank, the contiguous block of
-    query heads the all-to-all hands that rank."""
-    if hasattr(core, "restrict_to_heads"):
-        per_rank = num_heads // mesh.config.ulysses
-        core.restrict_to_heads(mesh.ulysses_rank * per_rank, (mesh.ulysses_rank + 1) * per_rank)
 
 
 def parallelize(model: nn.Module, parallel_config: ParallelConfig, mesh: ParallelMesh) -> nn.Module:
@@ -152,19 +138,23 @@ def parallelize(model: nn.Module, parallel_config: ParallelConfig, mesh: Paralle
         return model
     _check_supported(model, mesh)
     context_gather = ContextGather(mesh.ulysses_group) if config.ulysses > 1 else None
+    num_heads = model.config.num_attention_heads
     for layer in model.layers:
-        core = layer.self_attn.core
-        if config.ulysses > 1:  # on the core itself, before a ring wrapper hides it
-            _restrict_to_rank_heads(core, model.config.num_attention_heads, mesh)
+        core = inner = layer.self_attn.core
+        if config.ulysses > 1 and inner.has_head_parameters:  # before a ring wrapper hides it
+            per_rank = num_heads // config.ulysses
+            inner.restrict_to_heads(
+                mesh.ulysses_rank * per_rank, (mesh.ulysses_rank + 1) * per_rank
+            )
         if config.ring > 1:
-            core = _ring_core(core, mesh)
+            core = _ring_core(inner, mesh)
         if config.ulysses > 1:
             core = UlyssesAttention(
                 core,
                 mesh.ulysses_group,
-                num_heads=model.config.num_attention_heads,
+                num_heads=num_heads,
                 num_kv_heads=model.config.kv_heads,
-                gather_hidden=_reads_hidden(core),
+                gather_hidden=inner.reads_hidden,
                 context_gather=context_gather,
             )
             keep_inner_names(core, "exchange.local_attn.core")

@@ -9,7 +9,7 @@ metadata (global sequence positions, RoPE positions, doc ids) is all-gathered in
 so the inner attention masks by GLOBAL positions exactly as on one device. Any inner core works:
 the dense core, a sparse variant, or ring attention across a second group (the hybrid). Cores
 with token-dependent parameters read ``ctx.hidden`` (the layer input); it is all-gathered too,
-differentiably, unless the core is known not to read it.
+differentiably, for the cores that declare ``reads_hidden``.
 
 Token order: the inner core gets the group's tokens in rank order with their global positions.
 Under the mesh's layout (``ParallelMesh.shard_batch``: the ring shard cut into contiguous
@@ -38,16 +38,26 @@ from longctx.attention.context import AttentionContext
 from longctx.errors import LongctxError
 
 
-def check_ulysses_heads(num_heads: int, num_kv_heads: int, degree: int) -> None:
+def check_ulysses_heads(
+    num_heads: int, num_kv_heads: int, degree: int, *, recipe_fields: bool = False
+) -> None:
     """Raise a one-line LongctxError unless ``num_heads`` query heads split over ``degree``.
 
-    Key/value heads need no check (``kv_head_replication`` handles any GQA ratio).
+    The one owner of the Ulysses head rule: ``parallelize``, ``UlyssesAttention`` and the recipe
+    validator all call it; ``recipe_fields`` names the numbers as recipe fields
+    (``model.num_attention_heads=4``). Key/value heads need no check
+    (``kv_head_replication`` handles any GQA ratio).
     """
     if num_heads % degree:
         divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+        heads, ulysses = (
+            (f"model.num_attention_heads={num_heads}", f"parallel.ulysses={degree}")
+            if recipe_fields
+            else (f"num_attention_heads {num_heads}", f"parallel.ulysses {degree}")
+        )
         raise LongctxError(
-            f"num_attention_heads {num_heads} is not divisible by parallel.ulysses {degree}; "
-            f"choose parallel.ulysses among {divisors} or use parallel.ring for the rest"
+            f"{heads} is not divisible by {ulysses}; choose parallel.ulysses among {divisors} "
+            "or use parallel.ring for the rest"
         )
     if num_heads % num_kv_heads:
         raise LongctxError(
@@ -148,7 +158,7 @@ class UlyssesAttention(nn.Module):
     ``forward(q [B, Hq, T/P, D], k, v [B, Hkv, T/P, D], ctx) -> out [B, Hq, T/P, D]``, the
     same signature as the core it replaces; ``ctx`` holds this rank's tokens' metadata.
     ``gather_hidden=False`` skips gathering ``ctx.hidden`` for an inner core that never reads
-    it (``parallelize`` passes it for the dense and ring cores). Needs ``deepspeed.comm``
+    it (``parallelize`` passes the core's ``reads_hidden``). Needs ``deepspeed.comm``
     initialised (done here when it is not, on torch's backend).
     """
 

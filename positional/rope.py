@@ -22,15 +22,22 @@ import logging
 import math
 from collections.abc import Callable
 from numbers import Real
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from longctx.errors import LongctxError
 
-if TYPE_CHECKING:
-    from longctx.model.config import ModelConfig
+
+class RopeShape(Protocol):
+    """The fields of a model config RoPE reads (``longctx.model.ModelConfig`` has them)."""
+
+    dim_per_head: int
+    rope_theta: float
+    max_position_embeddings: int
+    rope_scaling: dict[str, Any] | None
+
 
 logger = logging.getLogger(__name__)
 
@@ -512,8 +519,8 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer(name, freqs.clone(), persistent=False)  # [D/2]
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> RotaryEmbedding:
-        """The rotary embedding of a ``ModelConfig`` (head size, rope_theta, rope_scaling)."""
+    def from_config(cls, config: RopeShape) -> RotaryEmbedding:
+        """The rotary embedding of a model config (head size, rope_theta, rope_scaling)."""
         return cls(
             config.dim_per_head,
             config.rope_theta,

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from longctx.attention import AttentionConfig, AttentionContext, DenseAttention
+from longctx.model.config import ModelConfig
+from longctx.positional.config import PositionalConfig
 
 # fp32 attention vs fp32 SDPA math: rounding of 64-long dot products (rtol/atol 1e-5).
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -41,11 +43,16 @@ def context(length: int, doc_ids=None, seq_positions=None) -> AttentionContext:
     )
 
 
+def _shape(window=None):
+    return ModelConfig(sliding_window=window).attention_shape(0)
+
+
 @pytest.mark.parametrize("backend", ["auto", "chunked", "cpu_flash"])
 def test_dense_attention_with_documents_and_window_matches_sdpa(backend):
     q, k, v = qkv()
     docs = torch.tensor([[0] * 40 + [1] * 50, [0] * 15 + [1] * 60 + [2] * 15])
-    core = DenseAttention(AttentionConfig(backend=backend, chunk_size=32), sliding_window=20)
+    attention = AttentionConfig(backend=backend, chunk_size=32)
+    core = DenseAttention(_shape(window=20), attention, PositionalConfig())
     out = core(q, k, v, context(90, doc_ids=docs))
     expected = sdpa_reference(q, k, v, torch.arange(90), doc_ids=docs, window=20)
     torch.testing.assert_close(out, expected, **TOL)
@@ -55,7 +62,9 @@ def test_dense_attention_on_permuted_tokens_follows_global_positions():
     """Tokens given in zigzag order with their global positions attend exactly as in the
     original order: the output is the original output, permuted the same way."""
     q, k, v = qkv(length=96)
-    core = DenseAttention(AttentionConfig(backend="cpu_flash", chunk_size=16))
+    core = DenseAttention(
+        _shape(), AttentionConfig(backend="cpu_flash", chunk_size=16), PositionalConfig()
+    )
     plain = core(q, k, v, context(96))
     order = torch.cat([torch.arange(0, 24), torch.arange(72, 96), torch.arange(24, 72)])
     shuffled = core(
@@ -66,7 +75,7 @@ def test_dense_attention_on_permuted_tokens_follows_global_positions():
 
 def test_dense_attention_is_differentiable_like_sdpa():
     q, k, v = (x.requires_grad_() for x in qkv(length=64))
-    core = DenseAttention(AttentionConfig(backend="cpu_flash"))
+    core = DenseAttention(_shape(), AttentionConfig(backend="cpu_flash"), PositionalConfig())
     grads = torch.autograd.grad(core(q, k, v, context(64)).square().sum(), (q, k, v))
     q2, k2, v2 = (x.detach().requires_grad_() for x in (q, k, v))
     expected = sdpa_reference(q2, k2, v2, torch.arange(64))

@@ -13,8 +13,10 @@ from torch import nn
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.dense import DenseAttention
+from longctx.model.config import ModelConfig
 from longctx.parallel.key_gather import KeyGatherAttention
 from longctx.parallel.layout import zigzag_positions
+from longctx.positional.config import PositionalConfig
 
 # DenseAttention is causal with no block-sparse rule (those paths belong to ring attention).
 KEY_GATHER_CASES = [name for name, case in CASES.items() if case.causal and not case.block_sparse]
@@ -41,7 +43,12 @@ def _key_gather_rank(rank, world, padded_inputs):
             doc_ids=None if docs is None else docs[:, positions],
         )
         core = KeyGatherAttention(
-            DenseAttention(AttentionConfig(), sliding_window=case.window), dist.group.WORLD
+            DenseAttention(
+                ModelConfig(sliding_window=case.window).attention_shape(0),
+                AttentionConfig(),
+                PositionalConfig(),
+            ),
+            dist.group.WORLD,
         )
         out = core(q, k, v, ctx)
         out.backward(inputs["dout"][:, :, positions])

@@ -13,8 +13,15 @@ import torch
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
-from longctx.attention.landmark import IGNORE_INDEX, LandmarkAttention, insert_landmarks
+from longctx.attention.landmark import (
+    IGNORE_INDEX,
+    LandmarkAttention,
+    insert_landmarks,
+    regular_slots,
+)
 from longctx.errors import LongctxError
+from longctx.model.config import ModelConfig
+from longctx.positional.config import PositionalConfig
 
 RTOL = 1e-5
 
@@ -25,7 +32,9 @@ def _core(block_size: int, top_k: int = 4, chunk_size: int | None = None) -> Lan
         chunk_size=chunk_size,
         landmark={"block_size": block_size, "retrieve_top_k": top_k},
     )
-    return LandmarkAttention(config)
+    return LandmarkAttention(
+        ModelConfig(vocab_size=64).attention_shape(0), config, PositionalConfig()
+    )
 
 
 def _ctx(length: int, doc_ids: torch.Tensor | None = None) -> AttentionContext:
@@ -199,9 +208,8 @@ def test_a_shard_of_the_keys_is_rejected():
 
 
 def test_model_with_one_block_equals_dense_model():
-    """The factory wires the landmark core into the model: with blocks longer than the sequence
+    """The registry wires the landmark core into the model: with blocks longer than the sequence
     the landmark model and the dense model with the same weights give the same logits."""
-    from longctx.model.config import ModelConfig
     from longctx.model.transformer import Transformer
 
     config = ModelConfig(
@@ -220,11 +228,10 @@ def test_model_with_one_block_equals_dense_model():
     torch.testing.assert_close(landmark(input_ids), dense(input_ids), rtol=RTOL, atol=1e-5)
 
 
-def test_landmark_forward_reads_hidden_back_at_regular_tokens():
-    """Evaluation's forward inserts landmarks and returns the hidden states of the original
-    tokens: equal to running the model on the inserted ids and dropping the landmark rows."""
-    from longctx.attention.landmark import landmark_forward
-    from longctx.model.config import ModelConfig
+def test_hidden_read_back_at_regular_slots_drops_the_landmark_rows():
+    """Inserting landmarks into bare ids and reading the hidden states back at
+    ``regular_slots`` gives the original tokens' states: equal to running the model on the
+    inserted ids (built by hand) and dropping the landmark rows."""
     from longctx.model.transformer import Transformer
 
     config = ModelConfig(
@@ -238,7 +245,8 @@ def test_landmark_forward_reads_hidden_back_at_regular_tokens():
     torch.manual_seed(0)
     model = Transformer(config, attention=_core(block_size=4, top_k=2).config).eval()
     input_ids = torch.randint(0, 63, (1, 18), generator=torch.Generator().manual_seed(2))
-    hidden = landmark_forward(model, block_size=4, landmark_id=63)(input_ids)
+    inserted_ids = insert_landmarks({"input_ids": input_ids}, block_size=4, landmark_id=63)
+    hidden = model.forward_hidden(inserted_ids["input_ids"])[:, regular_slots(18, 4)]
     inserted = torch.cat([input_ids.view(-1), torch.tensor([0, 0])]).view(5, 4)
     inserted = torch.cat([inserted, torch.full((5, 1), 63)], dim=1).view(1, -1)[:, :22]
     full = model.forward_hidden(inserted)  # 18 regular tokens + 4 landmarks

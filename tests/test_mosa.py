@@ -17,16 +17,18 @@ from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
 from longctx.model.transformer import Transformer
+from longctx.positional.config import PositionalConfig
 
 # fp32 fast path vs float64 loop: rounding of short dot products and softmaxes (rtol 1e-5).
 FP32 = {"rtol": 1e-5, "atol": 2e-6}
 HIDDEN, HEADS, KV_HEADS, DIM = 16, 6, 3, 8
 
 
-def model_config() -> ModelConfig:
+def model_config(sliding_window=None) -> ModelConfig:
     return ModelConfig(
         vocab_size=64, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM,
+        sliding_window=sliding_window,
     )  # fmt: skip
 
 
@@ -35,7 +37,8 @@ def make_core(dense_heads=2, sparsity=4, sliding_window=None) -> MoSAAttention:
         variant="mosa", mosa=MoSAConfig(dense_heads=dense_heads, sparsity=sparsity)
     )
     torch.manual_seed(0)
-    core = MoSAAttention(model_config(), attention, sliding_window=sliding_window)
+    shape = model_config(sliding_window).attention_shape(0)
+    core = MoSAAttention(shape, attention, PositionalConfig())
     with torch.no_grad():
         core.router.weight.normal_()  # spread router scores so the top-k is decisive
     return core
@@ -69,7 +72,7 @@ def reference_mosa(core, q, k, v, hidden, doc_ids=None, window=None):
     batch, heads, length, dim = q.shape
     group, scale = heads // k.shape[1], 1.0 / math.sqrt(dim)
     dense = core.dense_heads
-    count = max(2, length // core.attention.mosa.sparsity)
+    count = max(2, length // core.config.mosa.sparsity)
     router = torch.sigmoid(hidden @ core.router.weight.T)  # [B, T, Hm]
     rows = {}
     for b in range(batch):
@@ -120,7 +123,7 @@ def test_routing_every_token_equals_dense_attention_times_router_score():
     q, k, v, hidden = inputs()
     out = core(q, k, v, context(hidden))
     dense, _ = block_attention(q, k, v, backend="reference")
-    scores = core.router_scores(hidden)  # [B, H, T]
+    scores = core.router(hidden)  # [B, H, T]
     torch.testing.assert_close(out, dense * scores[..., None], **FP32)
 
 
@@ -179,6 +182,6 @@ def test_loading_a_dense_checkpoint_adds_the_router_as_a_new_parameter(tmp_path)
     torch.testing.assert_close(
         model.layers[0].self_attn.q_proj.weight, dense.layers[0].self_attn.q_proj.weight
     )
-    scores = model.layers[0].self_attn.core.router_scores(torch.randn(2, 48, HIDDEN))
+    scores = model.layers[0].self_attn.core.router(torch.randn(2, 48, HIDDEN))
     assert (scores - 0.5).abs().max() < 0.2
     assert scores.unique().numel() == scores.numel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +20,12 @@ import torch.nn.functional as F
 from longctx.attention import AttentionConfig, AttentionContext, block_attention
 from longctx.attention.config import NSAConfig
 from longctx.attention.nsa import DENSE_START_GATE_BIAS, NSAAttention
+from longctx.config.recipe import load_recipe
+from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
 from longctx.model.transformer import Transformer
+from longctx.positional.config import PositionalConfig
 
 # fp32 fast path vs float64 loop: sums of <= 100 products, rounding only (rtol 1e-5).
 FP32 = {"rtol": 1e-5, "atol": 2e-6}
@@ -46,7 +50,9 @@ def make_core(top_n=4, window=24, backend="auto", select_block=16, seed=0) -> NS
     )
     torch.manual_seed(seed)
     core = NSAAttention(
-        small_model_config(), AttentionConfig(variant="nsa", backend=backend, nsa=settings)
+        small_model_config().attention_shape(0),
+        AttentionConfig(variant="nsa", backend=backend, nsa=settings),
+        PositionalConfig(),
     )
     with torch.no_grad():  # random gate biases so every gate matters
         core.gates.bias.normal_()
@@ -342,3 +348,18 @@ def test_top_blocks_keeps_the_largest_and_breaks_ties_to_the_lower_index():
     ranked[:, :, -5:] = float("-inf")
     expected = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :7]
     assert torch.equal(_top_blocks(ranked, 7), expected.sort(-1).values)
+
+
+def test_nsa_refuses_a_model_sliding_window_instead_of_dropping_it():
+    """NSA's window branch is attention.nsa.window: a model window (Mistral) is refused in one
+    line, by the constructor and at recipe load; a Qwen2 window covering no layer is fine."""
+    windowed = small_model_config().model_copy(update={"sliding_window": 16})
+    attention = AttentionConfig(variant="nsa")
+    with pytest.raises(LongctxError, match=r"does not honour the model's sliding_window \(16\)"):
+        NSAAttention(windowed.attention_shape(0), attention, PositionalConfig())
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    with pytest.raises(LongctxError, match=r"sliding_window \(16\)") as info:
+        load_recipe(tiny, ["attention.variant=nsa", "model.sliding_window=16"])
+    assert "\n" not in str(info.value)
+    unwindowed = ["model.sliding_window=16", "model.max_window_layers=2"]  # 2 layers, none windowed
+    assert load_recipe(tiny, ["attention.variant=nsa", *unwindowed]).attention.variant == "nsa"

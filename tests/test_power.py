@@ -14,6 +14,8 @@ from longctx.attention.dense import DenseAttention
 from longctx.attention.mask import MaskSpec
 from longctx.attention.power import PowerAttention, power_pattern
 from longctx.attention.tiling import plan_tiles
+from longctx.model.config import ModelConfig
+from longctx.positional.config import PositionalConfig
 
 RTOL = 1e-5
 
@@ -24,6 +26,9 @@ def spec_visible(q: int, kv: int, block: int, window: int, sinks: int) -> bool:
     return kv <= q and (delta < window or (delta & (delta - 1)) == 0 or kv // block < sinks)
 
 
+SHAPE = ModelConfig().attention_shape(0)  # no window; the cores read nothing else
+
+
 def _core(block: int, window: int, sinks: int, backend: str, chunk: int) -> PowerAttention:
     config = AttentionConfig(
         variant="power",
@@ -31,7 +36,7 @@ def _core(block: int, window: int, sinks: int, backend: str, chunk: int) -> Powe
         chunk_size=chunk,
         power={"block_size": block, "window_blocks": window, "sink_blocks": sinks},
     )
-    return PowerAttention(config)
+    return PowerAttention(SHAPE, config, PositionalConfig())
 
 
 def _ctx(length: int, doc_ids: torch.Tensor | None = None) -> AttentionContext:
@@ -93,7 +98,8 @@ def test_large_window_equals_dense():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 64, 8, generator=gen) for _ in range(3))
     power = _core(block=4, window=16, sinks=0, backend="chunked", chunk=16)(q, k, v, _ctx(64))
-    dense = DenseAttention(AttentionConfig(backend="chunked", chunk_size=16))(q, k, v, _ctx(64))
+    attention = AttentionConfig(backend="chunked", chunk_size=16)
+    dense = DenseAttention(SHAPE, attention, PositionalConfig())(q, k, v, _ctx(64))
     torch.testing.assert_close(power, dense, rtol=RTOL, atol=1e-6)
 
 
@@ -115,8 +121,7 @@ def test_visited_tiles_follow_the_pattern():
 
 
 def test_model_with_power_window_covering_everything_equals_dense_model():
-    """The factory wires PowerAttention into the model (W >= number of blocks: dense)."""
-    from longctx.model.config import ModelConfig
+    """The registry wires PowerAttention into the model (W >= number of blocks: dense)."""
     from longctx.model.transformer import Transformer
 
     config = ModelConfig(

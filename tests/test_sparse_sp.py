@@ -233,8 +233,7 @@ def test_cores_on_a_query_subset_give_those_rows(variant):
     rows = zigzag_positions(T, 1, 4)
     ctx = AttentionContext(
         position_ids=rows.expand(B, -1), seq_positions=rows, doc_ids=docs[:, rows],
-        hidden=hidden[:, rows], key_seq_positions=positions, key_position_ids=positions.expand(B, -1),
-        key_doc_ids=docs, key_hidden=hidden,
+        hidden=hidden[:, rows], key_seq_positions=positions, key_doc_ids=docs, key_hidden=hidden,
     )  # fmt: skip
     _assert_close(
         core(q[:, :, rows], k, v, ctx), full[:, :, rows], float(full.detach().abs().max())

@@ -17,6 +17,7 @@ from longctx.attention.context import AttentionContext
 from longctx.attention.dense import DenseAttention
 from longctx.attention.kernels import block_attention
 from longctx.errors import LongctxError
+from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.ring import RingAttention, ring_attention
@@ -26,6 +27,7 @@ from longctx.parallel.ulysses import (
     check_ulysses_heads,
     kv_head_replication,
 )
+from longctx.positional.config import PositionalConfig
 
 # DenseAttention is causal and has no block-sparse rule; ring attention's non-causal and
 # block-sparse paths are checked in test_ring.
@@ -119,7 +121,8 @@ def _run_layout(ulysses, ring, padded_inputs):
             doc_ids=shard.get("doc_ids"),
         )
         q, k, v = (inputs[n][:, :, positions].clone().requires_grad_() for n in ("q", "k", "v"))
-        dense = DenseAttention(AttentionConfig(), sliding_window=case.window)
+        shape = ModelConfig(sliding_window=case.window).attention_shape(0)
+        dense = DenseAttention(shape, AttentionConfig(), PositionalConfig())
         inner = RingAttention(dense, mesh.ring_group) if ring > 1 else dense
         heads = {"num_heads": case.heads, "num_kv_heads": case.kv_heads}
         core = UlyssesAttention(inner, mesh.ulysses_group, **heads)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longctx.attention.landmark import batch_transform
+from longctx.attention.registry import core_class
 from longctx.checkpoint.store import save_checkpoint
 from longctx.errors import LongctxError
 from longctx.parallel.loss import scored_token_count, world_mean_scale
@@ -205,7 +205,11 @@ def train_loop(
     this rank trains on ``mesh.shard_batch`` of it; ``tokens_per_step`` counts each SP group once.
     """
     cfg = recipe.trainer
-    transform = batch_transform(recipe.attention, recipe.model.vocab_size)  # landmark tokens
+    core, shape = core_class(recipe.attention, recipe.positional), recipe.model.attention_shape(0)
+
+    def transform(batch):  # what the attention core does to every batch (Landmark: its tokens)
+        return core.transform_batch(batch, shape, recipe.attention)
+
     batches = map(transform, iter(train_loader))
     shard = (lambda batch: batch) if mesh is None else mesh.shard_batch
     batches = map(shard, batches)
