@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from longctx.errors import LongctxError
+from longctx.parallel.ports import free_port
 
 # Ray reads these when it is imported or started; set here, they reach every Ray process that
 # the embedded cluster spawns (the raylet, the Train controller and the workers inherit them).
@@ -131,12 +131,6 @@ def _quiet_ray_init_kwargs() -> dict:
     return {"logging_level": logging.WARNING, "log_to_driver": True}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def _environment(updates: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the duration of the block, then restore the old values."""
@@ -161,7 +155,7 @@ def _embedded_environment() -> dict[str, str]:
     test runs, other users), may pick the wrong one. So the GCS port is chosen here
     (``RAY_GCS_SERVER_PORT``) and every process of the cluster inherits ``RAY_ADDRESS``.
     """
-    port = _free_port()
+    port = free_port()
     env = {name: os.environ.get(name, value) for name, value in _EMBEDDED_ENV.items()}
     env.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
     return env
