@@ -23,7 +23,8 @@ class TrainJob:
     ``run_dir``: the run directory (absolute on the driver); ``resume``: None (a fresh run),
     ``"latest"`` or a checkpoint path; ``launch_id``: this invocation's id (see
     ``run_dir.validate_run``), None outside the launcher; ``last_stage``: the index of the last
-    stage this launch may train (None: no limit). The stage a worker trains, and so the global
+    stage this launch may train (None: no limit); ``events``: where rank 0 appends its progress
+    as JSON lines for the driver's terminal (``metrics.ProgressReplay``; None: it only prints). The stage a worker trains, and so the global
     step its loop ends at (``Stage.end_step``), follow from the resume point
     (``trainer.stages.resume_point``).
     """
@@ -33,6 +34,7 @@ class TrainJob:
     resume: str | None = None
     launch_id: str | None = None
     last_stage: int | None = None
+    events: str | None = None
 
     @classmethod
     def coerce(cls, job: TrainJob | dict[str, Any]) -> TrainJob:

@@ -228,7 +228,7 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
         run_dir / TENSORBOARD_DIR if rank == 0 else None,
         resume_step=None if checkpoint is None else state.step,
     )
-    display = ProgressDisplay(stage.end_step, state.step, enabled=rank == 0)
+    display = ProgressDisplay(stage.end_step, state.step, enabled=rank == 0, events=job.events)
     if stage.count > 1:
         display.message(
             f"{stage.label()}: steps {stage.start_step + 1}-{stage.end_step}, data.seq_len "
