@@ -22,17 +22,25 @@ import logging
 import math
 from collections.abc import Callable
 from numbers import Real
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from longctx.errors import LongctxError
 
-if TYPE_CHECKING:
-    from longctx.model.config import ModelConfig
-
 logger = logging.getLogger(__name__)
+
+
+class RopeSettings(Protocol):
+    """What ``RotaryEmbedding.from_config`` reads of a model config (``model.ModelConfig``;
+    positional sits below model, so it names the fields, not the class)."""
+
+    dim_per_head: int
+    rope_theta: float
+    max_position_embeddings: int
+    rope_scaling: dict[str, Any] | None
+
 
 KNOWN_ROPE_TYPES = (
     "default",
@@ -512,7 +520,7 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer(name, freqs.clone(), persistent=False)  # [D/2]
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> RotaryEmbedding:
+    def from_config(cls, config: RopeSettings) -> RotaryEmbedding:
         """The rotary embedding of a ``ModelConfig`` (head size, rope_theta, rope_scaling)."""
         return cls(
             config.dim_per_head,
