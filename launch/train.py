@@ -4,8 +4,11 @@ The driver (this module) rejects every bad input it can see before a worker star
 one-line ``LongctxError`` the CLI turns into exit code 2: the world layout against ``--workers``,
 the run directory and ``--resume`` target (``trainer.run_dir.validate_run``, the same check each
 worker repeats), and the CPUs Ray has (``launch.ray_cluster``). Then Ray Train runs the workers
-(``launch.ray_train``), one launch per stage of a staged recipe, and, at the end, the driver
-prints the loss curve's ends and where the checkpoints and TensorBoard logs are.
+(``launch.ray_train``), one launch per stage of a staged recipe, each handed a ``TrainJob``.
+The workers' own output (DeepSpeed's included) goes to ``RUN/logs/rank_N.log``; the terminal
+shows rank 0's progress, replayed by the driver from ``RUN/logs/progress.jsonl``
+(``launch.progress``), and, at the end, the loss curve's ends and where the checkpoints and
+TensorBoard logs are. A failure is one ``error:`` line naming the rank.
 """
 
 from __future__ import annotations
