@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import time
@@ -31,6 +30,8 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from longctx.parallel.ports import free_port
 
 GiB = 1024**3
 # how ``peak_and_median_times`` in a ``run_worker`` subprocess measures, for the reports
@@ -134,9 +135,7 @@ def run_ranks(fn: Callable, world: int, *args, timeout: float = 1800.0) -> list:
     queue = ctx.Queue()
     saved_env = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # children inherit it at start
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(rank, world, port, fn, args, queue), daemon=True)
         for rank in range(world)

@@ -99,7 +99,7 @@ def _ring_rank_attention(rank, world, seq_len, heads, head_dim, repeats):
         q.grad = k.grad = v.grad = None
         dist.barrier()
         start = time.perf_counter()
-        out = ring_attention(q, k, v, group=dist.group.WORLD, position_ids=positions)
+        out = ring_attention(q, k, v, group=dist.group.WORLD, seq_positions=positions)
         out.backward(dout)
         dist.barrier()  # the slowest rank decides the step time
         times.append(time.perf_counter() - start)

@@ -33,6 +33,7 @@ printed too, and is the one to read on an idle machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import statistics
 import tempfile
@@ -47,6 +48,7 @@ from longctx.bench.measure import write_report
 from longctx.config.recipe import Recipe, load_recipe
 from longctx.data import PackedLoader, build_datasets, load_tokenizer, resolve_tokenizer
 from longctx.parallel.loss import IGNORE_INDEX
+from longctx.trainer.job import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "train_overhead.json"
@@ -73,7 +75,8 @@ def _interval_medians(marks: list[tuple[int, float, float]], warmup: int) -> dic
 def plain_torch_marks(recipe: Recipe, steps: int, threads: int) -> list[tuple[int, float, float]]:
     """Train ``steps`` optimizer steps in this process with a minimal torch loop; a
     ``(step, wall, cpu)`` mark every ``log_every`` steps, as the trainer logs."""
-    from longctx.trainer.worker import build_model, seed_everything
+    from longctx.checkpoint.saved_model import build_model
+    from longctx.trainer.worker import seed_everything
 
     torch.set_num_threads(threads)
     cfg = recipe.trainer
@@ -102,12 +105,12 @@ def plain_torch_marks(recipe: Recipe, steps: int, threads: int) -> list[tuple[in
     return marks
 
 
-def timed_train_worker(job: dict, report) -> dict[str, Any]:
-    """``train_worker`` with ``job["bench_threads"]`` torch threads, recording a
-    ``(step, wall, cpu)`` mark at every logged step (returned in the summary as ``marks``)."""
+def timed_train_worker(job: TrainJob, report, *, threads: int) -> dict[str, Any]:
+    """``train_worker`` with ``threads`` torch threads, recording a ``(step, wall, cpu)`` mark
+    at every logged step (returned in the summary as ``marks``)."""
     from longctx.trainer.worker import train_worker
 
-    torch.set_num_threads(job["bench_threads"])
+    torch.set_num_threads(threads)
     marks = []
 
     def timed_report(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -130,13 +133,7 @@ def ray_deepspeed_marks(
     recipe.trainer.micro_batch_size = micro
     recipe.parallel = recipe.parallel.resolve(workers)
     launch_id = new_launch_id()
-    job = {
-        "recipe": recipe.model_dump(mode="json"),
-        "run_dir": str(scratch / f"ray_{workers}w"),
-        "resume": None,
-        "launch_id": launch_id,
-        "bench_threads": threads,
-    }
+    job = TrainJob(recipe, str(scratch / f"ray_{workers}w"), launch_id=launch_id)
     with ray_cluster(None, workers) as resources:
         run = fit_on_ray(
             job,
@@ -144,7 +141,7 @@ def ray_deepspeed_marks(
             launch_id=launch_id,
             max_failures=0,
             workdir=None,
-            worker_fn=timed_train_worker,
+            worker_fn=functools.partial(timed_train_worker, threads=threads),
         )
     return [tuple(mark) for mark in run.summary["marks"]]
 

@@ -5,7 +5,8 @@ run directory (its ``checkpoints/latest``), verifies every file against the mani
 and reads the recipe the checkpoint was trained with (its own ``recipe.yaml``) and its
 tokenizer. ``load_trained_model`` loads the checkpoint's full fp32 weights
 (``model.safetensors``, gathered from every ZeRO partition when it was saved) into a
-``Transformer`` built from that recipe, so the RoPE settings are the ones trained with (e.g. the
+``Transformer`` built from that recipe (``build_model``, which also builds the models of
+training and of ``hf:PATH`` recipes), so the RoPE settings are the ones trained with (e.g. the
 extension's YaRN ``rope_scaling``). Everything runs in one process and only reads the run.
 """
 
@@ -29,7 +30,7 @@ from longctx.checkpoint.store import (
 from longctx.config.recipe import Recipe, parse_recipe, read_recipe_file
 from longctx.data import Tokenizer, load_tokenizer
 from longctx.errors import LongctxError
-from longctx.model import Transformer, save_hf
+from longctx.model import Transformer, empty_model, load_hf, save_hf
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -96,20 +97,41 @@ def open_checkpoint(run_or_checkpoint: str | Path) -> SavedCheckpoint:
     return SavedCheckpoint(directory, manifest, recipe, tokenizer)
 
 
-def load_trained_model(saved: SavedCheckpoint, dtype: torch.dtype = torch.float32) -> Transformer:
-    """The decoder with the checkpoint's consolidated weights, in ``dtype``, in eval mode.
+def build_model(
+    recipe: Recipe, *, weights: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """The decoder of ``recipe``: the one way a recipe becomes a ``Transformer`` (training,
+    evaluation, export, the driver's passkey tables, the benchmarks).
 
-    Built on the meta device (no random init of weights about to be replaced), then given empty
-    CPU storage that the strict ``load_state_dict`` fills completely.
+    - ``weights`` (a longctx checkpoint directory): built on the meta device (no random init of
+      weights about to be replaced), given empty CPU storage in ``dtype``, then filled
+      completely by a strict ``load_state_dict`` of the checkpoint's full weights. The recipe's
+      settings apply around them (e.g. a new stage's YaRN ``rope_scaling``).
+    - else ``model.init: hf:PATH``: that Hugging Face checkpoint's weights (``load_hf``), under
+      the recipe's resolved ``ModelConfig`` (the checkpoint's shape plus the recipe's RoPE).
+    - else (``init: scratch``) a randomly initialised model: seed torch first for a
+      reproducible one.
     """
-    recipe = saved.recipe
-    with torch.device("meta"):
-        model = Transformer(recipe.model, recipe.positional, recipe.attention)
-    model.to(dtype).to_empty(device="cpu")
-    if recipe.model.tie_word_embeddings:  # to_empty gives each module its own tensor
-        model.lm_head.weight = model.embed_tokens.weight
-    model.load_state_dict(load_model_state_dict(saved.directory), strict=True)
-    return model.eval()
+    if weights is not None:
+        model = empty_model(recipe.model, recipe.positional, recipe.attention, dtype)
+        model.load_state_dict(load_model_state_dict(Path(weights)), strict=True)
+        return model
+    if recipe.model.init.startswith("hf:"):
+        model, _ = load_hf(
+            recipe.model.init.removeprefix("hf:"),
+            dtype,
+            positional=recipe.positional,
+            attention=recipe.attention,
+            config=recipe.model,
+        )
+        return model
+    model = Transformer(recipe.model, recipe.positional, recipe.attention)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def load_trained_model(saved: SavedCheckpoint, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The decoder with the checkpoint's consolidated weights, in ``dtype``, in eval mode."""
+    return build_model(saved.recipe, weights=saved.directory, dtype=dtype).eval()
 
 
 def _refuse_non_empty(out: Path) -> None:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from longctx.attention.config import AttentionConfig
 from longctx.attention.registry import recipe_problem
 from longctx.config.recipe_errors import check_key_path, single_line, validation_error_line
+from longctx.config.stages import StageSpec, check_stage_keys
 from longctx.data.config import DataConfig
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
@@ -145,7 +146,7 @@ class Recipe(BaseModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    stages: list[Any] = Field(
+    stages: list[StageSpec] = Field(
         default_factory=list,
         description="train in stages, each a partial recipe laid over this one (e.g. a longer "
         "data.seq_len with a YaRN model.rope_scaling); see config/stages.py; [] = one stage",
@@ -156,6 +157,7 @@ class Recipe(BaseModel):
     def _shape_from_checkpoint(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        check_stage_keys(data.get("stages"))  # one line naming the stage, before pydantic's
         model = data.get("model")
         if isinstance(model, ModelConfig):
             model = model.model_dump(include=model.model_fields_set)

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from longctx.config.recipe_errors import single_line, validation_error_line
 from longctx.errors import LongctxError
@@ -77,6 +77,36 @@ STAGE_FIELDS: dict[str, frozenset[str]] = {
 STAGE_NAME_KEY = "name"
 
 
+class StageSpec(BaseModel):
+    """One entry of a recipe's ``stages:``: an optional name and, per section, the fields the
+    stage lays over the recipe (only those ``STAGE_FIELDS`` allows; ``check_stage_keys`` refuses
+    the rest before this model is built, with a one-line message naming the stage)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, description="the stage's name in logs; default stageN")
+    model: dict[str, Any] = Field(default_factory=dict)
+    attention: dict[str, Any] = Field(default_factory=dict)
+    parallel: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    trainer: dict[str, Any] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: Any) -> dict[str, Any]:
+        """Only what the stage sets, as a recipe file would spell it (round-trips)."""
+        return {key: value for key, value in handler(self).items() if value not in (None, {})}
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """``{section: {field: value}}`` of the sections the stage sets."""
+        return {
+            section: dict(values) for section in STAGE_FIELDS if (values := getattr(self, section))
+        }
+
+    def label(self, index: int) -> str:
+        """The stage's name, or ``stage{index + 1}``."""
+        return self.name if self.name is not None else f"stage{index + 1}"
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of a run: its position in the plan, its global step range and its effective
@@ -112,13 +142,22 @@ class Stage:
         }
 
 
-def _stage_name(index: int, raw: dict[str, Any]) -> str:
-    return str(raw.get(STAGE_NAME_KEY, f"stage{index + 1}"))
-
-
 def _where(index: int, raw: Any) -> str:
+    if isinstance(raw, StageSpec):
+        raw = raw.model_dump()
     name = raw.get(STAGE_NAME_KEY) if isinstance(raw, dict) else None
     return f"stages[{index}]" + (f" ({name!r})" if name is not None else "")
+
+
+def check_stage_keys(stages: Any) -> None:
+    """Refuse, in one line naming the stage, a ``stages:`` entry that is not a mapping or that
+    sets a field a stage may not change (``Recipe`` runs it on the raw recipe, before pydantic
+    builds the ``StageSpec`` models)."""
+    if not isinstance(stages, list):
+        return  # pydantic reports a stages value that is not a list
+    for index, raw in enumerate(stages):
+        if not isinstance(raw, StageSpec):
+            _check_stage_keys(index, raw)
 
 
 def _check_stage_keys(index: int, raw: Any) -> None:
@@ -158,13 +197,12 @@ def _check_stage_keys(index: int, raw: Any) -> None:
                 )
 
 
-def _merged(base: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+def _merged(base: dict[str, Any], stage: StageSpec) -> dict[str, Any]:
     """The recipe mapping with the stage's fields laid over its sections (one level deep: a
     stage's ``model.rope_scaling`` replaces the whole dict, as ``--set`` would)."""
     merged = {key: value for key, value in base.items() if key != "stages"}
-    for section, values in raw.items():
-        if section != STAGE_NAME_KEY:
-            merged[section] = {**merged[section], **values}
+    for section, values in stage.overrides().items():
+        merged[section] = {**merged[section], **values}
     return merged
 
 
@@ -177,11 +215,10 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
 
     base = recipe.model_dump(mode="json")
     resolved: list[tuple[str, Recipe]] = []
-    for index, raw in enumerate(recipe.stages):
-        _check_stage_keys(index, raw)
-        where = _where(index, raw)
+    for index, spec in enumerate(recipe.stages):
+        where = _where(index, spec)
         try:
-            stage = Recipe.model_validate(_merged(base, raw))
+            stage = Recipe.model_validate(_merged(base, spec))
         except ValidationError as error:
             raise LongctxError(
                 single_line(f"{where}: {validation_error_line(Recipe, error)}")
@@ -195,7 +232,7 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
                 f"stage's {previous}; stages extend the context, so use data.seq_len >= "
                 f"{previous} or reorder the stages"
             )
-        resolved.append((_stage_name(index, raw), stage))
+        resolved.append((spec.label(index), stage))
     return resolved
 
 

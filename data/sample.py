@@ -64,9 +64,6 @@ class PromptBuilder:
         self.ids.extend(piece)
         return start, len(self.ids)
 
-    def add_text(self, text: str) -> tuple[int, int]:
-        return self.add(self.tokenizer.encode_piece(text))
-
     def add_all(self, pieces: list[list[int]]) -> None:
         for piece in pieces:
             self.ids.extend(piece)

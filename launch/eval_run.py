@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from longctx.checkpoint.store import MANIFEST_FILE, RECIPE_FILE, TOKENIZER_FILE, read_manifest
+from longctx.checkpoint.store import MANIFEST_FILE, RECIPE_FILE, TOKENIZER_FILE
 from longctx.config.recipe import (
     Recipe,
     apply_override,
@@ -59,7 +59,6 @@ from longctx.eval.report import (
 
 if TYPE_CHECKING:
     from longctx.data import TokenDocument, Tokenizer
-    from longctx.model import Transformer
     from longctx.parallel.mesh import ParallelMesh
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -179,20 +178,6 @@ def load_eval_data(
     return tokenizer, perplexity_documents(plan, data, tokenizer, held_out)
 
 
-def load_eval_model(target: EvalTarget, tokenizer: Tokenizer) -> Transformer:
-    """The decoder with the target's weights, float32, on the CPU, in eval mode."""
-    if target.checkpoint is None:
-        from longctx.trainer.worker import build_model
-
-        return build_model(target.recipe).eval()
-    from longctx.checkpoint.saved_model import SavedCheckpoint, load_trained_model
-
-    manifest = read_manifest(target.checkpoint)
-    return load_trained_model(
-        SavedCheckpoint(target.checkpoint, manifest, target.recipe, tokenizer)
-    )
-
-
 def evaluate_target(
     target: EvalTarget,
     plan: EvalPlan,
@@ -205,8 +190,11 @@ def evaluate_target(
 ) -> EvalResults:
     """Load the model (parallelized on ``mesh`` when given), evaluate ``plan`` with ``data``
     (``load_eval_data``) and, when ``is_writer``, write the JSON + PNG files to ``out``."""
+    from longctx.checkpoint.saved_model import build_model
+
     tokenizer, documents = data
-    model = load_eval_model(target, tokenizer).to(device or "cpu")
+    # The checkpoint's weights, or the recipe's hf:PATH ones; float32, in eval mode.
+    model = build_model(target.recipe, weights=target.checkpoint).eval().to(device or "cpu")
     if mesh is not None:
         from longctx.parallel.parallelize import parallelize
 
@@ -228,11 +216,22 @@ def worker_device() -> torch.device:
     return torch.device("cpu")
 
 
-def eval_worker(job: dict, report: Any = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvalJob:
+    """What the driver hands to every ``eval_worker``: the target (its recipe holds the
+    resolved layout), the plan, the output directory and ``run_dir`` (Ray Train's storage for
+    this evaluation, a temporary directory)."""
+
+    target: EvalTarget
+    plan: EvalPlan
+    out: str
+    run_dir: str
+
+
+def eval_worker(job: EvalJob, report: Any = None) -> dict[str, Any]:
     """One Ray Train worker of ``longctx eval`` (the ``worker_fn`` of ``fit_on_ray``).
 
-    ``job``: ``target`` (an ``EvalTarget`` whose recipe holds the resolved layout), ``plan``,
-    ``out``. ``torch.distributed`` is initialised by Ray Train; ``report`` is unused (nothing is
+    ``torch.distributed`` is initialised by Ray Train; ``report`` is unused (nothing is
     checkpointed). Returns the tables as text (rank 0's goes back to the driver).
     """
     import torch.distributed as dist
@@ -242,15 +241,15 @@ def eval_worker(job: dict, report: Any = None) -> dict[str, Any]:
 
     created_group = init_distributed()
     try:
-        target: EvalTarget = job["target"]
+        target = job.target
         device = worker_device()
         parallel = target.recipe.parallel
         mesh = build_mesh(parallel) if parallel.sp > 1 else None
-        plan = job["plan"]
+        plan = job.plan
         results = evaluate_target(
             target,
             plan,
-            Path(job["out"]),
+            Path(job.out),
             load_eval_data(target, plan),
             mesh=mesh,
             device=device,
@@ -286,7 +285,7 @@ def _run_on_ray(target: EvalTarget, plan: EvalPlan, out: Path, address: str | No
     out.parent.mkdir(parents=True, exist_ok=True)
     # Ray Train's run directory (its summary file): next to the results, removed afterwards.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".longctx-eval-") as ray_storage:
-        job = {"target": target, "plan": plan, "out": str(out.resolve()), "run_dir": ray_storage}
+        job = EvalJob(target, plan, str(out.resolve()), ray_storage)
         with ray_cluster(address, world) as resources:
             print(f"longctx: evaluating on {target.recipe.parallel.describe()}")
             print(f"  workers:  {resources.description}")

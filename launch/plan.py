@@ -30,7 +30,7 @@ from rich.table import Table
 
 from longctx.config.recipe import Recipe
 from longctx.model.config import ModelConfig
-from longctx.parallel.config import ParallelConfig
+from longctx.parallel.config import ParallelConfig, ring_runs_as
 from longctx.parallel.ulysses import kv_head_replication
 
 # Tokens per chunk of the tiled cross-entropy (longctx.parallel.loss default): the largest
@@ -195,6 +195,12 @@ def plan_rows(recipe: Recipe, layout: ParallelConfig) -> list[tuple[str, str]]:
     per_step = layout.dp * trainer.micro_batch_size * trainer.grad_accum
     return [
         ("world layout", layout.describe()),
+        (
+            "parallel.ring runs as",
+            ring_runs_as(recipe.attention.variant, recipe.positional.kind)
+            + f" ({recipe.attention.variant} / {recipe.positional.kind})"
+            + ("" if layout.ring > 1 else "; unused at ring 1"),
+        ),
         ("tokens per rank per micro-batch", f"{trainer.micro_batch_size} x {seq_len // layout.sp}"),
         ("sequences per optimizer step", f"{per_step} ({per_step * seq_len:,} tokens)"),
         ("parameters", human_count(recipe.model.num_parameters())),

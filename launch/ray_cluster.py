@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from longctx.errors import LongctxError
+from longctx.parallel.ports import free_port
 
 # Ray reads these when it is imported or started; set here, they reach every Ray process that
 # the embedded cluster spawns (the raylet, the Train controller and the workers inherit them).
@@ -125,16 +125,11 @@ def _worker_env(use_gpu: bool, embedded: bool) -> dict[str, str]:
     return env
 
 
-def _quiet_ray_init_kwargs() -> dict:
+def _quiet_ray_init_kwargs(worker_output: bool) -> dict:
     """ray.init arguments that keep Ray's own INFO chatter off the terminal; the workers' output
-    (progress lines, warnings, tracebacks) still reaches it."""
-    return {"logging_level": logging.WARNING, "log_to_driver": True}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    (warnings, tracebacks) reaches it only when ``worker_output`` (else it stays in the log
+    files Ray or the workers write: ``longctx train`` shows rank 0's progress itself)."""
+    return {"logging_level": logging.WARNING, "log_to_driver": worker_output}
 
 
 @contextmanager
@@ -161,7 +156,7 @@ def _embedded_environment() -> dict[str, str]:
     test runs, other users), may pick the wrong one. So the GCS port is chosen here
     (``RAY_GCS_SERVER_PORT``) and every process of the cluster inherits ``RAY_ADDRESS``.
     """
-    port = _free_port()
+    port = free_port()
     env = {name: os.environ.get(name, value) for name, value in _EMBEDDED_ENV.items()}
     env.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
     return env
@@ -184,7 +179,7 @@ def embedded_cpu_plan(workers: int, cpus: int) -> tuple[int, int]:
     return workers, 1
 
 
-def _start_embedded(workers: int) -> tuple[int, bool, str]:
+def _start_embedded(workers: int, worker_output: bool) -> tuple[int, bool, str]:
     """Start a local cluster for ``workers`` workers; ``(cpus_per_worker, use_gpu, line)``."""
     cpus, gpus = local_cpu_count(), _local_gpu_count()
     fix = ", or join a larger cluster with --address"
@@ -210,7 +205,7 @@ def _start_embedded(workers: int) -> tuple[int, bool, str]:
         num_gpus=gpus,
         include_dashboard=True,  # Ray Train's controller queries the state API served here
         dashboard_host="127.0.0.1",
-        **_quiet_ray_init_kwargs(),
+        **_quiet_ray_init_kwargs(worker_output),
     )
     dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
     line = (
@@ -239,13 +234,15 @@ def _joined_runtime_env(address: str) -> dict:
     return {"env_vars": {"RAY_ADDRESS": gcs}} if gcs else {}
 
 
-def _join(address: str, workers: int) -> tuple[int, bool, str]:
+def _join(address: str, workers: int, worker_output: bool) -> tuple[int, bool, str]:
     """Connect to the cluster at ``address``; ``(cpus_per_worker, use_gpu, line)``."""
     import ray
 
     try:
         ray.init(
-            address=address, runtime_env=_joined_runtime_env(address), **_quiet_ray_init_kwargs()
+            address=address,
+            runtime_env=_joined_runtime_env(address),
+            **_quiet_ray_init_kwargs(worker_output),
         )
     except ConnectionError as error:
         raise LongctxError(
@@ -270,11 +267,12 @@ def _join(address: str, workers: int) -> tuple[int, bool, str]:
 
 @contextmanager
 def ray_cluster(
-    address: str | None, workers: int, placement: str = "PACK"
+    address: str | None, workers: int, placement: str = "PACK", *, worker_output: bool = True
 ) -> Iterator[WorkerResources]:
     """Start (``address=None``) or join a Ray cluster for ``workers`` training workers placed
     with ``placement`` (one of ``PLACEMENT_STRATEGIES``); yields what each worker gets and
-    disconnects (stopping an embedded cluster) on exit.
+    disconnects (stopping an embedded cluster) on exit. ``worker_output``: whether Ray copies
+    the workers' output to this terminal (with its ``(RayTrainWorker pid=N)`` prefixes).
 
     Raises ``LongctxError`` when the cluster cannot hold ``workers`` workers at once (the
     embedded cluster oversubscribes up to ``MAX_WORKERS_PER_CPU`` per core); for the embedded
@@ -296,9 +294,9 @@ def ray_cluster(
     env = {**_DRIVER_ENV, **cluster_env}
     with _environment(env):
         if embedded:
-            cpus_per_worker, use_gpu, line = _start_embedded(workers)
+            cpus_per_worker, use_gpu, line = _start_embedded(workers, worker_output)
         else:
-            cpus_per_worker, use_gpu, line = _join(address, workers)
+            cpus_per_worker, use_gpu, line = _join(address, workers, worker_output)
         import ray
 
         try:

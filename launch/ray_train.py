@@ -21,8 +21,11 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import tempfile
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -95,30 +98,78 @@ def _quiet_ray_report_log() -> None:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
+def worker_log(log_dir: str | Path, rank: int) -> Path:
+    """``LOG_DIR/rank_N.log``: where worker ``rank`` writes its stdout and stderr."""
+    return Path(log_dir) / f"rank_{rank}.log"
+
+
+@contextmanager
+def output_to(path: Path, header: str) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so the output of C
+    extensions and of compilers DeepSpeed starts lands there too) to the end of ``path`` for
+    the block, after a ``header`` line; an exception leaving the block is written there with
+    its traceback. Restores both afterwards."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        print(header, flush=True)
+        try:
+            yield
+        except BaseException:
+            traceback.print_exc()
+            raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (log, *saved):
+            os.close(fd)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """What each Ray Train worker runs (``torch.distributed`` is already initialised by Ray).
 
-    ``config``: ``job`` (the ``train_worker`` job dict), ``worker_fn`` (``train_worker`` or a
-    function with its signature), ``env`` (variables to set before DeepSpeed is imported),
-    ``workdir`` (the driver's working directory on an embedded cluster, so that relative recipe
-    paths mean the same on the workers; None on a joined cluster) and ``summary_path`` (where
-    rank 0 writes the summary ``worker_fn`` returns).
+    ``config``: ``job`` (a ``TrainJob``, or another job with a ``run_dir``), ``worker_fn``
+    (``train_worker`` or a function with its signature), ``env`` (variables to set before
+    DeepSpeed is imported), ``workdir`` (the driver's working directory on an embedded cluster,
+    so that relative recipe paths mean the same on the workers; None on a joined cluster),
+    ``summary_path`` (where rank 0 writes the summary ``worker_fn`` returns) and ``log_dir``
+    (None: output goes where Ray sends it; else each rank's goes to ``worker_log``).
     """
+    import ray.train
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    if config["log_dir"] is None:
+        _run_worker(config, rank)
+        return
+    header = f"--- {context.get_experiment_name()} rank {rank} pid {os.getpid()} ---"
+    with output_to(worker_log(config["log_dir"], rank), header):
+        _run_worker(config, rank)
+
+
+def _run_worker(config: dict, rank: int) -> None:
     import ray.train
 
     os.environ.update(config["env"])
     if config["workdir"] is not None:
         os.chdir(config["workdir"])
     _quiet_ray_report_log()
-    job = dict(config["job"])
+    job = config["job"]
     restored = ray.train.get_checkpoint()
     if restored is not None:
         # Ray Train restarted the group after a failure: continue from this launch's newest
         # checkpoint rather than from what the command line asked for.
         with restored.as_directory() as pointer_dir:
-            job["resume"] = restart_checkpoint(read_pointer(pointer_dir))
+            job = job.resuming(restart_checkpoint(read_pointer(pointer_dir)))
     summary = config["worker_fn"](job, RayTrainReporter())
-    if ray.train.get_context().get_world_rank() == 0:
+    if rank == 0:
         # Ray's Result carries only metrics attached to checkpoints; the summary goes to a file.
         Path(config["summary_path"]).write_text(json.dumps(summary, default=str) + "\n")
 
@@ -137,16 +188,18 @@ class RayRun:
 
 
 def fit_on_ray(
-    job: dict,
+    job: Any,
     resources: WorkerResources,
     *,
     launch_id: str,
     max_failures: int,
     workdir: str | None,
     worker_fn: WorkerFn | None = None,
+    log_dir: Path | None = None,
 ) -> RayRun:
-    """Run ``worker_fn(job, report)`` (default: ``train_worker``) on ``resources.num_workers``
-    Ray Train workers, as Ray run ``RUN/ray/<launch_id>``.
+    """Run ``worker_fn(job, report)`` (default: ``train_worker`` with a ``TrainJob``) on
+    ``resources.num_workers`` Ray Train workers, as Ray run ``RUN/ray/<launch_id>`` (``RUN``:
+    ``job.run_dir``). With ``log_dir`` each worker's output goes to ``LOG_DIR/rank_N.log``.
 
     Raises ``ray.train.TrainingFailedError`` when the workers fail more than ``max_failures``
     times (each failure restarts the group from the last reported checkpoint).
@@ -156,7 +209,7 @@ def fit_on_ray(
 
     if worker_fn is None:
         from longctx.trainer.worker import train_worker as worker_fn
-    storage = (Path(job["run_dir"]) / "ray").resolve()  # Ray Train wants an absolute path
+    storage = (Path(job.run_dir) / "ray").resolve()  # Ray Train wants an absolute path
     ray_dir = storage / launch_id
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -166,6 +219,7 @@ def fit_on_ray(
             "env": resources.worker_env,
             "workdir": workdir,
             "summary_path": str(ray_dir / SUMMARY_FILE),
+            "log_dir": None if log_dir is None else str(log_dir.resolve()),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,

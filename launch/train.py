@@ -4,8 +4,11 @@ The driver (this module) rejects every bad input it can see before a worker star
 one-line ``LongctxError`` the CLI turns into exit code 2: the world layout against ``--workers``,
 the run directory and ``--resume`` target (``trainer.run_dir.validate_run``, the same check each
 worker repeats), and the CPUs Ray has (``launch.ray_cluster``). Then Ray Train runs the workers
-(``launch.ray_train``), one launch per stage of a staged recipe, and, at the end, the driver
-prints the loss curve's ends and where the checkpoints and TensorBoard logs are.
+(``launch.ray_train``), one launch per stage of a staged recipe, each handed a ``TrainJob``.
+The workers' own output (DeepSpeed's included) goes to ``RUN/logs/rank_N.log``; the terminal
+shows rank 0's progress, replayed by the driver from ``RUN/logs/progress.jsonl``
+(``launch.progress``), and, at the end, the loss curve's ends and where the checkpoints and
+TensorBoard logs are. A failure is one ``error:`` line naming the rank.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from longctx.checkpoint.run_dir import TENSORBOARD_DIR, validate_run
 from longctx.checkpoint.store import CHECKPOINTS_DIR
 from longctx.errors import LongctxError
 from longctx.eval.report import EVAL_DIR, eval_directory
+from longctx.launch.progress import EVENTS_FILE, follow_progress, logs_dir
 from longctx.launch.ray_cluster import ray_cluster
 from longctx.launch.ray_train import fit_on_ray, new_launch_id
 from longctx.positional.rope import rope_type_of
+from longctx.trainer.job import TrainJob
 
 if TYPE_CHECKING:
     from longctx.config.recipe import Recipe
@@ -42,7 +47,7 @@ PASSKEY_EXAMPLES = 50
 
 def failure_line(error: BaseException) -> str:
     """One line for a failed run: the first failing rank and the last line of its error (the
-    exception type and message; the full tracebacks were already printed by the workers)."""
+    exception type and message; the full tracebacks are in the workers' log files)."""
     failures = getattr(error, "worker_failures", None)
     if failures:
         rank = min(failures)
@@ -186,17 +191,20 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
         )
         return 0
     launch_id = new_launch_id()
-    job = {
-        "recipe": recipe.model_dump(mode="json"),
-        "run_dir": str(run_dir),
-        "resume": args.resume,
-        "launch_id": launch_id,
-    }
+    logs = logs_dir(run_dir)
+    events = logs / EVENTS_FILE
+    job = TrainJob(
+        recipe, str(run_dir), resume=args.resume, launch_id=launch_id, events=str(events)
+    )
     todo = stages[point.stage.index : last + 1]
     world = max(layouts[stage.index].world for stage in todo)
     local = args.address is None
-    with ray_cluster(args.address, world, getattr(args, "placement", "PACK")) as resources:
-        console.print(f"longctx: training '{recipe.name}' on {layouts[todo[0].index].describe()}")
+    placement = getattr(args, "placement", "PACK")
+    with ray_cluster(args.address, world, placement, worker_output=False) as resources:
+        console.print(
+            f"longctx: training '{recipe.name}' on {layouts[todo[0].index].describe()}; "
+            f"worker output in {_short(logs)}/rank_N.log"
+        )
         console.print(f"  workers:  {resources.description}")
         console.print(f"  run dir:  {_short(run_dir)}")
         boundary = point.checkpoint if point.new_stage else None
@@ -212,13 +220,17 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
                 )
                 console.print(stage_passkey_table(boundary, stage, before))
             try:
-                run = fit_on_ray(
-                    {**job, "last_stage": stage.index},
-                    replace(resources, num_workers=layout.world),
-                    launch_id=launch_id if len(stages) == 1 else f"{launch_id}-s{stage.index + 1}",
-                    max_failures=recipe.trainer.max_failures,
-                    workdir=os.getcwd() if local else None,
-                )
+                with follow_progress(events, console.file):
+                    run = fit_on_ray(
+                        job.for_stage(stage.index),
+                        replace(resources, num_workers=layout.world),
+                        launch_id=launch_id
+                        if len(stages) == 1
+                        else f"{launch_id}-s{stage.index + 1}",
+                        max_failures=recipe.trainer.max_failures,
+                        workdir=os.getcwd() if local else None,
+                        log_dir=logs,
+                    )
             except KeyboardInterrupt:
                 console.print(f"interrupted; continue with --resume latest ({_short(run_dir)})")
                 return INTERRUPTED
@@ -227,12 +239,13 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
                     raise
                 console.print(f"error: {failure_line(error)}")
                 console.print(
-                    "  (the workers' tracebacks are above; checkpoints so far are in "
-                    f"{_short(run_dir / CHECKPOINTS_DIR)}, continue with --resume latest)"
+                    f"  (the workers' tracebacks are in {_short(logs)}/rank_N.log; checkpoints "
+                    f"so far are in {_short(run_dir / CHECKPOINTS_DIR)}, continue with "
+                    "--resume latest)"
                 )
                 return TRAINING_FAILED
             boundary = Path(run.summary["checkpoint"])
-            job["resume"] = str(boundary)
+            job = job.resuming(boundary)
             if stage.index > 0 and local and _trains_passkey(stage):
                 console.print(f"passkey after {stage.label()}:")
                 after = eval_directory(run_dir, run.summary["step"])

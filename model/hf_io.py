@@ -301,7 +301,7 @@ def load_hf(
     directory = Path(path)
     config = config or model_config_from_hf(directory)
     positional = positional or _recorded_positional(directory)
-    model = _uninitialised_model(config, positional, attention, dtype)
+    model = empty_model(config, positional, attention, dtype)
     for module in _modules_with_new_parameters(model):
         module.init_new_parameters()
     params = {hf_tensor_name(name): p for name, p in model.named_parameters()}
@@ -356,15 +356,16 @@ def _recorded_positional(directory: Path) -> PositionalConfig | None:
     return None if recorded is None else PositionalConfig.model_validate(recorded)
 
 
-def _uninitialised_model(
+def empty_model(
     config: ModelConfig,
-    positional: PositionalConfig | None,
-    attention: AttentionConfig | None,
-    dtype: torch.dtype,
+    positional: PositionalConfig | None = None,
+    attention: AttentionConfig | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Transformer:
     """A ``Transformer`` whose parameters are allocated in ``dtype`` on the CPU but hold no
-    values yet: ``load_hf`` overwrites every one of them, from the checkpoint or, for new
-    parameters, with their module's ``init_new_parameters()``.
+    values yet, for a caller that overwrites every one of them: ``load_hf`` (from the
+    checkpoint or, for new parameters, their module's ``init_new_parameters()``) and
+    ``checkpoint.saved_model.build_model`` (a strict ``load_state_dict``).
 
     Building on the meta device skips the random init and the float32 copy (for an 8B model,
     tens of seconds and 32 GB). The rotary module rebuilds its float32 frequency tables on every

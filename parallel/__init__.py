@@ -7,9 +7,9 @@ each rank its tokens; ``tiled_cross_entropy`` scores them exactly under sequence
 
 from longctx.parallel.layout import (
     pad_batch,
-    shard_batch,
     zigzag_positions,
     zigzag_shard,
+    zigzag_shard_batch,
     zigzag_unshard,
 )
 from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
@@ -28,7 +28,7 @@ __all__ = [
     "parallelize",
     "ring_attention",
     "sequence_shard",
-    "shard_batch",
+    "zigzag_shard_batch",
     "tiled_cross_entropy",
     "validate_mesh",
     "world_mean_scale",

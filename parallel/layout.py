@@ -102,7 +102,7 @@ def pad_batch(batch: dict[str, Tensor], world: int) -> dict[str, Tensor]:
     return padded
 
 
-def shard_batch(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
+def zigzag_shard_batch(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
     """This rank's zigzag shard of a [B, T] batch, plus ``seq_positions`` [T / world].
 
     Pads first when T is not divisible by 2 x world (see ``pad_batch``).

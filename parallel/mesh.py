@@ -29,35 +29,16 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from longctx.errors import LongctxError
 from longctx.parallel.config import ParallelConfig
-from longctx.parallel.layout import pad_batch, shard_batch
+from longctx.parallel.layout import pad_batch, zigzag_shard_batch
 
 MESH_DIMS = ("dp", "ring", "ulysses")
 
 
 def validate_mesh(config: ParallelConfig, world_size: int) -> ParallelConfig:
-    """``config`` with a concrete ``dp`` for ``world_size`` ranks, or a one-line LongctxError.
-
-    ``dp: auto`` becomes ``world_size / (ulysses x ring)``, which must be a whole number; a
-    concrete ``dp`` must make ``dp x ulysses x ring`` equal the world size exactly.
-    """
-    sp = config.ulysses * config.ring
-    if world_size < 1:
-        raise LongctxError(f"world size {world_size} must be at least 1; start at least one rank")
-    if config.dp == "auto":
-        if world_size % sp:
-            raise LongctxError(
-                f"world size {world_size} is not a multiple of parallel.ulysses x ring = "
-                f"{config.ulysses} x {config.ring} = {sp}; start a multiple of {sp} ranks "
-                "or change parallel.ulysses / parallel.ring"
-            )
-        return config.model_copy(update={"dp": world_size // sp})
-    if config.dp * sp != world_size:
-        raise LongctxError(
-            f"world size {world_size} does not equal parallel.dp x ulysses x ring = "
-            f"{config.dp} x {config.ulysses} x {config.ring} = {config.dp * sp}; start "
-            f"{config.dp * sp} ranks or set parallel.dp: auto"
-        )
-    return config
+    """``config`` with a concrete ``dp`` for ``world_size`` ranks, or a one-line LongctxError
+    (``ParallelConfig.resolve``: ``dp: auto`` becomes ``world_size / (ulysses x ring)``, which
+    must be a whole number; a concrete ``dp`` must make ``dp x ulysses x ring`` equal it)."""
+    return config.resolve(world_size, ranks="world size")
 
 
 def mesh_coordinates(rank: int, config: ParallelConfig) -> tuple[int, int, int]:
@@ -80,7 +61,7 @@ def sequence_shard(
     [T / (ring x ulysses)]: each local token's index in the global sequence.
     """
     padded = pad_batch(batch, ring * ulysses)
-    ring_piece = shard_batch(padded, ring_rank, ring)
+    ring_piece = zigzag_shard_batch(padded, ring_rank, ring)
     positions = ring_piece.pop("seq_positions")  # [T / ring]
     shard = {name: value.chunk(ulysses, dim=1)[ulysses_rank] for name, value in ring_piece.items()}
     shard["seq_positions"] = positions.chunk(ulysses)[ulysses_rank]
@@ -115,10 +96,6 @@ class ParallelMesh:
     @property
     def ulysses_rank(self) -> int:
         return mesh_coordinates(self.rank, self.config)[2]
-
-    @property
-    def sp_rank(self) -> int:
-        return self.ring_rank * self.config.ulysses + self.ulysses_rank
 
     def shard_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """This rank's tokens of a [B, T] batch of its sequence-parallel group (``sequence_shard``)."""

@@ -384,7 +384,7 @@ def ring_attention(
     v: Tensor,
     *,
     group: dist.ProcessGroup,
-    position_ids: Tensor,
+    seq_positions: Tensor,
     doc_ids: Tensor | None = None,
     causal: bool = True,
     window: int | None = None,
@@ -397,8 +397,8 @@ def ring_attention(
     """Exact attention of the local queries over the keys of every rank of ``group``.
 
     q [B, Hq, T, D], k, v [B, Hkv, T, D]: this rank's shard (every rank the same T).
-    ``position_ids`` [T]: the GLOBAL sequence index of each local token (under the zigzag layout
-    ``zigzag_positions``); ``doc_ids`` [B, T] keeps packed documents apart; ``window`` is a
+    ``seq_positions`` [T]: the GLOBAL sequence index of each local token (under the zigzag layout
+    ``zigzag_positions``; not the model's position ids, which a position encoding may offset); ``doc_ids`` [B, T] keeps packed documents apart; ``window`` is a
     Mistral-style sliding window; ``block_sparse`` a static block pattern. ``scale`` defaults to
     1/sqrt(D); ``backend`` and ``chunk_size`` pick the block kernel (``block_attention``). Returns out [B, Hq, T, D] (q's dtype), and with ``return_lse`` also
     lse [B, Hq, T] (float32; no gradient flows through it). Differentiable in q, k and v.
@@ -410,7 +410,7 @@ def ring_attention(
         k,
         v,
         group,
-        position_ids,
+        seq_positions,
         doc_ids,
         (causal, window, block_sparse),
         (scale, backend, chunk_size),
@@ -439,7 +439,7 @@ class RingAttention(nn.Module):
             k,
             v,
             group=self.group,
-            position_ids=ctx.seq_positions,
+            seq_positions=ctx.seq_positions,
             doc_ids=ctx.doc_ids,
             causal=rules.causal,
             window=rules.window,

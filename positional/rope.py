@@ -29,17 +29,18 @@ from torch import Tensor, nn
 
 from longctx.errors import LongctxError
 
+logger = logging.getLogger(__name__)
 
-class RopeShape(Protocol):
-    """The fields of a model config RoPE reads (``longctx.model.ModelConfig`` has them)."""
+
+class RopeSettings(Protocol):
+    """What ``RotaryEmbedding.from_config`` reads of a model config (``model.ModelConfig``;
+    positional sits below model, so it names the fields, not the class)."""
 
     dim_per_head: int
     rope_theta: float
     max_position_embeddings: int
     rope_scaling: dict[str, Any] | None
 
-
-logger = logging.getLogger(__name__)
 
 KNOWN_ROPE_TYPES = (
     "default",
@@ -519,8 +520,8 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer(name, freqs.clone(), persistent=False)  # [D/2]
 
     @classmethod
-    def from_config(cls, config: RopeShape) -> RotaryEmbedding:
-        """The rotary embedding of a model config (head size, rope_theta, rope_scaling)."""
+    def from_config(cls, config: RopeSettings) -> RotaryEmbedding:
+        """The rotary embedding of a ``ModelConfig`` (head size, rope_theta, rope_scaling)."""
         return cls(
             config.dim_per_head,
             config.rope_theta,

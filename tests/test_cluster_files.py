@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import pytest
 import yaml
 
 from longctx.launch.cli import build_parser
+from longctx.parallel.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "launch" / "cluster"
@@ -200,12 +200,6 @@ SCONTROL_STANDIN = """#!/bin/bash
 [[ $1 == show && $2 == hostnames ]] || exit 1
 tr ',' '\\n' <<<"$3"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def session_processes(session: int, wait_s: float = 0.0) -> dict[int, str]:

@@ -158,7 +158,7 @@ def _nccl_ring_rank(rank: int, world: int, port: int, inputs: list, queue) -> No
         q, k, v, dout = (x[:, :, positions].to("cuda", torch.bfloat16) for x in inputs)
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         out, lse = ring_attention(
-            q, k, v, group=dist.group.WORLD, position_ids=positions.cuda(), return_lse=True
+            q, k, v, group=dist.group.WORLD, seq_positions=positions.cuda(), return_lse=True
         )
         out.backward(dout)
         # numpy arrays travel by value: this process may exit before the parent reads them

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from longctx.launch.ray_cluster import MAX_WORKERS_PER_CPU, local_cpu_count
+from longctx.trainer.job import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -114,18 +115,18 @@ def test_too_many_workers_per_cpu_is_a_one_line_error_before_ray_starts(tmp_path
     assert "Ray" not in result.stdout
 
 
-def crash_after_first_checkpoint(job: dict, report) -> dict:
+def crash_after_first_checkpoint(job: TrainJob, report) -> dict:
     """``train_worker`` whose first attempt crashes (on rank 1) right after its first checkpoint
     was reported; every attempt records the resume target Ray Train handed it."""
     import torch.distributed as dist
 
     from longctx.trainer.worker import train_worker
 
-    run_dir = Path(job["run_dir"])
+    run_dir = Path(job.run_dir)
     attempts = run_dir / "attempts.jsonl"
     if dist.get_rank() == 0:
         with attempts.open("a") as log:
-            log.write(json.dumps({"resume": job["resume"]}) + "\n")
+            log.write(json.dumps({"resume": job.resume}) + "\n")
     first_attempt = not (run_dir / "crashed").exists()
 
     def report_then_crash(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -162,12 +163,7 @@ def test_crashed_worker_group_restarts_from_last_reported_checkpoint(tmp_path: P
     )
     recipe = recipe.model_copy(update={"parallel": recipe.parallel.resolve(2)})
     launch_id = new_launch_id()
-    job = {
-        "recipe": recipe.model_dump(mode="json"),
-        "run_dir": str(run_dir),
-        "resume": None,
-        "launch_id": launch_id,
-    }
+    job = TrainJob(recipe, str(run_dir), launch_id=launch_id)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     with ray_cluster(None, 2) as resources:
         import ray.cloudpickle  # after ray_cluster: Ray must first be imported there

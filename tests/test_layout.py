@@ -7,9 +7,9 @@ from longctx.errors import LongctxError
 from longctx.parallel.layout import (
     causal_work,
     pad_batch,
-    shard_batch,
     zigzag_positions,
     zigzag_shard,
+    zigzag_shard_batch,
     zigzag_unshard,
 )
 
@@ -48,7 +48,7 @@ def test_padding_masks_the_added_tokens():
     assert (padded["labels"][:, 10:] == -100).all()
     assert (padded["doc_ids"][:, 10:] == -1).all()
     assert padded["position_ids"][0].tolist() == list(range(16))
-    shards = [shard_batch(batch, r, 4) for r in range(4)]
+    shards = [zigzag_shard_batch(batch, r, 4) for r in range(4)]
     assert all(s["input_ids"].shape == (2, 4) for s in shards)
     torch.testing.assert_close(
         zigzag_unshard([s["labels"] for s in shards], 1), padded["labels"], rtol=0, atol=0

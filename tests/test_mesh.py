@@ -17,7 +17,12 @@ def test_world_size_not_equal_to_the_product_is_refused_with_the_numbers():
     with pytest.raises(LongctxError) as info:
         validate_mesh(config, world_size=3)
     message = str(info.value)
-    assert "world size 3 does not equal parallel.dp x ulysses x ring = 1 x 2 x 2 = 4" in message
+    assert "world size 3 is not a multiple of parallel.ulysses x ring = 2 x 2 = 4" in message
+    assert "\n" not in message
+    with pytest.raises(LongctxError) as info:
+        validate_mesh(config, world_size=8)
+    message = str(info.value)
+    assert "world size 8 does not match parallel.dp x ulysses x ring = 1 x 2 x 2 = 4" in message
     assert "\n" not in message
 
 
@@ -71,7 +76,7 @@ def _mesh_groups(rank, world):
         layouts[(dp, ulysses, ring)] = {
             name: dist.get_process_group_ranks(getattr(mesh, f"{name}_group"))
             for name in ("dp", "sp", "ring", "ulysses")
-        } | {"sp_rank": mesh.sp_rank, "describe": mesh.describe()}
+        } | {"sp_rank": dist.get_rank(mesh.sp_group), "describe": mesh.describe()}
     return layouts
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,16 +29,12 @@ from pathlib import Path
 
 import pytest
 
+from longctx.parallel.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 600  # per node; a loaded 2-core machine may need minutes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ray_env() -> dict[str, str]:

@@ -39,7 +39,7 @@ def _ring_rank(rank, world, padded_inputs):
             k,
             v,
             group=dist.group.WORLD,
-            position_ids=positions,
+            seq_positions=positions,
             doc_ids=None if docs is None else docs[:, positions],
             causal=case.causal,
             window=case.window,

@@ -40,7 +40,8 @@ def rank_stages(rank: int, world: int, jobs: list[dict]) -> list[dict]:
     results = []
     for job in jobs:
         reports: list[dict] = []
-        stop = job.get("interrupt_at")
+        job = dict(job)
+        stop = job.pop("interrupt_at", None)  # the test's own key, not a TrainJob field
 
         def report(metrics: dict, checkpoint: str | None, sink=reports, stop=stop) -> None:
             sink.append(metrics)

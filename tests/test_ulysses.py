@@ -52,7 +52,7 @@ class LseProbe(nn.Module):
                 k,
                 v,
                 group=self.ring_group,
-                position_ids=ctx.seq_positions,
+                seq_positions=ctx.seq_positions,
                 doc_ids=ctx.doc_ids,
                 window=self.dense.sliding_window,
                 return_lse=True,

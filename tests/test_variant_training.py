@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from longctx.checkpoint.full_state import MODEL_FILE, OPTIMIZER_FILE
 from longctx.checkpoint.run_dir import TENSORBOARD_DIR
 from longctx.checkpoint.store import CHECKPOINTS_DIR, LATEST_FILE, checkpoint_tag
 from longctx.launch.train import loss_curve
+from longctx.parallel.ports import free_port
 
 pytestmark = [pytest.mark.heavy, pytest.mark.slow]  # 8 Ray launches of 2 workers (4 at a time)
 
@@ -65,12 +65,6 @@ LOSS_DROP = 0.5  # the last logged loss must lie this far below the first (nats 
 RTOL = 1e-6
 START_TIMEOUT_S = 600  # a loaded 2-core machine may need minutes to start the head
 LAUNCH_TIMEOUT_S = 900
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ray_env() -> dict[str, str]:

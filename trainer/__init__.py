@@ -5,6 +5,7 @@ Names are exported lazily (PEP 562): importing the package must not pay
 for importing DeepSpeed, TensorBoard, the model and the data pipeline.
 
     train_worker(job, report=None) -> summary            every rank of a run
+    TrainJob(recipe, run_dir, resume, ...)                what the driver hands to every rank
     build_engine(model, trainer_config, sp_group) -> DeepSpeed engine
 """
 
@@ -15,7 +16,8 @@ from typing import Any
 
 _EXPORTS = {
     "train_worker": "longctx.trainer.worker",
-    "build_model": "longctx.trainer.worker",
+    "TrainJob": "longctx.trainer.job",
+    "build_model": "longctx.checkpoint.saved_model",
     "build_engine": "longctx.trainer.engine",
     "lr_factor": "longctx.trainer.engine",
 }

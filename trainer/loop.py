@@ -183,6 +183,7 @@ def train_loop(
     recipe: Recipe,
     run_dir: Path,
     *,
+    end_step: int,
     train_loader: PackedLoader,
     eval_loader: PackedLoader | None,
     state: TrainState,
@@ -194,7 +195,8 @@ def train_loop(
     long_eval: LongEval | None = None,
     mesh: ParallelMesh | None = None,
 ) -> dict[str, Any]:
-    """Train from ``state.step`` to ``recipe.trainer.steps``; returns the final summary
+    """Train from ``state.step`` to the global step ``end_step`` (a stage's ``Stage.end_step``;
+    ``recipe.trainer.steps`` counts the stage's own steps); returns the final summary
     ``{step, tokens_seen, loss, eval_loss, bad_steps, checkpoint}`` (the same on every rank).
 
     Logs every ``log_every`` steps, evaluates every ``eval_every`` steps (and at the end) when
@@ -217,7 +219,7 @@ def train_loop(
     device = torch.device(engine.device)
     interval = IntervalStats(device)
     summary: dict[str, Any] = {"loss": None, "eval_loss": None, "checkpoint": None}
-    while state.step < cfg.steps:
+    while state.step < end_step:
         started = time.perf_counter()
         lr = float(engine.get_lr()[0])  # the rate this step uses (the schedule moves after it)
         result = train_step(engine, batches, cfg.grad_accum)
@@ -227,7 +229,7 @@ def train_loop(
         _check_bad_steps(state, result, cfg.max_bad_steps)
 
         values: dict[str, float] = {}
-        if _due(state.step, cfg.log_every, cfg.steps):
+        if _due(state.step, cfg.log_every, end_step):
             values = interval.summary()
             values.update(
                 lr=lr,
@@ -237,14 +239,14 @@ def train_loop(
             )
             interval.reset()
             summary["loss"] = values["loss"]
-        if eval_loader is not None and _due(state.step, cfg.eval_every, cfg.steps):
+        if eval_loader is not None and _due(state.step, cfg.eval_every, end_step):
             eval_batches = map(shard, map(transform, eval_loader.epoch_batches()))
             values["eval_loss"] = evaluate(engine, eval_batches, cfg.eval_batches, sp_group)
             summary["eval_loss"] = values["eval_loss"]
-        if long_eval is not None and _due(state.step, cfg.eval_every, cfg.steps):
+        if long_eval is not None and _due(state.step, cfg.eval_every, end_step):
             values.update(long_eval(state.step, writer.writer))
         checkpoint = None
-        if _due(state.step, cfg.ckpt_every, cfg.steps):
+        if _due(state.step, cfg.ckpt_every, end_step):
             checkpoint = save_checkpoint(
                 engine,
                 run_dir,

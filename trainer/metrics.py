@@ -12,11 +12,14 @@ Scalars (tag names are what tests and dashboards read back):
     eval/loss             token cross-entropy on the held-out split
 
 The terminal gets a rich progress bar when stdout is a terminal, and one concise line per
-logged step otherwise (Ray workers, CI logs).
+logged step otherwise (Ray workers, CI logs). Under ``longctx train`` the workers' output goes
+to log files, so rank 0's display also writes what it shows as JSON lines to an events file
+(``events=``), which the driver follows and replays on its own terminal (``ProgressReplay``).
 """
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 from pathlib import Path
@@ -101,15 +104,29 @@ def format_metrics(step: int, total: int, values: dict[str, float]) -> str:
 
 class ProgressDisplay:
     """Rank 0's terminal view: a progress bar on a terminal, log lines elsewhere; other ranks
-    (``enabled=False``) print nothing."""
+    (``enabled=False``) print nothing.
+
+    ``events`` (a file path): every call is also appended there as one JSON line
+    (``{"start", "total"}``, ``{"step", "values"}``, ``{"message"}``) for ``ProgressReplay``.
+    """
 
     def __init__(
-        self, total_steps: int, start_step: int, *, enabled: bool, stream: TextIO | None = None
+        self,
+        total_steps: int,
+        start_step: int,
+        *,
+        enabled: bool,
+        stream: TextIO | None = None,
+        events: str | Path | None = None,
     ):
         self.total = total_steps
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self.progress: Progress | None = None
+        self.events: TextIO | None = None
+        if enabled and events is not None:
+            self.events = open(events, "a")  # noqa: SIM115 (closed by close())
+            self._event({"start": start_step, "total": total_steps})
         if enabled and self.stream.isatty():
             self.progress = Progress(
                 TextColumn("[bold]train"),
@@ -122,10 +139,16 @@ class ProgressDisplay:
             self.task = self.progress.add_task("", total=total_steps, completed=start_step)
             self.progress.start()
 
+    def _event(self, record: dict) -> None:
+        if self.events is not None:
+            self.events.write(json.dumps(record) + "\n")
+            self.events.flush()
+
     def update(self, step: int, values: dict[str, float] | None) -> None:
         """Advance to ``step``; ``values`` (a logged step) also updates the text or prints."""
         if not self.enabled:
             return
+        self._event({"step": step, "values": values or {}})
         if self.progress is not None:
             description = format_metrics(step, self.total, values) if values else None
             self.progress.update(self.task, completed=step, description=description)
@@ -136,6 +159,7 @@ class ProgressDisplay:
         """A line that stays on screen (evaluation results, checkpoint paths)."""
         if not self.enabled:
             return
+        self._event({"message": text})
         if self.progress is not None:
             self.progress.console.print(text)
         else:
@@ -144,3 +168,36 @@ class ProgressDisplay:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
+        if self.events is not None:
+            self.events.close()
+            self.events = None
+
+
+class ProgressReplay:
+    """The driver's end of ``ProgressDisplay(events=...)``: shows each event record on this
+    process's terminal through a ``ProgressDisplay`` of its own (a bar on a terminal, step lines
+    otherwise). A ``start`` record (a stage, or a group Ray Train restarted) begins a new one."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self.display: ProgressDisplay | None = None
+
+    def feed(self, record: dict) -> None:
+        if "start" in record:
+            self.close()
+            self.display = ProgressDisplay(
+                int(record["total"]), int(record["start"]), enabled=True, stream=self.stream
+            )
+        elif "message" in record:
+            if self.display is not None:
+                self.display.message(str(record["message"]))
+            else:
+                print(record["message"], file=self.stream, flush=True)
+        elif "step" in record and self.display is not None:
+            self.display.update(int(record["step"]), record.get("values") or None)
+
+    def close(self) -> None:
+        if self.display is not None:
+            self.display.close()
+            self.display = None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,21 +37,18 @@ from longctx.checkpoint.run_dir import (
     validate_run,
     write_run_files,
 )
-from longctx.checkpoint.store import (
-    TOKENIZER_FILE,
-    load_checkpoint,
-    load_model_state_dict,
-    read_manifest,
-)
+from longctx.checkpoint.saved_model import build_model
+from longctx.checkpoint.store import TOKENIZER_FILE, load_checkpoint, read_manifest
 from longctx.config.recipe import Recipe
 from longctx.config.stages import Stage, plan_stages
 from longctx.data import PackedLoader, Tokenizer, build_datasets, resolve_tokenizer
 from longctx.eval.report import TrainingEvaluator, perplexity_documents, plan_from_recipe
-from longctx.model import Transformer, load_hf
 from longctx.parallel.accelerator import select_device
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import check_recipe_supported, parallelize
+from longctx.parallel.ports import free_port
 from longctx.trainer.engine import apply_recipe_optimizer_settings, build_engine
+from longctx.trainer.job import TrainJob
 from longctx.trainer.loop import TrainState, train_loop
 from longctx.trainer.metrics import MetricsWriter, ProgressDisplay
 from longctx.trainer.stages import check_stage_record, resume_point, write_stage_record
@@ -69,16 +65,10 @@ def init_distributed() -> bool:
         return False
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def check_layout(recipe: Recipe, world: int) -> int:
@@ -98,24 +88,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_model(recipe: Recipe) -> Transformer:
-    """The decoder of the recipe: random (``init: scratch``) or with ``hf:PATH`` weights.
-
-    A checkpoint's model is built from the recipe's resolved ``ModelConfig`` (the checkpoint's
-    shape plus the recipe's RoPE changes, e.g. a YaRN ``rope_scaling`` for context extension)
-    around the checkpoint's weights.
-    """
-    if recipe.model.init.startswith("hf:"):
-        model, _ = load_hf(
-            recipe.model.init.removeprefix("hf:"),
-            positional=recipe.positional,
-            attention=recipe.attention,
-            config=recipe.model,
-        )
-        return model
-    return Transformer(recipe.model, recipe.positional, recipe.attention)
 
 
 def load_run_tokenizer(recipe: Recipe, run_dir: Path, checkpoint: Path | None) -> Tokenizer:
@@ -143,25 +115,22 @@ def load_run_tokenizer(recipe: Recipe, run_dir: Path, checkpoint: Path | None) -
     return tokenizer
 
 
-def train_worker(job: dict, report: Report | None = None) -> dict[str, Any]:
+def train_worker(job: TrainJob | dict, report: Report | None = None) -> dict[str, Any]:
     """Train one rank of the run ``job`` describes; returns the final summary on every rank.
 
-    ``job``: ``recipe`` (``Recipe.model_dump(mode="json")``), ``run_dir``, ``resume`` (None,
-    ``"latest"`` or a checkpoint path) and optionally ``launch_id`` (see
-    ``run_dir.validate_run``) and ``last_stage`` (the index of the last stage this launch may
-    train). One call trains one stage (``trainer.stages``): the stage the resume point names
-    (``stages.resume_point``); a recipe without stages is one stage. When that stage lies past
-    ``last_stage`` (a group Ray Train restarted after the stage's final checkpoint) nothing is
-    trained. ``report(metrics, checkpoint_dir_or_None)`` is called on every rank after each
-    logged step and each checkpoint. Summary: ``step`` (global), ``tokens_seen``, ``loss`` (last
-    logged train loss), ``eval_loss`` (last, or None), ``bad_steps``, ``checkpoint`` (the last
-    one written), ``stage`` (the index of the stage trained) and ``stages`` (their count).
+    ``job``: a ``TrainJob`` (or its JSON form, ``TrainJob.to_dict()``). One call trains one
+    stage (``trainer.stages``): the stage the resume point names (``stages.resume_point``); a
+    recipe without stages is one stage. When that stage lies past ``job.last_stage`` (a group
+    Ray Train restarted after the stage's final checkpoint) nothing is trained.
+    ``report(metrics, checkpoint_dir_or_None)`` is called on every rank after each logged step
+    and each checkpoint. Summary: ``step`` (global), ``tokens_seen``, ``loss`` (last logged
+    train loss), ``eval_loss`` (last, or None), ``bad_steps``, ``checkpoint`` (the last one
+    written), ``stage`` (the index of the stage trained) and ``stages`` (their count).
     """
-    recipe = Recipe.model_validate(job["recipe"])
-    run_dir = Path(job["run_dir"])
+    job = TrainJob.coerce(job)
     created_group = init_distributed()
     try:
-        return _train(recipe, run_dir, job, report)
+        return _train(job, report)
     finally:
         if created_group:
             dist.destroy_process_group()
@@ -170,14 +139,6 @@ def train_worker(job: dict, report: Report | None = None) -> dict[str, Any]:
 def with_layout(recipe: Recipe, world: int) -> Recipe:
     """``recipe`` with its ``parallel.dp`` resolved for ``world`` ranks (``dp: auto``)."""
     return recipe.model_copy(update={"parallel": recipe.parallel.resolve(world)})
-
-
-def with_end_step(recipe: Recipe, end_step: int) -> Recipe:
-    """The recipe the training loop runs for a stage: ``trainer.steps`` is the global step the
-    stage ends at (the loop and the checkpoints count global steps; the engine's LR schedule
-    is built from the stage's own step count)."""
-    trainer = recipe.trainer.model_copy(update={"steps": end_step})
-    return recipe.model_copy(update={"trainer": trainer})
 
 
 def _untrained_summary(stage: Stage, checkpoint: Path) -> dict[str, Any]:
@@ -195,9 +156,10 @@ def _untrained_summary(stage: Stage, checkpoint: Path) -> dict[str, Any]:
     }
 
 
-def _train(recipe: Recipe, run_dir: Path, job: dict, report: Report | None) -> dict[str, Any]:
+def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    resume, launch_id = job.get("resume"), job.get("launch_id")
+    recipe, run_dir = job.recipe, Path(job.run_dir)
+    resume, launch_id = job.resume, job.launch_id
     stages = plan_stages(recipe)
     point = resume_point(stages, run_dir, resume)
     stage = point.stage
@@ -208,7 +170,7 @@ def _train(recipe: Recipe, run_dir: Path, job: dict, report: Report | None) -> d
     # The checkpoint is checked against the recipe of the stage that wrote it (its layout).
     checkpoint = validate_run(point.checkpoint_stage.recipe, run_dir, resume, launch_id=launch_id)
     check_stage_record(stages, run_dir, point)
-    last_stage = job.get("last_stage")
+    last_stage = job.last_stage
     if checkpoint is not None and last_stage is not None and stage.index > last_stage:
         return _untrained_summary(stage, checkpoint)
     dist.barrier()  # every rank has checked the directory before rank 0 writes into it
@@ -229,13 +191,9 @@ def _train(recipe: Recipe, run_dir: Path, job: dict, report: Report | None) -> d
         eval_loader = PackedLoader(splits.eval, cfg.micro_batch_size, dp_rank, dp)
 
     seed_everything(cfg.seed)
-    if point.new_stage and checkpoint is not None:
-        # A new stage: the previous stage's final weights under this stage's settings (RoPE
-        # scaling, layout), with the fresh optimizer and LR schedule build_engine makes.
-        model = Transformer(stage_recipe.model, stage_recipe.positional, stage_recipe.attention)
-        model.load_state_dict(load_model_state_dict(checkpoint), strict=True)
-    else:
-        model = build_model(stage_recipe)
+    # A new stage: the previous stage's final weights under this stage's settings (RoPE
+    # scaling, layout), with the fresh optimizer and LR schedule build_engine makes.
+    model = build_model(stage_recipe, weights=checkpoint if point.new_stage else None)
     if mesh is not None:
         parallelize(model, mesh.config, mesh)
     engine = build_engine(model, cfg, sp_group=None if mesh is None else mesh.sp_group)
@@ -266,12 +224,11 @@ def _train(recipe: Recipe, run_dir: Path, job: dict, report: Report | None) -> d
         manifest = read_manifest(checkpoint)
         state = TrainState(step=manifest["step"], tokens_seen=manifest["tokens_seen"])
 
-    loop_recipe = with_end_step(stage_recipe, stage.end_step)
     writer = MetricsWriter(
         run_dir / TENSORBOARD_DIR if rank == 0 else None,
         resume_step=None if checkpoint is None else state.step,
     )
-    display = ProgressDisplay(stage.end_step, state.step, enabled=rank == 0)
+    display = ProgressDisplay(stage.end_step, state.step, enabled=rank == 0, events=job.events)
     if stage.count > 1:
         display.message(
             f"{stage.label()}: steps {stage.start_step + 1}-{stage.end_step}, data.seq_len "
@@ -282,7 +239,7 @@ def _train(recipe: Recipe, run_dir: Path, job: dict, report: Report | None) -> d
         display.message(
             f"resumed from {checkpoint} at step {state.step}"
             + (
-                f" (already at trainer.steps={stage.end_step})"
+                f" (already at the end step {stage.end_step} of {stage.label()})"
                 if state.step >= stage.end_step
                 else ""
             )
@@ -290,8 +247,9 @@ def _train(recipe: Recipe, run_dir: Path, job: dict, report: Report | None) -> d
     try:
         summary = train_loop(
             engine,
-            loop_recipe,
+            stage_recipe,
             run_dir,
+            end_step=stage.end_step,
             train_loader=train_loader,
             eval_loader=eval_loader,
             state=state,
