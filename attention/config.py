@@ -56,6 +56,15 @@ class LandmarkConfig(_Section):
     token_id: int | None = Field(
         None, ge=0, description="landmark token id; None = the model's last vocab id"
     )
+    retrieval_positions: Literal["reference", "original"] = Field(
+        "reference",
+        description=(
+            "RoPE positions of the retrieved blocks at inference: 'reference' rotates the "
+            "unrotated keys into the k + 1 blocks before the query's own block (the "
+            "epfml/landmark-attention mem_cache scheme: distances stay within (k + 2) blocks); "
+            "'original' keeps every key's own position"
+        ),
+    )
 
 
 class AttentionConfig(_Section):

@@ -32,6 +32,10 @@ class AttentionContext:
     key_seq_positions: Tensor | None = None  # [Tk] int64 global index of each key, increasing
     key_doc_ids: Tensor | None = None  # [B, Tk]
     key_hidden: Tensor | None = None  # [B, Tk, d]
+    # RoPE (cos, sin) [B, T, D] of the local tokens, set by the attention layer only for a core
+    # that ``applies_rope_itself``: its q, k then arrive unrotated. None: q, k are rotated (or
+    # the model has no RoPE).
+    rotary: tuple[Tensor, Tensor] | None = None
 
     @property
     def keys_are_queries(self) -> bool:

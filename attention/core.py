@@ -19,6 +19,10 @@ parallelism, the recipe validator and the batch path ask instead of probing:
     supports_window        honours the model's sliding window (else ``recipe_problem`` refuses it)
     has_head_parameters    has per-head parameters: ``restrict_to_heads`` narrows them to the
                            query heads a Ulysses rank computes
+    applies_rope_itself    gets q, k UNROTATED plus the rotary tables in ``ctx.rotary`` and
+                           rotates them itself (Landmark retrieval re-positions keys); when
+                           ``ctx.rotary`` is None (no RoPE, or a sequence-parallel wrapper,
+                           which does not declare it, sat in between) q, k come rotated as usual
 
 Two hooks a core owns, both class methods so they run before any model exists:
 ``recipe_problem`` (why a recipe cannot run this core, one line, or None) and
@@ -76,6 +80,7 @@ class AttentionCore(nn.Module):
     accepts_gathered_keys: ClassVar[bool] = False
     supports_window: ClassVar[bool] = True
     has_head_parameters: ClassVar[bool] = False
+    applies_rope_itself: ClassVar[bool] = False
 
     def __init__(
         self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig

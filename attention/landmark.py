@@ -22,6 +22,33 @@ head, the ``retrieve_top_k`` earlier blocks with the largest landmark logits and
 grouped softmax over those blocks plus the own block: cost ``O(T (T / G + (k + 1) G))`` instead
 of ``O(T^2)``. With ``k`` >= the number of blocks, retrieval equals training.
 
+Retrieval positions (``attention.landmark.retrieval_positions``). ``original``: every key keeps
+the RoPE angle of its own position, so at 8-64x the trained length the landmark logits and the
+retrieved blocks are seen at distances never trained. ``reference`` (default): the scheme of
+the authors' inference code (epfml/landmark-attention, ``llama/llama_mem.py``,
+``LlamaAttention.forward`` with ``mem_freq``): keys are kept BEFORE RoPE and rotated at positions
+next to the local context. For a query in block c whose document has n earlier blocks, with
+``top = min(k, n)`` (the reference's ``prefix_len = full_len - (top_k + 1) * (mem_freq + 1)``,
+``full_len`` = c G here: its local context is the own block, i.e. its cached chunk is one
+block):
+
+- scoring: the landmarks of the ``top`` most recent earlier blocks keep their own positions;
+  every older landmark is rotated at the position of the landmark of block ``c - top - 1``
+  (the reference's ``mem_pos``);
+- retrieved blocks: the chosen blocks, in increasing block order, fill the ``top + 1`` slots
+  of G positions before the own block (blocks ``c - top - 1 .. c - 1``): the i-th (from 0)
+  takes slot i, or slot i + 1 when it is one of the ``top`` most recent blocks (the
+  reference's ``selected_indices``); a retrieved token at offset g of its block gets the
+  position of offset g of its slot;
+- the own block and the query keep their own positions.
+
+So every key is seen at a distance below ``(k + 2) G``, whatever the length: within the trained
+range when it is at least that. A query whose document has at most k earlier blocks retrieves
+them all at their own positions, so it equals training (as ``original`` does). The core needs
+the unrotated keys: it ``applies_rope_itself`` (the attention layer hands q, k unrotated and the
+rotary tables in ``ctx.rotary``), and the slot positions are read from those tables (each slot
+is a position of the query's own document, so per-document RoPE positions are respected).
+
 Sequence parallelism: blocks are defined on GLOBAL positions, so the data path inserts the
 landmarks into the whole sequence before ``shard_batch`` cuts it (``transform_batch``), and any
 layout keeps the block structure: the keys are the whole sequence in order (``sequence_keys``),
@@ -30,12 +57,17 @@ head subset; under the ring group (key gather) this rank's zigzag queries agains
 the landmark logits of all earlier blocks and the within-block softmaxes are computed locally
 from the gathered K, V (instead of SPECS 3.4's two passes over ring-held blocks: exact, and no
 per-block bookkeeping across ranks). The layout's padding tokens (label -100) sit after every
-real token and are never visible to one, whatever block they fall in.
+real token and are never visible to one, whatever block they fall in. The sequence-parallel
+wrappers do not declare ``applies_rope_itself`` and build their own contexts, so under them the
+model rotates q, k and ``ctx.rotary`` is None: training and ``original`` retrieval run as
+above, ``reference`` retrieval is refused in one line (it would need the wrappers to gather
+``ctx.rotary`` with the keys and forward it).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +77,9 @@ from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.core import AttentionCore, AttentionShape, Batch
 from longctx.attention.sequence_keys import sequence_keys
+from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
+from longctx.positional.rope import apply_rotary, rotate_half
 
 IGNORE_INDEX = -100  # labels without loss (the cross-entropy's ignore index)
 DEFAULT_QUERY_TILE = 256  # queries per tile when the recipe gives no chunk_size
@@ -140,6 +174,39 @@ def grouped_softmax_weights(
     return within * block_weight[..., None]  # [B, H, tq, m, G]
 
 
+@dataclass(frozen=True)
+class _UnrotatedKeys:
+    """What ``reference`` retrieval rotates: keys before RoPE and the rotary tables of the key
+    positions, both padded to whole blocks."""
+
+    keys: Tensor  # [B, H, nb * G, D] unrotated, compute dtype
+    cos: Tensor  # [B, nb * G, D]
+    sin: Tensor  # [B, nb * G, D]
+
+    def rotate(self, x: Tensor, index: Tensor) -> Tensor:
+        """x [B, H, ..., D] rotated at the key positions ``index`` [B, H, ...] (int64)."""
+        batch, dim = x.shape[0], x.shape[-1]
+        flat = index.reshape(batch, -1, 1).expand(-1, -1, dim)  # [B, N, D]
+        cos = self.cos.gather(1, flat).view(x.shape)
+        sin = self.sin.gather(1, flat).view(x.shape)
+        return x * cos + rotate_half(x) * sin
+
+
+def _gather_blocks(x: Tensor, blocks: Tensor, group: int) -> Tensor:
+    """x [B, H, nb * G, D] at block indices ``blocks`` [B, H, tq, m] -> [B, H, tq, m, G, D]."""
+    batch, heads, length, dim = x.shape
+    index = blocks.flatten(2)[..., None].expand(-1, -1, -1, group * dim)
+    picked = x.reshape(batch, heads, length // group, group * dim).gather(2, index)
+    return picked.view(*blocks.shape, group, dim)
+
+
+def _table_rows(table: Tensor, index: Tensor) -> Tensor:
+    """table [B, L, D] at ``index`` [Bm, 1, tq] -> [B, 1, tq, D]."""
+    index = index.expand(table.shape[0], -1, -1).flatten(1)  # [B, tq]
+    rows = table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
+    return rows[:, None]
+
+
 class LandmarkAttention(AttentionCore):
     """Landmark attention core: grouped softmax in training, top-k block retrieval in eval.
 
@@ -152,6 +219,7 @@ class LandmarkAttention(AttentionCore):
 
     accepts_gathered_keys = True
     supports_window = False
+    applies_rope_itself = True  # ``reference`` retrieval re-positions unrotated keys
 
     def __init__(
         self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
@@ -159,6 +227,7 @@ class LandmarkAttention(AttentionCore):
         super().__init__(shape, attention, positional)
         self.group = attention.landmark.block_size + 1
         self.top_k = attention.landmark.retrieve_top_k
+        self.reposition = attention.landmark.retrieval_positions == "reference"
 
     @classmethod
     def recipe_problem(cls, shape, attention, positional, *, ulysses, ring) -> str | None:
@@ -188,7 +257,13 @@ class LandmarkAttention(AttentionCore):
         )
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (already rotated) -> out [B, Hq, Tq, D]."""
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> out [B, Hq, Tq, D]; q, k unrotated when
+        ``ctx.rotary`` is set (this core rotates them, exactly as the model would), else
+        already rotated (or no RoPE)."""
+        unrotated_k = None
+        if ctx.rotary is not None:
+            unrotated_k = k
+            q, k = apply_rotary(q, k, *ctx.rotary)  # the model's own rotation, bit for bit
         whole = sequence_keys(k, v, ctx, "landmark")
         heads, queries, length = q.shape[1], q.shape[2], k.shape[2]
         group, blocks = self.group, -(-length // self.group)
@@ -197,24 +272,62 @@ class LandmarkAttention(AttentionCore):
         # [B, Hq, nb * G, D]: padding keys are never visible (positions >= Tk).
         keys = nn.functional.pad(whole.k, (0, 0, 0, pad)).repeat_interleave(groups, 1)
         values = nn.functional.pad(whole.v, (0, 0, 0, pad)).repeat_interleave(groups, 1)
+        in_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
+        unrotated = None
+        if not self.training and self.reposition and self.top_k < blocks:
+            unrotated = self._unrotated_keys(unrotated_k, v, ctx, pad, groups, dtype)
         docs = whole.doc_ids
         if docs is not None:
             docs = nn.functional.pad(docs, (0, pad), value=-1)  # [B, nb * G]
         q_pos = ctx.seq_positions.to(q.device)  # [Tq] global position of each query
         tile = self.config.chunk_size or DEFAULT_QUERY_TILE
-        in_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
         q = q.to(dtype) / math.sqrt(q.shape[-1])  # scaled once: scores are q . k
         keys, values = keys.to(dtype), values.to(dtype)
         outputs = []
         for start in range(0, queries, tile):
             rows = slice(start, start + tile)
             q_docs = None if ctx.doc_ids is None else ctx.doc_ids[:, rows]
-            args = (q[:, :, rows], keys, values, docs, q_pos[rows], q_docs, length)
+            args = (q[:, :, rows], keys, values, docs, q_pos[rows], q_docs, length, unrotated)
             if self.training and torch.is_grad_enabled() and queries > tile:
                 outputs.append(checkpoint(self._tile, *args, use_reentrant=False))
             else:
                 outputs.append(self._tile(*args))
         return torch.cat(outputs, dim=2).to(in_dtype)
+
+    def _unrotated_keys(
+        self,
+        k: Tensor | None,
+        v: Tensor,
+        ctx: AttentionContext,
+        pad: int,
+        groups: int,
+        dtype: torch.dtype,
+    ) -> _UnrotatedKeys | None:
+        """The unrotated keys and key rotary tables ``reference`` retrieval needs (None without
+        RoPE: then there is nothing to re-position)."""
+        if k is None:
+            if self.positional.kind == "none":
+                return None
+            raise LongctxError(
+                "attention.landmark.retrieval_positions 'reference' needs unrotated keys, but "
+                "this core got rotated ones (sequence-parallel wrappers rotate in the model and "
+                "drop ctx.rotary); evaluate with parallel.ring=1 and parallel.ulysses=1 or set "
+                "attention.landmark.retrieval_positions: original"
+            )
+        if not ctx.keys_are_queries:
+            raise LongctxError(
+                "attention.landmark.retrieval_positions 'reference' needs the rotary tables of "
+                "every key, but ctx.rotary covers only the queries (gathered keys); set "
+                "attention.landmark.retrieval_positions: original under parallel.ring"
+            )
+        cos, sin = ctx.rotary  # [B, T, D], ordered like the keys: sort both by global position
+        whole = sequence_keys(k, v, ctx, "landmark")
+        tables = sequence_keys(cos[:, None], sin[:, None], ctx, "landmark")
+        return _UnrotatedKeys(
+            keys=nn.functional.pad(whole.k, (0, 0, 0, pad)).repeat_interleave(groups, 1).to(dtype),
+            cos=nn.functional.pad(tables.k[:, 0], (0, 0, 0, pad)).to(dtype),
+            sin=nn.functional.pad(tables.v[:, 0], (0, 0, 0, pad)).to(dtype),
+        )
 
     def _tile(
         self,
@@ -225,11 +338,13 @@ class LandmarkAttention(AttentionCore):
         q_pos: Tensor,
         q_docs: Tensor | None,
         length: int,
+        unrotated: _UnrotatedKeys | None = None,
     ) -> Tensor:
         """Output [B, H, tq, D] of the (pre-scaled) queries at global positions ``q_pos`` [tq].
 
         keys/values [B, H, nb * G, D] (the whole sequence of ``length`` keys, padded to whole
-        blocks); docs [B, nb * G] and q_docs [B, tq], or both None.
+        blocks, rotated at their own positions); docs [B, nb * G] and q_docs [B, tq], or both
+        None; ``unrotated``: re-position the retrieved blocks (``reference``), else None.
         """
         group = self.group
         blocks = keys.shape[2] // group
@@ -251,7 +366,9 @@ class LandmarkAttention(AttentionCore):
             scores = (q @ keys.transpose(-1, -2)).unflatten(-1, (blocks, group))  # [B,H,tq,nb,G]
             weights = grouped_softmax_weights(scores, token_visible, own_block, landmark_visible)
             return weights.flatten(3) @ values  # [B, H, tq, D]
-        return self._retrieve(q, keys, values, token_visible, landmark_visible, own_index)
+        return self._retrieve(
+            q, keys, values, token_visible, landmark_visible, own_index, unrotated
+        )
 
     def _retrieve(
         self,
@@ -261,28 +378,47 @@ class LandmarkAttention(AttentionCore):
         token_visible: Tensor,
         landmark_visible: Tensor,
         own_index: Tensor,
+        unrotated: _UnrotatedKeys | None = None,
     ) -> Tensor:
         """Grouped softmax over the top-k earlier blocks by landmark logit plus the own block.
 
         q [B, H, tq, D] (scaled); keys/values [B, H, nb * G, D]; token_visible
         [Bm, 1, tq, nb, G]; landmark_visible [Bm, 1, tq, nb]; own_index [tq] (each query's
-        block). Cost O(tq (nb + (k + 1) G) D): only the chosen blocks' tokens are scored.
+        block); ``unrotated``: score and attend the retrieved blocks at the ``reference``
+        positions (module docstring). Cost O(tq (nb + (k + 1) G) D): only the chosen blocks'
+        tokens are scored.
         """
-        batch, heads, tq, dim = q.shape
+        batch, heads, tq, _ = q.shape
         group = self.group
         blocks = keys.shape[2] // group
         top_k = min(self.top_k, blocks)
         landmark_scores = q @ keys[:, :, group - 1 :: group].transpose(-1, -2)  # [B,H,tq,nb]
+        if unrotated is not None:
+            # top = min(k, earlier blocks of the query's document); blocks >= own - top are
+            # the recent ones (own positions), the older landmarks sit at block own - top - 1
+            top = landmark_visible.sum(-1).clamp(max=top_k)  # [Bm, 1, tq]
+            recent_from = own_index - top  # [Bm, 1, tq]
+            old_landmark = (recent_from * group - 1).clamp(min=0)  # landmark of own - top - 1
+            cos = _table_rows(unrotated.cos, old_landmark)  # [B, 1, tq, D]
+            sin = _table_rows(unrotated.sin, old_landmark)
+            # q . R(p) k = (cos q - rotate_half(sin q)) . k: rotate the query back once
+            q_back = cos * q - rotate_half(sin * q)
+            old_scores = q_back @ unrotated.keys[:, :, group - 1 :: group].transpose(-1, -2)
+            block_index = torch.arange(blocks, device=q.device)
+            recent = block_index >= recent_from[..., None]  # [Bm, 1, tq, nb]
+            landmark_scores = torch.where(recent, landmark_scores, old_scores)
         landmark_scores = landmark_scores.masked_fill(~landmark_visible, -torch.inf)
         chosen = landmark_scores.topk(top_k, dim=-1).indices  # [B, H, tq, k]
+        if unrotated is not None:
+            chosen = chosen.sort(-1).values  # the reference fills its slots in block order
         own = own_index.view(1, 1, tq, 1).expand(batch, heads, tq, 1)
         candidates = torch.cat([own, chosen], dim=-1)  # [B, H, tq, m = k + 1]
-        m = top_k + 1
-        index = candidates.flatten(2)[..., None].expand(-1, -1, -1, group * dim)
-        picked_keys = keys.reshape(batch, heads, blocks, group * dim).gather(2, index)
-        picked_values = values.reshape(batch, heads, blocks, group * dim).gather(2, index)
-        picked_keys = picked_keys.view(batch, heads, tq, m, group, dim)
-        picked_values = picked_values.view(batch, heads, tq, m, group, dim)
+        if unrotated is None:
+            picked_keys = _gather_blocks(keys, candidates, group)  # [B, H, tq, m, G, D]
+        else:
+            moved = self._repositioned_keys(unrotated, chosen, landmark_visible, own_index, top)
+            picked_keys = torch.cat([_gather_blocks(keys, own, group), moved], dim=3)
+        picked_values = _gather_blocks(values, candidates, group)
         token_index = candidates[..., None].expand(-1, -1, -1, -1, group)
         full_shape = (batch, heads, tq, blocks, group)
         picked_tokens = token_visible.expand(full_shape).gather(3, token_index)
@@ -292,3 +428,25 @@ class LandmarkAttention(AttentionCore):
         scores = torch.einsum("bhqd,bhqmgd->bhqmg", q, picked_keys)  # [B, H, tq, m, G]
         weights = grouped_softmax_weights(scores, picked_tokens, own_block, picked_landmarks)
         return torch.einsum("bhqmg,bhqmgd->bhqd", weights, picked_values)
+
+    def _repositioned_keys(
+        self,
+        unrotated: _UnrotatedKeys,
+        chosen: Tensor,
+        landmark_visible: Tensor,
+        own_index: Tensor,
+        top: Tensor,
+    ) -> Tensor:
+        """The chosen blocks' keys [B, H, tq, k, G, D] rotated into the slots before the own
+        block (module docstring): ``chosen`` [B, H, tq, k] in increasing order, of which
+        ``top`` [Bm, 1, tq] are visible (the others get their own block, unseen anyway)."""
+        batch, heads, tq, _ = chosen.shape
+        group = self.group
+        blocks = unrotated.keys.shape[2] // group
+        picked_visible = landmark_visible.expand(batch, heads, tq, blocks).gather(3, chosen)
+        rank = picked_visible.cumsum(-1) - 1  # among the visible picks, in block order
+        recent_from = (own_index - top)[..., None]  # [Bm, 1, tq, 1]
+        slot = rank + (chosen >= recent_from).long()  # the recent blocks skip slot 0
+        target = torch.where(picked_visible, recent_from - 1 + slot, chosen).clamp(0, blocks - 1)
+        positions = target[..., None] * group + torch.arange(group, device=chosen.device)
+        return unrotated.rotate(_gather_blocks(unrotated.keys, chosen, group), positions)

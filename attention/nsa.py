@@ -8,8 +8,10 @@ branch (x is the layer's normed input, ``ctx.hidden``):
 - selection: the compression attention probabilities, summed over the query heads of a GQA
   group, score the compressed blocks; a selection block of ``l'`` tokens scores the sum of the
   compressed blocks overlapping it. Each query keeps the top ``n`` selection blocks that start
-  at or before it, always including block 0 and its two most recent blocks, and attends to
-  their raw tokens (causal inside its own block). Ties go to the lower block index.
+  at or before it, always including its document's first block (block 0 unpacked; with packed
+  documents the block holding the first token of the query's document, so no forced block is
+  hidden by the document mask) and its two most recent blocks, and attends to their raw tokens
+  (causal inside its own block). Ties go to the lower block index.
 - sliding window: the last ``w`` tokens, through the tiled kernel with a window mask.
 
 A branch with no visible key contributes 0. Cost: the compressed branch reads ``T / d`` keys
@@ -184,6 +186,24 @@ def _compressed_doc_ids(doc_ids: Tensor, num_compressed: int, settings: NSAConfi
     return torch.where(first_doc == last_doc, last_doc, torch.full_like(last_doc, -1))
 
 
+def _document_first_blocks(sides: QueryKeySides, select_block: int) -> Tensor | None:
+    """[B, Tq] the selection block holding the first token of each query's document (None
+    unpacked: block 0 for every query).
+
+    Packed documents are contiguous runs of ``k_doc_ids`` (key j at global position j, so this
+    holds under sequence parallelism too): a key starts its document where its doc id differs
+    from the previous key's, and a query's document starts at the last such start at or before
+    its global position."""
+    if sides.k_doc_ids is None:
+        return None
+    docs = sides.k_doc_ids  # [B, Tk]
+    positions = torch.arange(docs.shape[1], device=docs.device)
+    starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True)  # [B, Tk]
+    first = torch.where(starts, positions, 0).cummax(dim=1).values  # [B, Tk]
+    index = sides.q_positions.to(docs.device).expand(docs.shape[0], -1)
+    return first.gather(1, index) // select_block
+
+
 def _query_chunks(length: int, rows: int) -> list[slice]:
     return [slice(a, min(a + rows, length)) for a in range(0, length, rows)]
 
@@ -342,6 +362,7 @@ class NSAAttention(AttentionCore):
             ck, lse_cmp, block_ends, block_docs = importance
             overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
             rows_per_step = max(1, IMPORTANCE_STEP_ELEMENTS // (batch * heads * ck.shape[2]))
+        doc_first = _document_first_blocks(sides, select)  # [B, Tq] or None: block 0
         chosen = []
         for rows in _query_chunks(q.shape[2], rows_per_step):
             query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
@@ -370,7 +391,8 @@ class NSAAttention(AttentionCore):
             current = (query_pos // select)[:, None]  # [c, 1]
             index = block_index[:started_blocks]
             started = index[None, :] <= current  # block begins at or before the query
-            forced = (index == 0) | (index == current) | (index == current - 1)
+            first = 0 if doc_first is None else doc_first[:, None, rows, None]  # [B, 1, c, 1]
+            forced = (index == first) | (index == current) | (index == current - 1)
             ranked = torch.where(started, scores, float("-inf"))
             ranked = torch.where(forced & started, float("inf"), ranked)
             ranked = F.pad(ranked, (0, max(0, keep - started_blocks)), value=float("-inf"))

@@ -26,11 +26,20 @@ from longctx.positional.config import PositionalConfig
 RTOL = 1e-5
 
 
-def _core(block_size: int, top_k: int = 4, chunk_size: int | None = None) -> LandmarkAttention:
+def _core(
+    block_size: int, top_k: int = 4, chunk_size: int | None = None, positions: str = "original"
+) -> LandmarkAttention:
+    """These tests hand the core rotated (here: random) q, k with no ``ctx.rotary``, so eval
+    retrieval keeps the keys' own positions (``original``); ``test_landmark_retrieval.py``
+    tests the ``reference`` positions."""
     config = AttentionConfig(
         variant="landmark",
         chunk_size=chunk_size,
-        landmark={"block_size": block_size, "retrieve_top_k": top_k},
+        landmark={
+            "block_size": block_size,
+            "retrieve_top_k": top_k,
+            "retrieval_positions": positions,
+        },
     )
     return LandmarkAttention(
         ModelConfig(vocab_size=64).attention_shape(0), config, PositionalConfig()

@@ -3,8 +3,8 @@ attention where the spec says they coincide.
 
 The reference below recomputes everything per (sequence, kv head, query) in float64 with Python
 loops: phi on each block, the compressed softmax, the importance of each selection block from
-the overlapping compressed blocks summed over the GQA group, the top-n choice (forced blocks,
-ties to the lower index), the raw-token and window softmaxes and the gates.
+the overlapping compressed blocks summed over the GQA group, the top-n choice (forced blocks:
+the query's own document's first block and its two most recent blocks; ties to the lower index), the raw-token and window softmaxes and the gates.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from longctx.attention import AttentionConfig, AttentionContext, block_attention
 from longctx.attention.config import NSAConfig
 from longctx.attention.nsa import DENSE_START_GATE_BIAS, NSAAttention
+from longctx.attention.nsa_selection import QueryKeySides
 from longctx.config.recipe import load_recipe
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
@@ -132,7 +133,10 @@ def reference_nsa(core, q, k, v, hidden, doc_ids=None):
                                 importance[jb] += p
                 started = [jb for jb in range(num_select) if jb * sel <= t]
                 current = t // sel
-                forced = [jb for jb in started if jb in (0, current, current - 1)]
+                first = t  # the first token of t's document (packed documents are contiguous)
+                while first > 0 and doc(first - 1) == doc(t):
+                    first -= 1
+                forced = [jb for jb in started if jb in (first // sel, current, current - 1)]
                 rest = sorted(
                     (jb for jb in started if jb not in forced), key=lambda jb: -importance[jb]
                 )
@@ -174,6 +178,33 @@ def test_nsa_matches_float64_reference_loop_outputs_and_gradients(doc_ids):
     torch.testing.assert_close(fast, ref.float(), **FP32)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad.float(), **FP32)
+
+
+@pytest.mark.parametrize("top_n", [3, 5])
+def test_packed_documents_force_the_own_documents_first_block_not_block_0(top_n):
+    """Issue 17 item 5. Two packed documents, the second starting at token 20 (inside
+    selection block 2 of l' = 8): every query of the second document is forced to keep block 2
+    (its document's first block) instead of block 0, which it cannot see (all of block 0 is the
+    first document), so no selected block is wasted. ``top_n = 3``: the forced blocks fill the
+    selection; ``top_n = 5``: two more by importance. Checked against the float64 loop, whose
+    forced rule is written from the document boundaries, and on the selections themselves."""
+    length = 96
+    docs = torch.tensor([[0] * 20 + [1] * 76, [0] * 96])
+    core = make_core(top_n=top_n, select_block=8)
+    fast, ref, grads, ref_grads = run_both(core, docs, length=length)
+    torch.testing.assert_close(fast, ref.float(), **FP32)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad.float(), **FP32)
+    q, k, v, hidden = inputs(length)
+    with torch.no_grad():
+        sides = QueryKeySides(torch.arange(length), docs, docs)
+        _, selected = core._compressed_and_selection(q, k, v, sides, 1.0 / math.sqrt(DIM))
+    second = selected[0, :, 20:]  # [Hkv, queries of document 1, n]
+    assert (second == 2).all(0).any(-1).all()
+    # block 0 (hidden) only fills a place left when document 1 has fewer than n started blocks
+    own_blocks = torch.arange(20, length) // 8 - 2 + 1  # blocks 2 .. current
+    assert torch.equal((second == 0).any(-1).any(0), own_blocks < top_n)
+    assert (selected[1] == 0).any(-1).all()  # one document: block 0 stays forced
 
 
 def test_nsa_in_float64_matches_reference_to_rounding():
