@@ -23,7 +23,7 @@ grouped softmax over those blocks plus the own block: cost ``O(T (T / G + (k + 1
 of ``O(T^2)``. With ``k`` >= the number of blocks, retrieval equals training.
 
 Sequence parallelism: blocks are defined on GLOBAL positions, so the data path inserts the
-landmarks into the whole sequence before ``shard_batch`` cuts it (``trainer/loop.py``), and any
+landmarks into the whole sequence before ``shard_batch`` cuts it (``parallel/batch.py``), and any
 layout keeps the block structure: the keys are the whole sequence in order (``sequence_keys``),
 the queries any tokens at their global positions. Under Ulysses the core sees every token of a
 head subset; under the ring group (key gather) this rank's zigzag queries against every key, so

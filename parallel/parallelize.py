@@ -31,11 +31,11 @@ from longctx.attention.dense import DenseAttention
 from longctx.attention.factory import build_attention_core
 from longctx.attention.scored import ScoredAttention
 from longctx.errors import LongctxError
+from longctx.model.state_names import keep_inner_names
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.key_gather import KeyGatherAttention, accepts_gathered_keys
 from longctx.parallel.mesh import ParallelMesh
 from longctx.parallel.ring import RingAttention
-from longctx.parallel.state_names import keep_inner_names
 from longctx.parallel.ulysses import ContextGather, UlyssesAttention, check_ulysses_heads
 from longctx.positional.config import PositionalConfig
 
