@@ -23,11 +23,11 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import run_on_ranks
+from test_sp_trainer import VOCAB, _model_fields
 
 from longctx.model import ModelConfig, Transformer
 
 RTOL, ATOL = 1e-5, 1e-6
-VOCAB = 67
 HEAD_DIM = 8
 LAYOUTS = {"ring2": (1, 2), "ulysses2": (2, 1), "ulysses2_ring2": (2, 2)}
 CASES = {
@@ -56,21 +56,11 @@ CASES = {
 
 
 def _model(case: str) -> Transformer:
+    """test_sp_trainer's tiny model (vocab 67, head dim 8) with the case's RoPE scaling."""
     scaling, max_positions, _, _ = CASES[case]
     torch.manual_seed(0)
-    return Transformer(
-        ModelConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=max_positions,
-            rope_scaling=scaling,
-            initializer_range=0.2,
-        )
-    )
+    fields = {"max_position_embeddings": max_positions, "rope_scaling": scaling}
+    return Transformer(ModelConfig(**{**_model_fields(), **fields}))
 
 
 def _batch(case: str) -> dict[str, torch.Tensor]:

@@ -99,8 +99,9 @@ def eval_loss(
 ) -> float:
     """Token-mean cross-entropy over ``num_batches`` micro-batches per rank, over all ranks.
 
-    ``batches`` are model inputs from ``prepare_batch``. Every scored token weighs the same: each micro-batch's mean loss is turned back into a sum
-    with its scored-token count before the all-rank reduction. Under sequence parallelism
+    ``batches`` are model inputs from ``prepare_batch``. Every scored token weighs the same:
+    each micro-batch's mean loss is turned back into a sum with its scored-token count before
+    the all-rank reduction. Under sequence parallelism
     (``sp_group``: the batches are this rank's shards) the engine returns ``sp x`` this rank's
     share of its sequence's loss over the sequence's token count ``n``; each of the ``sp`` ranks
     adds ``value x n / sp`` (its NLL sum) and ``n / sp`` tokens, so the group adds its sequence
