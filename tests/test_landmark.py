@@ -245,3 +245,37 @@ def test_landmark_forward_reads_hidden_back_at_regular_tokens():
     keep = [i for i in range(22) if i % 5 != 4]
     assert hidden.shape == (1, 18, 32)
     torch.testing.assert_close(hidden, full[:, keep])
+
+
+def test_sequence_scorer_runs_landmark_models_through_the_batch_transform():
+    """The scorer feeds a sequence through the batch path with the trainer's transform: a
+    landmark model is scored on the ids with landmarks inserted, each regular token's NLL and
+    answer argmax read back in order (``landmark_forward``'s hidden states, then the head)."""
+    import torch.nn.functional as F
+
+    from longctx.attention.landmark import batch_transform, landmark_forward
+    from longctx.eval.sequence_scorer import SequenceScorer
+    from longctx.model.config import ModelConfig
+    from longctx.model.transformer import Transformer
+
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    attention = _core(block_size=4, top_k=2).config
+    torch.manual_seed(0)
+    model = Transformer(config, attention=attention).eval()
+    ids = torch.randint(0, 63, (18,), generator=torch.Generator().manual_seed(3))
+    scorer = SequenceScorer(model, transform=batch_transform(attention, config.vocab_size))
+    with torch.no_grad():
+        hidden = landmark_forward(model, block_size=4, landmark_id=63)(ids[None])[0]  # [18, d]
+        logits = model.lm_head(hidden)  # [18, V]
+    expected = F.cross_entropy(logits[:-1], ids[1:], reduction="none").double()
+    torch.testing.assert_close(scorer.token_nll(ids), expected, rtol=RTOL, atol=1e-6)
+    predicted, nll = scorer.answer_scores(ids, 10, 3)
+    assert predicted == logits[10:13].argmax(-1).tolist()
+    assert nll == pytest.approx(float(expected[10:13].sum()), rel=RTOL)
