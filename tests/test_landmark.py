@@ -220,10 +220,8 @@ def test_model_with_one_block_equals_dense_model():
     torch.testing.assert_close(landmark(input_ids), dense(input_ids), rtol=RTOL, atol=1e-5)
 
 
-def test_landmark_forward_reads_hidden_back_at_regular_tokens():
-    """Evaluation's forward inserts landmarks and returns the hidden states of the original
-    tokens: equal to running the model on the inserted ids and dropping the landmark rows."""
-    from longctx.attention.landmark import landmark_forward
+def _tiny_model():
+    """One-layer landmark decoder (block 4, top 2, vocab 64: landmark id 63) in eval mode."""
     from longctx.model.config import ModelConfig
     from longctx.model.transformer import Transformer
 
@@ -236,7 +234,15 @@ def test_landmark_forward_reads_hidden_back_at_regular_tokens():
         num_key_value_heads=2,
     )
     torch.manual_seed(0)
-    model = Transformer(config, attention=_core(block_size=4, top_k=2).config).eval()
+    return Transformer(config, attention=_core(block_size=4, top_k=2).config).eval()
+
+
+def test_landmark_forward_reads_hidden_back_at_regular_tokens():
+    """Evaluation's forward inserts landmarks and returns the hidden states of the original
+    tokens: equal to running the model on the inserted ids and dropping the landmark rows."""
+    from longctx.attention.landmark import landmark_forward
+
+    model = _tiny_model()
     input_ids = torch.randint(0, 63, (1, 18), generator=torch.Generator().manual_seed(2))
     hidden = landmark_forward(model, block_size=4, landmark_id=63)(input_ids)
     inserted = torch.cat([input_ids.view(-1), torch.tensor([0, 0])]).view(5, 4)
@@ -255,20 +261,9 @@ def test_sequence_scorer_runs_landmark_models_through_the_batch_transform():
 
     from longctx.attention.landmark import batch_transform, landmark_forward
     from longctx.eval.sequence_scorer import SequenceScorer
-    from longctx.model.config import ModelConfig
-    from longctx.model.transformer import Transformer
 
-    config = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    attention = _core(block_size=4, top_k=2).config
-    torch.manual_seed(0)
-    model = Transformer(config, attention=attention).eval()
+    model = _tiny_model()
+    attention, config = model.attention, model.config
     ids = torch.randint(0, 63, (18,), generator=torch.Generator().manual_seed(3))
     scorer = SequenceScorer(model, transform=batch_transform(attention, config.vocab_size))
     with torch.no_grad():
