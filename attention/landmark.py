@@ -50,7 +50,8 @@ rotary tables in ``ctx.rotary``), and the slot positions are read from those tab
 is a position of the query's own document, so per-document RoPE positions are respected).
 
 Sequence parallelism: blocks are defined on GLOBAL positions, so the data path inserts the
-landmarks into the whole sequence before ``shard_batch`` cuts it (``transform_batch``), and any
+landmarks into the whole sequence before ``shard_batch`` cuts it (``transform_batch`` in
+``parallel/batch.py``), and any
 layout keeps the block structure: the keys are the whole sequence in order (``sequence_keys``),
 the queries any tokens at their global positions. Under Ulysses the core sees every token of a
 head subset; under the ring group (key gather) this rank's zigzag queries against every key, so

@@ -29,9 +29,9 @@ import torch
 from longctx.attention.kernels import block_attention, resolve_backend
 from longctx.bench.measure import write_report
 from longctx.model import ModelConfig, Transformer
-from longctx.model.transformer import apply_tiled_mlp
 from longctx.parallel.accelerator import import_deepspeed
-from longctx.trainer.engine import CausalLMLoss, apply_activation_checkpointing
+from longctx.parallel.apply import TransformPlan, apply_transforms
+from longctx.trainer.engine import ModelWithLoss
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
 LLAMA3_8B = dict(
@@ -90,8 +90,9 @@ def _engine(layers: int, max_tokens: int, tiled_chunk: int):
     )
     with deepspeed.zero.Init(remote_device="cpu", pin_memory=True, dtype=torch.bfloat16):
         model = Transformer(config)
-    apply_activation_checkpointing(model)
-    apply_tiled_mlp(model, tiled_chunk)
+    apply_transforms(
+        model, TransformPlan(tiled_mlp_chunk=tiled_chunk, activation_checkpointing=True)
+    )
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {
@@ -104,7 +105,7 @@ def _engine(layers: int, max_tokens: int, tiled_chunk: int):
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
     }
-    module = CausalLMLoss(model, zero_stage=3)  # tiled loss; lm_head weight gathered for it
+    module = ModelWithLoss(model, zero_stage=3)  # tiled loss; lm_head weight gathered for it
     optimizer = torch.optim.SGD(module.parameters(), lr=1e-5)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine, config

@@ -46,12 +46,10 @@ from longctx.bench.measure import (
 )
 from longctx.config.recipe import load_recipe
 from longctx.model import Transformer
-from longctx.model.transformer import apply_tiled_mlp
+from longctx.parallel.apply import TransformPlan, apply_transforms
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
 from longctx.parallel.mesh import build_mesh
-from longctx.parallel.parallelize import parallelize
-from longctx.trainer.engine import apply_activation_checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
@@ -102,15 +100,12 @@ def _steps_of_model(world: int, setting: str, layers: int, lengths: list[int]) -
     checkpointing, tiled_chunk = SETTINGS[setting]
     config, positional, attention = demo_model(layers, max(lengths))
     model = Transformer(config, positional, attention)
-    group, shard = None, None
-    if world > 1:
-        mesh = build_mesh(ParallelConfig(dp=1, ring=world))
-        parallelize(model, mesh.config, mesh)
-        group, shard = mesh.sp_group, mesh.shard_batch
-    if checkpointing:
-        apply_activation_checkpointing(model)
-    if tiled_chunk is not None:
-        apply_tiled_mlp(model, tiled_chunk)
+    mesh = build_mesh(ParallelConfig(dp=1, ring=world)) if world > 1 else None
+    plan = TransformPlan(
+        mesh=mesh, tiled_mlp_chunk=tiled_chunk, activation_checkpointing=checkpointing
+    )
+    apply_transforms(model, plan)
+    group, shard = (None, None) if mesh is None else (mesh.sp_group, mesh.shard_batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
 

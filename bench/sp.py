@@ -47,11 +47,11 @@ from longctx.bench.measure import (
     write_report,
 )
 from longctx.model import ModelConfig, Transformer
+from longctx.parallel.apply import TransformPlan, apply_transforms
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.layout import causal_work, zigzag_positions
 from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
 from longctx.parallel.mesh import build_mesh
-from longctx.parallel.parallelize import parallelize
 from longctx.parallel.ring import ring_attention, visible_pieces
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sp.json"
@@ -176,7 +176,7 @@ def _model_step(rank, world, seq_len, threads):
     shard = None
     if world > 1:
         mesh = build_mesh(ParallelConfig(dp=1, ring=world))
-        parallelize(model, mesh.config, mesh)
+        apply_transforms(model, TransformPlan(mesh=mesh))
         group, shard = mesh.sp_group, mesh.shard_batch
     gen = torch.Generator().manual_seed(0)
 

@@ -146,7 +146,7 @@ def unique_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Param
     name), in registration order: the order every rank walks them in.
 
     Names are the module's state-dict names, not its ``named_parameters`` paths: sequence-
-    parallel wrappers keep the plain model's names in the state dict (``parallel/
+    parallel wrappers keep the plain model's names in the state dict (``model/
     state_names.py``) but not in their parameter paths (``core.inner.``), and the saved
     weights and moments must carry the layout-free names to resume under any layout."""
     names: dict[int, str] = {}

@@ -42,6 +42,7 @@ from longctx.eval.sequence_scorer import SequenceScorer
 from longctx.model import Transformer
 
 if TYPE_CHECKING:
+    from longctx.parallel.batch import BatchTransform
     from longctx.parallel.mesh import ParallelMesh
 
 RETRIEVAL_TASKS = ("passkey", "niah")
@@ -105,11 +106,13 @@ def position_perplexity(
     *,
     windows: int = 4,
     mesh: ParallelMesh | None = None,
+    transform: BatchTransform | None = None,
 ) -> PerplexityResult:
     """Perplexity by position bucket on held-out ``documents`` at ``length`` tokens (see the
     module docstring). Each bucket: ``start``, ``end``, ``tokens`` scored, ``nll`` (mean),
-    ``ppl`` (its exp). ``mesh``: score over the sequence-parallel mesh ``model`` runs on."""
-    scorer = SequenceScorer(model, mesh)
+    ``ppl`` (its exp). ``mesh``: score over the sequence-parallel mesh ``model`` runs on;
+    ``transform``: the attention core's batch transform (``SequenceScorer``)."""
+    scorer = SequenceScorer(model, mesh, transform=transform)
     rows = held_out_windows(documents, length, windows)  # [n, L]
     nll_sum = torch.zeros(length - 1, dtype=torch.float64)  # [L-1], per predicted position
     for row in rows:
@@ -184,12 +187,14 @@ def retrieval_accuracy(
     seed: int = 0,
     params: TaskParams | None = None,
     mesh: ParallelMesh | None = None,
+    transform: BatchTransform | None = None,
 ) -> RetrievalResult:
     """Accuracy of ``task`` (passkey | niah) on the ``lengths x depths`` grid, ``samples`` per
     cell; example ``k`` of a cell uses seed ``seed + k`` (the same examples for every model).
-    ``mesh``: score over the sequence-parallel mesh ``model`` runs on."""
+    ``mesh``: score over the sequence-parallel mesh ``model`` runs on; ``transform``: the
+    attention core's batch transform (``SequenceScorer``)."""
     check_grid(task, lengths, depths, samples)
-    scorer = SequenceScorer(model, mesh)
+    scorer = SequenceScorer(model, mesh, transform=transform)
     accuracy, token_accuracy, examples = [], [], []
     for length in lengths:
         exact_row, token_row = [], []
@@ -234,11 +239,13 @@ def passkey_accuracy(
     *,
     params: TaskParams | None = None,
     mesh: ParallelMesh | None = None,
+    transform: BatchTransform | None = None,
 ) -> RetrievalResult:
     """Passkey accuracy table (``result.accuracy[length][depth]``, exact match of the digits,
     ``samples`` per cell) of ``model`` in eval mode; ``format_table`` prints it. ``params``: the
     recipe's ``data.task_params`` (key digits), defaults otherwise; ``mesh``: score over the
-    sequence-parallel mesh ``model`` runs on."""
+    sequence-parallel mesh ``model`` runs on; ``transform``: the attention core's batch
+    transform."""
     was_training = model.training
     model.eval()
     try:
@@ -252,6 +259,7 @@ def passkey_accuracy(
             seed=seed,
             params=params,
             mesh=mesh,
+            transform=transform,
         )
     finally:
         model.train(was_training)

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
     from longctx.config.recipe import Recipe
+    from longctx.parallel.batch import BatchTransform
     from longctx.parallel.mesh import ParallelMesh
 
 EVAL_DIR = "eval"
@@ -166,11 +167,14 @@ def run_eval_suite(
     documents: Sequence[TokenDocument] | None,
     *,
     mesh: ParallelMesh | None = None,
+    transform: BatchTransform | None = None,
 ) -> EvalResults:
     """Evaluate every task of ``plan`` with ``model`` in eval mode (restored afterwards).
 
     ``mesh``: the sequence-parallel mesh a ``parallelize``d ``model`` runs on; every rank of the
-    world must then call this with the same plan, and all get the same results."""
+    world must then call this with the same plan, and all get the same results. ``transform``:
+    the attention core's batch transform every scored sequence goes through (the trainer's
+    ``batch_transform_for(recipe)``; None: the identity)."""
     was_training = model.training
     model.eval()
     results: EvalResults = {}
@@ -184,6 +188,7 @@ def run_eval_suite(
                         length,
                         windows=plan.ppl_windows,
                         mesh=mesh,
+                        transform=transform,
                     )
                     for length in plan.lengths
                 ]
@@ -197,6 +202,7 @@ def run_eval_suite(
                     seed=plan.seed,
                     params=plan.params,
                     mesh=mesh,
+                    transform=transform,
                 )
             else:
                 results[task] = retrieval_accuracy(
@@ -209,6 +215,7 @@ def run_eval_suite(
                     seed=plan.seed,
                     params=plan.params,
                     mesh=mesh,
+                    transform=transform,
                 )
     finally:
         model.train(was_training)
@@ -340,7 +347,9 @@ class TrainingEvaluator:
     every rank, and only rank 0 writes files and TensorBoard. Returns the scalars. Under
     sequence parallelism (``mesh``) each sequence is sharded over the SP group like a training
     batch and the parallelized model scores it at its full length; the data-parallel groups
-    all evaluate every sequence (the same results everywhere, no reduction needed).
+    all evaluate every sequence (the same results everywhere, no reduction needed). Every
+    sequence goes through ``transform`` (the attention core's batch transform) first, as the
+    training batches do.
     """
 
     def __init__(
@@ -353,6 +362,7 @@ class TrainingEvaluator:
         *,
         is_writer: bool,
         mesh: ParallelMesh | None = None,
+        transform: BatchTransform | None = None,
     ):
         plan.check(tokenizer, documents)
         self.model = model
@@ -362,11 +372,17 @@ class TrainingEvaluator:
         self.run_dir = run_dir
         self.is_writer = is_writer
         self.mesh = mesh
+        self.transform = transform
 
     def __call__(self, step: int, writer: SummaryWriter | None) -> dict[str, float]:
         with torch.no_grad():
             results = run_eval_suite(
-                self.model, self.tokenizer, self.plan, self.documents, mesh=self.mesh
+                self.model,
+                self.tokenizer,
+                self.plan,
+                self.documents,
+                mesh=self.mesh,
+                transform=self.transform,
             )
         if self.is_writer:
             write_eval_outputs(results, eval_directory(self.run_dir, step), {"step": step})

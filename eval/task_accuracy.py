@@ -38,6 +38,7 @@ from longctx.eval.sequence_scorer import SequenceScorer
 from longctx.model import Transformer
 
 if TYPE_CHECKING:
+    from longctx.parallel.batch import BatchTransform
     from longctx.parallel.mesh import ParallelMesh
 
 
@@ -143,13 +144,14 @@ def task_accuracy(
     seed: int = 0,
     params: TaskParams | None = None,
     mesh: ParallelMesh | None = None,
+    transform: BatchTransform | None = None,
 ) -> TaskAccuracyResult:
     """Accuracy of ``task`` (counting | selective_copy | flip_flop) at each of ``lengths``,
     ``samples`` examples per length (see the module docstring). ``params``: the recipe's
-    ``data.task_params``; ``mesh``: score over the sequence-parallel mesh ``model`` runs on.
-    The caller puts ``model`` in eval mode (``run_eval_suite`` does)."""
+    ``data.task_params``; ``mesh``: score over the sequence-parallel mesh ``model`` runs on;
+    ``transform``: the attention core's batch transform (``SequenceScorer``). The caller puts ``model`` in eval mode (``run_eval_suite`` does)."""
     check_task_lengths(task, tokenizer, lengths, samples, seed=seed, params=params)
-    scorer = SequenceScorer(model, mesh)
+    scorer = SequenceScorer(model, mesh, transform=transform)
     accuracy, token_accuracy, examples = [], [], []
     for length in lengths:
         scored = score_length(

@@ -188,19 +188,26 @@ def evaluate_target(
     device: torch.device | None = None,
     is_writer: bool = True,
 ) -> EvalResults:
-    """Load the model (parallelized on ``mesh`` when given), evaluate ``plan`` with ``data``
-    (``load_eval_data``) and, when ``is_writer``, write the JSON + PNG files to ``out``."""
+    """Load the model (``apply_transforms`` with ``mesh``: sequence parallelism when given),
+    evaluate ``plan`` with ``data`` (``load_eval_data``) through the recipe's batch path and,
+    when ``is_writer``, write the JSON + PNG files to ``out``."""
     from longctx.checkpoint.saved_model import build_model
+    from longctx.parallel.apply import TransformPlan, apply_transforms
+    from longctx.trainer.plans import batch_transform_for
 
     tokenizer, documents = data
     # The checkpoint's weights, or the recipe's hf:PATH ones; float32, in eval mode.
     model = build_model(target.recipe, weights=target.checkpoint).eval().to(device or "cpu")
-    if mesh is not None:
-        from longctx.parallel.parallelize import parallelize
-
-        parallelize(model, mesh.config, mesh)
+    apply_transforms(model, TransformPlan(mesh=mesh))
     with torch.no_grad():
-        results = run_eval_suite(model, tokenizer, plan, documents, mesh=mesh)
+        results = run_eval_suite(
+            model,
+            tokenizer,
+            plan,
+            documents,
+            mesh=mesh,
+            transform=batch_transform_for(target.recipe),
+        )
     if is_writer:
         write_eval_outputs(results, out, target.meta)
     return results

@@ -315,6 +315,7 @@ def stage_passkey_table(checkpoint: Path, stage: Stage, out: Path) -> str:
     from longctx.eval.evaluate import format_table
     from longctx.eval.passkey_check import DEPTHS
     from longctx.eval.report import EvalPlan, run_eval_suite, write_eval_outputs
+    from longctx.trainer.plans import batch_transform_for
 
     saved = replace(open_checkpoint(checkpoint), recipe=stage.recipe)
     data = stage.recipe.data
@@ -327,7 +328,13 @@ def stage_passkey_table(checkpoint: Path, stage: Stage, out: Path) -> str:
         params=data.task_params,
     )
     with torch.no_grad():
-        results = run_eval_suite(load_trained_model(saved), saved.tokenizer, plan, None)
+        results = run_eval_suite(
+            load_trained_model(saved),
+            saved.tokenizer,
+            plan,
+            None,
+            transform=batch_transform_for(stage.recipe),
+        )
     meta = {"step": saved.step, "checkpoint": str(checkpoint), "stage": stage.index + 1}
     written = write_eval_outputs(results, out, meta)
     passkey = results["passkey"]

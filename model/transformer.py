@@ -13,18 +13,16 @@ code here: the attention layer delegates the inner ``softmax(q k^T) v`` to one s
 variants replace without touching this file. RoPE comes from ``longctx.positional``: one rotary
 module computes ``cos``/``sin`` once per forward and every layer rotates its q and k with them.
 
-Two memory options for long sequences, both exact and both off by default: ``apply_tiled_mlp``
-computes each MLP over sequence chunks recomputed in backward (only a chunk's
-``[B, chunk, intermediate]`` activations ever exist), and ``apply_activation_offload`` keeps
-the tensors each layer saves for backward (with activation checkpointing: the layer inputs) in
-CPU memory.
+The memory options for long sequences (all exact, all off by default) are applied to a built
+model by ``longctx.parallel.apply.apply_transforms``: ``SwiGLU.seq_chunk`` computes each MLP over
+sequence chunks recomputed in backward (only a chunk's ``[B, chunk, intermediate]`` activations
+ever exist), and the layer wrappers of ``longctx.model.wrappers`` checkpoint each layer and keep
+what it saves for backward in CPU memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +61,7 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``: the gated MLP of the Llama family.
 
-    ``seq_chunk`` (None: off; set by ``apply_tiled_mlp``) computes the MLP over sequence chunks
+    ``seq_chunk`` (None: off; set by ``apply_transforms``' tiled MLP) computes the MLP over sequence chunks
     of that many tokens. Under autograd each chunk runs through a non-reentrant checkpoint, so
     backward recomputes it from its input slice: the three ``[B, T, intermediate]`` tensors an
     untiled MLP keeps (gate, up and their product, about 8 x d floats per token for Llama
@@ -273,35 +271,6 @@ class Transformer(nn.Module):
             rope_seq_len=rope_seq_len,
         )
         return self.lm_head(hidden)  # [B, T, V]
-
-
-def apply_tiled_mlp(model: Transformer, chunk: int) -> None:
-    """Compute every layer's MLP in sequence chunks of ``chunk`` tokens, each recomputed in
-    backward (``SwiGLU.seq_chunk``). Exact; parameters and their names are unchanged."""
-    if chunk < 1:
-        raise LongctxError(f"tiled MLP chunk must be >= 1 token, got {chunk}; use e.g. 4096")
-    for layer in model.layers:
-        layer.mlp.seq_chunk = chunk
-
-
-def apply_activation_offload(model: Transformer) -> None:
-    """Keep the tensors every decoder layer saves for backward in CPU memory.
-
-    Each layer's ``forward`` (checkpointed or not: apply activation checkpointing first, then
-    this) runs under ``torch.autograd.graph.save_on_cpu``, which copies each saved tensor to
-    CPU memory (pinned when CUDA is present) and back when backward needs it. With activation
-    checkpointing the saved tensors are the layer inputs, ``[B, T, d]`` per layer, so GPU
-    activation memory no longer grows with the number of layers; on a CPU run the tensors
-    already live in CPU memory and nothing changes but a copy.
-    """
-    pin_memory = torch.cuda.is_available()
-    for layer in model.layers:
-        layer.forward = functools.partial(_offloaded_call, layer.forward, pin_memory)
-
-
-def _offloaded_call(forward: Callable[..., Tensor], pin_memory: bool, *args, **kwargs) -> Tensor:
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
-        return forward(*args, **kwargs)
 
 
 def _check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:

@@ -1,10 +1,16 @@
-"""Sequence parallelism: process mesh, zigzag layout, ring attention, Ulysses, SP-exact loss.
+"""Sequence parallelism: process mesh, zigzag layout, ring attention, Ulysses, SP-exact loss;
+and the two paths every run goes through.
 
 ``build_mesh`` lays the world out as dp x ulysses x ring; ``parallelize`` swaps each attention
 layer's core for ring / Ulysses / Ulysses-over-ring attention; ``ParallelMesh.shard_batch`` gives
 each rank its tokens; ``tiled_cross_entropy`` scores them exactly under sequence parallelism.
+``apply_transforms(model, TransformPlan)`` is the one ordered model transform (sequence
+parallelism, tiled MLP, activation checkpointing, offload); ``prepare_batch`` the one batch
+path (the core's batch transform, ``rope_seq_len``, the shard).
 """
 
+from longctx.parallel.apply import TransformPlan, apply_transforms
+from longctx.parallel.batch import prepare_batch
 from longctx.parallel.layout import (
     pad_batch,
     zigzag_positions,
@@ -21,11 +27,14 @@ from longctx.parallel.ulysses import UlyssesAttention, check_ulysses_heads
 __all__ = [
     "ParallelMesh",
     "RingAttention",
+    "TransformPlan",
     "UlyssesAttention",
+    "apply_transforms",
     "build_mesh",
     "check_ulysses_heads",
     "pad_batch",
     "parallelize",
+    "prepare_batch",
     "ring_attention",
     "sequence_shard",
     "zigzag_shard_batch",

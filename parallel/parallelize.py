@@ -32,11 +32,11 @@ from longctx.attention.core import AttentionCore
 from longctx.attention.registry import core_class
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
+from longctx.model.state_names import keep_inner_names
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.key_gather import KeyGatherAttention
 from longctx.parallel.mesh import ParallelMesh
 from longctx.parallel.ring import RingAttention
-from longctx.parallel.state_names import keep_inner_names
 from longctx.parallel.ulysses import ContextGather, UlyssesAttention, check_ulysses_heads
 from longctx.positional.config import PositionalConfig
 

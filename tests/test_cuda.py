@@ -122,7 +122,7 @@ def test_auto_backend_on_cuda_picks_flash_when_installed():
 @needs_cuda
 def test_bf16_training_step_on_cuda_matches_fp32_cpu_loss():
     from longctx.model import ModelConfig, Transformer
-    from longctx.model.transformer import apply_tiled_mlp
+    from longctx.parallel.apply import TransformPlan, apply_transforms
     from longctx.parallel.loss import tiled_cross_entropy
 
     config = ModelConfig(
@@ -136,7 +136,7 @@ def test_bf16_training_step_on_cuda_matches_fp32_cpu_loss():
     for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
         twin = Transformer(config).to(device, dtype)
         twin.load_state_dict(model.state_dict())
-        apply_tiled_mlp(twin, 256)
+        apply_transforms(twin, TransformPlan(tiled_mlp_chunk=256))
         hidden = twin.forward_hidden(ids[:, :-1].to(device))
         loss = tiled_cross_entropy(hidden, twin.lm_head.weight, ids[:, 1:].to(device))
         loss.backward()

@@ -237,10 +237,9 @@ def test_model_with_one_block_equals_dense_model():
     torch.testing.assert_close(landmark(input_ids), dense(input_ids), rtol=RTOL, atol=1e-5)
 
 
-def test_hidden_read_back_at_regular_slots_drops_the_landmark_rows():
-    """Inserting landmarks into bare ids and reading the hidden states back at
-    ``regular_slots`` gives the original tokens' states: equal to running the model on the
-    inserted ids (built by hand) and dropping the landmark rows."""
+def _tiny_model():
+    """One-layer landmark decoder (block 4, top 2, vocab 64: landmark id 63) in eval mode."""
+    from longctx.model.config import ModelConfig
     from longctx.model.transformer import Transformer
 
     config = ModelConfig(
@@ -252,13 +251,52 @@ def test_hidden_read_back_at_regular_slots_drops_the_landmark_rows():
         num_key_value_heads=2,
     )
     torch.manual_seed(0)
-    model = Transformer(config, attention=_core(block_size=4, top_k=2).config).eval()
+    return Transformer(config, attention=_core(block_size=4, top_k=2).config).eval()
+
+
+def _regular_hidden(model, input_ids):
+    """[B, T, d] hidden states of the regular tokens of ``input_ids`` [B, T] with landmarks
+    (block 4, id 63) inserted, read back at ``regular_slots``."""
+    inserted = insert_landmarks({"input_ids": input_ids}, block_size=4, landmark_id=63)
+    return model.forward_hidden(inserted["input_ids"])[:, regular_slots(input_ids.shape[1], 4)]
+
+
+def test_hidden_read_back_at_regular_slots_drops_the_landmark_rows():
+    """Inserting landmarks into bare ids and reading the hidden states back at
+    ``regular_slots`` gives the original tokens' states: equal to running the model on the
+    inserted ids (built by hand) and dropping the landmark rows."""
+    model = _tiny_model()
     input_ids = torch.randint(0, 63, (1, 18), generator=torch.Generator().manual_seed(2))
-    inserted_ids = insert_landmarks({"input_ids": input_ids}, block_size=4, landmark_id=63)
-    hidden = model.forward_hidden(inserted_ids["input_ids"])[:, regular_slots(18, 4)]
+    hidden = _regular_hidden(model, input_ids)
     inserted = torch.cat([input_ids.view(-1), torch.tensor([0, 0])]).view(5, 4)
     inserted = torch.cat([inserted, torch.full((5, 1), 63)], dim=1).view(1, -1)[:, :22]
     full = model.forward_hidden(inserted)  # 18 regular tokens + 4 landmarks
     keep = [i for i in range(22) if i % 5 != 4]
     assert hidden.shape == (1, 18, 32)
     torch.testing.assert_close(hidden, full[:, keep])
+
+
+def test_sequence_scorer_runs_landmark_models_through_the_batch_transform():
+    """The scorer feeds a sequence through the batch path with the trainer's transform: a
+    landmark model is scored on the ids with landmarks inserted, each regular token's NLL and
+    answer argmax read back in order (the regular tokens' hidden states, then the head)."""
+    import torch.nn.functional as F
+
+    from longctx.attention.registry import core_class
+    from longctx.eval.sequence_scorer import SequenceScorer
+
+    model = _tiny_model()
+    attention, shape = model.attention, model.config.attention_shape(0)
+    core = core_class(attention, model.positional)
+    ids = torch.randint(0, 63, (18,), generator=torch.Generator().manual_seed(3))
+    scorer = SequenceScorer(
+        model, transform=lambda batch: core.transform_batch(batch, shape, attention)
+    )
+    with torch.no_grad():
+        hidden = _regular_hidden(model, ids[None])[0]  # [18, d]
+        logits = model.lm_head(hidden)  # [18, V]
+    expected = F.cross_entropy(logits[:-1], ids[1:], reduction="none").double()
+    torch.testing.assert_close(scorer.token_nll(ids), expected, rtol=RTOL, atol=1e-6)
+    predicted, nll = scorer.answer_scores(ids, 10, 3)
+    assert predicted == logits[10:13].argmax(-1).tolist()
+    assert nll == pytest.approx(float(expected[10:13].sum()), rel=RTOL)

@@ -88,11 +88,11 @@ def _reference_steps() -> dict:
     """Two steps of the trainer's loss module, optimizer and schedule in this process alone
     (no DeepSpeed, no mesh) on both sequences of ``_batch()``: the single-process reference."""
     from longctx.model import ModelConfig, Transformer
-    from longctx.trainer.engine import CausalLMLoss, build_optimizer, warmup_cosine_schedule
+    from longctx.trainer.engine import ModelWithLoss, build_optimizer, warmup_cosine_schedule
 
     cfg = _trainer_config(2, zero_stage=0)  # GuardedAdamW: clips like DeepSpeed's ZeRO-2
     torch.manual_seed(0)
-    module = CausalLMLoss(Transformer(ModelConfig(**_model_fields())), zero_stage=0)
+    module = ModelWithLoss(Transformer(ModelConfig(**_model_fields())), zero_stage=0)
     optimizer = build_optimizer(module, cfg)
     schedule = warmup_cosine_schedule(optimizer, cfg)
     losses, grads = [], {}
@@ -121,18 +121,19 @@ def _sharded_steps(rank: int, world: int) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     from longctx.model import ModelConfig, Transformer
+    from longctx.parallel.apply import TransformPlan, apply_transforms
+    from longctx.parallel.batch import prepare_batch
     from longctx.parallel.config import ParallelConfig
     from longctx.parallel.mesh import build_mesh
-    from longctx.parallel.parallelize import parallelize
     from longctx.trainer.engine import build_engine
     from longctx.trainer.loop import IntervalStats, StepResult, train_step
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**_model_fields()))
     mesh = build_mesh(ParallelConfig(dp=2, ulysses=1, ring=2))
-    parallelize(model, mesh.config, mesh)
+    apply_transforms(model, TransformPlan(mesh=mesh))
     rows = slice(mesh.dp_rank, mesh.dp_rank + 1)  # one sequence per dp group
-    batch = mesh.shard_batch({name: value[rows] for name, value in _batch().items()})
+    batch = prepare_batch({name: value[rows] for name, value in _batch().items()}, mesh=mesh)
     engine = build_engine(model, _trainer_config(1, zero_stage=2), sp_group=mesh.sp_group)
     names = [name for name, _ in engine.module.model.named_parameters()]
 

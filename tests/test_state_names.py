@@ -62,3 +62,31 @@ def test_wrapped_model_keeps_plain_names(name_results, layout, kind):
         assert got["checkpoint_names"] == got["plain_parameters"]
     if kind == "bam":  # the case that has parameters inside the wrapped core
         assert any(".core." in name for name in name_results[0][layout, kind]["plain_names"])
+
+
+def test_layer_wrappers_keep_plain_names():
+    """Activation checkpointing and offload wrap each decoder layer (``model/wrappers.py``):
+    the state dict, ``named_parameters`` and the checkpoint's ``unique_parameters`` keep the
+    plain model's names, a plain state dict loads strictly and round-trips, and the wrapped
+    layer's modules are still reachable by attribute and by ``get_submodule``."""
+    from longctx.model.wrappers import CheckpointedLayer, OffloadedLayer
+    from longctx.parallel.apply import TransformPlan, apply_transforms
+
+    positional = POSITIONALS["bam"]  # parameters inside the attention core too
+    plain_model = positional_model(positional)
+    plain = plain_model.state_dict()
+    plan = TransformPlan(activation_checkpointing=True, offload_activations=True)
+    wrapped = apply_transforms(positional_model(positional), plan)
+    assert isinstance(wrapped.layers[0], OffloadedLayer)
+    assert isinstance(wrapped.layers[0].wrapped, CheckpointedLayer)
+    torch.manual_seed(123)
+    other = {name: torch.randn_like(t) for name, t in plain.items()}
+    wrapped.load_state_dict(other, strict=True)
+    saved = wrapped.state_dict()
+    assert list(saved) == list(plain)
+    assert all(torch.equal(saved[n], other[n]) for n in other)
+    plain_names = [name for name, _ in plain_model.named_parameters()]
+    assert [name for name, _ in wrapped.named_parameters()] == plain_names
+    assert [name for name, _ in unique_parameters(wrapped)] == plain_names
+    q_proj = wrapped.get_submodule("layers.0.self_attn.q_proj")
+    assert wrapped.layers[0].self_attn.q_proj is q_proj

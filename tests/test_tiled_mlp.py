@@ -16,8 +16,9 @@ from trainer_helpers import deepspeed_environment
 from longctx.config.recipe import TrainerConfig
 from longctx.errors import LongctxError
 from longctx.model import ModelConfig, Transformer
-from longctx.model.transformer import SwiGLU, apply_activation_offload, apply_tiled_mlp
-from longctx.trainer.engine import apply_activation_checkpointing
+from longctx.model.transformer import SwiGLU
+from longctx.model.wrappers import OffloadedLayer
+from longctx.parallel.apply import TransformPlan, apply_transforms
 
 MODEL = ModelConfig(
     vocab_size=101,
@@ -102,7 +103,7 @@ def test_tiled_swiglu_matches_untiled_output_and_grads():
 
 def test_tiled_model_step_matches_untiled():
     plain, tiled = twin_models()
-    apply_tiled_mlp(tiled, CHUNK)
+    apply_transforms(tiled, TransformPlan(tiled_mlp_chunk=CHUNK))
     assert_same_step(plain, tiled)
 
 
@@ -126,14 +127,13 @@ def test_tiled_mlp_saves_no_intermediate_activation_and_recomputes_each_chunk():
 
 def test_tiled_mlp_composes_with_activation_checkpointing():
     plain, tiled = twin_models()
-    apply_activation_checkpointing(tiled)
-    apply_tiled_mlp(tiled, CHUNK)
+    apply_transforms(tiled, TransformPlan(tiled_mlp_chunk=CHUNK, activation_checkpointing=True))
     assert_same_step(plain, tiled)
 
 
 def test_tiled_mlp_without_grad_matches_untiled():
     plain, tiled = twin_models()
-    apply_tiled_mlp(tiled, CHUNK)
+    apply_transforms(tiled, TransformPlan(tiled_mlp_chunk=CHUNK))
     ids = random_batch(4)["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(tiled(ids), plain(ids), **TOL)
@@ -141,14 +141,15 @@ def test_tiled_mlp_without_grad_matches_untiled():
 
 def test_tiled_mlp_rejects_empty_chunk():
     with pytest.raises(LongctxError, match="chunk must be >= 1"):
-        apply_tiled_mlp(Transformer(MODEL), 0)
+        apply_transforms(Transformer(MODEL), TransformPlan(tiled_mlp_chunk=0))
 
 
 # ------------------------------------------------------------------------------ offload
 def test_offload_matches_plain_and_intercepts_layer_saves():
     plain, offloaded = twin_models()
-    apply_activation_checkpointing(offloaded)
-    apply_activation_offload(offloaded)
+    apply_transforms(
+        offloaded, TransformPlan(activation_checkpointing=True, offload_activations=True)
+    )
     assert_same_step(plain, offloaded)
 
     # save_on_cpu's hooks are innermost inside each layer, so an outer hook sees none of the
@@ -180,6 +181,7 @@ def test_trainer_config_fields_default_off_and_validate():
 
 def _rank_engine_step(rank: int, world: int) -> dict:
     from longctx.trainer.engine import build_engine
+    from longctx.trainer.plans import transform_plan
 
     plain, model = twin_models()
     cfg = TrainerConfig(
@@ -190,6 +192,7 @@ def _rank_engine_step(rank: int, world: int) -> dict:
         tiled_mlp_chunk=CHUNK,
         offload_activations=True,
     )
+    apply_transforms(model, transform_plan(cfg))
     engine = build_engine(model, cfg)
     batch = random_batch(6)
     loss = engine(batch["input_ids"], batch["labels"])
@@ -198,7 +201,7 @@ def _rank_engine_step(rank: int, world: int) -> dict:
     layer = engine.module.model.layers[0]
     return {
         "seq_chunk": layer.mlp.seq_chunk,
-        "offloaded": getattr(layer.forward, "func", None).__name__,
+        "offloaded": type(layer).__name__,
         "loss_diff": abs(loss.item() - ref_loss.item()),
         "grad_diff": max(
             (p.grad - ref_grads[name]).abs().max().item()
@@ -207,9 +210,9 @@ def _rank_engine_step(rank: int, world: int) -> dict:
     }
 
 
-def test_build_engine_applies_tiled_mlp_and_offload():
+def test_recipe_transforms_apply_tiled_mlp_and_offload_under_the_engine():
     with deepspeed_environment():
         result = run_on_ranks(_rank_engine_step, 1)[0]
     assert result["seq_chunk"] == CHUNK
-    assert result["offloaded"] == "_offloaded_call"
+    assert result["offloaded"] == OffloadedLayer.__name__
     assert result["loss_diff"] < 1e-5 and result["grad_diff"] < 1e-5

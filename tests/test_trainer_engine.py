@@ -21,9 +21,9 @@ from trainer_helpers import deepspeed_environment
 from longctx.config.recipe import TrainerConfig
 from longctx.errors import LongctxError
 from longctx.model import ModelConfig, Transformer
+from longctx.parallel.apply import TransformPlan, apply_transforms
 from longctx.trainer.engine import (
     GuardedAdamW,
-    apply_activation_checkpointing,
     deepspeed_config,
     lr_factor,
 )
@@ -154,7 +154,7 @@ def test_activation_checkpointing_recomputes_layers_with_identical_gradients():
     checkpointed = Transformer(MODEL)
     checkpointed.load_state_dict(plain.state_dict())
     keys_before = list(checkpointed.state_dict())
-    apply_activation_checkpointing(checkpointed)
+    apply_transforms(checkpointed, TransformPlan(activation_checkpointing=True))
     assert list(checkpointed.state_dict()) == keys_before
 
     mlp_calls = []

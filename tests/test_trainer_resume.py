@@ -1,6 +1,7 @@
 """Exact resume: N steps, a crash right after the checkpoint, ``--resume latest`` for N more
 steps gives weights identical (``torch.equal``) to 2N uninterrupted steps, fp32 on CPU, 2 ranks,
-ZeRO stages 0 and 2.
+ZeRO stages 0 and 2 (the ZeRO-2 runs with activation checkpointing and offload, so the wrapped
+layers save and resume under the plain names).
 
 The interrupted run is killed by its own ``report`` callback (as a preempted worker would die
 after its checkpoint); the resume runs in freshly spawned processes, so nothing survives in
@@ -60,6 +61,9 @@ def runs(tmp_path_factory) -> dict:
             ckpt_every=HALF,
             eval_every=2,
             keep_last=3,
+            # ZeRO-2 runs with the layer wrappers: their checkpoints carry the plain names
+            activation_checkpointing=stage == 2,
+            offload_activations=stage == 2,
         )
 
     interrupted = {s: recipe(s, "interrupted") for s in STAGES}

@@ -1,5 +1,5 @@
-"""The DeepSpeed engine a run trains with: config, optimizer, LR schedule, activation
-checkpointing and the module whose forward returns the loss.
+"""The DeepSpeed engine a run trains with: config, optimizer, LR schedule and the module whose
+forward returns the loss.
 
 DeepSpeed owns data-parallel gradient averaging, ZeRO partitioning (stages 0-3), bf16 master
 weights, gradient accumulation and clipping; this file turns a ``TrainerConfig`` into the
@@ -9,8 +9,12 @@ DeepSpeed config dict and hands ``deepspeed.initialize`` three things it builds 
   op at first use, about 30 s on CPU);
 - a warmup + cosine ``LambdaLR`` schedule, which DeepSpeed steps once per optimizer step (not per
   micro-batch) and saves in its checkpoints;
-- ``CausalLMLoss``, the decoder wrapped so that ``engine(batch)`` returns the tiled
+- ``ModelWithLoss``, the decoder wrapped so that ``engine(**batch)`` returns the tiled
   cross-entropy, never the ``[B, T, vocab]`` logits.
+
+The model arrives already transformed (sequence parallelism, tiled MLP, activation
+checkpointing and offload: ``longctx.parallel.apply.apply_transforms``, called once by the
+worker); nothing here changes it.
 
 A step whose gradient norm is not finite is skipped, not applied: DeepSpeed's ZeRO and
 bf16 optimizers do this themselves (the engine then reports ``was_step_applied() == False``,
@@ -37,9 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
 
-from longctx.model.transformer import apply_activation_offload, apply_tiled_mlp
 from longctx.parallel.accelerator import import_deepspeed
 from longctx.parallel.loss import tiled_cross_entropy, world_mean_scale
 
@@ -139,26 +141,13 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     return GuardedAdamW(groups, max_grad_norm=cfg.grad_clip, **kwargs)
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+class ModelWithLoss(nn.Module):
+    """The module DeepSpeed trains: the decoder (``model``), and a forward that returns the loss.
 
-    Only the layer inputs stay alive between forward and backward (O(L x B x T x d) instead of
-    every intermediate). Each layer's ``forward`` is replaced on the instance by a call through
-    ``torch.utils.checkpoint`` (non-reentrant, so it composes with ZeRO-3's parameter hooks and
-    with layers whose inputs need no grad); parameter names and the model file are unchanged.
-    """
-    for layer in model.layers:
-        layer.forward = functools.partial(
-            checkpoint, layer.forward, use_reentrant=False, preserve_rng_state=True
-        )
-
-
-class CausalLMLoss(nn.Module):
-    """The module DeepSpeed trains: the decoder, and a forward that returns the loss.
-
-    ``forward(input_ids, labels, position_ids, doc_ids, seq_positions)`` (each ``[B, T]``,
-    labels pre-shifted, -100 = no loss; ``seq_positions`` ``[T]``, the tokens' indices in the
-    global sequence under sequence parallelism) returns the token-mean cross-entropy, computed
+    ``forward(input_ids, labels, position_ids, doc_ids, seq_positions, rope_seq_len)`` (each
+    ``[B, T]``, labels pre-shifted, -100 = no loss; ``seq_positions`` ``[T]``, the tokens'
+    indices in the global sequence under sequence parallelism; ``rope_seq_len`` the whole
+    sequence's RoPE length; all as ``longctx.parallel.batch.prepare_batch`` returns them) returns the token-mean cross-entropy, computed
     by ``tiled_cross_entropy`` from the final hidden states and ``lm_head.weight`` without
     materialising the logits. The head weight is used outside ``lm_head``'s own forward, so
     under ZeRO-3 it is registered as an external parameter of this module (gathered for its
@@ -187,9 +176,14 @@ class CausalLMLoss(nn.Module):
         position_ids: Tensor | None = None,
         doc_ids: Tensor | None = None,
         seq_positions: Tensor | None = None,
+        rope_seq_len: int | None = None,
     ) -> Tensor:
         hidden = self.model.forward_hidden(
-            input_ids, position_ids, doc_ids=doc_ids, seq_positions=seq_positions
+            input_ids,
+            position_ids,
+            doc_ids=doc_ids,
+            seq_positions=seq_positions,
+            rope_seq_len=rope_seq_len,
         )  # [B, T, d]
         share = tiled_cross_entropy(hidden, self.model.lm_head.weight, labels, group=self.sp_group)
         return share * world_mean_scale(self.sp_group)
@@ -198,22 +192,16 @@ class CausalLMLoss(nn.Module):
 def build_engine(
     model: Transformer, cfg: TrainerConfig, sp_group: dist.ProcessGroup | None = None
 ) -> DeepSpeedEngine:
-    """Wrap ``model`` in ``CausalLMLoss`` and initialise DeepSpeed with the run's optimizer and
-    schedule; activation checkpointing, the tiled MLP and activation offload are applied first
-    when the recipe asks for them.
+    """Wrap ``model`` in ``ModelWithLoss`` and initialise DeepSpeed with the run's optimizer and
+    schedule. ``model`` is used as given: the run's transforms (``apply_transforms`` with
+    ``trainer.plans.transform_plan``) are applied before, once.
 
     ``torch.distributed`` must already be initialised (every rank calls this). Under sequence
-    parallelism ``model`` is already ``parallelize``d and ``sp_group`` is the mesh's SP group
-    (the loss counts tokens over it). The returned engine's ``module.model`` is the decoder.
+    parallelism ``sp_group`` is the mesh's SP group (the loss counts tokens over it). The
+    returned engine's ``module.model`` is the decoder.
     """
     deepspeed = import_deepspeed()
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.tiled_mlp_chunk is not None:
-        apply_tiled_mlp(model, cfg.tiled_mlp_chunk)
-    if cfg.offload_activations:
-        apply_activation_offload(model)  # after checkpointing: it offloads the layer inputs
-    module = CausalLMLoss(model, zero_stage=cfg.zero_stage, sp_group=sp_group)
+    module = ModelWithLoss(model, zero_stage=cfg.zero_stage, sp_group=sp_group)
     optimizer = build_optimizer(module, cfg)
     schedule = warmup_cosine_schedule(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(

@@ -24,12 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longctx.attention.registry import core_class
 from longctx.checkpoint.store import save_checkpoint
 from longctx.errors import LongctxError
+from longctx.parallel.batch import Batch, prepare_batch
 from longctx.parallel.loss import scored_token_count, world_mean_scale
 from longctx.trainer.engine import global_grad_norm
 from longctx.trainer.metrics import MetricsWriter, ProgressDisplay, peak_memory_gib
+from longctx.trainer.plans import batch_transform_for
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from longctx.data import PackedLoader
     from longctx.parallel.mesh import ParallelMesh
 
-Batch = dict[str, Tensor]
 Report = Callable[[dict, "str | None"], None]
 # The long-context evaluation (eval_report.TrainingEvaluator): (step, TensorBoard writer or
 # None) -> scalars; called on every rank at each eval step.
@@ -67,7 +67,11 @@ class StepResult:
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+    """``batch`` with its tensors on ``device`` (plain values such as ``rope_seq_len`` kept)."""
+    return {
+        name: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+        for name, value in batch.items()
+    }
 
 
 def train_step(engine: DeepSpeedEngine, batches: Iterator[Batch], grad_accum: int) -> StepResult:
@@ -87,7 +91,7 @@ def train_step(engine: DeepSpeedEngine, batches: Iterator[Batch], grad_accum: in
 
 
 @torch.no_grad()
-def evaluate(
+def eval_loss(
     engine: DeepSpeedEngine,
     batches: Iterable[Batch],
     num_batches: int,
@@ -95,8 +99,9 @@ def evaluate(
 ) -> float:
     """Token-mean cross-entropy over ``num_batches`` micro-batches per rank, over all ranks.
 
-    Every scored token weighs the same: each micro-batch's mean loss is turned back into a sum
-    with its scored-token count before the all-rank reduction. Under sequence parallelism
+    ``batches`` are model inputs from ``prepare_batch``. Every scored token weighs the same:
+    each micro-batch's mean loss is turned back into a sum with its scored-token count before
+    the all-rank reduction. Under sequence parallelism
     (``sp_group``: the batches are this rank's shards) the engine returns ``sp x`` this rank's
     share of its sequence's loss over the sequence's token count ``n``; each of the ``sp`` ranks
     adds ``value x n / sp`` (its NLL sum) and ``n / sp`` tokens, so the group adds its sequence
@@ -119,7 +124,7 @@ class IntervalStats:
     """Accumulates the steps between two log lines into the logged averages.
 
     Under sequence parallelism a rank's loss is ``sp x`` its share of its sequence's loss
-    (``CausalLMLoss``); the all-rank sum then holds each sequence loss ``sp`` times, once per
+    (``ModelWithLoss``); the all-rank sum then holds each sequence loss ``sp`` times, once per
     micro-batch count of its ``sp`` ranks, so the logged mean is the true loss.
 
     The loss sum stays on the engine's device (no host sync per step; NCCL reduces device
@@ -203,18 +208,18 @@ def train_loop(
     ``eval_loader`` is given, checkpoints every ``ckpt_every`` steps and at the end. ``report``
     is called on every rank with the logged metrics and the checkpoint directory (or None).
     ``long_eval`` (when given) runs at the eval steps too; its scalars join the logged metrics.
-    With ``mesh`` (sequence parallelism) every loader batch is the SP group's [B, T] batch and
-    this rank trains on ``mesh.shard_batch`` of it; ``tokens_per_step`` counts each SP group once.
+    Every loader batch (training and evaluation) goes through ``prepare_batch`` with the
+    recipe's batch transform (``batch_transform_for``); with ``mesh`` (sequence parallelism) the
+    loader batch is the SP group's [B, T] batch and this rank trains on its shard of it;
+    ``tokens_per_step`` counts each SP group once.
     """
     cfg = recipe.trainer
-    core, shape = core_class(recipe.attention, recipe.positional), recipe.model.attention_shape(0)
+    transform = batch_transform_for(recipe)
 
-    def transform(batch):  # what the attention core does to every batch (Landmark: its tokens)
-        return core.transform_batch(batch, shape, recipe.attention)
+    def prepare(batch: dict[str, Tensor]) -> Batch:
+        return prepare_batch(batch, mesh=mesh, transform=transform)
 
-    batches = map(transform, iter(train_loader))
-    shard = (lambda batch: batch) if mesh is None else mesh.shard_batch
-    batches = map(shard, batches)
+    batches = map(prepare, iter(train_loader))
     sp_group = None if mesh is None else mesh.sp_group
     device = torch.device(engine.device)
     interval = IntervalStats(device)
@@ -240,8 +245,8 @@ def train_loop(
             interval.reset()
             summary["loss"] = values["loss"]
         if eval_loader is not None and _due(state.step, cfg.eval_every, end_step):
-            eval_batches = map(shard, map(transform, eval_loader.epoch_batches()))
-            values["eval_loss"] = evaluate(engine, eval_batches, cfg.eval_batches, sp_group)
+            eval_batches = map(prepare, eval_loader.epoch_batches())
+            values["eval_loss"] = eval_loss(engine, eval_batches, cfg.eval_batches, sp_group)
             summary["eval_loss"] = values["eval_loss"]
         if long_eval is not None and _due(state.step, cfg.eval_every, end_step):
             values.update(long_eval(state.step, writer.writer))

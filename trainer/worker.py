@@ -11,8 +11,10 @@ is one stage). Order on each rank (DESIGN section 3):
    load it), vocabulary check, packed datasets and the data-parallel loaders;
 4. the decoder (seeded, identical on every rank; ``hf:PATH`` weights when the recipe says so,
    the previous stage's final weights when a new stage starts), under ``parallel.ulysses x
-   ring > 1`` the mesh and ``parallelize`` (each SP group's ranks load the same batches and
-   train on their shards), the DeepSpeed engine (a fresh optimizer and LR schedule per stage);
+   ring > 1`` the mesh (each SP group's ranks load the same batches and train on their
+   shards), then ONE ``apply_transforms`` call (sequence parallelism, tiled MLP, activation
+   checkpointing and offload, as ``transform_plan`` reads them from the recipe), the DeepSpeed
+   engine (a fresh optimizer and LR schedule per stage);
 5. on resume inside a stage: model, optimizer, schedule and counters from the checkpoint, the
    loader's position from the manifest, this rank's RNG state;
 6. the loop; a barrier; the summary.
@@ -44,13 +46,15 @@ from longctx.config.stages import Stage, plan_stages
 from longctx.data import PackedLoader, Tokenizer, build_datasets, resolve_tokenizer
 from longctx.eval.report import TrainingEvaluator, perplexity_documents, plan_from_recipe
 from longctx.parallel.accelerator import select_device
+from longctx.parallel.apply import apply_transforms
 from longctx.parallel.mesh import build_mesh
-from longctx.parallel.parallelize import check_recipe_supported, parallelize
+from longctx.parallel.parallelize import check_recipe_supported
 from longctx.parallel.ports import free_port
 from longctx.trainer.engine import apply_recipe_optimizer_settings, build_engine
 from longctx.trainer.job import TrainJob
 from longctx.trainer.loop import TrainState, train_loop
 from longctx.trainer.metrics import MetricsWriter, ProgressDisplay
+from longctx.trainer.plans import batch_transform_for, transform_plan
 from longctx.trainer.stages import check_stage_record, resume_point, write_stage_record
 
 Report = Callable[[dict, "str | None"], None]
@@ -194,8 +198,7 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     # A new stage: the previous stage's final weights under this stage's settings (RoPE
     # scaling, layout), with the fresh optimizer and LR schedule build_engine makes.
     model = build_model(stage_recipe, weights=checkpoint if point.new_stage else None)
-    if mesh is not None:
-        parallelize(model, mesh.config, mesh)
+    apply_transforms(model, transform_plan(cfg, mesh))  # the one place the model changes
     engine = build_engine(model, cfg, sp_group=None if mesh is None else mesh.sp_group)
     long_eval = None
     if cfg.eval_tasks and cfg.eval_every > 0:
@@ -213,6 +216,7 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
             run_dir,
             is_writer=rank == 0,
             mesh=mesh,
+            transform=batch_transform_for(stage_recipe),
         )
     state = TrainState()
     if point.resumes_exactly:
