@@ -32,10 +32,13 @@ class AttentionContext:
     key_seq_positions: Tensor | None = None  # [Tk] int64 global index of each key, increasing
     key_doc_ids: Tensor | None = None  # [B, Tk]
     key_hidden: Tensor | None = None  # [B, Tk, d]
-    # RoPE (cos, sin) [B, T, D] of the local tokens, set by the attention layer only for a core
-    # that ``applies_rope_itself``: its q, k then arrive unrotated. None: q, k are rotated (or
-    # the model has no RoPE).
+    # RoPE (cos, sin) [B, T, D] of the queries' tokens, set by the attention layer only for a
+    # core that ``applies_rope_itself`` (or a sequence-parallel wrapper around one, which gathers
+    # it with the tokens): q, k then arrive unrotated. None: q, k are rotated (or no RoPE).
     rotary: tuple[Tensor, Tensor] | None = None
+    # RoPE (cos, sin) [B, Tk, D] of the keys under key gather, ordered like the keys (None when
+    # the keys are the queries' tokens, or q, k arrive rotated).
+    key_rotary: tuple[Tensor, Tensor] | None = None
 
     @property
     def keys_are_queries(self) -> bool:
@@ -56,6 +59,11 @@ class AttentionContext:
     def k_hidden(self) -> Tensor | None:
         """[B, Tk, d] the layer input at the key tokens (for routers that score keys)."""
         return self.hidden if self.keys_are_queries else self.key_hidden
+
+    @property
+    def k_rotary(self) -> tuple[Tensor, Tensor] | None:
+        """(cos, sin) [B, Tk, D] of the keys' positions (None when q, k arrive rotated)."""
+        return self.rotary if self.keys_are_queries else self.key_rotary
 
     def causal_mask(self, window: int | None = None) -> MaskSpec:
         """The mask of a forward pass over these tokens: causal on ``seq_positions``, per

@@ -19,10 +19,15 @@ parallelism, the recipe validator and the batch path ask instead of probing:
     supports_window        honours the model's sliding window (else ``recipe_problem`` refuses it)
     has_head_parameters    has per-head parameters: ``restrict_to_heads`` narrows them to the
                            query heads a Ulysses rank computes
-    applies_rope_itself    gets q, k UNROTATED plus the rotary tables in ``ctx.rotary`` and
-                           rotates them itself (Landmark retrieval re-positions keys); when
-                           ``ctx.rotary`` is None (no RoPE, or a sequence-parallel wrapper,
-                           which does not declare it, sat in between) q, k come rotated as usual
+    applies_rope_itself    gets q, k UNROTATED plus the rotary tables and rotates them itself
+                           (Landmark retrieval re-positions keys): ``ctx.rotary`` (cos, sin
+                           [B, T, D]) for the queries, ``ctx.k_rotary`` for the keys (under key
+                           gather the gathered ``ctx.key_rotary``, sorted like the keys). The
+                           model reads it from ``self_attn.core``; the sequence-parallel
+                           wrappers (``KeyGatherAttention``, ``UlyssesAttention``) declare their
+                           inner core's and gather the tables with the tokens, ring attention
+                           declares False. When ``ctx.rotary`` is None (no RoPE) q, k come
+                           rotated as usual
 
 Two hooks a core owns, both class methods so they run before any model exists:
 ``recipe_problem`` (why a recipe cannot run this core, one line, or None) and

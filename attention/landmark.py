@@ -59,10 +59,12 @@ the landmark logits of all earlier blocks and the within-block softmaxes are com
 from the gathered K, V (instead of SPECS 3.4's two passes over ring-held blocks: exact, and no
 per-block bookkeeping across ranks). The layout's padding tokens (label -100) sit after every
 real token and are never visible to one, whatever block they fall in. The sequence-parallel
-wrappers do not declare ``applies_rope_itself`` and build their own contexts, so under them the
-model rotates q, k and ``ctx.rotary`` is None: training and ``original`` retrieval run as
-above, ``reference`` retrieval is refused in one line (it would need the wrappers to gather
-``ctx.rotary`` with the keys and forward it).
+wrappers declare this core's ``applies_rope_itself``, so under them too the model hands q, k
+unrotated with ``ctx.rotary``: Ulysses all-gathers the tables with the tokens' metadata, key
+gather all-gathers them with the keys into ``ctx.key_rotary`` (sorted like the keys), and the
+core rotates its queries with ``ctx.rotary`` and its keys with ``ctx.k_rotary``. Rotation acts
+position by position, so training and both retrieval schemes give the unsharded numbers under
+every layout.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ from longctx.attention.core import AttentionCore, AttentionShape, Batch
 from longctx.attention.sequence_keys import sequence_keys
 from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
-from longctx.positional.rope import apply_rotary, rotate_half
+from longctx.positional.rope import rotate_half
 
 IGNORE_INDEX = -100  # labels without loss (the cross-entropy's ignore index)
 DEFAULT_QUERY_TILE = 256  # queries per tile when the recipe gives no chunk_size
@@ -193,6 +195,14 @@ class _UnrotatedKeys:
         return x * cos + rotate_half(x) * sin
 
 
+def _rotated(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D] rotated by cos, sin [B, T, D]: ``apply_rotary``'s arithmetic (in float32 or
+    wider, cast back), one tensor at a time, as queries and gathered keys differ in length."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    wide, cos, sin = x.to(compute), cos[:, None].to(compute), sin[:, None].to(compute)
+    return (wide * cos + rotate_half(wide) * sin).to(x.dtype)
+
+
 def _gather_blocks(x: Tensor, blocks: Tensor, group: int) -> Tensor:
     """x [B, H, nb * G, D] at block indices ``blocks`` [B, H, tq, m] -> [B, H, tq, m, G, D]."""
     batch, heads, length, dim = x.shape
@@ -259,12 +269,19 @@ class LandmarkAttention(AttentionCore):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> out [B, Hq, Tq, D]; q, k unrotated when
-        ``ctx.rotary`` is set (this core rotates them, exactly as the model would), else
-        already rotated (or no RoPE)."""
+        ``ctx.rotary`` is set (this core rotates q with it and k with ``ctx.k_rotary``, exactly
+        as the model would), else already rotated (or no RoPE)."""
         unrotated_k = None
         if ctx.rotary is not None:
+            key_rotary = ctx.k_rotary  # the keys' tables: the queries' own, or gathered ones
+            if key_rotary is None:
+                raise LongctxError(
+                    "LandmarkAttention got unrotated q, k with ctx.rotary for the queries but "
+                    "no ctx.key_rotary for the gathered keys; the key-gather wrapper must "
+                    "gather the keys' rotary tables (parallel/key_gather.py)"
+                )
             unrotated_k = k
-            q, k = apply_rotary(q, k, *ctx.rotary)  # the model's own rotation, bit for bit
+            q, k = _rotated(q, *ctx.rotary), _rotated(k, *key_rotary)
         whole = sequence_keys(k, v, ctx, "landmark")
         heads, queries, length = q.shape[1], q.shape[2], k.shape[2]
         group, blocks = self.group, -(-length // self.group)
@@ -310,18 +327,12 @@ class LandmarkAttention(AttentionCore):
             if self.positional.kind == "none":
                 return None
             raise LongctxError(
-                "attention.landmark.retrieval_positions 'reference' needs unrotated keys, but "
-                "this core got rotated ones (sequence-parallel wrappers rotate in the model and "
-                "drop ctx.rotary); evaluate with parallel.ring=1 and parallel.ulysses=1 or set "
-                "attention.landmark.retrieval_positions: original"
+                "attention.landmark.retrieval_positions 'reference' needs unrotated keys and "
+                "ctx.rotary, but this core got rotated q, k (its caller does not honour "
+                "applies_rope_itself); call it through the model or its sequence-parallel "
+                "wrappers, or set attention.landmark.retrieval_positions: original"
             )
-        if not ctx.keys_are_queries:
-            raise LongctxError(
-                "attention.landmark.retrieval_positions 'reference' needs the rotary tables of "
-                "every key, but ctx.rotary covers only the queries (gathered keys); set "
-                "attention.landmark.retrieval_positions: original under parallel.ring"
-            )
-        cos, sin = ctx.rotary  # [B, T, D], ordered like the keys: sort both by global position
+        cos, sin = ctx.k_rotary  # [B, Tk, D], ordered like the keys: sort both by position
         whole = sequence_keys(k, v, ctx, "landmark")
         tables = sequence_keys(cos[:, None], sin[:, None], ctx, "landmark")
         return _UnrotatedKeys(

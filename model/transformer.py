@@ -128,9 +128,9 @@ class SelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # q [B, Hq, T, D]; k, v [B, Hkv, T, D]
-        if rotary is not None and not getattr(self.core, "applies_rope_itself", False):
+        if rotary is not None and not self.core.applies_rope_itself:
             q, k = apply_rotary(q, k, *rotary)
-            rotary = None  # else the core rotates with ctx.rotary (AttentionCore)
+            rotary = None  # else the core (or its SP wrapper) rotates with ctx.rotary
         out = self.core(q, k, v, dataclasses.replace(ctx, hidden=x, rotary=rotary))
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, Hq*D]
         return self.o_proj(out)  # [B, T, d]

@@ -19,6 +19,13 @@ The core receives ``ctx`` with the key side filled in (``AttentionContext.key_*`
 keys'. A core opts in with the ``AttentionCore`` capability ``accepts_gathered_keys = True``,
 promising that it masks and positions keys by ``ctx.k_*`` (``parallelize`` refuses the others
 under ring unless their softmax ``merges_blockwise``).
+
+RoPE: the wrapper declares its inner core's ``applies_rope_itself``. When the inner core rotates
+q, k itself (Landmark, whose ``reference`` retrieval re-positions unrotated keys), the model
+hands over q, k unrotated and ``ctx.rotary`` (cos, sin of this rank's tokens): the tables are
+all-gathered with the keys' metadata and sorted like the keys into ``ctx.key_rotary``, so the
+core rotates its queries with ``ctx.rotary`` and the gathered keys with ``ctx.k_rotary``: the same
+numbers as rotating every rank's keys before the gather.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ class KeyGatherAttention(nn.Module):
     ``forward(q [B, Hq, T/P, D], k, v [B, Hkv, T/P, D], ctx) -> out [B, Hq, T/P, D]``, the
     signature of the core it wraps; ``ctx`` holds this rank's tokens' metadata (global
     ``seq_positions``). ``gather_hidden`` also gathers ``ctx.hidden`` into ``ctx.key_hidden``
-    (with gradient) for cores that score keys by the layer input (MoSA's router).
+    (with gradient) for cores that score keys by the layer input (MoSA's router). When
+    ``ctx.rotary`` is set (the inner core ``applies_rope_itself``) the keys' tables are gathered
+    into ``ctx.key_rotary``.
     """
 
     def __init__(self, inner: nn.Module, group: dist.ProcessGroup, *, gather_hidden: bool = False):
@@ -45,6 +54,12 @@ class KeyGatherAttention(nn.Module):
         self.group = group
         self.gather_hidden = gather_hidden
         self.context_gather = ContextGather(group)
+
+    @property
+    def applies_rope_itself(self) -> bool:
+        """The inner core's capability: when it rotates q, k itself, the keys travel unrotated
+        and their rotary tables are gathered with them (``ctx.key_rotary``)."""
+        return self.inner.applies_rope_itself
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         full = self.context_gather(ctx, with_hidden=self.gather_hidden)  # keys in rank order
@@ -59,6 +74,10 @@ class KeyGatherAttention(nn.Module):
             key_seq_positions=full.seq_positions[order],
             key_doc_ids=None if full.doc_ids is None else full.doc_ids.index_select(1, order),
             key_hidden=None if full.hidden is None else full.hidden.index_select(1, order),
+            rotary=ctx.rotary,  # set when q, k arrive unrotated (the inner core rotates them)
+            key_rotary=None
+            if full.rotary is None
+            else tuple(table.index_select(1, order) for table in full.rotary),
         )
         return self.inner(q, k_all, v_all, key_ctx)
 

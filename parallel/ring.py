@@ -427,6 +427,8 @@ class RingAttention(nn.Module):
     ``local`` (a ``DenseAttention``), so single-device and ring runs mask identically.
     """
 
+    applies_rope_itself = False  # the ring streams rotated K blocks (the ``AttentionCore`` flag)
+
     def __init__(self, local: DenseAttention, group: dist.ProcessGroup):
         super().__init__()
         self.local = local

@@ -11,6 +11,13 @@ the dense core, a sparse variant, or ring attention across a second group (the h
 with token-dependent parameters read ``ctx.hidden`` (the layer input); it is all-gathered too,
 differentiably, for the cores that declare ``reads_hidden``.
 
+RoPE: q and k usually arrive rotated by the model. A wrapper declares its inner core's
+``applies_rope_itself``; when that is True (Landmark: ``reference`` retrieval re-positions its
+keys), the model hands over q, k UNROTATED plus ``ctx.rotary`` (cos, sin of the local tokens),
+the tables are all-gathered with the metadata, and the inner core rotates each token with its own
+position's angles after the exchange: rotation acts position by position, so that is the same
+numbers as rotating before it.
+
 Token order: the inner core gets the group's tokens in rank order with their global positions.
 Under the mesh's layout (``ParallelMesh.shard_batch``: the ring shard cut into contiguous
 pieces) that is ``arange(T)`` with Ulysses alone and the ring shard (two zigzag chunks) under
@@ -106,36 +113,42 @@ def gather_tokens_with_grad(x: Tensor, group: dist.ProcessGroup, dim: int) -> Te
 class ContextGather:
     """The attention context of the whole Ulysses group: what each layer's inner core sees.
 
-    The token metadata (positions, doc ids) is the same tensors in every layer of one forward,
-    so its gathered form is kept and reused while the source tensors are the same objects: a
+    The token metadata (positions, doc ids) and the RoPE tables (``ctx.rotary``, set when the
+    inner core ``applies_rope_itself``) are the same tensors in every layer of one forward, so
+    their gathered form is kept and reused while the source tensors are the same objects: a
     model with L layers pays one metadata all-gather per forward, not L. ``hidden`` differs per
-    layer and is gathered (with gradient) on each call that asks for it.
+    layer and is gathered (with gradient) on each call that asks for it. The rotary tables are
+    constants of the positions, so they are gathered without gradient.
     """
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
-        self._sources: tuple[Tensor, Tensor, Tensor | None] | None = None
-        self._gathered: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._sources: tuple[Tensor | None, ...] | None = None
+        self._gathered: tuple[Tensor | None, ...] | None = None
 
-    def _metadata(self, ctx: AttentionContext) -> tuple[Tensor, Tensor, Tensor | None]:
-        sources = (ctx.position_ids, ctx.seq_positions, ctx.doc_ids)
+    def _metadata(self, ctx: AttentionContext) -> tuple[Tensor | None, ...]:
+        cos, sin = (None, None) if ctx.rotary is None else ctx.rotary
+        sources = (ctx.position_ids, ctx.seq_positions, ctx.doc_ids, cos, sin)
         if self._sources is None or any(a is not b for a, b in zip(self._sources, sources)):
-            docs = ctx.doc_ids
-            self._gathered = (
-                _gather_tokens(ctx.position_ids, self.group, dim=1),  # [B, P*T]
-                _gather_tokens(ctx.seq_positions, self.group, dim=0),  # [P*T]
-                None if docs is None else _gather_tokens(docs, self.group, dim=1),  # [B, P*T]
-            )
+            dims = (1, 0, 1, 1, 1)  # [B, T], [T], [B, T], [B, T, D], [B, T, D]: the token dim
+            self._gathered = tuple(
+                None if x is None else _gather_tokens(x, self.group, dim=dim)
+                for x, dim in zip(sources, dims)
+            )  # each with P*T tokens in group-rank order
             self._sources = sources
         return self._gathered
 
     def __call__(self, ctx: AttentionContext, *, with_hidden: bool) -> AttentionContext:
-        position_ids, seq_positions, doc_ids = self._metadata(ctx)
+        position_ids, seq_positions, doc_ids, cos, sin = self._metadata(ctx)
         hidden = None
         if with_hidden and ctx.hidden is not None:
             hidden = gather_tokens_with_grad(ctx.hidden, self.group, dim=1)  # [B, P*T, d]
         return AttentionContext(
-            position_ids=position_ids, seq_positions=seq_positions, doc_ids=doc_ids, hidden=hidden
+            position_ids=position_ids,
+            seq_positions=seq_positions,
+            doc_ids=doc_ids,
+            hidden=hidden,
+            rotary=None if cos is None else (cos, sin),
         )
 
 
@@ -192,6 +205,12 @@ class UlyssesAttention(nn.Module):
     def inner(self) -> nn.Module:
         return self.exchange.local_attn.core
 
+    @property
+    def applies_rope_itself(self) -> bool:
+        """The inner core's capability: when it rotates q, k itself, the model hands this
+        wrapper unrotated q, k and ``ctx.rotary``, which travel through the exchange to it."""
+        return self.inner.applies_rope_itself
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         if self.kv_repeat > 1:
             k = k.repeat_interleave(self.kv_repeat, dim=1)  # [B, Hkv * r, T/P, D]
@@ -202,8 +221,8 @@ class UlyssesAttention(nn.Module):
             k.transpose(1, 2),
             v.transpose(1, 2),
             0,  # batch dim
-            None,  # no rotary inside: q and k arrive rotated by global positions
-            full_ctx,
+            None,  # DeepSpeed rotates nothing: q, k arrive rotated, or the inner core rotates
+            full_ctx,  # them with full_ctx.rotary (the group's tables, in the exchange's order)
         )  # [B, T/P, Hq, D]
         return out.transpose(1, 2)  # [B, Hq, T/P, D]
 

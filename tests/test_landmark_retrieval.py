@@ -237,9 +237,10 @@ def test_training_through_the_model_is_bit_identical_to_the_model_rotating():
 
 
 def test_reference_positions_refuse_rotated_keys_in_eval_only():
-    """Without ``ctx.rotary`` (what a sequence-parallel wrapper hands the core: the model
-    rotated q, k) ``reference`` retrieval is refused in one line in eval; training and
-    ``original`` retrieval run; without RoPE there is nothing to re-position."""
+    """Without ``ctx.rotary`` (a caller that rotated q, k although the core
+    ``applies_rope_itself``; the model and the sequence-parallel wrappers never do)
+    ``reference`` retrieval is refused in one line in eval; training and ``original``
+    retrieval run; without RoPE there is nothing to re-position."""
     length = 30
     q, k, v = inputs(length, 4, 2)
     docs = torch.zeros(2, length, dtype=torch.long)
@@ -255,3 +256,43 @@ def test_reference_positions_refuse_rotated_keys_in_eval_only():
     torch.testing.assert_close(
         nope.eval()(q, k, v, ctx), make_core(BLOCK, TOP_K, "original").eval()(q, k, v, ctx)
     )
+
+
+def _key_gather_context(docs, position_ids, rows, key_rotary=True):
+    """What key gather hands the core: the queries ``rows`` (with their own rotary tables)
+    against every key, the key side (and the keys' tables) in ``ctx.key_*``."""
+    length = docs.shape[1]
+    cos, sin = tables(position_ids)
+    return AttentionContext(
+        position_ids=position_ids[:, rows], seq_positions=rows, doc_ids=docs[:, rows],
+        key_seq_positions=torch.arange(length), key_doc_ids=docs,
+        rotary=(cos[:, rows], sin[:, rows]), key_rotary=(cos, sin) if key_rotary else None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gathered_keys_with_their_tables_give_the_rows_of_the_full_output(training):
+    """Key gather: a zigzag query subset (ring 4, rank 1) rotated with ``ctx.rotary`` against
+    every key rotated with ``ctx.key_rotary`` equals those rows of the whole sequence's output,
+    with ``reference`` retrieval moving blocks (47 tokens, 12 blocks, k = 2) and in training."""
+    length = 47
+    q, k, v = inputs(length, 4, 2)
+    docs = torch.stack([torch.zeros(length, dtype=torch.long),
+                        (torch.arange(length) >= 20).long()])  # fmt: skip
+    position_ids = doc_positions(docs)
+    core = make_core(BLOCK, TOP_K, tile=5).train(training)
+    full = core(q, k, v, context(docs, position_ids))
+    rows = torch.cat([torch.arange(6, 12), torch.arange(36, 42)])  # ring 4's zigzag rank 1
+    ctx = _key_gather_context(docs, position_ids, rows)
+    torch.testing.assert_close(core(q[:, :, rows], k, v, ctx), full[:, :, rows], **FP64)
+
+
+def test_gathered_keys_without_their_tables_are_refused_in_one_line():
+    length = 30
+    q, k, v = inputs(length, 4, 2)
+    docs = torch.zeros(2, length, dtype=torch.long)
+    rows = torch.arange(10, 20)
+    ctx = _key_gather_context(docs, doc_positions(docs), rows, key_rotary=False)
+    with pytest.raises(LongctxError, match="ctx.key_rotary") as info:
+        make_core(BLOCK, TOP_K)(q[:, :, rows], k, v, ctx)
+    assert "\n" not in str(info.value)

@@ -12,8 +12,13 @@ What each layout exercises: Ulysses hands the core every token of a head subset 
 and MoSA's dense/routed split and router rows sliced to the rank's heads, a rank holding dense
 and routed heads); ring runs the core on the rank's zigzag queries against all-gathered keys
 (global compression/selection blocks, global top-k from the gathered layer input, landmark
-blocks on global positions); the hybrid does both. Landmark's sequence (26 tokens + 8
-landmarks = 34) needs layout padding (to 36 and 40), which must not change a real token.
+blocks on global positions); the hybrid does both. Landmark's sequence (40 tokens + 13
+landmarks = 53) needs layout padding (to 56), which must not change a real token.
+
+Landmark in eval mode retrieves 2 of up to 12 earlier blocks per query: with the default
+``reference`` positions the core gets q, k unrotated and the RoPE tables through the wrappers
+(Ulysses gathers them with the tokens, key gather with the keys) and re-positions the retrieved
+keys; with ``original`` it keeps their own angles. Both equal the unsharded eval output.
 
 Plus: the recipe validator's rules for these variants, and ``train_worker`` with NSA on 2 ranks
 in ring mode logging the 1-rank loss curve.
@@ -42,7 +47,7 @@ from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import parallelize
 
 B, T, VOCAB = 2, 32, 37
-LANDMARK_TOKENS = 26  # regular tokens; 8 landmarks (block 3) make 34, which needs padding
+LANDMARK_TOKENS = 40  # regular tokens; 13 landmarks (block 3) make 53, which needs padding
 # fp32 on both sides, the same terms summed in another order: rtol 1e-5 with an absolute floor
 # of 1e-6 x the largest entry of the compared quantity (the logits; all of the model's
 # gradients, which reach ~50: entries that are sums with cancellation carry the rounding of their
@@ -63,14 +68,18 @@ VARIANTS = {
     "mosa": AttentionConfig(
         variant="mosa", chunk_size=8, mosa=MoSAConfig(dense_heads=2, sparsity=4)
     ),
-    # Eval retrieval under SP keeps the keys' own RoPE positions: the wrappers rotate in the
-    # model, so the default 'reference' positions are refused there (test_landmark_retrieval).
+    # Eval retrieval with the default 'reference' positions (the core rotates q, k itself) and
+    # with 'original' ones.
     "landmark": AttentionConfig(
+        variant="landmark", chunk_size=8, landmark=LandmarkConfig(block_size=3, retrieve_top_k=2)
+    ),
+    "landmark_original": AttentionConfig(
         variant="landmark",
         chunk_size=8,
         landmark=LandmarkConfig(block_size=3, retrieve_top_k=2, retrieval_positions="original"),
     ),
 }
+LANDMARK_VARIANTS = [name for name in VARIANTS if name.startswith("landmark")]
 LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(1, 4), (2, 2)]}  # world -> (ulysses, ring) run on it
 
 
@@ -90,14 +99,14 @@ def _batch(variant: str) -> dict[str, torch.Tensor]:
     """Packed [B, T'] batch: ids, doc ids, per-document RoPE positions (landmarks inserted for
     the landmark variant, as the trainer's data path does before sharding)."""
     gen = torch.Generator().manual_seed(2)
-    length = LANDMARK_TOKENS if variant == "landmark" else T
+    length = LANDMARK_TOKENS if variant in LANDMARK_VARIANTS else T
     ids = torch.randint(0, VOCAB - 1, (B, length), generator=gen)
     docs = torch.stack([(torch.arange(length) >= 11).long(), torch.zeros(length, dtype=torch.long)])
     starts = torch.tensor([[11], [0]])
     positions = torch.where(docs == 1, torch.arange(length) - starts, torch.arange(length))
     batch = {"input_ids": ids, "doc_ids": docs, "position_ids": positions}
-    if variant == "landmark":
-        block = VARIANTS["landmark"].landmark.block_size
+    if variant in LANDMARK_VARIANTS:
+        block = VARIANTS[variant].landmark.block_size
         batch = insert_landmarks(batch, block_size=block, landmark_id=VOCAB - 1)
     return batch
 
@@ -141,7 +150,7 @@ def _sharded_run(variant, config, mesh):
         "logits": logits.detach(),
         "grads": [p.grad for p in model.parameters()],
     }
-    if variant == "landmark":  # inference retrieves the top-k blocks per query instead
+    if variant in LANDMARK_VARIANTS:  # inference retrieves the top-k blocks per query instead
         model.eval()
         with torch.no_grad():
             result["eval_logits"] = _forward(model, shard, positions)
@@ -194,12 +203,22 @@ def test_sharded_equals_unsharded(variant, layout):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUT_IDS), ids=list(LAYOUT_IDS.values()))
-def test_landmark_retrieval_at_inference_equals_unsharded(layout):
+@pytest.mark.parametrize("variant", LANDMARK_VARIANTS)
+def test_landmark_retrieval_at_inference_equals_unsharded(variant, layout):
     world = layout[0] * layout[1]
-    results = [r[(*layout, "landmark")] for r in _sharded(world)]
-    _, _, eval_logits = _unsharded("landmark")
+    results = [r[(*layout, variant)] for r in _sharded(world)]
+    _, _, eval_logits = _unsharded(variant)
     sharded = _assembled(results, "eval_logits", eval_logits.shape[1])
     _assert_close(sharded, eval_logits, float(eval_logits.abs().max()))
+
+
+def test_landmark_eval_here_drops_and_moves_blocks():
+    """The eval checks above are not vacuous: retrieval differs from training (blocks are
+    dropped), and 'reference' differs from 'original' (retrieved keys are re-positioned)."""
+    trained, _, reference = _unsharded("landmark")
+    _, _, original = _unsharded("landmark_original")
+    assert (reference - trained).abs().amax() > 1e-3
+    assert (reference - original).abs().amax() > 1e-3
 
 
 def _core_and_inputs(variant: str):
@@ -259,7 +278,7 @@ def test_nsa_refuses_kv_heads_replicated_by_ulysses():
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", sorted({config.variant for config in VARIANTS.values()}))
 def test_recipes_with_ulysses_and_ring_load(variant):
     recipe = load_recipe(TINY, [f"attention.variant={variant}", "attention.mosa.dense_heads=2",
                                 "parallel.ulysses=2", "parallel.ring=2"])  # fmt: skip
