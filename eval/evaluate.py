@@ -133,8 +133,8 @@ def position_perplexity(
 
 @dataclass
 class RetrievalResult:
-    """Accuracy of one retrieval task on a grid: ``accuracy[i][j]`` (exact match) and
-    ``token_accuracy[i][j]`` (answer tokens right) at ``lengths[i]``, ``depths[j]``, each over
+    """Accuracy of one retrieval task on a grid: ``accuracy[i][j]`` (the answer's content text
+    predicted exactly, ``score_example``) and ``token_accuracy[i][j]`` (content tokens right) at ``lengths[i]``, ``depths[j]``, each over
     ``samples`` examples; ``examples`` lists every scored example."""
 
     task: str
@@ -152,6 +152,49 @@ class RetrievalResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean_accuracy": self.mean_accuracy}
+
+
+@dataclass
+class ExampleScore:
+    """One retrieval example scored on its answer's content: ``correct`` when the text the
+    model predicts at the content tokens equals the answer's (the digits of a passkey, a
+    needle's value), ``hits`` of ``tokens`` content tokens right, the content's summed NLL."""
+
+    correct: bool
+    hits: int
+    tokens: int
+    predicted: str
+    answer_nll: float
+
+
+def separator_tokens(tokenizer: Tokenizer, answer_ids: list[int]) -> int:
+    """How many leading answer tokens are only the separator between the prompt and the answer
+    (a byte-level BPE's lone space token before digits, a sentencepiece ``▁``): tokens whose
+    text is whitespace. They belong to the prompt's natural tokenization, not to the answer: a
+    model that writes " the 12345" knows the key, so they are teacher-forced, never scored."""
+    lead = 0
+    while lead < len(answer_ids) - 1 and not tokenizer.decode(answer_ids[: lead + 1]).strip():
+        lead += 1
+    return lead
+
+
+def score_example(
+    scorer: SequenceScorer, tokenizer: Tokenizer, prompt_ids: list[int], answer_ids: list[int]
+) -> ExampleScore:
+    """Score one example as RULER compares strings, in one teacher-forced forward: the
+    separator tokens (``separator_tokens``) join the prompt, and the model's argmax at each
+    content token is decoded and compared with the answer's content text (both stripped)."""
+    lead = separator_tokens(tokenizer, answer_ids)
+    content = answer_ids[lead:]
+    predicted, nll = score_answer(scorer, [*prompt_ids, *answer_ids[:lead]], content)
+    text = tokenizer.decode(predicted).strip()
+    return ExampleScore(
+        correct=text == tokenizer.decode(content).strip(),
+        hits=sum(p == a for p, a in zip(predicted, content)),
+        tokens=len(content),
+        predicted=text,
+        answer_nll=nll,
+    )
 
 
 def score_answer(
@@ -204,20 +247,18 @@ def retrieval_accuracy(
                 sample = make_eval_example(
                     task, tokenizer, length, seed=seed + k, depth=depth, params=params
                 )
-                predicted, nll = score_answer(scorer, sample.prompt_ids, sample.answer_ids)
-                hits = sum(p == a for p, a in zip(predicted, sample.answer_ids))
-                correct = hits == len(sample.answer_ids)
-                exact += correct
-                right, total = right + hits, total + len(sample.answer_ids)
+                score = score_example(scorer, tokenizer, sample.prompt_ids, sample.answer_ids)
+                exact += score.correct
+                right, total = right + score.hits, total + score.tokens
                 examples.append(
                     {
                         "length": length,
                         "depth": depth,
                         "seed": seed + k,
                         "answer": sample.answer,
-                        "predicted": tokenizer.decode(predicted),
-                        "correct": correct,
-                        "answer_nll": nll,
+                        "predicted": score.predicted,
+                        "correct": score.correct,
+                        "answer_nll": score.answer_nll,
                     }
                 )
             exact_row.append(exact / samples)

@@ -113,16 +113,23 @@ def test_retrieval_scores_agree_with_full_logits_and_greedy_decoding(setup, task
         sample = make_eval_example(
             task, tokenizer, example["length"], seed=example["seed"], depth=example["depth"]
         )
-        ids = torch.tensor([sample.prompt_ids + sample.answer_ids])
+        # The answer's content starts after its whitespace-only separator tokens (scored as
+        # part of the prompt); the content is what is compared, as text.
+        lead = 0
+        while not tokenizer.decode(sample.answer_ids[: lead + 1]).strip():
+            lead += 1
+        prompt, content = sample.prompt_ids + sample.answer_ids[:lead], sample.answer_ids[lead:]
+        ids = torch.tensor([prompt + content])
         with torch.no_grad():
             logits = model(ids)[0].double()  # [P + A, V]
-        at_answer = logits[len(sample.prompt_ids) - 1 : -1]  # [A, V]
-        target = torch.tensor(sample.answer_ids)
-        assert example["predicted"] == tokenizer.decode(at_answer.argmax(-1).tolist())
+        at_answer = logits[len(prompt) - 1 : -1]  # [A, V]
+        target = torch.tensor(content)
+        assert example["predicted"] == tokenizer.decode(at_answer.argmax(-1).tolist()).strip()
         expected_nll = -at_answer.log_softmax(-1).gather(-1, target[:, None]).sum()
         assert example["answer_nll"] == pytest.approx(float(expected_nll), rel=1e-5)
-        greedy = greedy_decode(model, sample.prompt_ids, len(sample.answer_ids))
-        assert example["correct"] == (greedy == sample.answer_ids)
+        greedy = greedy_decode(model, prompt, len(content))
+        text = tokenizer.decode(content).strip()
+        assert example["correct"] == (tokenizer.decode(greedy).strip() == text)
     cells = np.reshape([e["correct"] for e in result.examples], (len(lengths), len(depths)))
     np.testing.assert_array_equal(result.accuracy, cells.astype(float))
 
