@@ -43,6 +43,9 @@ TRAINING_FAILED = 1
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 # Prompts scored by the passkey check at the end of a local run that trains on passkey.
 PASSKEY_EXAMPLES = 50
+# Prompts per row of the before / after passkey tables of a staged run (20 per depth): enough
+# that the 95% interval of a row's mean is about +-10 points.
+STAGE_PASSKEY_EXAMPLES = 100
 
 
 def failure_line(error: BaseException) -> str:
@@ -215,10 +218,10 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
             if boundary is not None and local and _trains_passkey(stage):
                 before = run_dir / EVAL_DIR / f"before_stage_{stage.index + 1}"
                 console.print(
-                    f"passkey before {stage.label()} (stage {stage.index}'s final weights, "
-                    f"this stage's settings):"
+                    f"passkey before {stage.label()} (stage {stage.index}'s final weights at "
+                    f"this stage's length):"
                 )
-                console.print(stage_passkey_table(boundary, stage, before))
+                console.print(stage_passkey_table(boundary, stage, before, before=True))
             try:
                 with follow_progress(events, console.file):
                     run = fit_on_ray(
@@ -306,24 +309,58 @@ def _trains_passkey(stage: Stage) -> bool:
     return recipe.trainer.passkey_check and bool(recipe.data.active_tasks().get("passkey"))
 
 
-def stage_passkey_table(checkpoint: Path, stage: Stage, out: Path) -> str:
+def stage_passkey_table(checkpoint: Path, stage: Stage, out: Path, *, before: bool = False) -> str:
     """The passkey accuracy table of a checkpoint's weights under ``stage``'s model settings
-    (its RoPE scaling), at the stage's ``data.seq_len``, by fact depth, over about
-    ``PASSKEY_EXAMPLES`` prompts (one process). ``passkey.json`` and the heatmap
-    ``passkey.png`` go to ``out``; returns the table and where they are."""
+    (its RoPE scaling), at the stage's ``data.seq_len``, by fact depth, over
+    ``STAGE_PASSKEY_EXAMPLES`` prompts (one process), each row with its 95% interval.
+    ``before``: the weights are the previous stage's, labelled so, and when the stage scales
+    RoPE a first row scores them with plain RoPE (no scaling) too, into ``out/plain_rope``.
+    ``passkey.json`` and the heatmap ``passkey.png`` go to ``out``; returns the table and where
+    the heatmaps are."""
+    from longctx.eval.passkey_check import format_passkey_rows
+
+    recipe = stage.recipe
+    owner = f"stage {stage.index if before else stage.index + 1}"
+    rope = _rope_words(recipe.model.rope_scaling)
+    settings = [(f"{owner}, {rope}" + (" (this stage's)" if before else ""), recipe, out)]
+    if before and recipe.model.rope_scaling is not None:
+        plain = recipe.model_copy(
+            update={"model": recipe.model.model_copy(update={"rope_scaling": None})}
+        )
+        settings.insert(0, (f"{owner}, plain RoPE (no scaling)", plain, out / "plain_rope"))
+    rows, heatmaps = [], []
+    for label, settings_recipe, directory in settings:
+        result, heatmap = _score_passkey(checkpoint, settings_recipe, directory, stage)
+        rows.append((label, result))
+        heatmaps.append(_short(heatmap))
+    return f"{format_passkey_rows(rows)}\n  heatmap{'s' if len(heatmaps) > 1 else ''}: " + (
+        ", ".join(heatmaps)
+    )
+
+
+def _rope_words(scaling: dict | None) -> str:
+    """``YaRN x4`` / ``linear x4`` / ``plain RoPE`` for a table row."""
+    if scaling is None:
+        return "plain RoPE"
+    name = {"yarn": "YaRN"}.get(rope_type_of(scaling), rope_type_of(scaling))
+    return f"{name} x{scaling['factor']:g}" if "factor" in scaling else name
+
+
+def _score_passkey(checkpoint: Path, recipe: Recipe, out: Path, stage: Stage) -> tuple[Any, Path]:
+    """The passkey grid of ``checkpoint``'s weights in a model built from ``recipe``, written
+    to ``out``; returns the result and its heatmap."""
     from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
-    from longctx.eval.evaluate import format_table
     from longctx.eval.passkey_check import DEPTHS
     from longctx.eval.report import EvalPlan, run_eval_suite, write_eval_outputs
     from longctx.trainer.plans import batch_transform_for
 
-    saved = replace(open_checkpoint(checkpoint), recipe=stage.recipe)
-    data = stage.recipe.data
+    saved = replace(open_checkpoint(checkpoint), recipe=recipe)
+    data = recipe.data
     plan = EvalPlan(
         tasks=("passkey",),
         lengths=(data.seq_len,),
         depths=DEPTHS,
-        samples=max(1, PASSKEY_EXAMPLES // len(DEPTHS)),
+        samples=max(1, STAGE_PASSKEY_EXAMPLES // len(DEPTHS)),
         seed=data.seed + 1,
         params=data.task_params,
     )
@@ -333,13 +370,13 @@ def stage_passkey_table(checkpoint: Path, stage: Stage, out: Path) -> str:
             saved.tokenizer,
             plan,
             None,
-            transform=batch_transform_for(stage.recipe),
+            transform=batch_transform_for(recipe),
         )
-    meta = {"step": saved.step, "checkpoint": str(checkpoint), "stage": stage.index + 1}
+    meta = {
+        "step": saved.step,
+        "checkpoint": str(checkpoint),
+        "stage": stage.index + 1,
+        "rope_scaling": recipe.model.rope_scaling,
+    }
     written = write_eval_outputs(results, out, meta)
-    passkey = results["passkey"]
-    heatmap = next(path for path in written if path.suffix == ".png")
-    return (
-        f"{format_table(passkey)}\n  mean {passkey.mean_accuracy:.0%} keys retrieved "
-        f"({passkey.samples} prompts per depth); heatmap {_short(heatmap)}"
-    )
+    return results["passkey"], next(path for path in written if path.suffix == ".png")

@@ -150,7 +150,7 @@ def test_the_stage_passkey_table_scores_the_weights_under_the_stage_settings(run
     from longctx.data import load_tokenizer
     from longctx.eval.evaluate import passkey_accuracy
     from longctx.eval.passkey_check import DEPTHS
-    from longctx.launch.train import stage_passkey_table
+    from longctx.launch.train import STAGE_PASSKEY_EXAMPLES, stage_passkey_table
     from longctx.model import Transformer
 
     raw = runs["full"].model_dump(mode="json")
@@ -168,7 +168,7 @@ def test_the_stage_passkey_table_scores_the_weights_under_the_stage_settings(run
         load_tokenizer(stage.recipe.data.tokenizer.path),
         [192],
         list(DEPTHS),
-        samples=10,
+        samples=STAGE_PASSKEY_EXAMPLES // len(DEPTHS),
         seed=stage.recipe.data.seed + 1,
         params=stage.recipe.data.task_params,
     )
