@@ -155,22 +155,23 @@ class ScoredAttention(AttentionCore):
     score module sees the same global positions, so distances are measured on the sequence,
     which equals the per-document position difference inside a packed document. Runs on
     gathered keys under ring (``accepts_gathered_keys``; see the module docstring).
-    A subclass per score-side encoding says which score module ``build_score`` makes.
+    The registered cores are its subclasses, one per score-side encoding: each has the core
+    constructor ``(shape, attention, positional)`` and hands this base the layer's own
+    ``ScoreTerm`` module.
     """
 
     accepts_gathered_keys = True
 
     def __init__(
-        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
+        self,
+        shape: AttentionShape,
+        attention: AttentionConfig,
+        positional: PositionalConfig,
+        score: nn.Module,
     ):
         super().__init__(shape, attention, positional)
-        self.score = self.build_score(shape, positional)
+        self.score = score
         self.heads = slice(None)  # the layer's heads this core computes (all but under Ulysses)
-
-    @staticmethod
-    def build_score(shape: AttentionShape, positional: PositionalConfig) -> nn.Module:
-        """The ``ScoreTerm`` module of one layer, with its own parameters."""
-        raise NotImplementedError
 
     def restrict_to_heads(self, start: int, stop: int) -> None:
         """Compute heads ``start .. stop - 1`` of the layer only (a Ulysses rank's subset)."""
@@ -206,9 +207,15 @@ class CoPEAttention(ScoredAttention):
 
     has_head_parameters = True
 
-    @staticmethod
-    def build_score(shape: AttentionShape, positional: PositionalConfig) -> nn.Module:
-        return CoPEScore(positional.cope, num_heads=shape.num_heads, head_dim=shape.head_dim)
+    def __init__(
+        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
+    ):
+        super().__init__(
+            shape,
+            attention,
+            positional,
+            CoPEScore(positional.cope, num_heads=shape.num_heads, head_dim=shape.head_dim),
+        )
 
 
 class BAMAttention(ScoredAttention):
@@ -216,19 +223,28 @@ class BAMAttention(ScoredAttention):
 
     has_head_parameters = True
 
-    @staticmethod
-    def build_score(shape: AttentionShape, positional: PositionalConfig) -> nn.Module:
-        return BAMScore(
-            positional.bam,
-            num_heads=shape.num_heads,
-            head_dim=shape.head_dim,
-            max_position_embeddings=shape.max_position_embeddings,
+    def __init__(
+        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
+    ):
+        super().__init__(
+            shape,
+            attention,
+            positional,
+            BAMScore(
+                positional.bam,
+                num_heads=shape.num_heads,
+                head_dim=shape.head_dim,
+                max_position_embeddings=shape.max_position_embeddings,
+            ),
         )
 
 
 class TAPAAttention(ScoredAttention):
     """Dense attention with TAPA's distance-aware logits (no per-head parameters)."""
 
-    @staticmethod
-    def build_score(shape: AttentionShape, positional: PositionalConfig) -> nn.Module:
-        return TAPAScore(positional.tapa, head_dim=shape.head_dim)
+    def __init__(
+        self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig
+    ):
+        super().__init__(
+            shape, attention, positional, TAPAScore(positional.tapa, head_dim=shape.head_dim)
+        )
