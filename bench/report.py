@@ -297,6 +297,39 @@ def _dense_seconds(data: list[dict], row: dict) -> float:
     )
 
 
+def peer_rows(data: dict) -> list[Row]:
+    """Issue 21: longctx's step against transformers (SDPA) + its loss, with checkpointing on
+    both sides: time <= 0.95x at 4k, time <= 0.8x and memory <= 0.3x at 16k and 32k; the
+    rows without checkpointing are context."""
+    rows = []
+    for ours in (r for r in data["results"] if r["side"] == "longctx"):
+        length, checkpointing = ours["seq_len"], ours["checkpointing"]
+        peer = next(
+            r
+            for r in data["results"]
+            if r["side"] == "transformers"
+            and (r["seq_len"], r["checkpointing"]) == (length, checkpointing)
+        )
+        targets = data["targets"].get(str(length), {}) if checkpointing else {}
+        setting = "with" if checkpointing else "without"
+        for kind, key, unit, scale in (
+            ("time", "time_s", "CPU s", 1.0),
+            ("memory", "peak_bytes", "GiB", 1 / GiB),
+        ):
+            target = targets.get(kind)
+            rows.append(
+                Row(
+                    "peer",
+                    f"step {kind} vs transformers, T={length}, {setting} checkpointing",
+                    f"{ours[key] * scale:.2f} vs {peer[key] * scale:.2f} {unit}",
+                    ours[f"{kind}_ratio"],
+                    None if target is None else "<=",
+                    target,
+                )
+            )
+    return rows
+
+
 def train_overhead_rows(data: dict) -> list[Row]:
     """Issue 4: the Ray + DeepSpeed step (1 worker) <= 1.2x a plain torch loop."""
     by_path = {(r["path"], r["workers"]): r for r in data["results"]}
@@ -399,11 +432,17 @@ SECTIONS: dict[str, Callable] = {
     "sparse_power": sparse_power_rows,
     "sparse_nsa_mosa": sparse_nsa_mosa_rows,
     "train_overhead": train_overhead_rows,
+    "peer": peer_rows,
+    "peer_long": peer_rows,
     "memory": memory_rows,
     "memory_longest": memory_longest_rows,
     "gpu": gpu_rows,
 }
-OPTIONAL = ("memory_longest", "gpu")  # written only by flags or scripts that make bench skips
+OPTIONAL = (
+    "memory_longest",
+    "peer_long",
+    "gpu",
+)  # written only by flags or scripts that make bench skips
 
 
 def collect_rows(results_dir: Path) -> list[Row]:

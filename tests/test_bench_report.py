@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from longctx.bench.memory import fit_line
-from longctx.bench.report import RESULTS_DIR, SECTIONS, collect_rows, render, write_markdown
+from longctx.bench.report import (
+    OPTIONAL,
+    RESULTS_DIR,
+    SECTIONS,
+    collect_rows,
+    render,
+    write_markdown,
+)
 from longctx.bench.suite import BENCHES, check_names
 from longctx.errors import LongctxError
 from longctx.launch.cli import main as cli_main
@@ -84,7 +91,26 @@ def test_verdicts_follow_the_targets(tmp_path):
 def test_missing_results_are_rows_saying_not_run(tmp_path):
     rows = collect_rows(tmp_path)
     not_run = {r.bench for r in rows if r.measure.startswith("not run")}
-    assert not_run == set(SECTIONS) - {"memory_longest", "gpu"}
+    assert not_run == set(SECTIONS) - set(OPTIONAL)
+
+
+def test_peer_rows_judge_only_the_checkpointing_cases_against_their_length_targets(tmp_path):
+    def case(side, checkpointing, time_s, peak):
+        return {"seq_len": 16384, "checkpointing": checkpointing, "side": side,
+                "time_s": time_s, "peak_bytes": peak}  # fmt: skip
+
+    results = [case("transformers", ck, 10.0, 1000) for ck in (False, True)]
+    for checkpointing in (False, True):
+        ours = case("longctx", checkpointing, 7.5, 250)
+        results.append({**ours, "time_ratio": 0.75, "memory_ratio": 0.25})
+    _write(tmp_path, "peer", {"targets": {"16384": {"time": 0.8, "memory": 0.3}},
+                              "results": results})  # fmt: skip
+    rows = collect_rows(tmp_path)
+    with_ck = _row(rows, "peer", "step time vs transformers, T=16384, with checkpointing")
+    assert (with_ck.ratio, with_ck.op, with_ck.target, with_ck.met) == (0.75, "<=", 0.8, True)
+    memory = _row(rows, "peer", "step memory vs transformers, T=16384, with checkpointing")
+    assert (memory.ratio, memory.met) == (0.25, True)
+    assert _row(rows, "peer", "step time vs transformers, T=16384, without").met is None
 
 
 def test_sparse_speedups_are_judged_at_the_longest_length(tmp_path):
