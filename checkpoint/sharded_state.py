@@ -398,13 +398,14 @@ class _FragmentReader:
                 piece = self._part(file).get_slice(f"{key}.{name}")[low - first : high - first]
                 out[low - start : high - start].copy_(piece)
 
-    def full(self, name: str) -> Tensor:
-        """Tensor ``name`` (a parameter or buffer) whole, in its saved dtype and shape."""
+    def full(self, name: str, key: str = "param") -> Tensor:
+        """Tensor ``name`` (a parameter or buffer, or with ``key`` a moment of a parameter)
+        whole, in its saved dtype and shape."""
         entry = self.index["tensors"][name]
         file = entry["fragments"][0][0]
-        dtype = self._part(file).get_slice(f"param.{name}").get_dtype()
+        dtype = self._part(file).get_slice(f"{key}.{name}").get_dtype()
         out = torch.empty(math.prod(entry["shape"]), dtype=_DTYPES.get(dtype, torch.float32))
-        self.read_into("param", name, 0, out)
+        self.read_into(key, name, 0, out)
         return out.view(entry["shape"])
 
 
@@ -420,15 +421,19 @@ _DTYPES = {
 
 
 def iter_model_tensors(
-    directory: Path, index: dict[str, Any] | None = None
+    directory: Path, index: dict[str, Any] | None = None, key: str = "param"
 ) -> Iterator[tuple[str, Tensor]]:
     """``(state_dict name, full tensor)`` of the decoder, one at a time, from a checkpoint's
-    shards (parameters as fp32 masters; a tied parameter's second name yields it again). Each
-    tensor is assembled from its fragments; only one is held at a time."""
+    shards: parameters as fp32 masters and buffers (a tied parameter's second name yields it
+    again); with ``key`` ``exp_avg`` or ``exp_avg_sq`` that AdamW moment of each parameter
+    instead. Each tensor is assembled from its fragments; only one is held at a time."""
     index = index if index is not None else read_index(directory)
     reader = _FragmentReader(directory, index)
     for name, entry in index["tensors"].items():
-        yield name, reader.full(entry["of"] if entry["kind"] == "alias" else name)
+        if key == "param":
+            yield name, reader.full(entry["of"] if entry["kind"] == "alias" else name)
+        elif entry["kind"] == "param" and index["moments"]:
+            yield name, reader.full(name, key)
 
 
 def restore_shards(

@@ -1,33 +1,37 @@
-"""Exact-resume checkpoints: the full training state in safetensors plus a manifest, published
-atomically.
+"""Exact-resume checkpoints: the training state as per-rank safetensors shards plus a manifest,
+published atomically.
 
 Layout (DESIGN section 8)::
 
-    RUN/checkpoints/step_000500/   model.safetensors, optimizer.safetensors (full fp32 weights and
-                                   AdamW moments, ``trainer.full_state``), rng_rank_NNNNN.pt (each
-                                   rank's python/numpy/torch RNG, tensors and plain values only),
+    RUN/checkpoints/step_000500/   state_index.json and state_rRRRRR_pPPPPP.safetensors (each
+                                   rank's fragments of the fp32 weights and AdamW moments,
+                                   ``checkpoint.sharded_state``), rng_rank_NNNNN.pt (each rank's
+                                   python/numpy/torch RNG, tensors and plain values only),
                                    recipe.yaml, tokenizer.model, manifest.json
     RUN/checkpoints/latest         one line, the name of the newest complete checkpoint
 
-A checkpoint is written under a hidden temporary name (``.tmp-step_000500``); the gathered
-tensors are checked to be finite (a checkpoint of NaN or inf weights is never published: the
-run stops instead), every file is hashed, ``manifest.json`` (step, tokens seen, data cursor,
-recipe hash, layout, counters, sha256 of every other file) is written into it, and only then is
-the directory renamed to its final name and ``latest`` replaced by an atomic rename. A crash at
-any point leaves either the previous checkpoint as ``latest`` or the new one complete; a
-directory without a manifest is never loaded, and ``--resume latest`` reports the incomplete
-ones it skips. The last ``keep_last`` checkpoints are kept.
+A checkpoint is written under a hidden temporary name (``.tmp-step_000500``); each rank writes
+its own shards and checks its fragments are finite (a checkpoint of NaN or inf weights is never
+published: the run stops instead) and hashes the files it wrote; rank 0 writes
+``manifest.json`` (step, tokens seen, data cursor, recipe hash, layout, counters, sha256 of
+every other file) into it, and only then is the directory renamed to its final name and
+``latest`` replaced by an atomic rename. A crash at any point leaves either the previous
+checkpoint as ``latest`` or the new one complete; a directory without a manifest is never
+loaded, and ``--resume latest`` reports the incomplete ones it skips. The last ``keep_last``
+checkpoints are kept.
 
-Nothing in a checkpoint is unpickled on load: tensors come from safetensors and the RNG files
-through ``torch.load(weights_only=True)``. The manifest's file names must stay inside the
-checkpoint directory. Because the saved state is unsharded, a checkpoint resumes under another
-world size, sequence-parallel layout or ZeRO stage (elastic resume): the data position is
-carried over in global rows (``translate_data_cursor``).
+Nothing in a checkpoint is unpickled on load: tensors come from safetensors, the index and
+manifest are JSON, and the RNG files go through ``torch.load(weights_only=True)``. The
+manifest's file names must stay inside the checkpoint directory, and the shard layout is
+checked against the index before anything is loaded (``check_shards``). Restoring reshards, so
+a checkpoint resumes under another world size, sequence-parallel layout or ZeRO stage (elastic
+resume): the data position is carried over in global rows (``translate_data_cursor``).
 
-Every rank calls ``save_checkpoint`` and ``load_checkpoint`` (the state is gathered from and
-scattered to every rank's partitions); the run directory must be on storage every rank sees
-(one machine, or a shared file system on a cluster). ``verify_checkpoint`` and
+Every rank calls ``save_checkpoint`` and ``load_checkpoint`` (each writes and reads its own
+share); the run directory must be on storage every rank sees (one machine, or a shared file
+system on a cluster). ``verify_checkpoint``, ``load_model_weights`` and
 ``load_model_state_dict`` work in any single process (the CLI driver, evaluation, export).
+Both phases log their wall time on rank 0 (``checkpoint save step_N: done in S s``).
 """
 
 from __future__ import annotations
