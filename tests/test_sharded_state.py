@@ -23,7 +23,7 @@ from trainer_helpers import deepspeed_environment, finished_run
 
 from longctx.checkpoint.sharded_state import INDEX_FILE, iter_model_tensors
 
-pytestmark = pytest.mark.slow  # spawned 1-, 2- and 4-rank DeepSpeed engines
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # 5 spawned groups of 1-4 DeepSpeed ranks
 
 KEYS = ("param", "exp_avg", "exp_avg_sq")
 
