@@ -322,6 +322,16 @@ def check_shards(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     another checkpoint (its ``checkpoint_id`` or rank differ), and fragments that do not cover
     their tensor exactly. Reads only the JSON and the safetensors headers."""
     index = read_index(directory)
+    try:
+        _check_layout(directory, manifest, index)
+    except LongctxError:  # a ValueError too: the refusals below are already one line
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _refuse(directory, f"{INDEX_FILE} is malformed ({type(error).__name__})") from None
+    return index
+
+
+def _check_layout(directory: Path, manifest: dict[str, Any], index: dict[str, Any]) -> None:
     world = index.get("world_size")
     per_rank = index.get("files")
     if world != manifest["world_size"] or not isinstance(per_rank, list) or len(per_rank) != world:
@@ -349,7 +359,6 @@ def check_shards(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     for name, entry in index["tensors"].items():
         if entry.get("kind") != "alias":
             _check_coverage(directory, name, entry, set(indexed))
-    return index
 
 
 def _part_metadata(directory: Path, name: str) -> dict[str, str]:
@@ -428,8 +437,8 @@ def iter_model_tensors(
     again); with ``key`` ``exp_avg`` or ``exp_avg_sq`` that AdamW moment of each parameter
     instead. Each tensor is assembled from its fragments; only one is held at a time."""
     index = index if index is not None else read_index(directory)
-    reader = _FragmentReader(directory, index)
     for name, entry in index["tensors"].items():
+        reader = _FragmentReader(directory, index)  # per tensor: unmaps the parts read before
         if key == "param":
             yield name, reader.full(entry["of"] if entry["kind"] == "alias" else name)
         elif entry["kind"] == "param" and index["moments"]:
