@@ -3,8 +3,8 @@
 ``open_checkpoint(RUN_OR_CHECKPOINT)`` accepts a checkpoint directory (``manifest.json``) or a
 run directory (its ``checkpoints/latest``), verifies every file against the manifest's sha256,
 and reads the recipe the checkpoint was trained with (its own ``recipe.yaml``) and its
-tokenizer. ``load_trained_model`` loads the checkpoint's full fp32 weights
-(``model.safetensors``, gathered from every ZeRO partition when it was saved) into a
+tokenizer. ``load_trained_model`` loads the checkpoint's fp32 weights (assembled tensor by
+tensor from the per-rank shards, ``checkpoint.sharded_state.iter_model_tensors``) into a
 ``Transformer`` built from that recipe (``build_model``, which also builds the models of
 training and of ``hf:PATH`` recipes), so the RoPE settings are the ones trained with (e.g. the
 extension's YaRN ``rope_scaling``). Everything runs in one process and only reads the run.
@@ -24,7 +24,7 @@ from longctx.checkpoint.store import (
     RECIPE_FILE,
     TOKENIZER_FILE,
     latest_checkpoint,
-    load_model_state_dict,
+    load_model_weights,
     verify_checkpoint,
 )
 from longctx.config.recipe import Recipe, parse_recipe, read_recipe_file
@@ -105,7 +105,7 @@ def build_model(
 
     - ``weights`` (a longctx checkpoint directory): built on the meta device (no random init of
       weights about to be replaced), given empty CPU storage in ``dtype``, then filled
-      completely by a strict ``load_state_dict`` of the checkpoint's full weights. The recipe's
+      tensor by tensor from the checkpoint's shards (``load_model_weights``). The recipe's
       settings apply around them (e.g. a new stage's YaRN ``rope_scaling``).
     - else ``model.init: hf:PATH``: that Hugging Face checkpoint's weights (``load_hf``), under
       the recipe's resolved ``ModelConfig`` (the checkpoint's shape plus the recipe's RoPE).
@@ -114,7 +114,7 @@ def build_model(
     """
     if weights is not None:
         model = empty_model(recipe.model, recipe.positional, recipe.attention, dtype)
-        model.load_state_dict(load_model_state_dict(Path(weights)), strict=True)
+        load_model_weights(model, weights)
         return model
     if recipe.model.init.startswith("hf:"):
         model, _ = load_hf(

@@ -252,6 +252,7 @@ def train_loop(
             values.update(long_eval(state.step, writer.writer))
         checkpoint = None
         if _due(state.step, cfg.ckpt_every, end_step):
+            save_started = time.perf_counter()
             checkpoint = save_checkpoint(
                 engine,
                 run_dir,
@@ -262,10 +263,13 @@ def train_loop(
                 tokenizer_bytes=tokenizer_bytes,
             )
             summary["checkpoint"] = str(checkpoint)
+            values["checkpoint_save_s"] = time.perf_counter() - save_started
         writer.write(state.step, values)
         display.update(state.step, values)
         if checkpoint is not None:
-            display.message(f"checkpoint {checkpoint}")
+            display.message(
+                f"checkpoint {checkpoint} (save took {values['checkpoint_save_s']:.2f} s)"
+            )
         if report is not None and (values or checkpoint is not None):
             metrics = {"step": state.step, "tokens_seen": state.tokens_seen, **values}
             report(metrics, None if checkpoint is None else str(checkpoint))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -219,8 +220,11 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
             transform=batch_transform_for(stage_recipe),
         )
     state = TrainState()
+    restore_s = 0.0
     if point.resumes_exactly:
+        started = time.perf_counter()
         manifest = load_checkpoint(engine, checkpoint, stage_recipe)
+        restore_s = time.perf_counter() - started
         apply_recipe_optimizer_settings(engine, cfg)
         train_loader.load_state_dict(manifest["data_cursor"])
         state = TrainState(step=manifest["step"], tokens_seen=manifest["tokens_seen"])
@@ -247,6 +251,7 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
                 if state.step >= stage.end_step
                 else ""
             )
+            + f"; checkpoint restore took {restore_s:.2f} s"
         )
     try:
         summary = train_loop(
