@@ -68,8 +68,14 @@ def _zero3_rank(rank: int, world: int, directory: Path, input_ids: torch.Tensor)
     engine.module.model.eval()
     with torch.no_grad():
         logits = engine.module.model(input_ids)
+    engine.module.model.train()  # one optimizer step: the engine trains the partitioned model
+    labels = torch.roll(input_ids, -1, dims=1)
+    loss = engine(input_ids[:1], labels[:1])
+    engine.backward(loss)
+    engine.step()
     return {
         "logits": logits,
+        "loss": float(loss),
         "load": load,
         "unmaterialised": unmaterialised,
         "partitions_ok": partitions_ok,
@@ -89,6 +95,7 @@ def test_zero3_init_reads_each_ranks_partition_only_with_transformers_logits(tmp
         torch.testing.assert_close(result["logits"], expected, rtol=1e-5, atol=1e-5)
         load = result["load"]
         assert result["unmaterialised"] and result["partitions_ok"]
+        assert math.isfinite(result["loss"])
         # each rank holds half the model (ceil per tensor) and read only that from disk,
         # plus at most two partial rows per tensor: never the whole model
         assert load.partition_bytes <= result["model_bytes"] / 2 + 4 * 64
