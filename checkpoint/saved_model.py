@@ -8,6 +8,8 @@ tokenizer. ``load_trained_model`` loads the checkpoint's full fp32 weights
 ``Transformer`` built from that recipe (``build_model``, which also builds the models of
 training and of ``hf:PATH`` recipes), so the RoPE settings are the ones trained with (e.g. the
 extension's YaRN ``rope_scaling``). Everything runs in one process and only reads the run.
+``export_hf`` streams the checkpoint's tensors (``tensor_stream.iter_model_tensors``) into
+sharded safetensors without building the model.
 """
 
 from __future__ import annotations
