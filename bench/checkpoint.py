@@ -25,7 +25,10 @@ rank of a pid and the phases:
   start, optimizer state, the training steps);
 - save / restore peak: the peak during each span; target <= step peak + full fp32 state / W
   (12 bytes x params: weights and both AdamW moments) + 256 MiB;
-- save / restore wall time: the span's length on rank 0.
+- save / restore wall time: the span's length on each rank.
+
+A worker count whose runs fail (e.g. out of memory on a shared machine) is recorded with the
+``error:`` line of ``longctx train`` and shown as such in the report.
 
 RSS counts the whole process (torch, Ray, DeepSpeed), so the init row is a difference and the
 save/restore rows compare peaks of the same process.
@@ -145,11 +148,14 @@ def run_train(recipe: Path, workers: int, hz: float, resume: bool) -> list:
     """``longctx train`` in a subprocess while sampling; returns the samples."""
     command = [sys.executable, "-m", "longctx.launch", "train", str(recipe)]
     command += ["--workers", str(workers)] + (["--resume", "latest"] if resume else [])
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     with RssSampler(process.pid, hz) as sampler:
-        code = process.wait()
-    if code != 0:
-        raise SystemExit(f"longctx train exited {code}: {' '.join(command)}")
+        _, stderr = process.communicate()
+    if process.returncode != 0:
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        raise RuntimeError(errors[-1] if errors else f"longctx train exited {process.returncode}")
     return sampler.samples
 
 
@@ -238,7 +244,9 @@ def print_table(results: list[dict]) -> None:
     header = "W rank   step    save (target)   restore   init+ (target)   save s  restore s"
     print(header)
     for case in results:
-        for r in case["ranks"]:
+        if "error" in case:
+            print(f"{case['workers']} failed: {case['error']}")
+        for r in case.get("ranks", []):
             print(
                 f"{case['workers']} {r['rank']:>4} {r['step_peak_bytes'] / MiB:7.0f} "
                 f"{r['save_peak_bytes'] / MiB:7.0f} ({r['save_target_bytes'] / MiB:5.0f}) "
@@ -264,7 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as tmp:
         scratch = Path(tmp)
         config = write_hf_checkpoint(scratch / "hf", model)
-        results = [bench_workers(w, scratch / "hf", config, args, scratch) for w in args.workers]
+        results = []
+        for workers in args.workers:
+            try:
+                results.append(bench_workers(workers, scratch / "hf", config, args, scratch))
+            except RuntimeError as error:  # e.g. out of memory on a shared machine: say so
+                print(f"W={workers}: {error}", file=sys.stderr)
+                results.append({"workers": workers, "error": str(error)})
     report = {
         "model": model,
         "parameters": config.num_parameters(),

@@ -372,7 +372,9 @@ def checkpoint_rows(data: dict) -> list[Row]:
     state_mib = data["full_fp32_state_bytes"] / MiB
     for case in data["results"]:
         w = case["workers"]
-        for r in case["ranks"]:
+        if "error" in case:
+            rows.append(Row("checkpoint", f"ZeRO-3, W={w}: did not complete", case["error"], None))
+        for r in case.get("ranks", []):
             where = f"ZeRO-3, W={w}, rank {r['rank']}"
             bound = (
                 f"bound {r['save_target_bytes'] / MiB:.0f} = step {r['step_peak_bytes'] / MiB:.0f}"

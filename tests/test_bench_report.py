@@ -190,3 +190,7 @@ def test_checkpoint_rows_compare_each_phase_with_its_bound(tmp_path):
     assert restore.ratio == pytest.approx(1900 / 1856) and restore.met is False
     init = _row(rows, "checkpoint", "RSS added by HF init")
     assert init.ratio == pytest.approx(300 / 506) and init.met is True
+    failed = {**CHECKPOINT, "results": [{"workers": 4, "error": "error: out of memory"}]}
+    _write(tmp_path, "checkpoint", failed)
+    row = _row(collect_rows(tmp_path), "checkpoint", "ZeRO-3, W=4: did not complete")
+    assert row.values == "error: out of memory" and row.met is None
