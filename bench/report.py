@@ -3,8 +3,8 @@
 Run: ``python -m longctx.bench.report`` (``longctx bench`` and ``make bench`` call it after the
 benchmarks). It reads only the JSON files in ``bench/results/``, so it can be regenerated without
 rerunning anything. Targets come from the issues: attention backends (issue 3), training
-overhead (4), sequence parallelism (5), position-encoding kernels (6), sparse variants (7), and
-the memory ceiling (10). A missing JSON file gives a "not run" row; a target whose measured
+overhead (4), sequence parallelism (5), position-encoding kernels (6), sparse variants (7), the
+memory ceiling (10), and checkpoint save / restore / HF-init memory (18). A missing JSON file gives a "not run" row; a target whose measured
 length differs from the one the issue names says so in its row.
 
 Each row: the benchmark, what is measured, the values behind the ratio, the ratio, the target
@@ -397,6 +397,49 @@ def memory_longest_rows(data: dict) -> list[Row]:
     ]
 
 
+def checkpoint_rows(data: dict) -> list[Row]:
+    """Issue 18: per rank under ZeRO-3, the peak RSS during a checkpoint save and restore
+    <= step peak + full fp32 state / W + 256 MiB, and what HF init adds <= the rank's partition
+    + the largest tensor + 256 MiB (ratios: measured / bound); save and restore wall times."""
+    rows = []
+    state_mib = data["full_fp32_state_bytes"] / MiB
+    for case in data["results"]:
+        w = case["workers"]
+        if "error" in case:
+            rows.append(Row("checkpoint", f"ZeRO-3, W={w}: did not complete", case["error"], None))
+        for r in case.get("ranks", []):
+            where = f"ZeRO-3, W={w}, rank {r['rank']}"
+            bound = (
+                f"bound {r['save_target_bytes'] / MiB:.0f} = step {r['step_peak_bytes'] / MiB:.0f}"
+                f" + state/W {state_mib / w:.0f} + 256 MiB"
+            )
+            for phase in ("save", "restore"):
+                peak = r[f"{phase}_peak_bytes"]
+                rows.append(
+                    Row(
+                        "checkpoint",
+                        f"peak RSS during {phase}, {where}",
+                        f"{peak / MiB:.0f} MiB in {r[f'{phase}_seconds']:.1f} s; {bound}",
+                        peak / r["save_target_bytes"],
+                        "<=",
+                        1.0,
+                    )
+                )
+            rows.append(
+                Row(
+                    "checkpoint",
+                    f"RSS added by HF init, {where}",
+                    f"{r['init_added_bytes'] / MiB:.0f} MiB in {r['init_seconds']:.1f} s; bound "
+                    f"{r['init_target_bytes'] / MiB:.0f} MiB = partition + largest tensor + "
+                    "256 MiB",
+                    r["init_added_bytes"] / r["init_target_bytes"],
+                    "<=",
+                    1.0,
+                )
+            )
+    return rows
+
+
 def gpu_rows(data: dict) -> list[Row]:
     """bench/gpu_check.sh on a lent GPU (issue 10's GPU goals)."""
     rows = [
@@ -436,6 +479,7 @@ SECTIONS: dict[str, Callable] = {
     "peer_long": peer_rows,
     "memory": memory_rows,
     "memory_longest": memory_longest_rows,
+    "checkpoint": checkpoint_rows,
     "gpu": gpu_rows,
 }
 OPTIONAL = (

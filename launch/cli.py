@@ -7,7 +7,7 @@
     longctx eval RUN_OR_CHECKPOINT|HF_DIR|RECIPE --task ppl|passkey|niah|counting|... [--lengths N ...]
                  [--depths F ...] [--samples N] [--windows N] [--out DIR] [--set k=v ...]
                  [--workers N] [--address A]
-    longctx export RUN_OR_CHECKPOINT --hf OUT [--dtype fp32|bf16]
+    longctx export RUN_OR_CHECKPOINT --hf OUT [--dtype fp32|bf16] [--max-shard-size 5GB]
     longctx bench [NAME ...] [--report-only]
     longctx convert --gguf FILE --out DIR
 
@@ -106,11 +106,39 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def shard_size(text: str) -> int:
+    """``"5GB"`` -> 5e9 bytes (decimal KB/MB/GB as transformers reads them, binary KiB/MiB/GiB,
+    or plain bytes); ``argparse.ArgumentTypeError`` (exit 2, one line) for anything else."""
+    number = text.strip().lower().rstrip("bgikm")
+    unit = text.strip().lower()[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value <= 0 or int(value * _SIZE_UNITS[unit]) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive size; write e.g. 5GB, 500MB, 2GiB or a byte count"
+        )
+    return int(value * _SIZE_UNITS[unit])
+
+
 def _export(args: argparse.Namespace) -> int:
     """Export a checkpoint as a Hugging Face model directory."""
     from longctx.checkpoint.saved_model import export_hf
 
-    out = export_hf(args.run_or_checkpoint, args.hf, args.dtype)
+    out = export_hf(args.run_or_checkpoint, args.hf, args.dtype, args.max_shard_size)
     print(f"exported to {out}")
     return 0
 
@@ -267,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf", required=True, metavar="OUT", help="new or empty directory to write"
     )
     export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    export.add_argument(
+        "--max-shard-size",
+        type=shard_size,
+        default="5GB",
+        metavar="SIZE",
+        help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB or bytes (default 5GB, as "
+        "transformers); more than one shard gets model.safetensors.index.json",
+    )
     export.set_defaults(handler=_export)
 
     convert = commands.add_parser(

@@ -185,3 +185,38 @@ def test_suite_timings_appear_in_the_report(tmp_path):
     assert any(x.startswith("- Last full `longctx bench` run") and "20.0 min" in x for x in lines)
     partial_line = next(x for x in lines if x.startswith("- Later partial run"))
     assert "2026-01-02 09:00 UTC, 1.0 min wall" in partial_line
+
+
+CHECKPOINT = {
+    "full_fp32_state_bytes": 12 * 100 * 2**20,
+    "results": [
+        {
+            "workers": 2,
+            "ranks": [
+                {
+                    "rank": 0, "step_peak_bytes": 1000 * 2**20, "save_peak_bytes": 1700 * 2**20,
+                    "save_seconds": 3.0, "restore_peak_bytes": 1900 * 2**20,
+                    "restore_seconds": 2.0, "init_added_bytes": 300 * 2**20, "init_seconds": 1.0,
+                    "save_target_bytes": (1000 + 600 + 256) * 2**20,
+                    "init_target_bytes": (200 + 50 + 256) * 2**20,
+                }
+            ],
+        }
+    ],
+}  # fmt: skip
+
+
+def test_checkpoint_rows_compare_each_phase_with_its_bound(tmp_path):
+    _write(tmp_path, "checkpoint", CHECKPOINT)
+    rows = collect_rows(tmp_path)
+    save = _row(rows, "checkpoint", "peak RSS during save, ZeRO-3, W=2, rank 0")
+    assert save.ratio == pytest.approx(1700 / 1856) and save.met is True
+    assert "step 1000 + state/W 600 + 256 MiB" in save.values
+    restore = _row(rows, "checkpoint", "peak RSS during restore")
+    assert restore.ratio == pytest.approx(1900 / 1856) and restore.met is False
+    init = _row(rows, "checkpoint", "RSS added by HF init")
+    assert init.ratio == pytest.approx(300 / 506) and init.met is True
+    failed = {**CHECKPOINT, "results": [{"workers": 4, "error": "error: out of memory"}]}
+    _write(tmp_path, "checkpoint", failed)
+    row = _row(collect_rows(tmp_path), "checkpoint", "ZeRO-3, W=4: did not complete")
+    assert row.values == "error: out of memory" and row.met is None

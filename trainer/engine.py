@@ -127,10 +127,16 @@ def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
     }
 
 
+def _ndim(param: nn.Parameter) -> int:
+    """Dimensions of a parameter's full shape: a parameter built under ``deepspeed.zero.Init``
+    holds an empty 1-D placeholder, its shape is ``ds_shape``."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
-    decayed = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    plain = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    decayed = [p for p in model.parameters() if p.requires_grad and _ndim(p) >= 2]
+    plain = [p for p in model.parameters() if p.requires_grad and _ndim(p) < 2]
     groups = [
         {"params": decayed, "weight_decay": cfg.weight_decay},
         {"params": plain, "weight_decay": 0.0},

@@ -29,7 +29,12 @@ from longctx.errors import LongctxError
 from longctx.parallel.batch import Batch, prepare_batch
 from longctx.parallel.loss import scored_token_count, world_mean_scale
 from longctx.trainer.engine import global_grad_norm
-from longctx.trainer.metrics import MetricsWriter, ProgressDisplay, peak_memory_gib
+from longctx.trainer.metrics import (
+    MetricsWriter,
+    ProgressDisplay,
+    peak_memory_gib,
+    timed_phase,
+)
 from longctx.trainer.plans import batch_transform_for
 
 if TYPE_CHECKING:
@@ -253,7 +258,7 @@ def train_loop(
         checkpoint = None
         if _due(state.step, cfg.ckpt_every, end_step):
             save_started = time.perf_counter()
-            checkpoint = save_checkpoint(
+            checkpoint = timed_phase("save", run_dir)(save_checkpoint)(
                 engine,
                 run_dir,
                 step=state.step,

@@ -11,6 +11,11 @@ Scalars (tag names are what tests and dashboards read back):
     train/bad_steps       optimizer steps skipped so far because the gradient was not finite
     eval/loss             token cross-entropy on the held-out split
 
+Phase timings: ``timed_phase(NAME, run_dir)(fn)(...)`` runs ``fn`` and appends one JSON line
+``{"phase", "rank", "pid", "start", "end"}`` (Unix seconds) to ``RUN/phases.jsonl`` on every
+rank, for the phases whose memory and time matter at scale: ``init`` (the model built and its
+weights loaded), ``save`` and ``restore`` of a checkpoint (``bench/checkpoint.py`` reads them).
+
 The terminal gets a rich progress bar when stdout is a terminal, and one concise line per
 logged step otherwise (Ray workers, CI logs). Under ``longctx train`` the workers' output goes
 to log files, so rank 0's display also writes what it shows as JSON lines to an events file
@@ -19,13 +24,18 @@ to log files, so rank 0's display also writes what it shows as JSON lines to an 
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import resource
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import ParamSpec, TextIO, TypeVar
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
@@ -41,6 +51,33 @@ TRAIN_TAGS = {
 }
 EVAL_TAGS = {"eval_loss": "eval/loss"}
 _GIB = 1024**3
+PHASES_FILE = "phases.jsonl"
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def timed_phase(name: str, run_dir: Path) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Wrap a function so that each call appends its wall-clock span, with this process's
+    rank, as one JSON line to ``run_dir/phases.jsonl`` (one ``write`` of a short line in
+    append mode, so ranks sharing the file do not interleave within a line)."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def timed(*args: P.args, **kwargs: P.kwargs) -> R:
+            start = time.time()
+            result = fn(*args, **kwargs)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            record = {"phase": name, "rank": rank, "pid": os.getpid(), "start": start}
+            line = json.dumps(record | {"end": time.time()}) + "\n"
+            with (Path(run_dir) / PHASES_FILE).open("a") as handle:
+                handle.write(line)
+            return result
+
+        return timed
+
+    return wrap
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -51,10 +51,14 @@ from longctx.parallel.apply import apply_transforms
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import check_recipe_supported
 from longctx.parallel.ports import free_port
-from longctx.trainer.engine import apply_recipe_optimizer_settings, build_engine
+from longctx.trainer.engine import (
+    apply_recipe_optimizer_settings,
+    build_engine,
+    deepspeed_config,
+)
 from longctx.trainer.job import TrainJob
 from longctx.trainer.loop import TrainState, train_loop
-from longctx.trainer.metrics import MetricsWriter, ProgressDisplay
+from longctx.trainer.metrics import MetricsWriter, ProgressDisplay, timed_phase
 from longctx.trainer.plans import batch_transform_for, transform_plan
 from longctx.trainer.stages import check_stage_record, resume_point, write_stage_record
 
@@ -198,7 +202,14 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     seed_everything(cfg.seed)
     # A new stage: the previous stage's final weights under this stage's settings (RoPE
     # scaling, layout), with the fresh optimizer and LR schedule build_engine makes.
-    model = build_model(stage_recipe, weights=checkpoint if point.new_stage else None)
+    # Under ZeRO-3 a model from Hugging Face weights is built partitioned (each rank reads only
+    # its share); otherwise one copy in the training dtype, which DeepSpeed then shards.
+    model = timed_phase("init", run_dir)(build_model)(
+        stage_recipe,
+        weights=checkpoint if point.new_stage else None,
+        dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+        zero3=deepspeed_config(cfg) if cfg.zero_stage == 3 else None,
+    )
     apply_transforms(model, transform_plan(cfg, mesh))  # the one place the model changes
     engine = build_engine(model, cfg, sp_group=None if mesh is None else mesh.sp_group)
     long_eval = None
@@ -223,7 +234,9 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     restore_s = 0.0
     if point.resumes_exactly:
         started = time.perf_counter()
-        manifest = load_checkpoint(engine, checkpoint, stage_recipe)
+        manifest = timed_phase("restore", run_dir)(load_checkpoint)(
+            engine, checkpoint, stage_recipe
+        )
         restore_s = time.perf_counter() - started
         apply_recipe_optimizer_settings(engine, cfg)
         train_loader.load_state_dict(manifest["data_cursor"])
