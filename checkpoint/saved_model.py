@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from longctx.checkpoint.sharded_state import iter_model_tensors
 from longctx.checkpoint.store import (
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
@@ -33,7 +34,6 @@ from longctx.checkpoint.store import (
     load_model_weights,
     verify_checkpoint,
 )
-from longctx.checkpoint.sharded_state import iter_model_tensors
 from longctx.config.recipe import Recipe, parse_recipe, read_recipe_file
 from longctx.data import Tokenizer, load_tokenizer
 from longctx.errors import LongctxError
