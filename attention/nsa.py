@@ -47,9 +47,9 @@ from torch import Tensor, nn
 from longctx.attention.config import AttentionConfig, NSAConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.core import AttentionCore, AttentionShape
-from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
-from longctx.attention.nsa_selection import QueryKeySides, SelectedBlockAttention
+from longctx.attention.nsa_gated import GatedBranchAttention, NSAProblem, tiled_kernel
+from longctx.attention.nsa_selection import QueryKeySides
 from longctx.attention.sequence_keys import sequence_keys
 from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
@@ -279,13 +279,24 @@ class NSAAttention(AttentionCore):
                 "model's attention layer, which sets it"
             )
         gates = self.gates(ctx.hidden)  # [3, B, Hq, Tq, 1]: compression, selection, window
-        o_cmp, o_slc, o_win = self.branches(q, k, v, ctx)
-        return gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_win
+        return self._gated(q, k, v, ctx, gates)
 
     def branches(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The ungated (compression, selection, window) outputs, each [B, Hq, Tq, D]."""
+        """The ungated (compression, selection, window) outputs, each [B, Hq, Tq, D]: the fused
+        function with one gate at 1 and the others at 0 (for inspection and tests; three
+        passes)."""
+        batch, heads, length = q.shape[:3]
+        unit = torch.eye(3, dtype=q.dtype, device=q.device)[:, :, None, None, None, None]
+        return tuple(
+            self._gated(q, k, v, ctx, unit[i].expand(3, batch, heads, length, 1)) for i in range(3)
+        )
+
+    def _gated(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, gates: Tensor
+    ) -> Tensor:
+        """``sum_b gates[b] o_b`` [B, Hq, Tq, D] through ``GatedBranchAttention``."""
         if q.shape[1] != k.shape[1] * self.group:
             raise LongctxError(
                 f"NSA shares one block selection per GQA group of {self.group} query heads, but "
@@ -295,38 +306,11 @@ class NSAAttention(AttentionCore):
         keys = sequence_keys(k, v, ctx, "nsa")
         k, v = keys.k, keys.v  # [B, Hkv, Tk, D], key j at global position j
         sides = QueryKeySides(ctx.seq_positions.to(q.device), ctx.doc_ids, keys.doc_ids)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        o_cmp, selected = self._compressed_and_selection(q, k, v, sides, scale)
-        o_slc = SelectedBlockAttention.apply(
-            q, k, v, selected, sides, scale, self.settings.select_block
-        )
-        window = MaskSpec(
-            q_positions=sides.q_positions, q_doc_ids=sides.q_doc_ids,
-            k_doc_ids=sides.k_doc_ids, window=self.settings.window,
-        )  # fmt: skip
-        o_win, _ = block_attention(
-            q, k, v, scale=scale, mask=window, backend=self.config.backend,
-            chunk_size=self._tile,
-        )  # fmt: skip
-        return o_cmp, o_slc, o_win
-
-    @property
-    def _tile(self) -> int:
-        return self.config.chunk_size or BRANCH_TILE
-
-    def _compressed_and_selection(
-        self, q: Tensor, k: Tensor, v: Tensor, sides: QueryKeySides, scale: float
-    ) -> tuple[Tensor, Tensor]:
-        """(o_cmp [B, Hq, Tq, D], selected blocks [B, Hkv, Tq, n] int64, -1 = none)."""
-        settings = self.settings
-        length = k.shape[2]
+        settings, length = self.settings, k.shape[2]
         num_compressed = self.compress_key.num_blocks(length)
-        if num_compressed == 0:  # shorter than one block: no compressed key, zero importance
-            importance = None
-            o_cmp = torch.zeros_like(q)
-        else:
-            ck = self.compress_key(k)  # [B, Hkv, nc, D]
-            cv = self.compress_value(v)
+        ck = cv = compressed = importance = None
+        if num_compressed:  # else shorter than one block: no compressed key, zero importance
+            ck, cv = self.compress_key(k), self.compress_value(v)  # [B, Hkv, nc, D]
             block_ends = (
                 torch.arange(num_compressed, device=q.device) * settings.compress_stride
                 + settings.compress_block - 1
@@ -334,18 +318,26 @@ class NSAAttention(AttentionCore):
             block_docs = None
             if sides.k_doc_ids is not None:
                 block_docs = _compressed_doc_ids(sides.k_doc_ids, num_compressed, settings)
-            mask = MaskSpec(
+            compressed = MaskSpec(
                 q_positions=sides.q_positions, k_positions=block_ends,
                 q_doc_ids=sides.q_doc_ids, k_doc_ids=block_docs,
-            )  # fmt: skip
-            o_cmp, lse_cmp = block_attention(
-                q, ck, cv, scale=scale, mask=mask, backend=self.config.backend,
-                chunk_size=self._tile,
-            )  # fmt: skip
-            importance = (ck.detach(), lse_cmp.detach(), block_ends, block_docs)
-        with torch.no_grad():
-            selected = self._select_blocks(q.detach(), k.shape[1], length, importance, sides, scale)
-        return o_cmp, selected
+            ).bind(q.shape[2], num_compressed, device=q.device)  # fmt: skip
+            importance = (ck.detach(), block_ends, block_docs)
+        window = MaskSpec(
+            q_positions=sides.q_positions, q_doc_ids=sides.q_doc_ids,
+            k_doc_ids=sides.k_doc_ids, window=settings.window,
+        ).bind(q.shape[2], length, device=q.device)  # fmt: skip
+        scale = 1.0 / math.sqrt(q.shape[-1])
+
+        def select(queries: Tensor, lse_cmp: Tensor | None) -> Tensor:
+            blocks = None if importance is None else (importance[0], lse_cmp, *importance[1:])
+            return self._select_blocks(queries, k.shape[1], length, blocks, sides, scale)
+
+        kernel, tile = tiled_kernel(self.config.backend, q, self.config.chunk_size or BRANCH_TILE)
+        problem = NSAProblem(
+            sides, scale, kernel, tile, compressed, window, select, settings.select_block
+        )
+        return GatedBranchAttention.apply(q, k, v, ck, cv, gates, problem)
 
     def _select_blocks(self, q, kv_heads, length, importance, sides, scale) -> Tensor:
         """Top-n selection blocks per (batch, kv head, query) over ``length`` keys:
