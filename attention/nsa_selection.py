@@ -148,6 +148,15 @@ def _rows_major(x: Tensor, dtype: torch.dtype, factor: float | Tensor) -> Tensor
     return torch.mul(x.transpose(0, 1), factor, out=rows)
 
 
+def _row_dots(a: Tensor, b: Tensor, rows: int = 4096) -> Tensor:
+    """``(a * b).sum(-1)`` for [T, G, D] operands, ``rows`` at a time (no [T, G, D] product)."""
+    sums = torch.empty(a.shape[:2], dtype=a.dtype, device=a.device)
+    for start in range(0, a.shape[0], rows):
+        part = slice(start, start + rows)
+        torch.sum(a[part] * b[part], dim=-1, out=sums[part])
+    return sums
+
+
 def selection_forward(
     q: Tensor, k: Tensor, v: Tensor, plans: list, sides: QueryKeySides, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -225,7 +234,7 @@ def selection_backward(
             heads_j = slice(j * group, (j + 1) * group)
             q_j = _rows_major(q[b, heads_j], acc, scale)  # [Tq, G, D], scaled
             dout_j = _rows_major(dout[b, heads_j], acc, 1.0)
-            sums_j = (dout_j * out[b, heads_j].transpose(0, 1)).sum(-1)  # [Tq, G]
+            sums_j = _row_dots(dout_j, out[b, heads_j].transpose(0, 1))  # [Tq, G]
             row_sums[b, heads_j] = sums_j.T
             delta_j = sums_j  # rowsum(branch dout * out)
             if gate is not None:
@@ -234,7 +243,7 @@ def selection_backward(
                 delta_j = sums_j * gate_j[..., 0]
             lse_j = safe_lse[b, heads_j].T  # [Tq, G]
             k_j, v_j = k[b, j].to(acc), v[b, j].to(acc)  # [Tk, D]
-            dq_j = torch.zeros(count, group, dim, dtype=acc, device=q.device)
+            dq_j = dq[b, heads_j].transpose(0, 1)  # [Tq, G, D] view: rows added in place
             for step in plans[b][j]:
                 keys, values = k_j[step.start : step.stop], v_j[step.start : step.stop]
                 q_rows = q_j.index_select(0, step.rows)  # [m, G, D]
@@ -246,9 +255,8 @@ def selection_backward(
                 dprobs = dout_rows @ values.T  # [m G, L]
                 dprobs -= delta_j[step.rows].reshape(-1, 1)
                 dscores = probs.mul_(dprobs)  # [m G, L], d(loss)/d(scaled score)
-                dq_j.index_add_(0, step.rows, (dscores @ keys).view(q_rows.shape))
+                dq_j.index_add_(0, step.rows, (dscores @ keys).view(q_rows.shape), alpha=scale)
                 dk[b, j, step.start : step.stop] += dscores.T @ q_rows.flatten(0, 1)
-            dq[b, heads_j] += dq_j.transpose(0, 1).mul_(scale)
     return row_sums
 
 
