@@ -243,11 +243,11 @@ def sparse_power_rows(data: dict) -> list[Row]:
     ]
 
 
-SPARSE_SPEEDUP_TARGETS = {"mosa": 5.0, "nsa": 2.0}
+SPARSE_SPEEDUP_TARGETS = {"mosa": 5.0, "nsa": 3.0}  # issue 7; NSA raised by issue 21
 
 
 def sparse_nsa_mosa_rows(data: list[dict]) -> list[Row]:
-    """Issue 7: MoSA (k = T/16) >= 5x, NSA (defaults) >= 2x faster than dense; memory <= dense.
+    """Issues 7, 21: MoSA (k = T/16) >= 5x, NSA (defaults) >= 3x faster than dense; memory <= dense.
     One pair of rows per variant and input kind, at the longest length measured."""
     rows = []
     for kind in sorted({r["inputs"] for r in data}):
