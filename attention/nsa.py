@@ -352,6 +352,7 @@ class NSAAttention(AttentionCore):
         overlap, rows_per_step = None, q.shape[2]
         if importance is not None:
             ck, lse_cmp, block_ends, block_docs = importance
+            ck = ck * scale  # scaled once: scaled logits
             overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
             rows_per_step = max(1, IMPORTANCE_STEP_ELEMENTS // (batch * heads * ck.shape[2]))
         doc_first = _document_first_blocks(sides, select)  # [B, Tq] or None: block 0
@@ -374,7 +375,6 @@ class NSAAttention(AttentionCore):
                         lse_cmp[:, :, rows],
                         block_ends[:visible] <= query_pos[:, None],
                         None if query_docs is None else (block_docs[:, :visible], query_docs),
-                        scale,
                     )  # [B, Hkv, c, visible]
                     padded = F.pad(per_block, (0, 1))  # index -1 reads the zero column
                     index = overlap[:started_blocks]
@@ -393,25 +393,24 @@ class NSAAttention(AttentionCore):
         return torch.cat(chosen, dim=2)
 
     @staticmethod
-    def _block_importance(q, ck, lse_cmp, seen, docs, scale) -> Tensor:
+    def _block_importance(q, ck, lse_cmp, seen, docs) -> Tensor:
         """Compression attention probabilities summed over each GQA group: [B, Hkv, c, nc].
 
-        q [B, Hq, c, D]; ck [B, Hkv, nc, D]; lse_cmp [B, Hq, c] (the compressed branch's);
-        ``seen`` [c, nc] causal visibility; ``docs`` (block docs [B, nc], query docs [B, c]).
+        q [B, Hq, c, D]; ck [B, Hkv, nc, D] scaled by 1/sqrt(D); lse_cmp [B, Hq, c] (the
+        compressed branch's); ``seen`` [c, nc] causal visibility; ``docs`` (block docs [B, nc],
+        query docs [B, c]).
         """
         batch, _, count, dim = q.shape
         kv_heads = ck.shape[1]
         queries = q.reshape(batch, kv_heads, -1, dim)  # [B, Hkv, G c, D]
-        logits = queries @ (ck.transpose(-1, -2) * scale)  # [B, Hkv, G c, nc]
+        logits = queries @ ck.transpose(-1, -2)  # [B, Hkv, G c, nc]
         logits = logits.view(batch, kv_heads, -1, count, ck.shape[2])
         if docs is not None:  # [B, c, nc]
             seen = seen & (docs[0][:, None, :] == docs[1][:, :, None])
-        hidden = torch.zeros(seen.shape, dtype=logits.dtype, device=q.device)
-        hidden = hidden.masked_fill_(~seen, float("-inf"))  # additive: exp -> 0
+        hidden = ~(seen if docs is None else seen[:, None, None])  # exp -> 0 there
         row_lse = lse_cmp.reshape(logits.shape[:-1])  # [B, Hkv, G, c]
         row_lse = torch.where(torch.isneginf(row_lse), 0.0, row_lse)  # sees no block
-        logits = logits.sub_(row_lse[..., None])
-        logits += hidden if docs is None else hidden[:, None, None]
+        logits = logits.sub_(row_lse[..., None]).masked_fill_(hidden, float("-inf"))
         return logits.exp_().sum(2)
 
     def extra_repr(self) -> str:
