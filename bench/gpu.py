@@ -137,16 +137,11 @@ def _against_reference(setup: Setup, mask: MaskSpec, length: int) -> dict:
     fast_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
     out, _ = block_attention(*fast_inputs, mask=mask)
     out.backward(dout)
-    ref_inputs = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
-    ref_mask = MaskSpec(
-        q_doc_ids=None if mask.q_doc_ids is None else mask.q_doc_ids.cpu(),
-        k_doc_ids=None if mask.k_doc_ids is None else mask.k_doc_ids.cpu(),
-    )
-    ref_out, _ = block_attention(*ref_inputs, mask=ref_mask, backend="reference")
-    ref_out.backward(dout.cpu().double())
+    ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, _ = block_attention(*ref_inputs, mask=mask, backend="reference")
+    ref_out.backward(dout.double())
     errors = _relative_errors(
-        [out.cpu()] + [x.grad.cpu() for x in fast_inputs],
-        [ref_out.detach()] + [x.grad for x in ref_inputs],
+        [out] + [x.grad for x in fast_inputs], [ref_out.detach()] + [x.grad for x in ref_inputs]
     )
     limits = TOLERANCE[setup.dtype]
     ok = errors[0] <= limits["out"] and max(errors[1:]) <= limits["grad"]
@@ -241,7 +236,13 @@ def _model_flops_per_token(config: ModelConfig, length: int) -> float:
 
 
 def _step_row(setup: Setup, config: ModelConfig, length: int, step: Callable[[], None]) -> dict:
-    seconds = setup.seconds(step, 1)
+    """Tokens/s and MFU of ``step``; a length that fails (out of memory) is recorded with its
+    error, and the next length still runs."""
+    try:
+        seconds = setup.seconds(step, 1)
+    except Exception as error:
+        print(f"  T={length}: {type(error).__name__}: {error}", flush=True)
+        return {"seq_len": length, "error": f"{type(error).__name__}: {error}"[:300]}
     flops = _model_flops_per_token(config, length) * length
     row = {"seq_len": length, "seconds": seconds, "tokens_per_second": length / seconds}
     row["mfu"] = flops / seconds / 1e12 / setup.gemm()
@@ -299,7 +300,7 @@ def check_peer(setup: Setup, ours: dict | None) -> dict:
 
         row = _step_row(setup, config, length, step)
         mine = next((r for r in (ours or {}).get("lengths", []) if r["seq_len"] == length), None)
-        if mine is not None:
+        if mine is not None and "seconds" in mine and "seconds" in row:
             row["longctx_time_ratio"] = mine["seconds"] / row["seconds"]
         rows.append(row)
     return {"attn_implementation": attention, "lengths": rows}

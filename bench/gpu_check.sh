@@ -44,10 +44,15 @@ fi
 
 export DS_ACCELERATOR=cuda RAY_USAGE_STATS_ENABLED=0
 "$PYTHON" -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
-PIP=("$PYTHON" -m pip install -q --retries 0 --timeout 10)
+PIP=("$PYTHON" -m pip install -q --retries 0 --timeout 10 --no-build-isolation)
 "${PIP[@]}" -e ".[test]" || echo "gpu_check: installing longctx[test] failed; going on"
-"${PIP[@]}" -e ".[cuda]" --no-build-isolation \
+"${PIP[@]}" -e ".[cuda]" \
   || echo "gpu_check: the cuda extra (flash-attn) did not install; flash checks will skip"
+if ! "$PYTHON" -c "import longctx" 2>/dev/null; then  # not installed: import the checkout
+  mkdir -p /tmp/gpu_check_path && ln -sfn "$PWD" /tmp/gpu_check_path/longctx
+  export PYTHONPATH=/tmp/gpu_check_path${PYTHONPATH:+:$PYTHONPATH}
+  echo "gpu_check: longctx imported from this checkout through PYTHONPATH"
+fi
 
 timeout 180 "$PYTHON" -m pytest -q -rs tests/test_cuda.py
 tests_rc=$?

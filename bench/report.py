@@ -417,6 +417,9 @@ def _gpu_attention_rows(check: dict, data: dict) -> list[Row]:
 def _gpu_model_rows(check: dict, data: dict) -> list[Row]:
     rows = []
     for r in check["lengths"]:
+        if "error" in r:
+            rows.append(Row("gpu", f"~1B Llama step, T={r['seq_len']}", r["error"][:120], None))
+            continue
         values = f"{r['tokens_per_second']:.0f} tokens/s, MFU {r['mfu']:.2f} of measured GEMM"
         if "longctx_time_ratio" in r:
             rows.append(
@@ -430,7 +433,8 @@ def _gpu_model_rows(check: dict, data: dict) -> list[Row]:
                 )
             )
         else:
-            rows.append(Row("gpu", f"~1B Llama step, longctx, T={r['seq_len']}", values, r["mfu"]))
+            side = "transformers" if "attn_implementation" in check else "longctx"
+            rows.append(Row("gpu", f"~1B Llama step, {side}, T={r['seq_len']}", values, r["mfu"]))
     return rows
 
 
