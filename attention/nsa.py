@@ -18,7 +18,9 @@ A branch with no visible key contributes 0. Cost: the compressed branch reads ``
 (the importance pass only the compressed blocks its query chunk can see), the selection branch
 is block-major (``nsa_selection``: per key block, one GEMM against the queries that chose it,
 so it costs ``n l'`` keys per query whatever the selections look like), and the window branch
-``w`` keys; nothing T x T exists.
+``w`` keys; nothing T x T exists. Memory: the gated sum runs as one autograd function
+(``nsa_gated.GatedBranchAttention``) that saves the selection branch's output and recomputes the
+compressed and window branches per query tile in backward.
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 
