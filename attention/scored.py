@@ -39,10 +39,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from longctx.attention.biased import DEFAULT_TILE, distance_range, relative_bias_attention
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.core import AttentionCore, AttentionShape
 from longctx.attention.mask import MaskSpec
+from longctx.attention.tiling import compute_dtype, visible_key_counts
 from longctx.positional.bam import BAMScore
 from longctx.positional.config import PositionalConfig
 from longctx.positional.cope import CoPEScore
@@ -219,7 +221,14 @@ class CoPEAttention(ScoredAttention):
 
 
 class BAMAttention(ScoredAttention):
-    """Dense attention with BAM's per-head priors (and SSMax) in the logits."""
+    """Dense attention with BAM's per-head priors (and SSMax) in the logits.
+
+    Its prior depends on the distance only, so it does not take the query-chunked path of
+    the other score terms: the prior is evaluated once per distance (``BAMScore.prior_table``)
+    and added per tile inside the flash-style tiled kernel (``attention/biased.py``), whose
+    backward recomputes each tile and accumulates the prior's and SSMax's gradients per tile.
+    SSMax's ``n_i`` is counted from the same tile plan (``visible_key_counts``): every key the
+    query sees, also under key gather. ``attention.chunk_size`` is the tile (default 512)."""
 
     has_head_parameters = True
 
@@ -237,6 +246,32 @@ class BAMAttention(ScoredAttention):
                 max_position_embeddings=shape.max_position_embeddings,
             ),
         )
+
+    @property
+    def tile(self) -> int:
+        return self.config.chunk_size or DEFAULT_TILE
+
+    def visible_key_counts(self, mask: MaskSpec) -> Tensor:
+        """SSMax's ``n_i``: keys each query sees under the bound ``mask``, [Bm, Tq]."""
+        return visible_key_counts(mask, self.tile)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> out [B, Hq, Tq, D] (see the class doc)."""
+        if q.shape[2] == 0 or k.shape[2] == 0:
+            return torch.zeros_like(q)
+        mask = self.mask_for(ctx).bind(q.shape[2], k.shape[2], device=q.device)
+        dtype = compute_dtype(q.dtype)
+        low, high = distance_range(mask)
+        distances = torch.arange(low, high + 1, device=q.device)
+        table = self.score.prior_table(distances, self.heads, dtype)  # [Hq, N]
+        row_scale = None
+        if self.score.ssmax_scale is not None:
+            counts = self.visible_key_counts(mask)  # [Bm, Tq]
+            row_scale = self.score.ssmax_multiplier(counts, self.heads, dtype)  # [Bm, Hq, Tq]
+        return relative_bias_attention(
+            q, k, v, table, low, mask=mask, row_scale=row_scale, scale=self.score.scale,
+            tile=self.tile,
+        )  # fmt: skip
 
 
 class TAPAAttention(ScoredAttention):
