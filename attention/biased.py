@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from longctx.attention.mask import MaskSpec
-from longctx.attention.tile_kernels import TorchTileKernel
-from longctx.attention.tiling import compute_dtype, tiled_backward, tiled_forward
+from longctx.attention.tile_kernels import _FLASH_CPU, TorchTileKernel
+from longctx.attention.tiling import PieceKind, compute_dtype, tiled_backward, tiled_forward
 
 DEFAULT_TILE = 512  # tokens per query and key tile (the plain-torch kernel's fastest fwd+bwd)
 _KERNEL = TorchTileKernel()
@@ -186,14 +186,41 @@ def _denormals_flushed(device: torch.device) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+class _CpuFlashBiasForward:
+    """Forward tiles on torch's fused CPU flash op, the tile's bias (and mask) as its additive
+    ``attn_mask``: ~1.6x faster than the plain-torch forward (the backward, which must return
+    the bias's gradient, stays plain torch). Same tiles, so the same O(tile^2) memory."""
+
+    fused = False
+    takes_delta = False
+
+    def forward(self, q, k, v, kind, visible, scale, add_bias):
+        batch, heads, tq, _ = q.shape
+        bias = q.new_zeros(batch, heads, tq, k.shape[2])
+        add_bias(bias)
+        if kind is PieceKind.CAUSAL:
+            hidden = torch.ones(bias.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
+            bias.masked_fill_(hidden, float("-inf"))
+        elif kind is PieceKind.MASKED:
+            bias.masked_fill_(~visible[:, None], float("-inf"))  # visible [Bm, tq, tk]
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        if visible is not None:  # the op gives lse 0 to rows that see nothing
+            lse = lse.masked_fill(~visible.any(-1)[:, None], float("-inf"))
+        return out, lse
+
+
+_CPU_FORWARD = _CpuFlashBiasForward()
+
+
 class _RelativeBiasAttention(torch.autograd.Function):
     """out = tiled attention with the bias; backward recomputes tiles (nothing T x T saved)."""
 
     @staticmethod
     def forward(ctx, q, k, v, table, row_scale, min_distance, scale, mask, tile):
         bias = RelativePositionBias(table, min_distance, row_scale, mask)
+        kernel = _CPU_FORWARD if q.device.type == "cpu" else _KERNEL
         with _denormals_flushed(q.device):
-            out, lse = tiled_forward(q, k, v, scale, mask, _KERNEL, tile, bias)
+            out, lse = tiled_forward(q, k, v, scale, mask, kernel, tile, bias)
         ctx.save_for_backward(q, k, v, out, lse, table, row_scale)
         ctx.min_distance, ctx.scale, ctx.mask, ctx.tile = min_distance, scale, mask, tile
         return out
@@ -249,7 +276,7 @@ def relative_bias_attention(
         k_doc_ids=None if mask.k_doc_ids is None else mask.k_doc_ids.flip(1),
     )
     out = _RelativeBiasAttention.apply(
-        scaled_q, k.flip(2), v.flip(2), table.to(dtype), row_scale, min_distance, 1.0,
+        scaled_q, k.to(dtype).flip(2), v.to(dtype).flip(2), table.to(dtype), row_scale, min_distance, 1.0,
         reversed_keys, tile or DEFAULT_TILE,
     )  # fmt: skip
     return out.to(q.dtype)
