@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from longctx.attention.mask import MaskSpec
-from longctx.attention.tile_kernels import _FLASH_CPU, TorchTileKernel
-from longctx.attention.tiling import PieceKind, compute_dtype, tiled_backward, tiled_forward
+from longctx.attention.tile_kernels import TorchTileKernel
+from longctx.attention.tiling import compute_dtype, tiled_backward, tiled_forward
 
 DEFAULT_TILE = 512  # tokens per query and key tile (the plain-torch kernel's fastest fwd+bwd)
 _KERNEL = TorchTileKernel()
@@ -71,9 +71,14 @@ class RelativePositionBias:
         self.row_scale = row_scale
         self.q_positions, self.k_positions = mask.q_positions, mask.k_positions
         self._q_steps, self._k_steps = _steps(self.q_positions, 1), _steps(self.k_positions, -1)
-        self.table_grad = torch.zeros_like(self.table) if track_grad else None
+        # float64 sums: each entry gathers O(T) tile sums whose terms mostly cancel (a softmax
+        # gradient sums to 0 along its row), and the buffers are only O(T x H)
+        wide = torch.float64
+        self.table_grad = torch.zeros_like(self.table, dtype=wide) if track_grad else None
         self.row_scale_grad = (
-            torch.zeros_like(row_scale) if track_grad and row_scale is not None else None
+            torch.zeros_like(row_scale, dtype=wide)
+            if track_grad and row_scale is not None
+            else None
         )
         self._skew_buffers: dict[tuple[int, ...], Tensor] = {}
 
@@ -120,7 +125,7 @@ class RelativePositionBias:
             self._add_row_grad(queries, (grad * prior).sum(-1))
         weighted = grad if scale is None else grad * scale[..., None]
         index = self._distance_index(queries, keys).flatten()
-        self.table_grad.index_add_(1, index, weighted.sum(0).flatten(1))
+        self.table_grad.index_add_(1, index, weighted.sum(0).flatten(1).to(torch.float64))
 
     def _add_row_grad(self, queries: slice, row_grad: Tensor) -> None:
         """row_grad [B, H, tq] (summed over the batch when ``row_scale`` has one row)."""
@@ -161,7 +166,7 @@ class RelativePositionBias:
             sums = (scale[:, :, None, :] @ skewed).sum((0, 2))  # [H, width]
             segment = self.table[:, first : first + width]  # [H, width]
             self._add_row_grad(queries, (skewed @ segment[..., None])[..., 0])
-        self.table_grad[:, first : first + width] += sums
+        self.table_grad[:, first : first + width] += sums.to(torch.float64)
 
 
 def _flushes_denormals() -> bool:
@@ -186,41 +191,20 @@ def _denormals_flushed(device: torch.device) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
-class _CpuFlashBiasForward:
-    """Forward tiles on torch's fused CPU flash op, the tile's bias (and mask) as its additive
-    ``attn_mask``: ~1.6x faster than the plain-torch forward (the backward, which must return
-    the bias's gradient, stays plain torch). Same tiles, so the same O(tile^2) memory."""
-
-    fused = False
-    takes_delta = False
-
-    def forward(self, q, k, v, kind, visible, scale, add_bias):
-        batch, heads, tq, _ = q.shape
-        bias = q.new_zeros(batch, heads, tq, k.shape[2])
-        add_bias(bias)
-        if kind is PieceKind.CAUSAL:
-            hidden = torch.ones(bias.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
-            bias.masked_fill_(hidden, float("-inf"))
-        elif kind is PieceKind.MASKED:
-            bias.masked_fill_(~visible[:, None], float("-inf"))  # visible [Bm, tq, tk]
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        if visible is not None:  # the op gives lse 0 to rows that see nothing
-            lse = lse.masked_fill(~visible.any(-1)[:, None], float("-inf"))
-        return out, lse
-
-
-_CPU_FORWARD = _CpuFlashBiasForward()
-
-
 class _RelativeBiasAttention(torch.autograd.Function):
-    """out = tiled attention with the bias; backward recomputes tiles (nothing T x T saved)."""
+    """out = tiled attention with the bias; backward recomputes tiles (nothing T x T saved).
+
+    Forward and backward run the same plain-torch kernel on purpose: the backward's
+    ``delta = rowsum(dout * out)`` must agree with the probabilities it recomputes, or the
+    prior's gradient picks up ~eps x |dout| x |v| per row wherever one key takes all the
+    weight (measured: torch's fused CPU op as the forward was 1.15x faster but put 10x that
+    noise on a near-zero BAM shape gradient)."""
 
     @staticmethod
     def forward(ctx, q, k, v, table, row_scale, min_distance, scale, mask, tile):
         bias = RelativePositionBias(table, min_distance, row_scale, mask)
-        kernel = _CPU_FORWARD if q.device.type == "cpu" else _KERNEL
         with _denormals_flushed(q.device):
-            out, lse = tiled_forward(q, k, v, scale, mask, kernel, tile, bias)
+            out, lse = tiled_forward(q, k, v, scale, mask, _KERNEL, tile, bias)
         ctx.save_for_backward(q, k, v, out, lse, table, row_scale)
         ctx.min_distance, ctx.scale, ctx.mask, ctx.tile = min_distance, scale, mask, tile
         return out
@@ -233,7 +217,9 @@ class _RelativeBiasAttention(torch.autograd.Function):
             dq, dk, dv = tiled_backward(
                 dout, q, k, v, out, lse, None, ctx.scale, ctx.mask, _KERNEL, ctx.tile, bias
             )
-        return dq, dk, dv, bias.table_grad, bias.row_scale_grad, None, None, None, None
+        row_scale_grad = None if row_scale is None else bias.row_scale_grad.to(row_scale.dtype)
+        table_grad = bias.table_grad.to(table.dtype)
+        return dq, dk, dv, table_grad, row_scale_grad, None, None, None, None
 
 
 def distance_range(mask: MaskSpec) -> tuple[int, int]:

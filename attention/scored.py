@@ -1,4 +1,7 @@
-"""Attention whose logits come from a score module: the kernel of CoPE, BAM and TAPA.
+"""Attention whose logits come from a score module: the kernel of CoPE and TAPA, and BAM's core.
+
+BAM's core (``BAMAttention``) does not use the query-chunked kernel below: its prior depends on
+the distance only, so it runs inside the flash-style tiled kernel (``attention/biased.py``).
 
 Some position encodings need the whole row of logits of a query before its softmax (CoPE counts
 gates along the row) or replace the dot product altogether (TAPA), so they cannot ride inside a
@@ -27,8 +30,8 @@ block, an exclusive scan for the block offsets, a second pass to attend): the sc
 too but needs two ring passes and a per-block bookkeeping of CoPE's clamp, whereas the gather
 is one collective with the unchanged kernel. Its cost: K and V of the whole sequence,
 ``T x Hkv x D`` each, are replicated on every rank (the logits stay O(B x H x chunk x T), as
-on one device); BAM and TAPA, whose scores would merge block by block, take the same path so
-that one kernel serves all three.
+on one device); TAPA, whose scores would merge block by block, and BAM's tiled kernel take the
+same key-gather path.
 """
 
 from __future__ import annotations
@@ -263,11 +266,14 @@ class BAMAttention(ScoredAttention):
         dtype = compute_dtype(q.dtype)
         low, high = distance_range(mask)
         distances = torch.arange(low, high + 1, device=q.device)
-        table = self.score.prior_table(distances, self.heads, dtype)  # [Hq, N]
+        # The O(T x H) table and row scale in float64: their gradients reach the few per-head
+        # parameters as sums over every distance and row, which float32 would round
+        wide = torch.promote_types(dtype, torch.float64)
+        table = self.score.prior_table(distances, self.heads, wide)  # [Hq, N]
         row_scale = None
         if self.score.ssmax_scale is not None:
             counts = self.visible_key_counts(mask)  # [Bm, Tq]
-            row_scale = self.score.ssmax_multiplier(counts, self.heads, dtype)  # [Bm, Hq, Tq]
+            row_scale = self.score.ssmax_multiplier(counts, self.heads, wide)  # [Bm, Hq, Tq]
         return relative_bias_attention(
             q, k, v, table, low, mask=mask, row_scale=row_scale, scale=self.score.scale,
             tile=self.tile,
