@@ -158,6 +158,13 @@ def open_source(spec: SourceSpec, field: str):
             f"data source {spec.path!r} field {field!r} holds {table.features[field]}, not "
             "strings; pick a text field with --field"
         )
+    try:  # the json reader keeps invalid UTF-8 bytes; a full validation finds them up front
+        table.data.column(field).validate(full=True)
+    except Exception as err:
+        raise LongctxError(
+            f"data source {spec.path!r} field {field!r} is not valid UTF-8 text "
+            f"({str(err).splitlines()[0]}); re-encode it as UTF-8"
+        ) from None
     return table
 
 
