@@ -392,6 +392,35 @@ def gpu_rows(data: dict) -> list[Row]:
     return rows
 
 
+def data_rows(data: dict) -> list[Row]:
+    """Issue 19: rank 0's memory and launch-to-first-step time do not grow with the corpus."""
+    small, large = data["corpora"]["small"], data["corpora"]["large"]
+    sizes = f"{small['tokens'] / 1e6:.0f}M vs {large['tokens'] / 1e6:.0f}M tokens"
+    rate = (
+        f"prepare {small['prepare_tokens_per_s']:,.0f} / {large['prepare_tokens_per_s']:,.0f} "
+        f"tokens/s, {large['num_proc']} processes"
+    )
+    return [
+        Row(
+            "data",
+            f"rank 0 RSS at the first step, 2 workers, large - small corpus (MiB; {sizes})",
+            f"{large['rss_mib']:.0f} vs {small['rss_mib']:.0f} MiB",
+            data["rss_diff_mib"],
+            "<=",
+            data["goal_rss_diff_mib"],
+            rate,
+        ),
+        Row(
+            "data",
+            f"launch to first step, 2 workers, large - small corpus (s; {sizes})",
+            f"{large['launch_s']:.1f} vs {small['launch_s']:.1f} s",
+            data["launch_diff_s"],
+            "<=",
+            data["goal_launch_diff_s"],
+        ),
+    ]
+
+
 SECTIONS: dict[str, Callable] = {
     "attention": attention_rows,
     "sp": sp_rows,
@@ -402,8 +431,14 @@ SECTIONS: dict[str, Callable] = {
     "memory": memory_rows,
     "memory_longest": memory_longest_rows,
     "gpu": gpu_rows,
+    "data": data_rows,
 }
-OPTIONAL = ("memory_longest", "gpu")  # written only by flags or scripts that make bench skips
+# data: ``python -m longctx.bench.data`` (the 400M-token corpus takes long to prepare once).
+OPTIONAL = (
+    "memory_longest",
+    "gpu",
+    "data",
+)  # written only by flags or scripts that make bench skips
 
 
 def collect_rows(results_dir: Path) -> list[Row]:
