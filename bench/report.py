@@ -433,12 +433,7 @@ SECTIONS: dict[str, Callable] = {
     "gpu": gpu_rows,
     "data": data_rows,
 }
-# data: ``python -m longctx.bench.data`` (the 400M-token corpus takes long to prepare once).
-OPTIONAL = (
-    "memory_longest",
-    "gpu",
-    "data",
-)  # written only by flags or scripts that make bench skips
+OPTIONAL = ("memory_longest", "gpu")  # written only by flags or scripts that make bench skips
 
 
 def collect_rows(results_dir: Path) -> list[Row]:
