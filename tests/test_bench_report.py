@@ -159,3 +159,15 @@ def test_suite_timings_appear_in_the_report(tmp_path):
     assert any(x.startswith("- Last full `longctx bench` run") and "20.0 min" in x for x in lines)
     partial_line = next(x for x in lines if x.startswith("- Later partial run"))
     assert "2026-01-02 09:00 UTC, 1.0 min wall" in partial_line
+
+
+def test_data_rows_judge_the_differences_between_the_corpora(tmp_path):
+    corpus = {"prepare_tokens_per_s": 9e5, "num_proc": 2}
+    small = {**corpus, "tokens": 2e7, "rss_mib": 530.0, "launch_s": 50.0}
+    large = {**corpus, "tokens": 4e8, "rss_mib": 700.0, "launch_s": 55.0}
+    data = {"corpora": {"small": small, "large": large}, "rss_diff_mib": 170.0,
+            "launch_diff_s": 5.0, "goal_rss_diff_mib": 100.0, "goal_launch_diff_s": 10.0}  # fmt: skip
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    rows = [r for r in collect_rows(tmp_path) if r.bench == "data"]
+    assert [r.met for r in rows] == [False, True]
+    assert "20M vs 400M tokens" in rows[0].measure and "900,000" in rows[0].note
