@@ -559,6 +559,35 @@ _GPU_CHECK_ROWS: dict[str, Callable[[dict, dict], list[Row]]] = {
 }
 
 
+def data_rows(data: dict) -> list[Row]:
+    """Issue 19: rank 0's memory and launch-to-first-step time do not grow with the corpus."""
+    small, large = data["corpora"]["small"], data["corpora"]["large"]
+    sizes = f"{small['tokens'] / 1e6:.0f}M vs {large['tokens'] / 1e6:.0f}M tokens"
+    rate = (
+        f"prepare {small['prepare_tokens_per_s']:,.0f} / {large['prepare_tokens_per_s']:,.0f} "
+        f"tokens/s, {large['num_proc']} processes"
+    )
+    return [
+        Row(
+            "data",
+            f"rank 0 RSS at the first step, 2 workers, large - small corpus (MiB; {sizes})",
+            f"{large['rss_mib']:.0f} vs {small['rss_mib']:.0f} MiB",
+            data["rss_diff_mib"],
+            "<=",
+            data["goal_rss_diff_mib"],
+            rate,
+        ),
+        Row(
+            "data",
+            f"launch to first step, 2 workers, large - small corpus (s; {sizes})",
+            f"{large['launch_s']:.1f} vs {small['launch_s']:.1f} s",
+            data["launch_diff_s"],
+            "<=",
+            data["goal_launch_diff_s"],
+        ),
+    ]
+
+
 SECTIONS: dict[str, Callable] = {
     "attention": attention_rows,
     "sp": sp_rows,
@@ -572,6 +601,7 @@ SECTIONS: dict[str, Callable] = {
     "memory_longest": memory_longest_rows,
     "checkpoint": checkpoint_rows,
     "gpu": gpu_rows,
+    "data": data_rows,
 }
 OPTIONAL = (
     "memory_longest",

@@ -14,13 +14,16 @@ epoch, in a new order (the loader permutes row indices).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from longctx.data.config import DataConfig
-from longctx.data.packing import TokenDocument, pack_layout, pack_row, text_document
+from longctx.data.corpus import InMemoryCorpus, PreparedCorpus, TokenCorpus, is_prepared
+from longctx.data.packing import TokenDocument, pack_row, text_document
+from longctx.data.prepare import tokenizer_sha256
 from longctx.data.sample import TargetTooShort
 from longctx.data.sources import read_documents
 from longctx.data.tasks import Task, build_task
@@ -34,42 +37,107 @@ _FIT_CHECK_DRAWS = 8
 _SPLIT_CODE = {"train": 0, "eval": 1}
 
 
+class CorpusDocuments(Sequence[TokenDocument]):
+    """A lazy sequence of corpus documents: item ``k`` is tokens ``starts[k]:ends[k]`` of
+    ``[bos] + tokens.document(doc_ids[k]) + [eos]``. Only these index arrays (one entry per
+    document) live in memory; the tokens are read from ``tokens`` (a memory map for a prepared
+    corpus) when an item is built."""
+
+    def __init__(
+        self,
+        tokens: TokenCorpus,
+        doc_ids: np.ndarray,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        bos_id: int | None,
+        eos_id: int,
+    ):
+        self.tokens, self.doc_ids, self.starts, self.ends = tokens, doc_ids, starts, ends
+        self.bos_id, self.eos_id = bos_id, eos_id
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        whole = text_document(self.tokens.document(int(self.doc_ids[k])), self.bos_id, self.eos_id)
+        return whole.slice(int(self.starts[k]), int(self.ends[k]))
+
+    def lengths(self) -> np.ndarray:
+        """Token count of every item, ``[len(self)]`` int64."""
+        return (self.ends - self.starts).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Corpus:
-    """Tokenized corpus documents (``[bos] + text + [eos]`` each), split into train and held-out
-    eval documents. The eval documents also serve perplexity-by-length evaluation."""
+    """Corpus documents (``[bos] + text + [eos]`` each), split into train and held-out eval
+    documents. The eval documents also serve perplexity-by-length evaluation."""
 
-    train_documents: list[TokenDocument]
-    eval_documents: list[TokenDocument]
+    train_documents: CorpusDocuments
+    eval_documents: CorpusDocuments
+
+
+def corpus_tokens(config: DataConfig, tokenizer: Tokenizer) -> TokenCorpus:
+    """The token documents of ``config.sources``: a prepared directory is memory-mapped (after
+    checking it was tokenized by ``tokenizer``); raw sources are read and tokenized in memory,
+    exact duplicates dropped (first copy kept) so no held-out text is also trained on."""
+    sources = list(config.sources)
+    prepared = [s for s in sources if is_prepared(s)]
+    if prepared:
+        if len(sources) != 1:
+            raise LongctxError(
+                f"data.sources {sources} mixes a prepared corpus with other sources; use one "
+                "prepared directory, or prepare all sources into one with `longctx data prepare`"
+            )
+        corpus = PreparedCorpus(prepared[0])
+        corpus.check_tokenizer(
+            tokenizer_sha256(tokenizer.model_bytes()), f"the run's tokenizer {tokenizer.path!r}"
+        )
+        return corpus
+    texts = list(dict.fromkeys(doc.text for doc in read_documents(sources)))
+    return InMemoryCorpus(tokenizer.encode_batch(texts))
 
 
 def load_corpus(config: DataConfig, tokenizer: Tokenizer) -> Corpus:
-    """Read and tokenize ``config.sources`` and hold out about ``eval_fraction`` of its tokens.
+    """The corpus of ``config.sources`` with about ``eval_fraction`` of its tokens held out.
 
     Whole documents are held out, chosen by the seed. A corpus of a single document holds out
     the tail ``eval_fraction`` of its tokens instead, so a one-file corpus still has an eval
-    split.
+    split. Only per-document index arrays are built, so this costs O(documents), not O(tokens).
     """
-    # Exact duplicates are dropped (first copy kept), so no held-out text is also trained on.
-    texts = list(dict.fromkeys(doc.text for doc in read_documents(list(config.sources))))
-    documents = [
-        text_document(ids, tokenizer.bos_id, tokenizer.eos_id)
-        for ids in tokenizer.encode_batch(texts)
-    ]
+    tokens = corpus_tokens(config, tokenizer)
+    extra = 1 + (tokenizer.bos_id is not None)
+    lengths = tokens.document_lengths() + extra  # [n] with bos/eos
+    n = len(lengths)
+
+    def documents(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> CorpusDocuments:
+        return CorpusDocuments(tokens, ids, starts, ends, tokenizer.bos_id, tokenizer.eos_id)
+
+    everything = np.arange(n, dtype=np.int64)
     if config.eval_fraction == 0.0:
-        return Corpus(documents, [])
-    if len(documents) == 1:
-        whole = documents[0]
-        cut = len(whole) - max(1, round(config.eval_fraction * len(whole)))
-        return Corpus([whole.slice(0, cut)], [whole.slice(cut, len(whole))])
+        return Corpus(documents(everything, np.zeros(n, np.int64), lengths), documents(*_none()))
+    if n == 1:
+        cut = int(lengths[0]) - max(1, round(config.eval_fraction * int(lengths[0])))
+        zero, one = np.zeros(1, np.int64), np.ones(1, np.int64)
+        return Corpus(documents(zero, zero, cut * one), documents(zero, cut * one, lengths.copy()))
     # Hold out documents in a seeded order until they make ``eval_fraction`` of the tokens.
-    order = np.random.default_rng([config.seed, _STREAM_SPLIT]).permutation(len(documents))
-    tokens = np.cumsum([len(documents[i]) for i in order])  # [n]
-    held_out = int(np.searchsorted(tokens, config.eval_fraction * tokens[-1], side="right"))
-    held_out = min(len(documents) - 1, max(1, held_out))
-    eval_set = set(order[:held_out].tolist())
-    train = [d for i, d in enumerate(documents) if i not in eval_set]
-    return Corpus(train, [documents[i] for i in sorted(eval_set)])
+    order = np.random.default_rng([config.seed, _STREAM_SPLIT]).permutation(n)
+    cumulative = np.cumsum(lengths[order])  # [n]
+    held_out = int(np.searchsorted(cumulative, config.eval_fraction * cumulative[-1], "right"))
+    held_out = min(n - 1, max(1, held_out))
+    is_eval = np.zeros(n, dtype=bool)
+    is_eval[order[:held_out]] = True
+    train_ids, eval_ids = everything[~is_eval], everything[is_eval]
+    return Corpus(
+        documents(train_ids, np.zeros(len(train_ids), np.int64), lengths[train_ids]),
+        documents(eval_ids, np.zeros(len(eval_ids), np.int64), lengths[eval_ids]),
+    )
+
+
+def _none() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    empty = np.zeros(0, dtype=np.int64)
+    return empty, empty, empty
 
 
 class PackedDataset:
@@ -100,12 +168,11 @@ class PackedDataset:
         self.task_min_tokens = max(1, math.ceil(low * self.seq_len))
         self.task_max_tokens = max(self.task_min_tokens, math.floor(high * self.seq_len))
 
-        self._text_rows: list[list[TokenDocument]] = []
+        n_text = 0
         if text_weight > 0:
             if corpus is None:
                 raise ValueError("the mix has text, so PackedDataset needs the corpus")
-            self._text_rows = self._pack_text(corpus)
-        n_text = len(self._text_rows)
+            n_text = self._pack_text(corpus)
         if n_text:
             n_generated = round(n_text * float(task_weights.sum()) / text_weight)
         elif split == "train":
@@ -116,14 +183,35 @@ class PackedDataset:
         self.num_rows = n_text + (n_generated if self.task_names else 0)
         self._check_tasks_fit()
 
-    def _pack_text(self, corpus: Corpus) -> list[list[TokenDocument]]:
+    def _pack_text(self, corpus: Corpus) -> int:
+        """Shuffle the split's documents once and cut their concatenation into rows of
+        ``seq_len`` (the rows ``pack_layout`` makes); returns the row count. Only the order and
+        the cumulative ends (one int64 each per document) are kept; ``_text_row`` finds a
+        row's pieces by binary search."""
         documents = corpus.train_documents if self.split == "train" else corpus.eval_documents
         order = np.random.default_rng(
             [self.config.seed, _STREAM_PACK, self.split_code]
         ).permutation(len(documents))
-        documents = [documents[i] for i in order]
-        layout = pack_layout([len(d) for d in documents], self.seq_len)
-        return [[documents[p.doc].slice(p.start, p.end) for p in pieces] for pieces in layout]
+        self._text_documents = documents
+        self._text_order = order  # [n]
+        self._text_ends = np.cumsum(documents.lengths()[order])  # [n]
+        total = int(self._text_ends[-1]) if len(order) else 0
+        return -(-total // self.seq_len)
+
+    def _text_row(self, index: int) -> list[TokenDocument]:
+        """The pieces of text row ``index``: stream tokens ``[index*seq_len, +seq_len)``."""
+        low = index * self.seq_len
+        high = min(low + self.seq_len, int(self._text_ends[-1]))
+        pieces = []
+        k = int(np.searchsorted(self._text_ends, low, side="right"))
+        while low < high:
+            doc_end = int(self._text_ends[k])
+            doc_start = int(self._text_ends[k - 1]) if k else 0
+            take_end = min(high, doc_end)
+            document = self._text_documents[int(self._text_order[k])]
+            pieces.append(document.slice(low - doc_start, take_end - doc_start))
+            low, k = take_end, k + 1
+        return pieces
 
     def _check_tasks_fit(self) -> None:
         """Generate each task a few times at the row length, so a seq_len too short for a task
@@ -140,7 +228,7 @@ class PackedDataset:
         if not 0 <= index < self.num_rows:
             raise IndexError(f"row {index} outside [0, {self.num_rows})")
         if index < self.num_text_rows:
-            documents = self._text_rows[index]
+            documents = self._text_row(index)
         else:
             documents = self._generated_row(epoch, index - self.num_text_rows)
         return pack_row(documents, self.seq_len, self.tokenizer.eos_id)

@@ -88,6 +88,22 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    """Tokenize sources once into memory-mapped token shards (``longctx.data.prepare``)."""
+    from longctx.data.prepare import prepare
+
+    manifest = prepare(
+        list(args.sources), args.tokenizer, args.out, field=args.field, num_proc=args.num_proc
+    )
+    rate = manifest["throughput"]
+    print(
+        f"prepared {manifest['documents']} documents, {manifest['tokens']} tokens in "
+        f"{len(manifest['shards'])} shards into {args.out}; tokenized {rate['new_tokens']} new "
+        f"tokens in {rate['seconds']:.1f} s ({rate['tokens_per_s']:,.0f} tokens/s)"
+    )
+    return 0
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -229,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="PATH", help="where to write the tokenizer.model"
     )
     tokenizer_train.set_defaults(handler=_train_tokenizer)
+
+    data = commands.add_parser("data", help="corpus tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    data_prepare = data_commands.add_parser(
+        "prepare", help="tokenize sources once into memory-mapped token shards"
+    )
+    data_prepare.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help=".txt/.jsonl/.jsonl.gz/.parquet files, dataset directories, or 'builtin'",
+    )
+    data_prepare.add_argument("--tokenizer", required=True, metavar="PATH")
+    data_prepare.add_argument("--out", required=True, metavar="DIR")
+    data_prepare.add_argument("--field", default="text", help="the text field (default: text)")
+    data_prepare.add_argument("--num-proc", type=_positive_int, default=1, metavar="N")
+    data_prepare.set_defaults(handler=_prepare_data)
 
     evaluate = commands.add_parser(
         "eval", help="evaluate a checkpoint or model (ppl, passkey, niah), optionally sharded"

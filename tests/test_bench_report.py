@@ -220,3 +220,15 @@ def test_checkpoint_rows_compare_each_phase_with_its_bound(tmp_path):
     _write(tmp_path, "checkpoint", failed)
     row = _row(collect_rows(tmp_path), "checkpoint", "ZeRO-3, W=4: did not complete")
     assert row.values == "error: out of memory" and row.met is None
+
+
+def test_data_rows_judge_the_differences_between_the_corpora(tmp_path):
+    corpus = {"prepare_tokens_per_s": 9e5, "num_proc": 2}
+    small = {**corpus, "tokens": 2e7, "rss_mib": 530.0, "launch_s": 50.0}
+    large = {**corpus, "tokens": 4e8, "rss_mib": 700.0, "launch_s": 55.0}
+    data = {"corpora": {"small": small, "large": large}, "rss_diff_mib": 170.0,
+            "launch_diff_s": 5.0, "goal_rss_diff_mib": 100.0, "goal_launch_diff_s": 10.0}  # fmt: skip
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    rows = [r for r in collect_rows(tmp_path) if r.bench == "data"]
+    assert [r.met for r in rows] == [False, True]
+    assert "20M vs 400M tokens" in rows[0].measure and "900,000" in rows[0].note
