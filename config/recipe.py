@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from longctx.attention.config import AttentionConfig
-from longctx.attention.registry import recipe_problem
+from longctx.attention.registry import recipe_problem, sequence_problem
 from longctx.config.recipe_errors import check_key_path, single_line, validation_error_line
 from longctx.config.stages import StageSpec, check_stage_keys
 from longctx.data.config import DataConfig
@@ -190,6 +190,8 @@ class Recipe(BaseModel):
         problem = recipe_problem(
             shape, self.attention, self.positional, ulysses=parallel.ulysses, ring=parallel.ring
         )
+        if problem is None:
+            problem = sequence_problem(self.attention, self.positional, self.data.seq_len)
         if problem is not None:
             raise ValueError(problem)
         tokenizer = self.data.tokenizer
