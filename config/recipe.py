@@ -68,6 +68,16 @@ class TrainerConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = Field(
+        False,
+        description="DeepSpeed ZeRO offload_optimizer: AdamW moments and the fp32 master "
+        "partition live in CPU memory and the step runs there (needs zero_stage >= 1)",
+    )
+    offload_param: bool = Field(
+        False,
+        description="DeepSpeed ZeRO-3 offload_param: the parameter partitions live in CPU "
+        "memory between uses (needs zero_stage: 3)",
+    )
     dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = Field(False, description="recompute each layer in backward")
     tiled_mlp_chunk: int | None = Field(
@@ -130,6 +140,16 @@ class TrainerConfig(BaseModel):
             )
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise ValueError(f"betas={list(self.betas)} must each be in [0, 1); e.g. [0.9, 0.95]")
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ValueError(
+                f"offload_optimizer needs ZeRO (zero_stage={self.zero_stage}): DeepSpeed offloads "
+                "the optimizer partitions of stages 1-3; set zero_stage: 1, 2 or 3"
+            )
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_param needs zero_stage: 3 (got {self.zero_stage}): only ZeRO-3 "
+                "partitions the parameters it offloads; set zero_stage: 3"
+            )
         return self
 
 
