@@ -11,6 +11,7 @@ turns every mistake into a one-line ``LongctxError`` naming the field, the value
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -86,6 +87,11 @@ class TrainerConfig(BaseModel):
     offload_activations: bool = Field(
         False, description="keep saved activations in CPU memory (matters on GPU)"
     )
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where rank 0 logs scalars and figures; wandb runs offline unless "
+        "WANDB_MODE or WANDB_API_KEY is set (needs the 'tracking' extra)",
+    )
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(200, ge=0, description="steps between evaluations; 0 = never")
     eval_batches: int = Field(8, gt=0)
@@ -140,6 +146,11 @@ class TrainerConfig(BaseModel):
             )
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise ValueError(f"betas={list(self.betas)} must each be in [0, 1); e.g. [0.9, 0.95]")
+        if "wandb" in self.trackers and importlib.util.find_spec("wandb") is None:
+            raise ValueError(
+                "trackers includes 'wandb' but the wandb package is not installed; "
+                "pip install 'longctx[tracking]' or remove wandb from trainer.trackers"
+            )
         if self.offload_optimizer and self.zero_stage < 1:
             raise ValueError(
                 f"offload_optimizer needs ZeRO (zero_stage={self.zero_stage}): DeepSpeed offloads "
