@@ -352,6 +352,24 @@ def peer_rows(data: dict) -> list[Row]:
     return rows
 
 
+def s2_rows(data: dict) -> list[Row]:
+    """Issue 20: S2-attn fwd+bwd step time <= 0.6x dense at 16k."""
+    case = max(data["results"], key=lambda r: r["length"])
+    t = case["length"]
+    return [
+        Row(
+            "s2",
+            f"S2-attn fwd+bwd time vs dense, T={t}",
+            f"{case['s2_cpu_s']:.2f} vs {case['dense_cpu_s']:.2f} s; by T: "
+            + ", ".join(f"{r['length'] // 1024}k {r['ratio']:.2f}x" for r in data["results"]),
+            case["ratio"],
+            "<=",
+            0.6,
+            _length_note(t, 16384),
+        )
+    ]
+
+
 def train_overhead_rows(data: dict) -> list[Row]:
     """Issue 4: the Ray + DeepSpeed step (1 worker) <= 1.2x a plain torch loop."""
     by_path = {(r["path"], r["workers"]): r for r in data["results"]}
@@ -596,6 +614,7 @@ SECTIONS: dict[str, Callable] = {
     "sparse_nsa_mosa": sparse_nsa_mosa_rows,
     "train_overhead": train_overhead_rows,
     "peer": peer_rows,
+    "s2": s2_rows,
     "peer_long": peer_rows,
     "memory": memory_rows,
     "memory_longest": memory_longest_rows,

@@ -33,6 +33,7 @@ BENCHES = (
     "sp",
     "memory",
     "sparse_power",
+    "s2",
     "attention",
     "sparse_nsa_mosa",
     "train_overhead",

@@ -76,6 +76,7 @@ class MemoryEstimate:
     zero_buffers: int = 0
     attention_workspace: int = 0
     loss_workspace: int = 0
+    host_offload: int = 0  # bytes moved to CPU memory by ZeRO offload (not in ``total``)
 
     @property
     def total(self) -> int:
@@ -171,10 +172,17 @@ def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
     weight_b, grad_b, optim_b = _STATE_BYTES[trainer.dtype]
     world, stage = layout.world, trainer.zero_stage
     tokens = trainer.micro_batch_size * recipe.data.seq_len // layout.sp
+    weights = params * weight_b // (world if stage >= 3 else 1)
+    optimizer = params * optim_b // (world if stage >= 1 else 1)
+    # ZeRO offload keeps these partitions in host memory instead of on the accelerator.
+    host = (optimizer if trainer.offload_optimizer else 0) + (
+        weights if trainer.offload_param else 0
+    )
     return MemoryEstimate(
-        weights=params * weight_b // (world if stage >= 3 else 1),
+        weights=0 if trainer.offload_param else weights,
         gradients=params * grad_b // (world if stage >= 2 else 1),
-        optimizer=params * optim_b // (world if stage >= 1 else 1),
+        optimizer=0 if trainer.offload_optimizer else optimizer,
+        host_offload=host,
         activations=activation_bytes(
             recipe.model, tokens, trainer.dtype, trainer.activation_checkpointing
         ),
@@ -279,6 +287,12 @@ def plan_rows(recipe: Recipe, layout: ParallelConfig) -> list[tuple[str, str]]:
                 ("save", peaks.save),
                 ("restore", peaks.restore),
             )
+        ),
+        (
+            "host memory per rank: ZeRO offload",
+            human_bytes(memory.host_offload)
+            + f" (optimizer {'on' if trainer.offload_optimizer else 'off'}, "
+            + f"parameters {'on' if trainer.offload_param else 'off'})",
         ),
         ("recipe hash (model shape)", recipe.recipe_hash()),
         ("run directory", str(trainer.run_dir)),

@@ -248,6 +248,8 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     writer = MetricsWriter(
         run_dir / TENSORBOARD_DIR if rank == 0 else None,
         resume_step=None if checkpoint is None else state.step,
+        trackers=stage_recipe.trainer.trackers,
+        run_name=stage_recipe.name,
     )
     display = ProgressDisplay(stage.end_step, state.step, enabled=rank == 0, events=job.events)
     if stage.count > 1:
