@@ -6,8 +6,9 @@ both), no traceback, and no change on disk: names, bytes and modification times 
 under the case's directory and the shared data directory are the same afterwards.
 
 Cases cover the recipe (keys, types, ranges, incompatible settings, sequence-parallel and head
-divisibility, stage order, YAML), the data (missing, empty, binary, not UTF-8, JSON lines without
-``text``, too little text for one batch), the tokenizer (larger than the model's vocabulary,
+divisibility, stage order, YAML, mixture weights), the data (missing, empty, binary, not UTF-8,
+JSON lines without ``text``, chat rows without messages, with an unknown role or no assistant
+turn, too little text for one batch), the tokenizer (larger than the model's vocabulary,
 missing), checkpoints (missing, foreign directory, another model shape, damaged, a run
 directory that already holds a run) and the command line (bad ``--set``, unknown command or
 flag, bad ``--workers``). Recipe mistakes are caught by ``--dry-run``; the others by the checks
@@ -135,6 +136,28 @@ CASES: dict[str, Case] = {
         _on_data(sources="[{case}/folder]"),
         (".txt or .jsonl", "add some"),
         (("folder/x.csv", b"a"),),
+    ),
+    "mixture weight negative": Case(
+        _train("data.sources=[{{path: builtin, weight: -1}}, {{path: builtin, weight: 2}}]"),
+        ("negative", "use >= 0"),
+    ),
+    "mixture weights sum to 0": Case(
+        _train("data.sources=[{{path: builtin, weight: 0}}]"), ("sum to 0", "positive weight")
+    ),
+    "chat row without messages": Case(
+        _on_data(sources="[{{path: {case}/chat.jsonl, format: chat}}]"),
+        ("no non-empty 'messages'", "each line must be like"),
+        (("chat.jsonl", b'{"text": "a document"}\n'),),
+    ),
+    "chat role unknown": Case(
+        _on_data(sources="[{{path: {case}/chat.jsonl, format: chat}}]"),
+        ("role 'tool'", "use one of system, user, assistant"),
+        (("chat.jsonl", b'{"messages": [{"role": "tool", "content": "x"}]}\n'),),
+    ),
+    "chat without assistant turn": Case(
+        _on_data(sources="[{{path: {case}/chat.jsonl, format: chat}}]"),
+        ("no assistant turn", "add an assistant message"),
+        (("chat.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n'),),
     ),
     # --- tokenizer
     "tokenizer larger than the model vocabulary": Case(

@@ -252,6 +252,8 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
         run_name=stage_recipe.name,
     )
     display = ProgressDisplay(stage.end_step, state.step, enabled=rank == 0, events=job.events)
+    if splits.train.mixture_description:
+        display.message(splits.train.mixture_description)
     if stage.count > 1:
         display.message(
             f"{stage.label()}: steps {stage.start_step + 1}-{stage.end_step}, data.seq_len "
