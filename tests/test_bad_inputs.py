@@ -145,19 +145,19 @@ CASES: dict[str, Case] = {
         _train("data.sources=[{{path: builtin, weight: 0}}]"), ("sum to 0", "positive weight")
     ),
     "chat row without messages": Case(
-        _on_data(sources="[{{path: {case}/chat.jsonl, format: chat}}]"),
+        _on_data(sources="[{{path: {case}/chat_no_messages.jsonl, format: chat}}]"),
         ("no non-empty 'messages'", "each line must be like"),
-        (("chat.jsonl", b'{"text": "a document"}\n'),),
+        (("chat_no_messages.jsonl", b'{"text": "a document"}\n'),),
     ),
     "chat role unknown": Case(
-        _on_data(sources="[{{path: {case}/chat.jsonl, format: chat}}]"),
+        _on_data(sources="[{{path: {case}/chat_unknown_role.jsonl, format: chat}}]"),
         ("role 'tool'", "use one of system, user, assistant"),
-        (("chat.jsonl", b'{"messages": [{"role": "tool", "content": "x"}]}\n'),),
+        (("chat_unknown_role.jsonl", b'{"messages": [{"role": "tool", "content": "x"}]}\n'),),
     ),
     "chat without assistant turn": Case(
-        _on_data(sources="[{{path: {case}/chat.jsonl, format: chat}}]"),
+        _on_data(sources="[{{path: {case}/chat_no_assistant.jsonl, format: chat}}]"),
         ("no assistant turn", "add an assistant message"),
-        (("chat.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n'),),
+        (("chat_no_assistant.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n'),),
     ),
     # --- tokenizer
     "tokenizer larger than the model vocabulary": Case(
