@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from longctx.data.packing import TokenDocument
-from longctx.data.sources import _read_utf8
+from longctx.data.sources import json_lines
 from longctx.data.tokenizer import JsonTokenizer, Tokenizer
 from longctx.errors import LongctxError
 
@@ -93,17 +93,7 @@ def chat_texts(paths: list[str]) -> list[str]:
 
 def _read_chat_file(path: Path) -> list[Conversation]:
     conversations = []
-    for line_number, line in enumerate(_read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LongctxError(
-                f"chat data line {where!r} is not valid JSON ({err.msg} at column {err.colno}); "
-                "write one JSON object per line"
-            ) from None
+    for where, record in json_lines(path, "chat data"):
         conversations.append(Conversation(where, _check_messages(record, where)))
     if not conversations:
         raise LongctxError(f"chat data file {str(path)!r} has no conversations; add some")
