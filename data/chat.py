@@ -29,7 +29,6 @@ turn) raise a one-line ``LongctxError`` naming the file and line.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,13 +93,13 @@ def chat_texts(paths: list[str]) -> list[str]:
 def _read_chat_file(path: Path) -> list[Conversation]:
     conversations = []
     for where, record in json_lines(path, "chat data"):
-        conversations.append(Conversation(where, _check_messages(record, where)))
+        conversations.append(Conversation(where, check_messages(record, where)))
     if not conversations:
         raise LongctxError(f"chat data file {str(path)!r} has no conversations; add some")
     return conversations
 
 
-def _check_messages(record: object, where: str) -> tuple[dict[str, str], ...]:
+def check_messages(record: object, where: str) -> tuple[dict[str, str], ...]:
     """The row's messages as ``{role, content}`` dicts, or a one-line error naming the fault."""
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
@@ -210,10 +209,3 @@ def _transformers_tokenizer(tokenizer: JsonTokenizer, template: str) -> PreTrain
         eos_token=tokenizer.eos_token,
         bos_token=tokenizer.bos_token,
     )
-
-
-def chat_documents(paths: list[str], tokenizer: Tokenizer) -> list[TokenDocument]:
-    """The conversations of ``paths`` rendered as documents, exact duplicates dropped."""
-    unique = {json.dumps(c.messages, sort_keys=True): c for c in read_conversations(paths)}
-    renderer = ChatRenderer(tokenizer)
-    return [renderer.render(conversation) for conversation in unique.values()]
