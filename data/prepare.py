@@ -133,10 +133,25 @@ def _read_txt(path: str) -> str:
         ) from None
 
 
-@functools.lru_cache(maxsize=8)
+def file_stamps(source: str) -> tuple[tuple[str, int, int], ...]:
+    """(absolute path, size, modification time) of the file ``source`` or of every file below
+    the directory ``source``; empty for ``builtin`` or a missing path."""
+    path = Path(source).resolve()
+    if source == BUILTIN_SOURCE or not path.exists():
+        return ()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
 def open_source(spec: SourceSpec, field: str, strings: bool = True):
     """The source as a ``datasets.Dataset`` with a column ``field`` (checked present, and with
-    ``strings`` checked to hold valid UTF-8 strings)."""
+    ``strings`` checked to hold valid UTF-8 strings). Opened once per process while its files
+    stay unchanged."""
+    return _open_source(spec, field, strings, file_stamps(spec.path))
+
+
+@functools.lru_cache(maxsize=8)
+def _open_source(spec: SourceSpec, field: str, strings: bool, stamps: tuple):
     import datasets
 
     datasets.disable_progress_bars()
@@ -405,15 +420,7 @@ def source_identity(sources: list[str], kind: str, tokenizer: Tokenizer) -> str:
     the Python version whose pydoc topics it is)."""
     stamps: list[object] = [kind, tokenizer_sha256(tokenizer.model_bytes())]
     for source in sources:
-        if source == BUILTIN_SOURCE:
-            stamps.append([source, sys.version])
-            continue
-        path = Path(source).resolve()
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        stamps.append(
-            [str(path)]
-            + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
-        )
+        stamps.append([source, sys.version] if source == BUILTIN_SOURCE else file_stamps(source))
     return hashlib.sha256(json.dumps(stamps).encode("utf-8")).hexdigest()[:24]
 
 
