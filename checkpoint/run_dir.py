@@ -45,7 +45,7 @@ from longctx.checkpoint.store import (
 )
 from longctx.data import PackedLoader, Tokenizer, build_datasets, load_tokenizer
 from longctx.data.chat import read_conversations
-from longctx.data.sources import read_documents
+from longctx.data.sources import check_sources
 from longctx.errors import LongctxError
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def validate_run(
 
 
 def check_data(recipe: Recipe, tokenizer: Tokenizer | None, run_dir: str | Path) -> None:
-    """Read the text sources (one-line errors for unusable files) and, with a tokenizer,
+    """Open and check the sources (one-line errors for unusable files) and, with a tokenizer,
     prepare the raw ones into ``RUN/data`` (``PREPARED_DATA_DIR``, where the workers find them)
     and build the splits and their loaders as a data-parallel rank would (one-line error for
     too little data; what this call wrote is removed again then). Without a tokenizer (trained
@@ -159,8 +159,7 @@ def check_data(recipe: Recipe, tokenizer: Tokenizer | None, run_dir: str | Path)
     data = recipe.data
     if not data.active_tasks().get("text"):
         return
-    if data.text_paths():
-        read_documents(data.text_paths())
+    check_sources(data.text_paths())
     read_conversations(data.chat_paths())
     if tokenizer is None:
         return

@@ -39,24 +39,17 @@ from pathlib import Path
 
 import numpy as np
 
+from longctx.data.chat import CHAT_FIELD, ChatRenderer, source_conversations
 from longctx.data.config import BUILTIN_SOURCE
 from longctx.data.corpus import MANIFEST_FORMAT, MANIFEST_NAME, is_prepared, read_manifest
+from longctx.data.sources import SourceFile, file_stamps, open_source, resolve_sources
 from longctx.data.tokenizer import Tokenizer, load_tokenizer
 from longctx.errors import LongctxError
 
 log = logging.getLogger("longctx.data")
-CHAT_FIELD = "messages"
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 _ENCODE_BATCH = 256
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One readable source: ``kind`` is txt, json, parquet, disk, hub or builtin."""
-
-    kind: str
-    path: str
 
 
 @dataclass(frozen=True)
@@ -64,7 +57,7 @@ class ShardTask:
     """Rows ``[start, end)`` of source ``source`` become shard ``shard``."""
 
     shard: int
-    source: SourceSpec
+    source: SourceFile
     start: int
     end: int
 
@@ -82,129 +75,8 @@ def tokenizer_sha256(model_bytes: bytes) -> str:
     return hashlib.sha256(model_bytes).hexdigest()
 
 
-def _file_kind(path: Path) -> str | None:
-    name = path.name
-    if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
-        return "json"
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(".txt"):
-        return "txt"
-    return None
-
-
-def resolve_sources(sources: list[str]) -> list[SourceSpec]:
-    """Each source as one or more ``SourceSpec`` in a stable order (directories sorted)."""
-    specs: list[SourceSpec] = []
-    for source in sources:
-        if source == BUILTIN_SOURCE:
-            specs.append(SourceSpec("builtin", source))
-            continue
-        path = Path(source)
-        if not path.exists():
-            raise LongctxError(f"data source {source!r} does not exist; check the path")
-        if path.is_dir():
-            if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-                specs.append(SourceSpec("disk", source))
-                continue
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _file_kind(p))
-            if files:
-                specs.extend(SourceSpec(_file_kind(p), str(p)) for p in files)
-            else:
-                specs.append(SourceSpec("hub", source))
-        elif _file_kind(path):
-            specs.append(SourceSpec(_file_kind(path), source))
-        else:
-            raise LongctxError(
-                f"data source {source!r} has unsupported type; use .txt, .jsonl, .jsonl.gz, "
-                ".parquet, a datasets save_to_disk directory or a directory of such files"
-            )
-    return specs
-
-
-def _read_txt(path: str) -> str:
-    raw = Path(path).read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise LongctxError(
-            f"data file {path!r} is not valid UTF-8 (byte {err.start}); re-encode it as UTF-8, "
-            f"e.g. `iconv -t UTF-8 {path}`"
-        ) from None
-
-
-def file_stamps(source: str) -> tuple[tuple[str, int, int], ...]:
-    """(absolute path, size, modification time) of the file ``source`` or of every file below
-    the directory ``source``; empty for ``builtin`` or a missing path."""
-    path = Path(source).resolve()
-    if source == BUILTIN_SOURCE or not path.exists():
-        return ()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-
-
-def open_source(spec: SourceSpec, field: str, strings: bool = True):
-    """The source as a ``datasets.Dataset`` with a column ``field`` (checked present, and with
-    ``strings`` checked to hold valid UTF-8 strings). Opened once per process while its files
-    stay unchanged."""
-    return _open_source(spec, field, strings, file_stamps(spec.path))
-
-
-@functools.lru_cache(maxsize=8)
-def _open_source(spec: SourceSpec, field: str, strings: bool, stamps: tuple):
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        if spec.kind == "builtin":
-            from pydoc_data.topics import topics
-
-            table = datasets.Dataset.from_dict({field: [topics[k] for k in sorted(topics)]})
-        elif spec.kind == "txt":
-            table = datasets.Dataset.from_dict({field: [_read_txt(spec.path)]})
-        elif spec.kind == "disk":
-            table = datasets.load_from_disk(spec.path)
-        elif spec.kind == "hub":
-            table = datasets.load_dataset(spec.path)
-        else:
-            table = datasets.load_dataset(spec.kind, data_files=spec.path, split="train")
-    except LongctxError:
-        raise
-    except Exception as err:  # datasets/pyarrow read errors: bad JSON, bad UTF-8, bad parquet
-        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if err.__cause__ is not None and str(err.__cause__):
-            cause = str(err.__cause__).splitlines()[0]
-        raise LongctxError(
-            f"data source {spec.path!r} could not be read ({cause}); check it is valid UTF-8 "
-            f"{spec.kind} data"
-        ) from None
-    if isinstance(table, datasets.DatasetDict):
-        table = table["train"] if "train" in table else table[sorted(table)[0]]
-    if field not in table.column_names:
-        raise LongctxError(
-            f"data source {spec.path!r} has no field {field!r} (found {table.column_names}); "
-            "pass --field with one of those"
-        )
-    if not strings:
-        return table
-    dtype = getattr(table.features[field], "dtype", None)
-    if dtype not in ("string", "large_string"):
-        raise LongctxError(
-            f"data source {spec.path!r} field {field!r} holds {table.features[field]}, not "
-            "strings; pick a text field with --field"
-        )
-    try:  # the json reader keeps invalid UTF-8 bytes; a full validation finds them up front
-        table.data.column(field).validate(full=True)
-    except Exception as err:
-        raise LongctxError(
-            f"data source {spec.path!r} field {field!r} is not valid UTF-8 text "
-            f"({str(err).splitlines()[0]}); re-encode it as UTF-8"
-        ) from None
-    return table
-
-
 def plan_shards(
-    specs: list[SourceSpec], field: str, docs_per_shard: int, strings: bool = True
+    specs: list[SourceFile], field: str, docs_per_shard: int, strings: bool = True
 ) -> list[ShardTask]:
     """Cut every source into row ranges of at most ``docs_per_shard`` rows."""
     tasks: list[ShardTask] = []
@@ -240,29 +112,23 @@ def document_key(text: str) -> int:
 
 def _shard_documents(task: ShardTask, field: str, kind: str, tokenizer: Tokenizer):
     """``(keys, token arrays, masks or None)`` of the shard's documents, blank ones skipped."""
-    from longctx.data.chat import ChatRenderer, Conversation, check_messages
-
     dtype = _token_dtype(tokenizer.vocab_size)
     table = open_source(task.source, field, kind == "text")
-    renderer = ChatRenderer(tokenizer) if kind == "chat" else None
     keys: list[int] = []
     tokens: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
-    for start in range(task.start, task.end, _ENCODE_BATCH):
-        rows = table[start : min(task.end, start + _ENCODE_BATCH)][field]
-        if renderer is None:
-            texts = [t for t in rows if t is not None and t.strip()]
-            keys += [document_key(t) for t in texts]
-            tokens += [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
-            continue
-        for row, messages in enumerate(rows, start=start + 1):
-            where = f"{task.source.path}:{row}"
-            checked = check_messages({CHAT_FIELD: messages}, where)
-            document = renderer.render(Conversation(where, checked))
-            keys.append(document_key(json.dumps(checked, sort_keys=True)))
+    if kind == "chat":
+        renderer, masks = ChatRenderer(tokenizer), []
+        for conversation in source_conversations(table, task.source.path, task.start, task.end):
+            document = renderer.render(conversation)
+            keys.append(document_key(json.dumps(conversation.messages, sort_keys=True)))
             tokens.append(document.ids.astype(dtype))
             masks.append(document.scored.astype(np.uint8))
-    return keys, tokens, (masks if renderer is not None else None)
+        return keys, tokens, masks
+    for start in range(task.start, task.end, _ENCODE_BATCH):
+        texts = [t for t in table[start : min(task.end, start + _ENCODE_BATCH)][field] if t.strip()]
+        keys += [document_key(t) for t in texts]
+        tokens += [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
+    return keys, tokens, None
 
 
 def _tokenize_shard(task: ShardTask, field: str, kind: str, tokenizer_path: str, out: str) -> dict:

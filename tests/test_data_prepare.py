@@ -165,7 +165,7 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(tmp_path, tokenizer_path
     sources = _write_sources(tmp_path)
     out = tmp_path / "never"
     base = ["data", "prepare", "--tokenizer", tokenizer_path, "--out", str(out)]
-    assert "no field 'text'" in _cli_error(capsys, [*base, sources["parquet"]])
+    assert "has no 'text' field" in _cli_error(capsys, [*base, sources["parquet"]])
     assert "not strings" in _cli_error(capsys, [*base, "--field", "n", sources["jsonl"]])
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"text": "fine"}\n{"text": 5}\n')
