@@ -45,6 +45,7 @@ from longctx.checkpoint.store import (
 )
 from longctx.data import PackedLoader, Tokenizer, build_datasets, load_tokenizer
 from longctx.data.chat import read_conversations
+from longctx.data.corpus import is_prepared
 from longctx.data.sources import check_sources
 from longctx.errors import LongctxError
 
@@ -159,8 +160,8 @@ def check_data(recipe: Recipe, tokenizer: Tokenizer | None, run_dir: str | Path)
     data = recipe.data
     if not data.active_tasks().get("text"):
         return
-    check_sources(data.text_paths())
-    read_conversations(data.chat_paths())
+    check_sources([path for path in data.text_paths() if not is_prepared(path)])
+    read_conversations([path for path in data.chat_paths() if not is_prepared(path)])
     if tokenizer is None:
         return
     dp = recipe.parallel.dp if isinstance(recipe.parallel.dp, int) else 1

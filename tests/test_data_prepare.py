@@ -326,3 +326,31 @@ def test_prepared_chat_corpus_holds_the_renderers_ids_and_assistant_mask(tmp_pat
         return build_datasets(config, tokenizer)
 
     assert _same_rows(splits(str(source)), splits(str(out)))
+
+
+def test_the_cli_driver_prepares_raw_sources_into_the_run_and_opens_prepared_ones(
+    tmp_path, tokenizer_path
+):
+    """``validate_run`` in the driver (no process group): raw sources are prepared into
+    ``RUN/data`` (where the workers find them), a prepared directory is used as it is, and too
+    little data is refused with nothing left on disk."""
+    from trainer_helpers import tiny_recipe
+
+    from longctx.checkpoint.run_dir import PREPARED_DATA_DIR, validate_run
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    prepared = tmp_path / "prepared"
+    prepare([str(source)], tokenizer_path, str(prepared), show_progress=False)
+    for name, corpus in (("raw", source), ("prepared", prepared)):
+        run = tmp_path / name
+        validate_run(tiny_recipe(corpus, Path(tokenizer_path), run, model_vocab=1024), run, None)
+        made = sorted(p.name for p in (run / PREPARED_DATA_DIR).glob("*")) if run.exists() else []
+        assert len(made) == (1 if name == "raw" else 0), name
+    short = tmp_path / "short.txt"
+    short.write_text("A very short document.")
+    run = tmp_path / "short"
+    recipe = tiny_recipe(short, Path(tokenizer_path), run, model_vocab=1024)
+    with pytest.raises(ValueError, match="rows"):
+        validate_run(recipe, run, None)
+    assert not run.exists()
