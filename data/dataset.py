@@ -81,17 +81,17 @@ class CorpusDocuments(Sequence[TokenDocument]):
 
     def subset(self, items: np.ndarray) -> CorpusDocuments:
         """Items ``items`` (``[m]`` int64 positions, repeats allowed) in that order."""
-        return self._with(self.sources[items], self.doc_ids[items], self.starts[items],
-                          self.ends[items])  # fmt: skip
+        return self.view(*(getattr(self, name)[items] for name in _ITEM_ARRAYS))
 
-    def _with(self, *arrays: np.ndarray) -> CorpusDocuments:
+    def view(self, *arrays: np.ndarray) -> CorpusDocuments:
+        """Items given by new ``sources, doc_ids, starts, ends`` arrays over the same corpora."""
         return CorpusDocuments(self.corpora, *arrays, self.bos_id, self.eos_id)
 
     @staticmethod
     def concat(parts: Sequence[CorpusDocuments]) -> CorpusDocuments:
         """The items of ``parts`` (views of the same corpora) one after another."""
         arrays = [np.concatenate([getattr(p, a) for p in parts]) for a in _ITEM_ARRAYS]
-        return parts[0]._with(*arrays)
+        return parts[0].view(*arrays)
 
 
 _ITEM_ARRAYS = ("sources", "doc_ids", "starts", "ends")
@@ -208,8 +208,8 @@ def _hold_out(
     lengths = documents.lengths()
     if n == 1:
         cut = documents.starts + int(lengths[0]) - max(1, round(fraction * int(lengths[0])))
-        head = documents._with(documents.sources, documents.doc_ids, documents.starts, cut)
-        return head, documents._with(documents.sources, documents.doc_ids, cut, documents.ends)
+        head = documents.view(documents.sources, documents.doc_ids, documents.starts, cut)
+        return head, documents.view(documents.sources, documents.doc_ids, cut, documents.ends)
     # Hold out documents in a seeded order until they make ``fraction`` of the tokens.
     order = np.random.default_rng(seed).permutation(n)
     cumulative = np.cumsum(lengths[order])  # [n]
