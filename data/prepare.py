@@ -48,7 +48,6 @@ from longctx.errors import LongctxError
 
 log = logging.getLogger("longctx.data")
 
-FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 _ENCODE_BATCH = 256
 
 
