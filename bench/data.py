@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from longctx.bench.measure import write_report
+from longctx.data.corpus import MANIFEST_FORMAT, MANIFEST_NAME
 from longctx.data.prepare import prepare
 from longctx.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -76,7 +77,9 @@ def prepared_corpus(cache: Path, tokens: int, tokenizer_path: str, num_proc: int
     prepare throughput."""
     out = cache / f"prepared_{tokens}"
     record = cache / f"prepared_{tokens}.json"
-    if record.is_file() and (out / "manifest.json").is_file():
+    manifest = out / MANIFEST_NAME
+    current = manifest.is_file() and json.loads(manifest.read_text())["format"] == MANIFEST_FORMAT
+    if record.is_file() and current:  # else made by an older longctx: prepared again
         return json.loads(record.read_text())
     tokenizer = load_tokenizer(tokenizer_path)
     sample = "\n\n".join(_paragraphs())

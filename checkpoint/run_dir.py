@@ -13,13 +13,15 @@ It refuses, with a one-line ``LongctxError`` and without touching the disk:
 - in the CLI driver (no process group yet; the workers build their data themselves): text
   sources that are missing, empty, binary, not UTF-8, or JSON lines without ``text``, and, when
   the recipe names its tokenizer, data too short to fill one batch of every data-parallel rank
-  (the splits are built once here, so the mistake fails before any worker starts).
+  (the raw sources are prepared here into ``RUN/data`` and the splits built once, so the
+  mistake fails before any worker starts, and the workers memory-map what was prepared).
 
 A ``--resume`` that skips checkpoint directories a crash left unfinished says so on stderr
 (one line each); they are never loaded.
 
-Layout written here: ``RUN/config.yaml`` (the resolved recipe) and ``RUN/launch.json`` (which
-invocation owns the run, so a worker group that Ray Train restarts before the first checkpoint
+Layout written here: ``RUN/data/<identity>/`` (raw sources prepared into token shards,
+``longctx.data.prepare.prepare_cached``), ``RUN/config.yaml`` (the resolved recipe) and
+``RUN/launch.json`` (which invocation owns the run, so a worker group that Ray Train restarts before the first checkpoint
 recognises the half-started run as its own instead of refusing it).
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +45,8 @@ from longctx.checkpoint.store import (
 )
 from longctx.data import PackedLoader, Tokenizer, build_datasets, load_tokenizer
 from longctx.data.chat import read_conversations
-from longctx.data.sources import read_documents
+from longctx.data.corpus import is_prepared
+from longctx.data.sources import check_sources
 from longctx.errors import LongctxError
 
 if TYPE_CHECKING:
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("longctx.run_dir")
 CONFIG_FILE = "config.yaml"
+PREPARED_DATA_DIR = "data"  # raw data.sources prepared into token shards (data/prepare.py)
 LAUNCH_FILE = "launch.json"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -142,26 +147,35 @@ def validate_run(
         tokenizer = load_tokenizer(tokenizer_path)
         check_vocabulary(tokenizer.vocab_size, recipe, tokenizer_path)
     if not dist.is_initialized():
-        check_data(recipe, tokenizer)
+        check_data(recipe, tokenizer, run_dir)
     return checkpoint
 
 
-def check_data(recipe: Recipe, tokenizer: Tokenizer | None) -> None:
-    """Read the text sources (one-line errors for unusable files) and, with a tokenizer, build
-    the splits and their loaders as a data-parallel rank would (one-line error for too little
-    data). Without a tokenizer (trained by the run's first worker) only the files are read."""
+def check_data(recipe: Recipe, tokenizer: Tokenizer | None, run_dir: str | Path) -> None:
+    """Open and check the sources (one-line errors for unusable files) and, with a tokenizer,
+    prepare the raw ones into ``RUN/data`` (``PREPARED_DATA_DIR``, where the workers find them)
+    and build the splits and their loaders as a data-parallel rank would (one-line error for
+    too little data; what this call wrote is removed again then). Without a tokenizer (trained
+    by the run's first worker) only the files are read."""
     data = recipe.data
+    if not data.active_tasks().get("text"):
+        return
+    check_sources([path for path in data.text_paths() if not is_prepared(path)])
+    read_conversations([path for path in data.chat_paths() if not is_prepared(path)])
     if tokenizer is None:
-        if data.active_tasks().get("text"):
-            if data.text_paths():
-                read_documents(data.text_paths())
-            read_conversations(data.chat_paths())
         return
     dp = recipe.parallel.dp if isinstance(recipe.parallel.dp, int) else 1
-    splits = build_datasets(data, tokenizer)
-    PackedLoader(splits.train, recipe.trainer.micro_batch_size, 0, dp)
-    if splits.eval is not None and recipe.trainer.eval_every > 0:
-        PackedLoader(splits.eval, recipe.trainer.micro_batch_size, 0, dp)
+    data_dir = Path(run_dir) / PREPARED_DATA_DIR
+    created = next((p for p in reversed([data_dir, *data_dir.parents]) if not p.exists()), None)
+    try:
+        splits = build_datasets(data, tokenizer, data_dir)
+        PackedLoader(splits.train, recipe.trainer.micro_batch_size, 0, dp)
+        if splits.eval is not None and recipe.trainer.eval_every > 0:
+            PackedLoader(splits.eval, recipe.trainer.micro_batch_size, 0, dp)
+    except LongctxError:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def write_run_files(recipe: Recipe, run_dir: str | Path, launch_id: str | None) -> None:

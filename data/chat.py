@@ -1,7 +1,8 @@
 """Chat-format sources for supervised fine-tuning: conversations rendered with the tokenizer's
 chat template, loss on the assistant's tokens only.
 
-A chat source is a ``.jsonl`` file (or a directory of them) with one conversation per line::
+A chat source is a ``.jsonl`` file (or ``.jsonl.gz``, ``.parquet``, a dataset directory, or a
+directory of such files; all read by ``longctx.data.sources``) with one conversation per row::
 
     {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
                   {"role": "assistant", "content": "..."}, ...]}
@@ -24,27 +25,27 @@ only and shard with the labels under sequence parallelism. How it is rendered:
   the assistant's content and the eos closing its turn scored.
 
 Input problems (not JSON, no ``messages``, an unknown role, a non-string content, no assistant
-turn) raise a one-line ``LongctxError`` naming the file and line.
+turn) raise a one-line ``LongctxError`` naming the file and row.
 """
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from longctx.data.packing import TokenDocument
-from longctx.data.sources import json_lines
+from longctx.data.sources import open_source, resolve_sources
 from longctx.data.tokenizer import JsonTokenizer, Tokenizer
 from longctx.errors import LongctxError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
+CHAT_FIELD = "messages"
 ROLES = ("system", "user", "assistant")
 PLAIN_ROLE_LABELS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -52,34 +53,33 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 @dataclass(frozen=True)
 class Conversation:
-    """One chat row: ``name`` is ``file:line``; ``messages`` its ``{role, content}`` dicts."""
+    """One chat row: ``name`` is ``file:row``; ``messages`` its ``{role, content}`` dicts."""
 
     name: str
     messages: tuple[dict[str, str], ...]
 
 
 def read_conversations(paths: list[str]) -> list[Conversation]:
-    """All conversations of ``paths`` (``.jsonl`` files or directories of them), in order."""
+    """All conversations of ``paths`` (sources with a ``messages`` column: JSON lines, parquet,
+    dataset directories, or directories of such files; read by ``longctx.data.sources``), in
+    order."""
     conversations: list[Conversation] = []
-    for source in paths:
-        path = Path(source)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
-            if not files:
-                raise LongctxError(
-                    f"chat data directory {source!r} has no .jsonl files; add some or point at "
-                    "another directory"
-                )
-        elif path.is_file() and path.suffix == ".jsonl":
-            files = [path]
-        else:
-            raise LongctxError(
-                f"chat data source {source!r} is not a .jsonl file or a directory of them; "
-                'give JSON lines like {"messages": [{"role": "user", "content": "..."}, ...]}'
-            )
-        for file in files:
-            conversations.extend(_read_chat_file(file))
+    for source in resolve_sources(paths):
+        table = open_source(source, CHAT_FIELD, strings=False)
+        found = list(source_conversations(table, source.path, 0, len(table)))
+        if not found:
+            raise LongctxError(f"chat data file {source.path!r} has no conversations; add some")
+        conversations += found
     return conversations
+
+
+def source_conversations(table, path: str, start: int, end: int) -> Iterator[Conversation]:
+    """The checked conversations of rows ``[start, end)`` of a chat source's table (a
+    ``datasets.Dataset``), named ``path:row``."""
+    for row, record in enumerate(table.select(range(start, end)), start=start + 1):
+        where = f"{path}:{row}"
+        present = {key: value for key, value in record.items() if value is not None}
+        yield Conversation(where, check_messages(present, where))
 
 
 def chat_texts(paths: list[str]) -> list[str]:
@@ -91,16 +91,7 @@ def chat_texts(paths: list[str]) -> list[str]:
     ]
 
 
-def _read_chat_file(path: Path) -> list[Conversation]:
-    conversations = []
-    for where, record in json_lines(path, "chat data"):
-        conversations.append(Conversation(where, _check_messages(record, where)))
-    if not conversations:
-        raise LongctxError(f"chat data file {str(path)!r} has no conversations; add some")
-    return conversations
-
-
-def _check_messages(record: object, where: str) -> tuple[dict[str, str], ...]:
+def check_messages(record: object, where: str) -> tuple[dict[str, str], ...]:
     """The row's messages as ``{role, content}`` dicts, or a one-line error naming the fault."""
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
@@ -210,10 +201,3 @@ def _transformers_tokenizer(tokenizer: JsonTokenizer, template: str) -> PreTrain
         eos_token=tokenizer.eos_token,
         bos_token=tokenizer.bos_token,
     )
-
-
-def chat_documents(paths: list[str], tokenizer: Tokenizer) -> list[TokenDocument]:
-    """The conversations of ``paths`` rendered as documents, exact duplicates dropped."""
-    unique = {json.dumps(c.messages, sort_keys=True): c for c in read_conversations(paths)}
-    renderer = ChatRenderer(tokenizer)
-    return [renderer.render(conversation) for conversation in unique.values()]

@@ -1,52 +1,26 @@
-"""Token corpora as documents of token ids: ``TokenCorpus`` is what packing and mixtures read.
+"""Prepared token corpora: ``PreparedCorpus`` is what packing and mixtures read.
 
-``PreparedCorpus`` reads a directory written by ``longctx data prepare`` (see
-``longctx.data.prepare``) through memory maps: each shard is a flat ``uint16``/``uint32`` token
-file (``shard_NNNNN.bin``) plus an ``int64`` offset index (``shard_NNNNN.idx``, ``[n_docs + 1]``),
-so opening a corpus reads only the manifest and the small indexes and a rank's memory does not
-grow with the corpus. ``InMemoryCorpus`` wraps token arrays already in memory (small raw runs,
-tests). Document ids are global: shard 0's documents first, then shard 1's, and so on.
+``PreparedCorpus`` reads a directory written by ``longctx data prepare`` (or prepared on the fly
+for a run's raw sources; see ``longctx.data.prepare``) through memory maps: each shard is a flat
+``uint16``/``uint32`` token file (``shard_NNNNN.bin``), an ``int64`` offset index
+(``shard_NNNNN.idx``, ``[n_docs + 1]``), a ``uint64`` key per document (``shard_NNNNN.key``, a
+hash of its text for deduplication) and, for chat corpora, a ``uint8`` loss mask per token
+(``shard_NNNNN.mask``). Opening a corpus reads only the manifest and the small per-document
+arrays, so a rank's memory does not grow with the corpus' tokens. Document ids are global:
+shard 0's documents first, then shard 1's, and so on.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from longctx.errors import LongctxError
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "longctx-token-shards-v1"
-
-
-@runtime_checkable
-class TokenCorpus(Protocol):
-    """Documents of token ids (text tokens only, no bos/eos), addressed by index."""
-
-    num_documents: int
-
-    def document_lengths(self) -> np.ndarray:
-        """Token count of every document, ``[num_documents]`` int64."""
-
-    def document(self, i: int) -> np.ndarray:
-        """Token ids of document ``i``, ``[length]`` (an integer dtype; may be a memory map)."""
-
-
-class InMemoryCorpus:
-    """A ``TokenCorpus`` over token arrays held in memory."""
-
-    def __init__(self, documents: list[np.ndarray] | list[list[int]]):
-        self._documents = [np.asarray(d, dtype=np.int64) for d in documents]
-        self.num_documents = len(self._documents)
-
-    def document_lengths(self) -> np.ndarray:
-        return np.asarray([len(d) for d in self._documents], dtype=np.int64)
-
-    def document(self, i: int) -> np.ndarray:
-        return self._documents[i]
+MANIFEST_FORMAT = "longctx-token-shards-v2"
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -72,24 +46,36 @@ def is_prepared(directory: str | Path) -> bool:
 
 
 class PreparedCorpus:
-    """A ``TokenCorpus`` over a prepared directory, memory-mapped.
+    """A prepared directory, memory-mapped.
 
     Opening checks that every shard file exists with the size the manifest records (a missing
     or truncated shard is a one-line error); ``verify()`` also checks the sha256 of each file
-    (it reads the whole corpus, so the trainer does not call it at every launch).
+    (it reads the whole corpus, so the trainer does not call it at every launch). ``kind`` is
+    ``text`` (documents are text tokens only; readers add bos/eos) or ``chat`` (rendered
+    conversations with a loss mask, ``document_mask``). ``keep_alive`` is an object the corpus
+    holds for as long as it lives (the temporary directory of an unnamed on-the-fly corpus).
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, keep_alive: object | None = None):
         self.directory = Path(directory)
+        self.keep_alive = keep_alive
         self.manifest = read_manifest(self.directory)
+        self.kind: str = self.manifest["kind"]
         self.dtype = np.dtype(self.manifest["dtype"])
         self.tokenizer_sha256: str = self.manifest["tokenizer"]["sha256"]
         shards = self.manifest["shards"]
         for shard in shards:
-            self._check_file(shard["tokens_file"], shard["tokens"] * self.dtype.itemsize)
-            self._check_file(shard["index_file"], (shard["documents"] + 1) * 8)
+            tokens, documents = shard["tokens"], shard["documents"]
+            self._check_file(shard["tokens_file"], tokens * self.dtype.itemsize)
+            self._check_file(shard["index_file"], (documents + 1) * 8)
+            self._check_file(shard["keys_file"], documents * 8)
+            if self.kind == "chat":
+                self._check_file(shard["mask_file"], tokens)
         self._tokens = [self._map(s["tokens_file"], self.dtype) for s in shards]
         self._index = [self._map(s["index_file"], np.dtype(np.int64)) for s in shards]
+        self._masks = [
+            self._map(s["mask_file"], np.dtype(np.uint8)) for s in shards if self.kind == "chat"
+        ]
         counts = np.asarray([s["documents"] for s in shards], dtype=np.int64)
         self._first_doc = np.concatenate([[0], np.cumsum(counts)])  # [n_shards + 1]
         self.num_documents = int(self._first_doc[-1])
@@ -117,15 +103,33 @@ class PreparedCorpus:
         return np.memmap(path, dtype=dtype, mode="r")
 
     def document_lengths(self) -> np.ndarray:
+        """Token count of every document, ``[num_documents]`` int64."""
         return np.concatenate([np.diff(index) for index in self._index]).astype(np.int64)
 
-    def document(self, i: int) -> np.ndarray:
+    def document_keys(self) -> np.ndarray:
+        """The text hash of every document, ``[num_documents]`` uint64 (equal texts, equal
+        keys)."""
+        keys = [self._map(s["keys_file"], np.dtype(np.uint64)) for s in self.manifest["shards"]]
+        return np.concatenate(keys).astype(np.uint64)
+
+    def _locate(self, i: int) -> tuple[int, int, int]:
+        """(shard, first token, end token) of document ``i``."""
         if not 0 <= i < self.num_documents:
             raise IndexError(f"document {i} outside [0, {self.num_documents})")
         shard = int(np.searchsorted(self._first_doc, i, side="right")) - 1
         local = i - int(self._first_doc[shard])
         index = self._index[shard]
-        return self._tokens[shard][int(index[local]) : int(index[local + 1])]
+        return shard, int(index[local]), int(index[local + 1])
+
+    def document(self, i: int) -> np.ndarray:
+        """Token ids of document ``i``, ``[length]`` (a slice of the memory map)."""
+        shard, start, end = self._locate(i)
+        return self._tokens[shard][start:end]
+
+    def document_mask(self, i: int) -> np.ndarray:
+        """Which tokens of chat document ``i`` carry the loss, ``[length]`` bool."""
+        shard, start, end = self._locate(i)
+        return self._masks[shard][start:end].astype(bool)
 
     def check_tokenizer(self, sha256: str, where: str) -> None:
         """One-line error when the corpus was tokenized by another tokenizer than ``where``'s."""
@@ -142,7 +146,7 @@ class PreparedCorpus:
         from longctx.data.prepare import file_sha256
 
         for shard in self.manifest["shards"]:
-            for key in ("tokens_file", "index_file"):
+            for key in [k for k in shard if k.endswith("_file")]:
                 name = shard[key]
                 if file_sha256(self.directory / name) != shard[key.replace("file", "sha256")]:
                     raise LongctxError(

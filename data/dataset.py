@@ -15,20 +15,20 @@ epoch, in a new order (the loader permutes row indices).
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from longctx.data.chat import chat_documents
-from longctx.data.config import DataConfig
-from longctx.data.corpus import InMemoryCorpus, PreparedCorpus, TokenCorpus, is_prepared
+from longctx.data.config import DataConfig, SourceSpec
+from longctx.data.corpus import PreparedCorpus, is_prepared
 from longctx.data.mixture import plan_mixture
 from longctx.data.packing import TokenDocument, pack_row, text_document
-from longctx.data.prepare import tokenizer_sha256
+from longctx.data.prepare import prepare_cached, tokenizer_sha256
 from longctx.data.sample import TargetTooShort
-from longctx.data.sources import read_documents
 from longctx.data.tasks import Task, build_task
 from longctx.data.tokenizer import Tokenizer
 from longctx.errors import LongctxError
@@ -42,20 +42,23 @@ _SPLIT_CODE = {"train": 0, "eval": 1}
 
 class CorpusDocuments(Sequence[TokenDocument]):
     """A lazy sequence of corpus documents: item ``k`` is tokens ``starts[k]:ends[k]`` of
-    ``[bos] + tokens.document(doc_ids[k]) + [eos]``. Only these index arrays (one entry per
-    document) live in memory; the tokens are read from ``tokens`` (a memory map for a prepared
-    corpus) when an item is built."""
+    document ``doc_ids[k]`` of ``corpora[sources[k]]``, a text document being ``[bos] + tokens +
+    [eos]`` (every token after the first scored) and a chat document its rendered tokens with
+    the assistant mask. Only these index arrays (one int64 entry each per document) live in
+    memory; the tokens are read from the corpora's memory maps when an item is built."""
 
     def __init__(
         self,
-        tokens: TokenCorpus,
+        corpora: Sequence[PreparedCorpus],
+        sources: np.ndarray,
         doc_ids: np.ndarray,
         starts: np.ndarray,
         ends: np.ndarray,
         bos_id: int | None,
         eos_id: int,
     ):
-        self.tokens, self.doc_ids, self.starts, self.ends = tokens, doc_ids, starts, ends
+        self.corpora = corpora
+        self.sources, self.doc_ids, self.starts, self.ends = sources, doc_ids, starts, ends
         self.bos_id, self.eos_id = bos_id, eos_id
 
     def __len__(self) -> int:
@@ -64,49 +67,69 @@ class CorpusDocuments(Sequence[TokenDocument]):
     def __getitem__(self, k):  # type: ignore[override]
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]
-        whole = text_document(self.tokens.document(int(self.doc_ids[k])), self.bos_id, self.eos_id)
+        corpus, doc = self.corpora[int(self.sources[k])], int(self.doc_ids[k])
+        if corpus.kind == "chat":
+            ids = np.asarray(corpus.document(doc), dtype=np.int64)
+            whole = TokenDocument(ids, corpus.document_mask(doc))
+        else:
+            whole = text_document(corpus.document(doc), self.bos_id, self.eos_id)
         return whole.slice(int(self.starts[k]), int(self.ends[k]))
 
     def lengths(self) -> np.ndarray:
         """Token count of every item, ``[len(self)]`` int64."""
         return (self.ends - self.starts).astype(np.int64)
 
+    def subset(self, items: np.ndarray) -> CorpusDocuments:
+        """Items ``items`` (``[m]`` int64 positions, repeats allowed) in that order."""
+        return self.view(*(getattr(self, name)[items] for name in _ITEM_ARRAYS))
+
+    def view(self, *arrays: np.ndarray) -> CorpusDocuments:
+        """Items given by new ``sources, doc_ids, starts, ends`` arrays over the same corpora."""
+        return CorpusDocuments(self.corpora, *arrays, self.bos_id, self.eos_id)
+
+    @staticmethod
+    def concat(parts: Sequence[CorpusDocuments]) -> CorpusDocuments:
+        """The items of ``parts`` (views of the same corpora) one after another."""
+        arrays = [np.concatenate([getattr(p, a) for p in parts]) for a in _ITEM_ARRAYS]
+        return parts[0].view(*arrays)
+
+
+_ITEM_ARRAYS = ("sources", "doc_ids", "starts", "ends")
+
 
 @dataclass(frozen=True)
 class Corpus:
     """Corpus documents (``[bos] + text + [eos]`` each, or rendered conversations of chat
     sources), split into train and held-out eval documents. The eval documents also serve
-    perplexity-by-length evaluation. Plain text sources give lazy ``CorpusDocuments`` (index
-    arrays over a memory-mapped prepared corpus or in-memory tokens); chat sources and
-    mixtures give lists of documents. In a mixture (``data.sources`` with weights, or
+    perplexity-by-length evaluation. Both are lazy ``CorpusDocuments`` over the memory-mapped
+    prepared corpora of the sources. In a mixture (``data.sources`` with weights, or
     ``data.long_upsampling``), ``train_source_ids`` (``[len(train_documents)]`` int64) says which
     source each training document came from (``source_names``); without one it is None."""
 
-    train_documents: Sequence[TokenDocument]
-    eval_documents: Sequence[TokenDocument]
+    train_documents: CorpusDocuments
+    eval_documents: CorpusDocuments
     train_source_ids: np.ndarray | None = None
     source_names: tuple[str, ...] = ()
 
 
-def corpus_tokens(config: DataConfig, tokenizer: Tokenizer) -> TokenCorpus:
-    """The token documents of ``config.sources``: a prepared directory is memory-mapped (after
-    checking it was tokenized by ``tokenizer``); raw sources are read and tokenized in memory,
-    exact duplicates dropped (first copy kept) so no held-out text is also trained on."""
-    sources = list(config.sources)
-    prepared = [s for s in sources if is_prepared(s)]
-    if prepared:
-        if len(sources) != 1:
-            raise LongctxError(
-                f"data.sources {sources} mixes a prepared corpus with other sources; use one "
-                "prepared directory, or prepare all sources into one with `longctx data prepare`"
-            )
-        corpus = PreparedCorpus(prepared[0])
+def source_corpus(
+    spec: SourceSpec, tokenizer: Tokenizer, data_dir: str | Path | None
+) -> PreparedCorpus:
+    """The prepared corpus of one ``data.sources`` entry, memory-mapped: a prepared directory
+    as it is (after checking it was tokenized by ``tokenizer``), raw sources prepared first
+    (``prepare_cached``) into ``data_dir``, or, without one, into a temporary directory that
+    lives as long as the corpus."""
+    if is_prepared(spec.path):
+        corpus = PreparedCorpus(spec.path)
         corpus.check_tokenizer(
             tokenizer_sha256(tokenizer.model_bytes()), f"the run's tokenizer {tokenizer.path!r}"
         )
         return corpus
-    texts = list(dict.fromkeys(doc.text for doc in read_documents(sources)))
-    return InMemoryCorpus(tokenizer.encode_batch(texts))
+    if data_dir is not None:
+        return PreparedCorpus(prepare_cached([spec.path], spec.format, tokenizer, data_dir))
+    scratch = tempfile.TemporaryDirectory(prefix="longctx-data-")
+    directory = prepare_cached([spec.path], spec.format, tokenizer, scratch.name)
+    return PreparedCorpus(directory, keep_alive=scratch)
 
 
 def is_mixture(config: DataConfig) -> bool:
@@ -116,118 +139,85 @@ def is_mixture(config: DataConfig) -> bool:
     return weighted or config.long_upsampling is not None
 
 
-def load_corpus(config: DataConfig, tokenizer: Tokenizer) -> Corpus:
+def load_corpus(
+    config: DataConfig, tokenizer: Tokenizer, data_dir: str | Path | None = None
+) -> Corpus:
     """The corpus of ``config.sources`` with about ``eval_fraction`` of its tokens held out.
 
-    Whole documents are held out, chosen by the seed: of the pooled corpus, or in a weighted
-    mixture of each source on its own (so every source keeps training documents). A corpus (or
-    source) of a single document holds out the tail ``eval_fraction`` of its tokens instead, so
-    a one-file corpus still has an eval split. Plain text sources (raw or one prepared
-    directory) build only per-document index arrays: O(documents), not O(tokens).
+    Every source is a memory-mapped prepared corpus (``source_corpus``; raw sources are
+    prepared into ``data_dir`` once). Exact duplicate documents are dropped (the first copy
+    kept, across sources), so no held-out text is also trained on. Whole documents are held
+    out, chosen by the seed: of the pooled corpus, or in a weighted mixture of each source on
+    its own (so every source keeps training documents). A corpus (or source) of a single
+    document holds out the tail ``eval_fraction`` of its tokens instead, so a one-file corpus
+    still has an eval split. Only per-document index arrays are built: O(documents), not
+    O(tokens).
     """
     specs = config.source_specs()
-    if not is_mixture(config) and all(spec.format != "chat" for spec in specs):
-        return _lazy_corpus(config, tokenizer)
-    if any(is_prepared(spec.path) for spec in specs):
-        raise LongctxError(
-            "a prepared corpus cannot be part of a weighted mixture, long_upsampling or chat "
-            "data yet; list its raw sources instead, or train on the prepared directory alone"
-        )
-    groups = _source_documents(config, tokenizer)
-    if not any(spec.weight is not None for spec in config.source_specs()):
-        pooled = [document for group in groups for document in group]
-        train, held_out = _hold_out(pooled, config.eval_fraction, [config.seed, _STREAM_SPLIT])
+    corpora = [source_corpus(spec, tokenizer, data_dir) for spec in specs]
+    everything = _unique_documents(corpora, tokenizer)
+    if not any(spec.weight is not None for spec in specs):
+        train, held_out = _hold_out(everything, config.eval_fraction, [config.seed, _STREAM_SPLIT])
         if not is_mixture(config):
             return Corpus(train, held_out)
         return Corpus(train, held_out, np.zeros(len(train), dtype=np.int64), ("all sources",))
-    train, held_out, source_ids = [], [], []
-    for index, group in enumerate(groups):
-        part, part_held_out = _hold_out(
-            group, config.eval_fraction, [config.seed, _STREAM_SPLIT, index]
+    parts = [
+        _hold_out(
+            everything.subset(np.flatnonzero(everything.sources == index)),
+            config.eval_fraction,
+            [config.seed, _STREAM_SPLIT, index],
         )
-        train += part
-        held_out += part_held_out
-        source_ids += [index] * len(part)
-    names = tuple(spec.path for spec in config.source_specs())
-    return Corpus(train, held_out, np.asarray(source_ids, dtype=np.int64), names)
+        for index in range(len(specs))
+    ]
+    train = CorpusDocuments.concat([part for part, _ in parts])
+    held_out = CorpusDocuments.concat([part for _, part in parts])
+    return Corpus(train, held_out, train.sources.copy(), tuple(spec.path for spec in specs))
 
 
-def _source_documents(config: DataConfig, tokenizer: Tokenizer) -> list[list[TokenDocument]]:
-    """The documents of each entry of ``config.sources``, in order. Exact duplicate texts are
-    dropped (first copy kept, across sources), so no held-out text is also trained on."""
-    seen: set[str] = set()
-    groups = []
-    for spec in config.source_specs():
-        if spec.format == "chat":
-            groups.append(chat_documents([spec.path], tokenizer))
-            continue
-        texts = [d.text for d in read_documents([spec.path]) if d.text not in seen]
-        texts = list(dict.fromkeys(texts))
-        seen.update(texts)
-        groups.append(
-            [
-                text_document(ids, tokenizer.bos_id, tokenizer.eos_id)
-                for ids in tokenizer.encode_batch(texts)
-            ]
-        )
-    return groups
-
-
-def _hold_out(
-    documents: list[TokenDocument], fraction: float, seed: list[int]
-) -> tuple[list[TokenDocument], list[TokenDocument]]:
-    """(train, held out) documents: about ``fraction`` of the tokens held out (module
-    docstring of ``load_corpus``)."""
-    if fraction == 0.0 or not documents:
-        return documents, []
-    if len(documents) == 1:
-        whole = documents[0]
-        cut = len(whole) - max(1, round(fraction * len(whole)))
-        return [whole.slice(0, cut)], [whole.slice(cut, len(whole))]
-    # Hold out documents in a seeded order until they make ``fraction`` of the tokens.
-    order = np.random.default_rng(seed).permutation(len(documents))
-    tokens = np.cumsum([len(documents[i]) for i in order])  # [n]
-    held_out = int(np.searchsorted(tokens, fraction * tokens[-1], side="right"))
-    held_out = min(len(documents) - 1, max(1, held_out))
-    eval_set = set(order[:held_out].tolist())
-    train = [d for i, d in enumerate(documents) if i not in eval_set]
-    return train, [documents[i] for i in sorted(eval_set)]
-
-
-def _lazy_corpus(config: DataConfig, tokenizer: Tokenizer) -> Corpus:
-    """``load_corpus`` for plain text sources without a mixture (see there)."""
-    tokens = corpus_tokens(config, tokenizer)
+def _unique_documents(corpora: list[PreparedCorpus], tokenizer: Tokenizer) -> CorpusDocuments:
+    """Every document of ``corpora`` in order, whole, exact duplicates (equal keys) dropped."""
+    keys = np.concatenate([corpus.document_keys() for corpus in corpora])
+    sources = np.concatenate(
+        [np.full(c.num_documents, s, dtype=np.int64) for s, c in enumerate(corpora)]
+    )
+    doc_ids = np.concatenate([np.arange(c.num_documents, dtype=np.int64) for c in corpora])
     extra = 1 + (tokenizer.bos_id is not None)
-    lengths = tokens.document_lengths() + extra  # [n] with bos/eos
-    n = len(lengths)
-
-    def documents(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> CorpusDocuments:
-        return CorpusDocuments(tokens, ids, starts, ends, tokenizer.bos_id, tokenizer.eos_id)
-
-    everything = np.arange(n, dtype=np.int64)
-    if config.eval_fraction == 0.0:
-        return Corpus(documents(everything, np.zeros(n, np.int64), lengths), documents(*_none()))
-    if n == 1:
-        cut = int(lengths[0]) - max(1, round(config.eval_fraction * int(lengths[0])))
-        zero, one = np.zeros(1, np.int64), np.ones(1, np.int64)
-        return Corpus(documents(zero, zero, cut * one), documents(zero, cut * one, lengths.copy()))
-    # Hold out documents in a seeded order until they make ``eval_fraction`` of the tokens.
-    order = np.random.default_rng([config.seed, _STREAM_SPLIT]).permutation(n)
-    cumulative = np.cumsum(lengths[order])  # [n]
-    held_out = int(np.searchsorted(cumulative, config.eval_fraction * cumulative[-1], "right"))
-    held_out = min(n - 1, max(1, held_out))
-    is_eval = np.zeros(n, dtype=bool)
-    is_eval[order[:held_out]] = True
-    train_ids, eval_ids = everything[~is_eval], everything[is_eval]
-    return Corpus(
-        documents(train_ids, np.zeros(len(train_ids), np.int64), lengths[train_ids]),
-        documents(eval_ids, np.zeros(len(eval_ids), np.int64), lengths[eval_ids]),
+    lengths = np.concatenate(
+        [c.document_lengths() + (extra if c.kind == "text" else 0) for c in corpora]
+    )
+    first = np.sort(np.unique(keys, return_index=True)[1])  # [unique] positions
+    return CorpusDocuments(
+        corpora,
+        sources[first],
+        doc_ids[first],
+        np.zeros(len(first), dtype=np.int64),
+        lengths[first],
+        tokenizer.bos_id,
+        tokenizer.eos_id,
     )
 
 
-def _none() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    empty = np.zeros(0, dtype=np.int64)
-    return empty, empty, empty
+def _hold_out(
+    documents: CorpusDocuments, fraction: float, seed: list[int]
+) -> tuple[CorpusDocuments, CorpusDocuments]:
+    """(train, held out) documents: about ``fraction`` of the tokens held out (module
+    docstring of ``load_corpus``)."""
+    n = len(documents)
+    if fraction == 0.0 or n == 0:
+        return documents, documents.subset(np.zeros(0, dtype=np.int64))
+    lengths = documents.lengths()
+    if n == 1:
+        cut = documents.starts + int(lengths[0]) - max(1, round(fraction * int(lengths[0])))
+        head = documents.view(documents.sources, documents.doc_ids, documents.starts, cut)
+        return head, documents.view(documents.sources, documents.doc_ids, cut, documents.ends)
+    # Hold out documents in a seeded order until they make ``fraction`` of the tokens.
+    order = np.random.default_rng(seed).permutation(n)
+    cumulative = np.cumsum(lengths[order])  # [n]
+    held_out = int(np.searchsorted(cumulative, fraction * cumulative[-1], side="right"))
+    held_out = min(n - 1, max(1, held_out))
+    is_eval = np.zeros(n, dtype=bool)
+    is_eval[order[:held_out]] = True
+    return documents.subset(np.flatnonzero(~is_eval)), documents.subset(np.flatnonzero(is_eval))
 
 
 class PackedDataset:
@@ -287,10 +277,7 @@ class PackedDataset:
             order = np.arange(len(documents))
         else:
             order = rng.permutation(len(documents))
-        if isinstance(documents, CorpusDocuments):
-            lengths = documents.lengths()
-        else:
-            lengths = np.asarray([len(d) for d in documents], dtype=np.int64)
+        lengths = documents.lengths()
         self._text_documents = documents
         self._text_order = order  # [n]
         self._text_ends = np.cumsum(lengths[order])  # [n]
@@ -312,22 +299,26 @@ class PackedDataset:
             low, k = take_end, k + 1
         return pieces
 
-    def _mixed_documents(self, corpus: Corpus, rng: np.random.Generator) -> list[TokenDocument]:
+    def _mixed_documents(self, corpus: Corpus, rng: np.random.Generator) -> CorpusDocuments:
         """One epoch's draws of the mixture, in order; sets ``mixture_description``."""
-        groups: list[list[TokenDocument]] = [[] for _ in corpus.source_names]
-        for document, source in zip(corpus.train_documents, corpus.train_source_ids.tolist()):
-            groups[source].append(document)
+        train, source_ids = corpus.train_documents, corpus.train_source_ids
+        members = [np.flatnonzero(source_ids == s) for s in range(len(corpus.source_names))]
+        lengths = train.lengths()
         specs = self.config.source_specs()
-        weights = [1.0] if len(groups) == 1 else [spec.weight for spec in specs]
+        weights = [1.0] if len(members) == 1 else [spec.weight for spec in specs]
         plan = plan_mixture(
-            [InMemoryCorpus([d.ids for d in group]) for group in groups],
+            [lengths[m] for m in members],
             weights,
             self.config.long_upsampling,
             rng,
             corpus.source_names,
         )
         self.mixture_description = plan.describe(corpus.source_names, self.config.long_upsampling)
-        return [groups[s][d] for s, d in zip(plan.sources.tolist(), plan.documents.tolist())]
+        items = np.zeros(len(plan.sources), dtype=np.int64)
+        for source, member in enumerate(members):
+            drawn = plan.sources == source
+            items[drawn] = member[plan.documents[drawn]]
+        return train.subset(items)
 
     def _check_tasks_fit(self) -> None:
         """Generate each task a few times at the row length, so a seq_len too short for a task
@@ -389,9 +380,13 @@ class DataSplits:
     corpus: Corpus | None
 
 
-def build_datasets(config: DataConfig, tokenizer: Tokenizer) -> DataSplits:
-    """Both splits of ``config``; the corpus is read and tokenized once for both."""
-    corpus = load_corpus(config, tokenizer) if config.active_tasks().get("text") else None
+def build_datasets(
+    config: DataConfig, tokenizer: Tokenizer, data_dir: str | Path | None = None
+) -> DataSplits:
+    """Both splits of ``config``; the corpus is opened once for both (raw sources prepared into
+    ``data_dir``, ``load_corpus``)."""
+    text = config.active_tasks().get("text")
+    corpus = load_corpus(config, tokenizer, data_dir) if text else None
     train = PackedDataset(config, tokenizer, "train", corpus)
     held_out = PackedDataset(config, tokenizer, "eval", corpus) if config.eval_fraction else None
     return DataSplits(train, held_out, corpus)

@@ -1,7 +1,7 @@
 """Source mixtures by tokens, with long-document upsampling: which training documents an epoch
 packs, and how often each.
 
-Given the training documents of ``S`` sources (one ``TokenCorpus`` each), normalised weights
+Given the training documents of ``S`` sources (their token counts), normalised weights
 ``p_s`` and an optional upsampling (documents of at least ``min_tokens`` tokens weigh
 ``factor``, the others 1), an epoch holds as many tokens as the sources together,
 ``N = sum_s T_s``, of which source ``s`` supplies ``B_s = p_s N``. Inside source ``s`` document
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from longctx.data.config import LongUpsampling
-from longctx.data.corpus import TokenCorpus
 from longctx.errors import LongctxError
 
 
@@ -67,17 +66,18 @@ class MixturePlan:
 
 
 def plan_mixture(
-    corpora: Sequence[TokenCorpus],
+    document_lengths: Sequence[np.ndarray],
     weights: Sequence[float],
     upsampling: LongUpsampling | None,
     rng: np.random.Generator,
     names: Sequence[str],
 ) -> MixturePlan:
-    """Draw one epoch's documents from ``corpora`` (see the module docstring); ``names`` name
-    the sources in errors."""
+    """Draw one epoch's documents from the sources whose documents have token counts
+    ``document_lengths`` (``[n_s]`` each; see the module docstring); ``names`` name the sources
+    in errors."""
     probs = np.asarray(weights, dtype=np.float64)
     probs = probs / probs.sum()
-    lengths = [c.document_lengths().astype(np.int64) for c in corpora]
+    lengths = [np.asarray(lens, dtype=np.int64) for lens in document_lengths]
     natural = np.asarray([int(lens.sum()) for lens in lengths], dtype=np.int64)
     for name, prob, total in zip(names, probs, natural):
         if prob > 0 and total == 0:
@@ -88,7 +88,7 @@ def plan_mixture(
             )
     epoch_tokens = float(natural.sum())
     sources, documents = [], []
-    drawn = np.zeros(len(corpora), dtype=np.int64)
+    drawn = np.zeros(len(lengths), dtype=np.int64)
     natural_long = drawn_long = 0
     for s, lens in enumerate(lengths):
         is_long = (

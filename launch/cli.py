@@ -93,7 +93,12 @@ def _prepare_data(args: argparse.Namespace) -> int:
     from longctx.data.prepare import prepare
 
     manifest = prepare(
-        list(args.sources), args.tokenizer, args.out, field=args.field, num_proc=args.num_proc
+        list(args.sources),
+        args.tokenizer,
+        args.out,
+        field=args.field,
+        num_proc=args.num_proc,
+        kind=args.format,
     )
     rate = manifest["throughput"]
     print(
@@ -261,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     data_prepare.add_argument("--out", required=True, metavar="DIR")
     data_prepare.add_argument("--field", default="text", help="the text field (default: text)")
     data_prepare.add_argument("--num-proc", type=_positive_int, default=1, metavar="N")
+    data_prepare.add_argument(
+        "--format",
+        choices=("text", "chat"),
+        default="text",
+        help="text documents (default) or chat conversations ('messages' rows rendered with "
+        "the tokenizer's chat template, loss on assistant tokens only)",
+    )
     data_prepare.set_defaults(handler=_prepare_data)
 
     evaluate = commands.add_parser(

@@ -13,7 +13,6 @@ import torch
 from pydantic import ValidationError
 
 from longctx.data.config import DataConfig, LongUpsampling
-from longctx.data.corpus import InMemoryCorpus
 from longctx.data.dataset import build_datasets, load_corpus
 from longctx.data.loader import PackedLoader
 from longctx.data.mixture import plan_mixture
@@ -24,12 +23,13 @@ from longctx.data.tokenizer import load_tokenizer, train_tokenizer
 FRACTION_TOLERANCE = 0.01
 
 
-def _corpus(rng: np.random.Generator, count: int, low: int, high: int) -> InMemoryCorpus:
-    return InMemoryCorpus([np.zeros(n, dtype=np.int64) for n in rng.integers(low, high, count)])
+def _corpus(rng: np.random.Generator, count: int, low: int, high: int) -> np.ndarray:
+    """The document lengths of a source: ``[count]`` int64 in ``[low, high)``."""
+    return rng.integers(low, high, count).astype(np.int64)
 
 
 def _achieved(plan, corpora) -> np.ndarray:
-    lengths = [c.document_lengths() for c in corpora]
+    lengths = corpora
     tokens = np.zeros(len(corpora))
     for source, document in zip(plan.sources, plan.documents):
         tokens[source] += lengths[source][document]
@@ -47,7 +47,7 @@ def test_achieved_token_fractions_match_the_weights(weights):
     expected = np.asarray(weights) / sum(weights)
     assert np.abs(achieved - expected).max() < FRACTION_TOLERANCE
     # The epoch holds as many tokens as the sources together (up to rounding).
-    natural = sum(int(c.document_lengths().sum()) for c in corpora)
+    natural = sum(int(c.sum()) for c in corpora)
     assert plan.drawn_tokens.sum() == pytest.approx(natural, rel=FRACTION_TOLERANCE)
     assert np.array_equal(plan.drawn_tokens / plan.drawn_tokens.sum(), achieved)
 
@@ -56,9 +56,8 @@ def test_achieved_token_fractions_match_the_weights(weights):
 def test_upsampling_scales_the_long_documents_share_by_the_formula(factor):
     rng = np.random.default_rng(9)
     lengths = np.concatenate([rng.integers(100, 900, 3000), rng.integers(1000, 5000, 300)])
-    corpus = InMemoryCorpus([np.zeros(n, dtype=np.int64) for n in lengths])
     upsampling = LongUpsampling(min_tokens=1000, factor=factor)
-    plan = plan_mixture([corpus], [1.0], upsampling, np.random.default_rng(2), ["one"])
+    plan = plan_mixture([lengths], [1.0], upsampling, np.random.default_rng(2), ["one"])
     long_natural = float(lengths[lengths >= 1000].sum())
     short_natural = float(lengths[lengths < 1000].sum())
     expected = factor * long_natural / (factor * long_natural + short_natural)

@@ -94,7 +94,7 @@ def test_directory_without_text_files_is_an_error(tmp_path):
     (tmp_path / "data" / "notes.md").write_text("# not a corpus file")
     with pytest.raises(LongctxError) as err:
         read_documents([str(tmp_path / "data")])
-    _assert_one_line(err, "has no .txt or .jsonl files")
+    _assert_one_line(err, "has no .txt or .jsonl")
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_txt", "binary", "not_utf8"])

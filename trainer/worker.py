@@ -8,7 +8,9 @@ is one stage). Order on each rank (DESIGN section 3):
 2. ``validate_run`` (the same checks the CLI driver made; nothing is written before they pass),
    then rank 0 writes ``config.yaml``;
 3. tokenizer (rank 0 trains it into the run directory when the recipe asks, the others wait and
-   load it), vocabulary check, packed datasets and the data-parallel loaders;
+   load it), vocabulary check, packed datasets over the corpora prepared in ``RUN/data``
+   (``load_run_data``: rank 0 first, the others memory-map after a barrier) and the
+   data-parallel loaders;
 4. the decoder (seeded, identical on every rank; ``hf:PATH`` weights when the recipe says so,
    the previous stage's final weights when a new stage starts), under ``parallel.ulysses x
    ring > 1`` the mesh (each SP group's ranks load the same batches and train on their
@@ -35,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.checkpoint.run_dir import (
+    PREPARED_DATA_DIR,
     TENSORBOARD_DIR,
     check_vocabulary,
     validate_run,
@@ -44,7 +47,14 @@ from longctx.checkpoint.saved_model import build_model
 from longctx.checkpoint.store import TOKENIZER_FILE, load_checkpoint, read_manifest
 from longctx.config.recipe import Recipe
 from longctx.config.stages import Stage, plan_stages
-from longctx.data import PackedLoader, Tokenizer, build_datasets, resolve_tokenizer
+from longctx.data import (
+    DataConfig,
+    DataSplits,
+    PackedLoader,
+    Tokenizer,
+    build_datasets,
+    resolve_tokenizer,
+)
 from longctx.eval.report import TrainingEvaluator, perplexity_documents, plan_from_recipe
 from longctx.parallel.accelerator import select_device
 from longctx.parallel.apply import apply_transforms
@@ -124,6 +134,21 @@ def load_run_tokenizer(recipe: Recipe, run_dir: Path, checkpoint: Path | None) -
     return tokenizer
 
 
+def load_run_data(data: DataConfig, tokenizer: Tokenizer, run_dir: Path) -> DataSplits:
+    """The splits, every rank memory-mapping the same prepared corpora. Raw ``data.sources``
+    are prepared into ``RUN/data`` once: normally the CLI driver did it before the workers
+    started (``check_data``) and rank 0 finds it there; when it could not (a tokenizer the
+    run trains) rank 0 prepares now. The other ranks wait for rank 0, then open what it
+    found or wrote (the run directory is shared storage on a multi-node cluster)."""
+    data_dir = run_dir / PREPARED_DATA_DIR
+    if dist.get_rank() == 0:
+        splits = build_datasets(data, tokenizer, data_dir)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        splits = build_datasets(data, tokenizer, data_dir)
+    return splits
+
+
 def train_worker(job: TrainJob | dict, report: Report | None = None) -> dict[str, Any]:
     """Train one rank of the run ``job`` describes; returns the final summary on every rank.
 
@@ -193,7 +218,7 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     mesh = build_mesh(stage_recipe.parallel) if stage_recipe.parallel.sp > 1 else None
     dp_rank = rank if mesh is None else mesh.dp_rank
     tokenizer = load_run_tokenizer(stage_recipe, run_dir, checkpoint)
-    splits = build_datasets(stage_recipe.data, tokenizer)
+    splits = load_run_data(stage_recipe.data, tokenizer, run_dir)
     train_loader = PackedLoader(splits.train, cfg.micro_batch_size, dp_rank, dp)
     eval_loader = None
     if splits.eval is not None and cfg.eval_every > 0:
