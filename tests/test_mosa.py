@@ -1,9 +1,11 @@
-"""MoSA (SPECS 3.2) against a plain float64 loop, the k = T identity, router gradients and the
-head-split check (sequence parallelism: tests/test_sparse_sp.py)."""
+"""MoSA (SPECS 3.2) against a plain float64 loop, the k = T identity, router gradients, the
+head-split check, and the whole layer projecting only the routed heads' chosen tokens against
+the full projection (sequence parallelism: tests/test_sparse_sp.py)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -16,19 +18,20 @@ from longctx.attention.mosa import MoSAAttention, routed_token_count
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
-from longctx.model.transformer import Transformer
+from longctx.model.transformer import SelfAttention, Transformer
 from longctx.positional.config import PositionalConfig
+from longctx.positional.rope import RotaryEmbedding, apply_rotary
 
 # fp32 fast path vs float64 loop: rounding of short dot products and softmaxes (rtol 1e-5).
 FP32 = {"rtol": 1e-5, "atol": 2e-6}
 HIDDEN, HEADS, KV_HEADS, DIM = 16, 6, 3, 8
 
 
-def model_config(sliding_window=None) -> ModelConfig:
+def model_config(sliding_window=None, attention_bias=False) -> ModelConfig:
     return ModelConfig(
         vocab_size=64, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM,
-        sliding_window=sliding_window,
+        sliding_window=sliding_window, attention_bias=attention_bias,
     )  # fmt: skip
 
 
@@ -185,3 +188,100 @@ def test_loading_a_dense_checkpoint_adds_the_router_as_a_new_parameter(tmp_path)
     scores = model.layers[0].self_attn.core.router(torch.randn(2, 48, HIDDEN))
     assert (scores - 0.5).abs().max() < 0.2
     assert scores.unique().numel() == scores.numel()
+
+
+PACKED = torch.tensor([[0] * 20 + [1] * 28, [0] * 5 + [1] * 30 + [2] * 13])
+
+
+def mosa_layer(attention_bias: bool) -> SelfAttention:
+    """A MoSA attention layer (2 dense heads, 4 routed at rho 4, window 10) with random
+    projections (biases too) and spread router scores."""
+    config = model_config(sliding_window=10, attention_bias=attention_bias)
+    attention = AttentionConfig(variant="mosa", mosa=MoSAConfig(dense_heads=2, sparsity=4))
+    torch.manual_seed(0)
+    layer = SelfAttention(config, attention, PositionalConfig(), layer_index=0)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(0.0, 0.3)
+        layer.core.router.weight.normal_()
+    return layer
+
+
+def full_projection_layer(layer, x, rotary, ctx):
+    """The layer as it ran before its core projected: every token projected for every head,
+    RoPE, ``core.forward(q, k, v, ctx)``, o_proj over all rows."""
+    batch, length, _ = x.shape
+    q = layer.q_proj(x).view(batch, length, HEADS, DIM).transpose(1, 2)
+    k = layer.k_proj(x).view(batch, length, KV_HEADS, DIM).transpose(1, 2)
+    v = layer.v_proj(x).view(batch, length, KV_HEADS, DIM).transpose(1, 2)
+    q, k = apply_rotary(q, k, *rotary)
+    out = layer.core(q, k, v, dataclasses.replace(ctx, hidden=x))
+    return layer.o_proj(out.transpose(1, 2).flatten(2)), out
+
+
+def packed_positions(doc_ids):
+    """RoPE positions restarting at every document: [B, T]."""
+    if doc_ids is None:
+        return torch.arange(48).expand(2, 48)
+    starts = torch.cat([torch.ones(2, 1, dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    index = torch.arange(48).expand(2, 48)
+    start_of = torch.where(starts, index, 0).cummax(dim=1).values
+    return index - start_of
+
+
+def layer_gradients(layer, x):
+    """Gradients of x, every projection weight and bias, and the router."""
+    grads = {"x": x.grad, "router": layer.core.router.weight.grad}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for kind, parameter in getattr(layer, name).named_parameters():
+            grads[f"{name}.{kind}"] = parameter.grad
+    return grads
+
+
+@pytest.mark.parametrize("attention_bias", [False, True])
+@pytest.mark.parametrize("doc_ids", [None, PACKED])
+def test_layer_projecting_chosen_tokens_equals_full_projection_and_float64(doc_ids, attention_bias):
+    """The layer's chosen-token path (``forward_layer``) equals the full projection and the
+    float64 loop (projected, rotated and o-projected in float64) in outputs and in gradients of
+    x, q/k/v/o weights and biases and the router."""
+    layer = mosa_layer(attention_bias)
+    assert layer.core.projects_itself
+    rope = RotaryEmbedding.from_config(model_config())
+    positions = packed_positions(doc_ids)
+    rotary = rope(positions)
+    ctx = AttentionContext(position_ids=positions, seq_positions=torch.arange(48), doc_ids=doc_ids)
+    x = torch.randn(2, 48, HIDDEN, generator=torch.Generator().manual_seed(5))
+    weight = torch.randn(2, 48, HIDDEN, generator=torch.Generator().manual_seed(6))
+
+    chosen_x = x.clone().requires_grad_()
+    chosen = layer(chosen_x, rotary, ctx)
+    (chosen * weight).sum().backward()
+    got = layer_gradients(layer, chosen_x)
+
+    full_layer = copy.deepcopy(layer)
+    full_layer.zero_grad()
+    full_x = x.clone().requires_grad_()
+    full, _ = full_projection_layer(full_layer, full_x, rotary, ctx)
+    (full * weight).sum().backward()
+    torch.testing.assert_close(chosen, full, **FP32)
+    for name, grad in layer_gradients(full_layer, full_x).items():
+        torch.testing.assert_close(got[name], grad, **FP32, msg=lambda m, n=name: f"{n}: {m}")
+
+    ref_layer = copy.deepcopy(layer).double()
+    ref_layer.zero_grad()
+    ref_x = x.double().requires_grad_()
+    q = ref_layer.q_proj(ref_x).view(2, 48, HEADS, DIM).transpose(1, 2)
+    k = ref_layer.k_proj(ref_x).view(2, 48, KV_HEADS, DIM).transpose(1, 2)
+    v = ref_layer.v_proj(ref_x).view(2, 48, KV_HEADS, DIM).transpose(1, 2)
+    q, k = apply_rotary(q, k, *(table.double() for table in rotary))
+    heads, ref_core = reference_mosa(ref_layer.core, q, k, v, ref_x, doc_ids=doc_ids, window=10)
+    ref = ref_layer.o_proj(heads.transpose(1, 2).flatten(2))
+    (ref * weight.double()).sum().backward()
+    ref_layer.core = ref_core  # the loop's copy holds the router gradient
+    torch.testing.assert_close(chosen, ref.float(), **FP32)
+    for name, grad in layer_gradients(ref_layer, ref_x).items():
+        # sums over tokens cancel in places: absolute tolerance 1e-5 of the tensor's scale
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(
+            got[name], grad.float(), rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
