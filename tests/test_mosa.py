@@ -11,11 +11,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from trainer_helpers import job, make_data, tiny_recipe, train_on_ranks
 
 from longctx.attention import AttentionConfig, AttentionContext, block_attention
 from longctx.attention.config import MoSAConfig
 from longctx.attention.mosa import MoSAAttention, routed_token_count
+from longctx.bench.mosa_layer import layer_flops
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
@@ -312,3 +314,23 @@ def test_zero3_trains_mosa_like_zero0(tmp_path):
     torch.testing.assert_close(
         torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("variant", ["dense", "mosa"])
+def test_layer_flops_counted_by_torch_equal_the_formula(variant):
+    """``bench/mosa_layer.layer_flops`` (the paper's per-head costs) equals the matmul FLOPs
+    torch's counter sees in one forward of the layer (batch of 2) with the full-square
+    ``reference`` kernel: a routed head's projections cost its k chosen rows, not all T."""
+    config = model_config()
+    attention = AttentionConfig(
+        variant=variant, backend="reference", mosa=MoSAConfig(dense_heads=2, sparsity=4)
+    )
+    layer = SelfAttention(config, attention, PositionalConfig(), layer_index=0)
+    positions = torch.arange(48)
+    rotary = RotaryEmbedding.from_config(config)(positions.expand(2, 48))
+    ctx = AttentionContext(position_ids=positions.expand(2, 48), seq_positions=positions)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        layer(torch.randn(2, 48, HIDDEN), rotary, ctx)
+    formula = layer_flops(config, attention, 48)
+    assert counter.get_total_flops() == 2 * (formula["projections"] + formula["attention"])
