@@ -236,7 +236,9 @@ class MoSAAttention(AttentionCore):
             out = F.linear(attended, projections.o.weight[:, : dense * dim]).flatten(0, 1)
         if self.routed_heads:
             rows, contribution = self._routed_layer(x, projections, rotary, ctx)
-            out = out.index_add(0, rows, contribution)  # only the chosen rows of each head
+            # In place: o_proj's backward needs neither its output nor the zeros, and a copy
+            # of the [B * T, d] output would raise the peak memory.
+            out.index_add_(0, rows, contribution)  # only the chosen rows of each head
         return out.view(batch, length, hidden)
 
     def _routed_layer(

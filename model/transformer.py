@@ -146,9 +146,10 @@ class SelfAttention(nn.Module):
 
     def weights_read_by_core(self) -> list[nn.Parameter]:
         """The projection parameters this layer's core reads without calling their modules
-        (a core that ``projects_itself``; else none). ZeRO-3 gathers a parameter in its own
-        module's forward, so the trainer registers these with this layer
-        (``register_external_parameter``) to have them gathered for the layer's forward."""
+        (a core that ``projects_itself``; else none). ZeRO-3 gathers a parameter for its own
+        module's forward; the trainer registers these with this layer
+        (``register_external_parameter``) so that the layer's pre-forward hook gathers them
+        with its own (DeepSpeed would otherwise find them one by one on first access)."""
         if not self.core.projects_itself:
             return []
         return [p for linear in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
