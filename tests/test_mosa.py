@@ -22,6 +22,7 @@ from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
 from longctx.model.transformer import SelfAttention, Transformer
+from longctx.model.wrappers import CheckpointedLayer
 from longctx.positional.config import PositionalConfig
 from longctx.positional.rope import RotaryEmbedding, apply_rotary
 
@@ -288,6 +289,25 @@ def test_layer_projecting_chosen_tokens_equals_full_projection_and_float64(doc_i
         torch.testing.assert_close(
             got[name], grad.float(), rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def test_checkpointed_mosa_layers_give_the_plain_gradients():
+    """Activation checkpointing recomputes the chosen-token path in backward (same top-k, same
+    rows): the loss gradients of every parameter equal the plain model's."""
+    torch.manual_seed(0)
+    attention = AttentionConfig(variant="mosa", mosa=MoSAConfig(dense_heads=2, sparsity=4))
+    plain = Transformer(model_config(), attention=attention)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.layers = torch.nn.ModuleList(
+        CheckpointedLayer(layer) for layer in checkpointed.layers
+    )
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    for model in (plain, checkpointed):
+        logits = model(ids)
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    grads = dict(checkpointed.named_parameters())
+    for name, parameter in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad, parameter.grad, **FP32)
 
 
 @pytest.mark.slow
