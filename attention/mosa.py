@@ -225,8 +225,9 @@ class MoSAAttention(AttentionCore):
         batch, length, hidden = x.shape
         dim, dense = self.shape.head_dim, self.dense_heads
         group = self.shape.num_heads // self.shape.num_kv_heads
-        out = x.new_zeros(batch * length, hidden)
-        if dense:
+        if not dense:
+            out = x.new_zeros(batch * length, hidden)
+        else:
             q = _project(projections.q, x, dense, dim)  # [B, hd, T, D]
             k = _project(projections.k, x, dense // group, dim)  # [B, hd / group, T, D]
             v = _project(projections.v, x, dense // group, dim)

@@ -197,11 +197,13 @@ def test_loading_a_dense_checkpoint_adds_the_router_as_a_new_parameter(tmp_path)
 PACKED = torch.tensor([[0] * 20 + [1] * 28, [0] * 5 + [1] * 30 + [2] * 13])
 
 
-def mosa_layer(attention_bias: bool) -> SelfAttention:
-    """A MoSA attention layer (2 dense heads, 4 routed at rho 4, window 10) with random
-    projections (biases too) and spread router scores."""
+def mosa_layer(attention_bias: bool, dense_heads: int) -> SelfAttention:
+    """A MoSA attention layer (``dense_heads`` dense, the rest routed at rho 4, window 10) with
+    random projections (biases too) and spread router scores."""
     config = model_config(sliding_window=10, attention_bias=attention_bias)
-    attention = AttentionConfig(variant="mosa", mosa=MoSAConfig(dense_heads=2, sparsity=4))
+    attention = AttentionConfig(
+        variant="mosa", mosa=MoSAConfig(dense_heads=dense_heads, sparsity=4)
+    )
     torch.manual_seed(0)
     layer = SelfAttention(config, attention, PositionalConfig(), layer_index=0)
     with torch.no_grad():
@@ -242,13 +244,15 @@ def layer_gradients(layer, x):
     return grads
 
 
-@pytest.mark.parametrize("attention_bias", [False, True])
+@pytest.mark.parametrize(("attention_bias", "dense_heads"), [(False, 2), (True, 2), (False, 0)])
 @pytest.mark.parametrize("doc_ids", [None, PACKED])
-def test_layer_projecting_chosen_tokens_equals_full_projection_and_float64(doc_ids, attention_bias):
+def test_layer_projecting_chosen_tokens_equals_full_projection_and_float64(
+    doc_ids, attention_bias, dense_heads
+):
     """The layer's chosen-token path (``forward_layer``) equals the full projection and the
     float64 loop (projected, rotated and o-projected in float64) in outputs and in gradients of
     x, q/k/v/o weights and biases and the router."""
-    layer = mosa_layer(attention_bias)
+    layer = mosa_layer(attention_bias, dense_heads)
     assert layer.core.projects_itself
     rope = RotaryEmbedding.from_config(model_config())
     positions = packed_positions(doc_ids)
