@@ -28,6 +28,16 @@ parallelism, the recipe validator and the batch path ask instead of probing:
                            inner core's and gather the tables with the tokens, ring attention
                            declares False. When ``ctx.rotary`` is None (no RoPE) q, k come
                            rotated as usual
+    projects_itself        runs the whole attention layer when it is the layer's own core
+                           (unsharded or data parallel): the layer hands it the input x
+                           [B, T, d], its ``LayerProjections`` and the rotary tables, and the
+                           core returns ``forward_layer(x, projections, rotary, ctx)`` [B, T, d]
+                           (MoSA projects a routed head's q, k, v and output only at the tokens
+                           that head chose). The weights keep the layer's layout, so checkpoints
+                           and HF conversion are unchanged; under ZeRO-3 the trainer registers
+                           them with the layer (``SelfAttention.weights_read_by_core``). The
+                           sequence-parallel wrappers declare False: there the layer projects
+                           every token and calls ``forward(q, k, v, ctx)``
 
 Three hooks a core owns, all class methods so they run before any model exists:
 ``recipe_problem`` (why a recipe cannot run this core, one line, or None),
@@ -74,6 +84,21 @@ class AttentionShape:
     initializer_range: float = 0.02
 
 
+@dataclass(frozen=True)
+class LayerProjections:
+    """The attention layer's projections, handed to a core that ``projects_itself``.
+
+    Hugging Face layout: ``q`` [Hq * D, d], ``k`` and ``v`` [Hkv * D, d] (optional biases),
+    ``o`` [d, Hq * D] (no bias); head h owns rows ``h * D .. (h + 1) * D - 1`` of q (columns of
+    o), kv head j those of k and v.
+    """
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+
+
 class AttentionCore(nn.Module):
     """Base class of every attention core; see the module docstring for the contract.
 
@@ -88,6 +113,7 @@ class AttentionCore(nn.Module):
     supports_window: ClassVar[bool] = True
     has_head_parameters: ClassVar[bool] = False
     applies_rope_itself: ClassVar[bool] = False
+    projects_itself: ClassVar[bool] = False
 
     def __init__(
         self, shape: AttentionShape, attention: AttentionConfig, positional: PositionalConfig

@@ -311,6 +311,54 @@ def sparse_nsa_mosa_rows(data: list[dict]) -> list[Row]:
     return rows
 
 
+MOSA_LAYER_TARGET_FROM = 16384  # issue 21: the MoSA layer beats the dense layer at 16k and 32k
+
+
+def mosa_layer_rows(data: list[dict]) -> list[Row]:
+    """Issue 21: the whole MoSA attention layer (projections + attention + o_proj; 4 dense and
+    4 routed heads at rho 8) faster than the dense layer at 16k and 32k; its memory and its
+    FLOPs per token (the paper's formula; torch's count of the projections) as context."""
+    rows = []
+    for mosa in sorted((r for r in data if r["case"] == "mosa"), key=lambda r: r["length"]):
+        t = mosa["length"]
+        dense = next(r for r in data if r["case"] == "dense" and r["length"] == t)
+        judged = t >= MOSA_LAYER_TARGET_FROM
+        rows.append(
+            Row(
+                "mosa_layer",
+                f"MoSA attention layer fwd+bwd speedup over the dense layer, T={t}",
+                f"{dense['seconds']:.2f} vs {mosa['seconds']:.2f} s",
+                dense["seconds"] / mosa["seconds"],
+                ">=" if judged else None,
+                1.0 if judged else None,
+            )
+        )
+        rows.append(
+            Row(
+                "mosa_layer",
+                f"MoSA attention layer peak memory vs the dense layer, T={t}",
+                f"{mosa['peak_bytes'] / MiB:.0f} vs {dense['peak_bytes'] / MiB:.0f} MiB",
+                mosa["peak_bytes"] / dense["peak_bytes"],
+            )
+        )
+        flops = {
+            r["case"]: r["formula_projection_flops_per_token"]
+            + r["formula_attention_flops_per_token"]
+            for r in (mosa, dense)
+        }
+        rows.append(
+            Row(
+                "mosa_layer",
+                f"MoSA attention layer FLOPs per token vs the dense layer (formula), T={t}",
+                f"{flops['mosa'] / 1e6:.1f} vs {flops['dense'] / 1e6:.1f} MFLOP; projections "
+                f"counted by torch {mosa['counted_flops_per_token'] / 1e6:.2f} vs formula "
+                f"{mosa['formula_projection_flops_per_token'] / 1e6:.2f} MFLOP",
+                flops["mosa"] / flops["dense"],
+            )
+        )
+    return rows
+
+
 def _dense_seconds(data: list[dict], row: dict) -> float:
     return next(
         r["seconds"]
@@ -612,6 +660,7 @@ SECTIONS: dict[str, Callable] = {
     "positional": positional_rows,
     "sparse_power": sparse_power_rows,
     "sparse_nsa_mosa": sparse_nsa_mosa_rows,
+    "mosa_layer": mosa_layer_rows,
     "train_overhead": train_overhead_rows,
     "peer": peer_rows,
     "s2": s2_rows,

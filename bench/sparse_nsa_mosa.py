@@ -10,6 +10,9 @@ subprocess, for every length T and input kind:
 - ``nsa``: ``NSAAttention`` with the SPECS defaults (l=32, d=16, l'=64, n=16, w=512);
 - ``mosa``: ``MoSAAttention`` with every head routed and rho=16 (k = T/16).
 
+These are the attention cores alone (q, k, v given); ``bench/mosa_layer.py`` times the whole
+MoSA layer with the projections that its routed heads compute at their chosen tokens only.
+
 Input kinds: ``random`` draws q, k, v iid N(0, 1); ``coherent`` mixes a component that varies
 slowly along the sequence (linear interpolation of N(0, 1) knots every 256 tokens) with iid
 noise, rescaled to unit variance, so that neighbouring queries look alike as in a trained model.

@@ -36,6 +36,7 @@ BENCHES = (
     "s2",
     "attention",
     "sparse_nsa_mosa",
+    "mosa_layer",
     "train_overhead",
     "checkpoint",
     "peer",

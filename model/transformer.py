@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
+from longctx.attention.core import LayerProjections
 from longctx.attention.registry import build_attention_core
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
@@ -100,7 +101,8 @@ class SelfAttention(nn.Module):
     of transformers' ``repeat_kv``). ``attention_bias`` puts a bias on q, k and v only (Qwen2);
     ``o_proj`` never has one. The core comes from the attention registry with this layer's
     ``config.attention_shape(layer_index)``, whose ``sliding_window`` (Mistral, Qwen2) it
-    honours: the core owns every masking decision.
+    honours: the core owns every masking decision. A core that ``projects_itself`` (MoSA, as
+    the layer's own core) gets x and the projections and runs the whole layer instead.
     """
 
     def __init__(
@@ -123,6 +125,8 @@ class SelfAttention(nn.Module):
         self.core = build_attention_core(config.attention_shape(layer_index), attention, positional)
 
     def forward(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
+        if self.core.projects_itself:  # the whole layer, e.g. MoSA's chosen-token projections
+            return self.core.forward_layer(x, self.projections, rotary, ctx)  # [B, T, d]
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -134,6 +138,22 @@ class SelfAttention(nn.Module):
         out = self.core(q, k, v, dataclasses.replace(ctx, hidden=x, rotary=rotary))
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, Hq*D]
         return self.o_proj(out)  # [B, T, d]
+
+    @property
+    def projections(self) -> LayerProjections:
+        """q_proj, k_proj, v_proj, o_proj, for a core that ``projects_itself``."""
+        return LayerProjections(q=self.q_proj, k=self.k_proj, v=self.v_proj, o=self.o_proj)
+
+    def weights_read_by_core(self) -> list[nn.Parameter]:
+        """The projection parameters this layer's core reads without calling their modules
+        (a core that ``projects_itself``; else none). ZeRO-3 gathers a parameter for its own
+        module's forward; the trainer registers these with this layer
+        (``register_external_parameter``) so that the layer's pre-forward hook gathers them
+        with its own (DeepSpeed would otherwise find them one by one on first access)."""
+        if not self.core.projects_itself:
+            return []
+        return [p for linear in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+                for p in linear.parameters()]  # fmt: skip
 
 
 class DecoderLayer(nn.Module):

@@ -48,6 +48,10 @@ class KeyGatherAttention(nn.Module):
     into ``ctx.key_rotary``.
     """
 
+    projects_itself = (
+        False  # the layer projects this rank's tokens for every head (``AttentionCore``)
+    )
+
     def __init__(self, inner: nn.Module, group: dist.ProcessGroup, *, gather_hidden: bool = False):
         super().__init__()
         self.inner = inner

@@ -428,6 +428,7 @@ class RingAttention(nn.Module):
     """
 
     applies_rope_itself = False  # the ring streams rotated K blocks (the ``AttentionCore`` flag)
+    projects_itself = False  # the layer projects every token for its shard (``AttentionCore``)
 
     def __init__(self, local: DenseAttention, group: dist.ProcessGroup):
         super().__init__()

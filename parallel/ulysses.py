@@ -175,6 +175,8 @@ class UlyssesAttention(nn.Module):
     initialised (done here when it is not, on torch's backend).
     """
 
+    projects_itself = False  # the layer projects its tokens for every head (``AttentionCore``)
+
     def __init__(
         self,
         inner: nn.Module,

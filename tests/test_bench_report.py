@@ -128,6 +128,34 @@ def test_sparse_speedups_are_judged_at_the_longest_length(tmp_path):
     assert "4k 0.50x, 8k 4.00x" in speed.values
 
 
+def test_mosa_layer_speedup_is_judged_from_16k(tmp_path):
+    cases = []
+    for length, dense_s, mosa_s in ((8192, 1.0, 2.0), (16384, 4.0, 2.0)):
+        for case, seconds, flops in (("dense", dense_s, 4e6), ("mosa", mosa_s, 1e6)):
+            cases.append(
+                {"case": case, "length": length, "seconds": seconds, "peak_bytes": 100 * 2**20,
+                 "formula_projection_flops_per_token": flops / 2,
+                 "formula_attention_flops_per_token": flops / 2,
+                 "counted_flops_per_token": flops / 2}
+            )  # fmt: skip
+    _write(tmp_path, "mosa_layer", cases)
+    rows = collect_rows(tmp_path)
+    short = _row(
+        rows, "mosa_layer", "MoSA attention layer fwd+bwd speedup over the dense layer, T=8192"
+    )
+    assert (short.ratio, short.met) == (0.5, None)
+    long = _row(
+        rows, "mosa_layer", "MoSA attention layer fwd+bwd speedup over the dense layer, T=16384"
+    )
+    assert (long.ratio, long.op, long.target, long.met) == (2.0, ">=", 1.0, True)
+    flops = _row(
+        rows,
+        "mosa_layer",
+        "MoSA attention layer FLOPs per token vs the dense layer (formula), T=16384",
+    )
+    assert flops.ratio == pytest.approx(0.25)
+
+
 def test_render_has_environment_counts_and_table(tmp_path):
     for path in RESULTS_DIR.glob("*.json"):
         shutil.copy(path, tmp_path / path.name)

@@ -1,34 +1,41 @@
-"""MoSA (SPECS 3.2) against a plain float64 loop, the k = T identity, router gradients and the
-head-split check (sequence parallelism: tests/test_sparse_sp.py)."""
+"""MoSA (SPECS 3.2) against a plain float64 loop, the k = T identity, router gradients, the
+head-split check, and the whole layer projecting only the routed heads' chosen tokens against
+the full projection (sequence parallelism: tests/test_sparse_sp.py)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from trainer_helpers import job, make_data, tiny_recipe, train_on_ranks
 
 from longctx.attention import AttentionConfig, AttentionContext, block_attention
 from longctx.attention.config import MoSAConfig
 from longctx.attention.mosa import MoSAAttention, routed_token_count
+from longctx.bench.mosa_layer import layer_flops
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
 from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
-from longctx.model.transformer import Transformer
+from longctx.model.transformer import SelfAttention, Transformer
+from longctx.model.wrappers import CheckpointedLayer
 from longctx.positional.config import PositionalConfig
+from longctx.positional.rope import RotaryEmbedding, apply_rotary
 
 # fp32 fast path vs float64 loop: rounding of short dot products and softmaxes (rtol 1e-5).
 FP32 = {"rtol": 1e-5, "atol": 2e-6}
 HIDDEN, HEADS, KV_HEADS, DIM = 16, 6, 3, 8
 
 
-def model_config(sliding_window=None) -> ModelConfig:
+def model_config(sliding_window=None, attention_bias=False) -> ModelConfig:
     return ModelConfig(
         vocab_size=64, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM,
-        sliding_window=sliding_window,
+        sliding_window=sliding_window, attention_bias=attention_bias,
     )  # fmt: skip
 
 
@@ -185,3 +192,169 @@ def test_loading_a_dense_checkpoint_adds_the_router_as_a_new_parameter(tmp_path)
     scores = model.layers[0].self_attn.core.router(torch.randn(2, 48, HIDDEN))
     assert (scores - 0.5).abs().max() < 0.2
     assert scores.unique().numel() == scores.numel()
+
+
+PACKED = torch.tensor([[0] * 20 + [1] * 28, [0] * 5 + [1] * 30 + [2] * 13])
+
+
+def mosa_layer(attention_bias: bool, dense_heads: int) -> SelfAttention:
+    """A MoSA attention layer (``dense_heads`` dense, the rest routed at rho 4, window 10) with
+    random projections (biases too) and spread router scores."""
+    config = model_config(sliding_window=10, attention_bias=attention_bias)
+    attention = AttentionConfig(
+        variant="mosa", mosa=MoSAConfig(dense_heads=dense_heads, sparsity=4)
+    )
+    torch.manual_seed(0)
+    layer = SelfAttention(config, attention, PositionalConfig(), layer_index=0)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(0.0, 0.3)
+        layer.core.router.weight.normal_()
+    return layer
+
+
+def full_projection_layer(layer, x, rotary, ctx):
+    """The layer as it ran before its core projected: every token projected for every head,
+    RoPE, ``core.forward(q, k, v, ctx)``, o_proj over all rows."""
+    batch, length, _ = x.shape
+    q = layer.q_proj(x).view(batch, length, HEADS, DIM).transpose(1, 2)
+    k = layer.k_proj(x).view(batch, length, KV_HEADS, DIM).transpose(1, 2)
+    v = layer.v_proj(x).view(batch, length, KV_HEADS, DIM).transpose(1, 2)
+    q, k = apply_rotary(q, k, *rotary)
+    out = layer.core(q, k, v, dataclasses.replace(ctx, hidden=x))
+    return layer.o_proj(out.transpose(1, 2).flatten(2)), out
+
+
+def packed_positions(doc_ids):
+    """RoPE positions restarting at every document: [B, T]."""
+    if doc_ids is None:
+        return torch.arange(48).expand(2, 48)
+    starts = torch.cat([torch.ones(2, 1, dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    index = torch.arange(48).expand(2, 48)
+    start_of = torch.where(starts, index, 0).cummax(dim=1).values
+    return index - start_of
+
+
+def layer_gradients(layer, x):
+    """Gradients of x, every projection weight and bias, and the router."""
+    grads = {"x": x.grad, "router": layer.core.router.weight.grad}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for kind, parameter in getattr(layer, name).named_parameters():
+            grads[f"{name}.{kind}"] = parameter.grad
+    return grads
+
+
+@pytest.mark.parametrize(("attention_bias", "dense_heads"), [(False, 2), (True, 2), (False, 0)])
+@pytest.mark.parametrize("doc_ids", [None, PACKED])
+def test_layer_projecting_chosen_tokens_equals_full_projection_and_float64(
+    doc_ids, attention_bias, dense_heads
+):
+    """The layer's chosen-token path (``forward_layer``) equals the full projection and the
+    float64 loop (projected, rotated and o-projected in float64) in outputs and in gradients of
+    x, q/k/v/o weights and biases and the router."""
+    layer = mosa_layer(attention_bias, dense_heads)
+    assert layer.core.projects_itself
+    rope = RotaryEmbedding.from_config(model_config())
+    positions = packed_positions(doc_ids)
+    rotary = rope(positions)
+    ctx = AttentionContext(position_ids=positions, seq_positions=torch.arange(48), doc_ids=doc_ids)
+    x = torch.randn(2, 48, HIDDEN, generator=torch.Generator().manual_seed(5))
+    weight = torch.randn(2, 48, HIDDEN, generator=torch.Generator().manual_seed(6))
+
+    chosen_x = x.clone().requires_grad_()
+    chosen = layer(chosen_x, rotary, ctx)
+    (chosen * weight).sum().backward()
+    got = layer_gradients(layer, chosen_x)
+
+    full_layer = copy.deepcopy(layer)
+    full_layer.zero_grad()
+    full_x = x.clone().requires_grad_()
+    full, _ = full_projection_layer(full_layer, full_x, rotary, ctx)
+    (full * weight).sum().backward()
+    torch.testing.assert_close(chosen, full, **FP32)
+    for name, grad in layer_gradients(full_layer, full_x).items():
+        torch.testing.assert_close(got[name], grad, **FP32, msg=lambda m, n=name: f"{n}: {m}")
+
+    ref_layer = copy.deepcopy(layer).double()
+    ref_layer.zero_grad()
+    ref_x = x.double().requires_grad_()
+    q = ref_layer.q_proj(ref_x).view(2, 48, HEADS, DIM).transpose(1, 2)
+    k = ref_layer.k_proj(ref_x).view(2, 48, KV_HEADS, DIM).transpose(1, 2)
+    v = ref_layer.v_proj(ref_x).view(2, 48, KV_HEADS, DIM).transpose(1, 2)
+    q, k = apply_rotary(q, k, *(table.double() for table in rotary))
+    heads, ref_core = reference_mosa(ref_layer.core, q, k, v, ref_x, doc_ids=doc_ids, window=10)
+    ref = ref_layer.o_proj(heads.transpose(1, 2).flatten(2))
+    (ref * weight.double()).sum().backward()
+    ref_layer.core = ref_core  # the loop's copy holds the router gradient
+    torch.testing.assert_close(chosen, ref.float(), **FP32)
+    for name, grad in layer_gradients(ref_layer, ref_x).items():
+        # sums over tokens cancel in places: absolute tolerance 1e-5 of the tensor's scale
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(
+            got[name], grad.float(), rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_checkpointed_mosa_layers_give_the_plain_gradients():
+    """Activation checkpointing recomputes the chosen-token path in backward (same top-k, same
+    rows): the loss gradients of every parameter equal the plain model's."""
+    torch.manual_seed(0)
+    attention = AttentionConfig(variant="mosa", mosa=MoSAConfig(dense_heads=2, sparsity=4))
+    plain = Transformer(model_config(), attention=attention)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.layers = torch.nn.ModuleList(
+        CheckpointedLayer(layer) for layer in checkpointed.layers
+    )
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    for model in (plain, checkpointed):
+        logits = model(ids)
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    grads = dict(checkpointed.named_parameters())
+    for name, parameter in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad, parameter.grad, **FP32)
+
+
+@pytest.mark.slow
+def test_zero3_trains_mosa_like_zero0(tmp_path):
+    """2 data-parallel gloo ranks, 3 fp32 steps of a small MoSA model: under ZeRO-3 (attention
+    projections partitioned, registered with the layer whose core reads them) the logged losses
+    equal the ZeRO-0 run's within 1e-5."""
+    corpus, tokenizer = make_data(tmp_path / "data")
+    common = {"steps": 3, "ckpt_every": 3, "eval_every": 3, "grad_accum": 1}
+    attention = AttentionConfig(
+        variant="mosa", chunk_size=32, mosa=MoSAConfig(dense_heads=2, sparsity=4)
+    )
+    runs = [
+        tiny_recipe(corpus, tokenizer, tmp_path / f"zero{stage}", zero_stage=stage, **common)
+        for stage in (0, 3)
+    ]
+    # q_proj and o_proj of hidden 320 hold 102400 > 1e5 values (DeepSpeed's default
+    # stage3_param_persistence_threshold): ZeRO-3 partitions them instead of keeping them whole
+    model = runs[0].model.model_copy(update={"hidden_size": 320})
+    runs = [recipe.model_copy(update={"attention": attention, "model": model}) for recipe in runs]
+    zero0, zero3 = train_on_ranks([job(recipe) for recipe in runs], world=2)[0]
+    curves = [[m["loss"] for m, _ in run["reports"] if "loss" in m] for run in (zero0, zero3)]
+    assert len(curves[0]) == 3
+    torch.testing.assert_close(
+        torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("variant", ["dense", "mosa"])
+def test_layer_flops_counted_by_torch_equal_the_formula(variant):
+    """``bench/mosa_layer.layer_flops`` (the paper's per-head costs) equals the matmul FLOPs
+    torch's counter sees in one forward of the layer (batch of 2) with the full-square
+    ``reference`` kernel: a routed head's projections cost its k chosen rows, not all T."""
+    config = model_config()
+    attention = AttentionConfig(
+        variant=variant, backend="reference", mosa=MoSAConfig(dense_heads=2, sparsity=4)
+    )
+    layer = SelfAttention(config, attention, PositionalConfig(), layer_index=0)
+    positions = torch.arange(48)
+    rotary = RotaryEmbedding.from_config(config)(positions.expand(2, 48))
+    ctx = AttentionContext(position_ids=positions.expand(2, 48), seq_positions=positions)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        layer(torch.randn(2, 48, HIDDEN), rotary, ctx)
+    formula = layer_flops(config, attention, 48)
+    assert counter.get_total_flops() == 2 * (formula["projections"] + formula["attention"])

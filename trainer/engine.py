@@ -176,7 +176,8 @@ class ModelWithLoss(nn.Module):
     by ``tiled_cross_entropy`` from the final hidden states and ``lm_head.weight`` without
     materialising the logits. The head weight is used outside ``lm_head``'s own forward, so
     under ZeRO-3 it is registered as an external parameter of this module (gathered for its
-    forward and backward).
+    forward and backward); so are the projections an attention core reads for its layer
+    (``SelfAttention.weights_read_by_core``, MoSA), with that layer.
 
     With ``sp_group`` (sequence parallelism, SPECS 1.6) each rank holds a shard of the sequence
     and returns its share ``local NLL sum / scored tokens of the whole sequence`` times the SP
@@ -192,7 +193,11 @@ class ModelWithLoss(nn.Module):
         self.model = model
         self.sp_group = sp_group
         if zero_stage == 3:
-            import_deepspeed().zero.register_external_parameter(self, model.lm_head.weight)
+            register = import_deepspeed().zero.register_external_parameter
+            register(self, model.lm_head.weight)
+            for layer in model.layers:  # cores that project for their layer (MoSA)
+                for parameter in layer.self_attn.weights_read_by_core():
+                    register(layer.self_attn, parameter)
 
     def forward(
         self,
