@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from longctx.attention.kernels import _TILE_KERNELS, DEFAULT_CHUNK, resolve_backend
+from longctx.attention.kernels import DEFAULT_CHUNK, TILE_KERNELS, resolve_backend
 from longctx.attention.mask import MaskSpec
 from longctx.attention.merge import merge_partials
 from longctx.attention.nsa_selection import (
@@ -38,7 +38,7 @@ from longctx.attention.nsa_selection import (
     selection_forward,
     selection_plans,
 )
-from longctx.attention.tiling import TileKernel, _piece_mask, compute_dtype, plan_tiles
+from longctx.attention.tiling import TileKernel, compute_dtype, piece_mask, plan_tiles
 
 # The tiled kernels NSA's tile loops can drive; reference and flex (no tile entry point) run
 # the branches on the plain-torch chunked tiles.
@@ -74,7 +74,7 @@ def tiled_kernel(backend: str, q: Tensor, chunk_size: int | None) -> tuple[TileK
     """The tile kernel for ``backend`` on tensors like ``q`` and its tile size."""
     backend = resolve_backend(backend, q)
     backend = backend if backend in TILED_BACKENDS else "chunked"
-    return _TILE_KERNELS[backend], chunk_size or DEFAULT_CHUNK[backend]
+    return TILE_KERNELS[backend], chunk_size or DEFAULT_CHUNK[backend]
 
 
 def _tile_forward(problem, branch, q, k, v, query_tile) -> tuple[Tensor, Tensor]:
@@ -85,7 +85,7 @@ def _tile_forward(problem, branch, q, k, v, query_tile) -> tuple[Tensor, Tensor]
     for piece in query_tile.pieces:
         part = problem.kernel.forward(
             q_tile, k[:, :, piece.keys], v[:, :, piece.keys], piece.kind,
-            _piece_mask(branch.mask, rows, piece), problem.scale,
+            piece_mask(branch.mask, rows, piece), problem.scale,
         )  # fmt: skip
         merged = part if merged is None else merge_partials(*merged, *part)
     return merged[0].to(q.dtype), merged[1]
@@ -160,7 +160,7 @@ class GatedBranchAttention(torch.autograd.Function):
                     dq_p, dk_p, dv_p = problem.kernel.backward(
                         branch_dout, q_tile, keys[:, :, piece.keys], values[:, :, piece.keys],
                         o_tile, safe_lse, delta, piece.kind,
-                        _piece_mask(branch.mask, rows, piece), problem.scale,
+                        piece_mask(branch.mask, rows, piece), problem.scale,
                     )  # fmt: skip
                     grads[0][:, :, rows] += dq_p
                     dkeys[:, :, piece.keys] += dk_p
