@@ -101,20 +101,34 @@ class BlockCompressor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [B, H, T, D] -> [B, H, nc, D], block i summarising tokens [i d, i d + l - 1].
 
-        ``W_in flatten(X + P)`` is computed as a strided conv1d over the sequence (kernel l,
-        stride d) plus the constant ``W_in flatten(P)``: the same sums as unfolding the blocks,
-        without materialising [B, H, nc, l D] (whose backward is a slow scatter).
+        Both linear maps of a block (``W_in flatten(X)`` and the mean) are sums over its
+        segments of ``g = gcd(l, d)`` tokens: the sequence is viewed as segments [.., T / g, g D]
+        (no copy), ONE GEMM maps every segment to its l / g partial products of each map, and
+        block i adds those of its segments ``i d / g + c`` (strided slices). Against a strided
+        conv1d plus avg_pool1d (the former form), this keeps no unfolded or im2col buffer: at
+        T=32768 (2 heads, D=64, l=32, d=16) the conv's forward and backward temporaries raised
+        NSA's peak resident memory by ~50 MiB; the GEMM's are [.., T / g, 2 l D / g] floats.
         """
         batch, heads, length, dim = x.shape
-        channels = x.reshape(batch * heads, length, dim).transpose(1, 2)  # [B H, D, T]
-        kernel = self.in_weight.view(dim, self.block, dim).transpose(1, 2)  # [D_out, D_in, l]
-        bias = self.in_bias + self.in_weight @ self.position.flatten()  # [D]
-        inner = F.silu(F.conv1d(channels, kernel, bias, stride=self.stride))  # [B H, D, nc]
-        pooled = F.avg_pool1d(channels, self.block, self.stride)  # [B H, D, nc]
-        summary = pooled.transpose(1, 2) + F.linear(
-            inner.transpose(1, 2), self.out_weight, self.out_bias
-        )  # [B H, nc, D]
-        return summary.view(batch, heads, -1, dim)
+        count = self.num_blocks(length)
+        seg = math.gcd(self.block, self.stride)
+        parts, step = self.block // seg, self.stride // seg  # segments per block, per stride
+        used = (count - 1) * self.stride + self.block  # tokens covered by some block
+        segments = x[:, :, :used].reshape(batch * heads, used // seg, seg * dim)  # [BH, S, gD]
+        in_parts = self.in_weight.view(dim, parts, seg * dim).transpose(0, 1)  # [l/g, D, gD]
+        mean_parts = torch.eye(dim, dtype=x.dtype, device=x.device).repeat(1, seg) / self.block
+        weight = torch.cat(
+            [in_parts.flatten(0, 1), mean_parts.expand(parts, dim, -1).flatten(0, 1)]
+        )
+        products = segments @ weight.T  # [BH, S, 2 (l/g) D]: per segment, every part's image
+        inner = pooled = 0
+        for c in range(parts):  # block i reads segment i * step + c
+            rows = products[:, c : c + (count - 1) * step + 1 : step]  # [BH, nc, 2 (l/g) D]
+            inner = inner + rows[..., c * dim : (c + 1) * dim]
+            pooled = pooled + rows[..., (parts + c) * dim : (parts + c + 1) * dim]
+        bias = self.in_bias + self.in_weight @ self.position.flatten()  # [D]: W_in flatten(P)
+        summary = pooled + F.linear(F.silu(inner + bias), self.out_weight, self.out_bias)
+        return summary.view(batch, heads, count, dim)
 
     @torch.no_grad()
     def init_new_parameters(self) -> None:
@@ -343,7 +357,8 @@ class NSAAttention(AttentionCore):
 
     def _select_blocks(self, q, kv_heads, length, importance, sides, scale) -> Tensor:
         """Top-n selection blocks per (batch, kv head, query) over ``length`` keys:
-        [B, Hkv, Tq, n], -1 = none."""
+        [B, Hkv, Tq, n] int32, -1 = none (written chunk by chunk into one int32 tensor: at
+        T=32768 a list of int64 chunks and their concatenation held 16 MiB instead of 4)."""
         settings = self.settings
         batch, heads, _, dim = q.shape
         select = settings.select_block
@@ -358,7 +373,7 @@ class NSAAttention(AttentionCore):
             overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
             rows_per_step = max(1, IMPORTANCE_STEP_ELEMENTS // (batch * heads * ck.shape[2]))
         doc_first = _document_first_blocks(sides, select)  # [B, Tq] or None: block 0
-        chosen = []
+        chosen = torch.empty(batch, kv_heads, q.shape[2], keep, dtype=torch.int32, device=q.device)
         for rows in _query_chunks(q.shape[2], rows_per_step):
             query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
             count, last = len(query_pos), int(query_pos.max())
@@ -391,8 +406,8 @@ class NSAAttention(AttentionCore):
             ranked = torch.where(forced & started, float("inf"), ranked)
             ranked = F.pad(ranked, (0, max(0, keep - started_blocks)), value=float("-inf"))
             top = _top_blocks(ranked, keep)  # [B, Hkv, c, keep]
-            chosen.append(torch.where(top <= current, top, -1))  # not started: fewer than n
-        return torch.cat(chosen, dim=2)
+            chosen[:, :, rows] = torch.where(top <= current, top, -1)  # not started: fewer than n
+        return chosen
 
     @staticmethod
     def _block_importance(q, ck, lse_cmp, seen, docs) -> Tensor:

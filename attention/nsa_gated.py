@@ -34,11 +34,13 @@ from longctx.attention.mask import MaskSpec
 from longctx.attention.merge import merge_partials
 from longctx.attention.nsa_selection import (
     QueryKeySides,
+    output_row_sums,
     selection_backward,
     selection_forward,
     selection_plans,
 )
 from longctx.attention.tiling import TileKernel, compute_dtype, piece_mask, plan_tiles
+from longctx.errors import LongctxError
 
 # The tiled kernels NSA's tile loops can drive; reference and flex (no tile entry point) run
 # the branches on the plain-torch chunked tiles.
@@ -127,15 +129,23 @@ class GatedBranchAttention(torch.autograd.Function):
         plans = selection_plans(selected, problem.select_block, k.shape[2], problem.sides)
         o_slc, lse_slc = selection_forward(q, k, v, plans, problem.sides, problem.scale)
         out.addcmul_(gates[1], o_slc)
-        ctx.save_for_backward(q, k, v, ck, cv, gates, o_slc, lse_slc)
-        ctx.problem, ctx.plans = problem, plans
+        ctx.save_for_backward(q, k, v, ck, cv, gates, lse_slc)
+        # An intermediate, held on ctx (not saved) so that backward can drop it once it has
+        # taken its row sums, before dq, dk, dv exist.
+        ctx.problem, ctx.plans, ctx.o_slc = problem, plans, [o_slc]
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, ck, cv, gates, o_slc, lse_slc = ctx.saved_tensors
+        if not ctx.o_slc:
+            raise LongctxError(
+                "NSA's fused attention frees its selection output during backward, so it cannot "
+                "be differentiated twice (retain_graph=True); recompute the forward instead"
+            )
+        q, k, v, ck, cv, gates, lse_slc = ctx.saved_tensors
         problem = ctx.problem
         acc = compute_dtype(q.dtype)
+        slc_sums = output_row_sums(dout, ctx.o_slc.pop())  # [B, Hq, Tq]; o_slc is freed here
         tensors = (q, k, v, ck, cv)
         grads = [
             None if x is None else torch.zeros(x.shape, dtype=acc, device=x.device) for x in tensors
@@ -165,10 +175,11 @@ class GatedBranchAttention(torch.autograd.Function):
                     grads[0][:, :, rows] += dq_p
                     dkeys[:, :, piece.keys] += dk_p
                     dvalues[:, :, piece.keys] += dv_p
-        dgates[1] = selection_backward(
-            dout, q, k, v, o_slc, lse_slc, ctx.plans, problem.sides, problem.scale,
+        dgates[1] = slc_sums[..., None]
+        selection_backward(
+            dout, q, k, v, slc_sums, lse_slc, ctx.plans, problem.sides, problem.scale,
             grads[:3], gate=gates[1],
-        )[..., None]  # fmt: skip
+        )  # fmt: skip
         dq, dk, dv, dck, dcv = (
             None if g is None else g.to(x.dtype) for g, x in zip(grads, tensors)
         )

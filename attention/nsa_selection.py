@@ -206,47 +206,56 @@ def _head_forward(q_j, keys_j, values_j, out_j, lse_j, steps, sides, batch) -> N
         lse_j.index_copy_(1, rows, new_lse)
 
 
+def output_row_sums(dout: Tensor, out: Tensor) -> Tensor:
+    """``rowsum(dout * out)`` [B, Hq, Tq] in the promoted dtype, one sequence at a time and
+    4096 tokens per step (no [B, Hq, Tq, D] product): the softmax term of the selection
+    backward, and the gate's gradient in NSA's gated sum."""
+    dtype = torch.promote_types(dout.dtype, out.dtype)
+    sums = torch.empty(out.shape[:3], dtype=dtype, device=out.device)
+    for b in range(out.shape[0]):
+        sums[b] = _row_dots(dout[b], out[b])
+    return sums
+
+
 def selection_backward(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
+    row_sums: Tensor,
     lse: Tensor,
     plans: list,
     sides: QueryKeySides,
     scale: float,
     grads: tuple[Tensor, Tensor, Tensor],
     gate: Tensor | None = None,
-) -> Tensor:
+) -> None:
     """Accumulate the selection branch's gradients into ``grads`` = (dq, dk, dv) (accumulation
-    dtype, shapes of q, k, v) and return ``rowsum(dout * out)`` [B, Hq, Tq].
+    dtype, shapes of q, k, v).
 
-    ``out``, ``lse``: ``selection_forward``'s. The branch's output gradient is ``dout``, or
-    ``gate * dout`` with ``gate`` [B, Hq, Tq, 1] (NSA's gated sum), applied to the gathered
-    rows of each step: no gated or re-laid-out copy of ``dout`` or ``q`` is made; the returned
-    row sums are then the gate's gradient.
+    ``row_sums``: ``output_row_sums(dout, out)`` of ``selection_forward``'s out (so out itself
+    need not outlive the start of the backward); ``lse``: its lse. The branch's output gradient
+    is ``dout``, or ``gate * dout`` with ``gate`` [B, Hq, Tq, 1] (NSA's gated sum), applied to
+    the gathered rows of each step: no gated or re-laid-out copy of ``dout`` or ``q`` is made.
     """
     acc = compute_dtype(q.dtype)
-    batch, heads, count, _ = q.shape
-    group = heads // k.shape[1]
+    group = q.shape[1] // k.shape[1]
     safe_lse = torch.where(torch.isneginf(lse), 0.0, lse)  # rows seeing nothing: p = 0
-    row_sums = torch.empty(batch, heads, count, dtype=acc, device=q.device)
-    for b in range(batch):
+    delta = row_sums.to(acc)  # rowsum(branch dout * out)
+    if gate is not None:
+        delta = delta * gate[..., 0].to(acc)
+    for b in range(q.shape[0]):
         for j in range(k.shape[1]):
             heads_j = slice(j * group, (j + 1) * group)
             dout_j = _gatherable(dout[b, heads_j])  # [G, Tq, D]
-            sums_j = _row_dots(dout_j, out[b, heads_j]).to(acc)  # [G, Tq]
-            row_sums[b, heads_j] = sums_j
             gate_j = None if gate is None else gate[b, heads_j, :, 0].to(acc)  # [G, Tq]
             _head_backward(
                 dout_j, q[b, heads_j], k[b, j].to(acc), v[b, j].to(acc), safe_lse[b, heads_j],
-                sums_j if gate is None else sums_j * gate_j, gate_j,
+                delta[b, heads_j], gate_j,
                 tuple(g[b, heads_j] if i == 0 else g[b, j] for i, g in enumerate(grads)),
                 plans[b][j], sides, b, scale,
             )  # fmt: skip
             del dout_j  # a copy when dout was not contiguous: one kv head's at a time
-    return row_sums
 
 
 def _head_backward(
@@ -299,6 +308,7 @@ class SelectedBlockAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         acc = compute_dtype(q.dtype)
         grads = tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
-        selection_backward(dout, q, k, v, out, lse, ctx.plans, ctx.sides, ctx.scale, grads)
+        row_sums = output_row_sums(dout, out)
+        selection_backward(dout, q, k, v, row_sums, lse, ctx.plans, ctx.sides, ctx.scale, grads)
         dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
         return dq, dk, dv, None, None, None, None
