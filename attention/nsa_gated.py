@@ -6,19 +6,25 @@ autograd nodes, this retained every branch output (for the gates' gradients) and
 own output (for its flash backward), the three gated products, and a full dq per branch: about
 ten [B, Hq, Tq, D] tensors at once, 2.8x dense attention's peak at T=32k. Here:
 
-- forward accumulates the gated branches into one ``out``, a query tile at a time for the
-  compressed and window branches (tiled kernels, ``attention/tiling.py``), so their outputs
-  never exist whole; the block selection reads the compressed branch's lse inside the same pass.
-- saved: q, k, v, the compressed keys/values, the gates, and the selection branch's output and
-  lse (its block-major backward needs them whole; recomputing it would cost a second forward of
-  the dearest branch).
+- forward accumulates the gated branches into one ``out``: the compressed branch inside the
+  block selection's importance pass (``NSAAttention._block_importance``: the compression
+  probabilities exist there whole per query chunk, so its output is one more GEMM on them),
+  the window branch a query tile at a time (tiled kernels, ``attention/tiling.py``), the
+  selection branch block-major (``nsa_selection``). No branch output but the selection's
+  exists whole.
+- saved: q, k, v, the compressed keys/values, the gates and the selection branch's lse; the
+  selection output is held until the start of backward, which takes its row sums
+  ``rowsum(dout * o_slc)`` (the gate's gradient and the softmax term) and frees it before dq,
+  dk, dv are allocated (recomputing it would cost a second forward of the dearest branch).
 - backward recomputes the compressed and window outputs per query tile (``o``, ``lse``), reads
   the gate gradient ``rowsum(dout * o)`` off them, and runs the tile's flash backward with the
   branch's output gradient ``g dout``; dq, dk, dv (and the compressed keys' gradients) are
   accumulated in place across branches and tiles.
 
-Peak beyond the inputs at T=32k (B=1, Hq=8, D=64, fp32): out and the saved selection output in
-forward, the selection output, dq and dk/dv in backward.
+Peak beyond the inputs (B=1, Hq=8, D=64, fp32; resident memory, ``bench/sparse_nsa_mosa.py``):
+forward: out and the selection output; backward: dq, dk, dv and one kv head's copy of dout when
+dout is not contiguous. At T=32768: 211-220 MiB against dense attention's 228 MiB (was 1.42x
+with the selection output kept through backward and per-kv-head [Tq, G, D] copies of q, dout).
 """
 
 from __future__ import annotations
@@ -60,7 +66,9 @@ class TiledBranch:
 @dataclass(frozen=True)
 class NSAProblem:
     """Everything but the tensors: where queries and keys sit, the kernel, the branch masks and
-    the block selection (``select(q, lse_cmp) -> selected [B, Hkv, Tq, n]``)."""
+    the block selection (``select(q, take_compressed) -> selected [B, Hkv, Tq, n]``, which
+    also computes the compressed branch's output and hands it over chunk by chunk as
+    ``take_compressed(rows, o_cmp [B, Hq, c, D])``)."""
 
     sides: QueryKeySides
     scale: float
@@ -68,7 +76,7 @@ class NSAProblem:
     tile: int
     compressed: MaskSpec | None  # None: the sequence is shorter than one compressed block
     window: MaskSpec
-    select: Callable[[Tensor, Tensor | None], Tensor]
+    select: Callable[[Tensor, Callable[[slice, Tensor], None]], Tensor]
     select_block: int
 
 
@@ -110,22 +118,17 @@ class GatedBranchAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ck, cv, gates, problem):
-        tensors = (q, k, v, ck, cv)
         out = torch.zeros_like(q)
-        lse_cmp = None
-        for branch in _branches(problem):
-            keys, values = tensors[branch.keys], tensors[branch.keys + 1]
-            if branch.gate == 0:
-                lse_cmp = torch.full(
-                    q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device
-                )
-            for query_tile in plan_tiles(branch.mask, problem.tile, problem.kernel.fused):
-                rows = query_tile.queries
-                o_tile, lse_tile = _tile_forward(problem, branch, q, keys, values, query_tile)
-                out[:, :, rows].addcmul_(gates[branch.gate, :, :, rows], o_tile)
-                if branch.gate == 0:
-                    lse_cmp[:, :, rows] = lse_tile
-        selected = problem.select(q, lse_cmp)
+
+        def take_compressed(rows: slice, o_cmp: Tensor) -> None:
+            out[:, :, rows].addcmul_(gates[0, :, :, rows], o_cmp)
+
+        selected = problem.select(q, take_compressed)
+        window = _branches(problem)[-1]
+        for query_tile in plan_tiles(window.mask, problem.tile, problem.kernel.fused):
+            rows = query_tile.queries
+            o_tile, _ = _tile_forward(problem, window, q, k, v, query_tile)
+            out[:, :, rows].addcmul_(gates[2, :, :, rows], o_tile)
         plans = selection_plans(selected, problem.select_block, k.shape[2], problem.sides)
         o_slc, lse_slc = selection_forward(q, k, v, plans, problem.sides, problem.scale)
         out.addcmul_(gates[1], o_slc)
