@@ -15,12 +15,16 @@ branch (x is the layer's normed input, ``ctx.hidden``):
 - sliding window: the last ``w`` tokens, through the tiled kernel with a window mask.
 
 A branch with no visible key contributes 0. Cost: the compressed branch reads ``T / d`` keys
-(the importance pass only the compressed blocks its query chunk can see), the selection branch
-is block-major (``nsa_selection``: per key block, one GEMM against the queries that chose it,
-so it costs ``n l'`` keys per query whatever the selections look like), and the window branch
-``w`` keys; nothing T x T exists. Memory: the gated sum runs as one autograd function
-(``nsa_gated.GatedBranchAttention``) that saves the selection branch's output and recomputes the
-compressed and window branches per query tile in backward.
+(in forward it is computed inside the importance pass, which sees per query chunk only the
+compressed blocks the chunk can see), the selection branch is block-major (``nsa_selection``:
+per key block, one GEMM against the queries that chose it, so it costs ``n l'`` keys per query
+whatever the selections look like), and the window branch ``w`` keys; nothing T x T exists.
+Memory: the gated sum runs as one autograd function (``nsa_gated.GatedBranchAttention``) that
+frees the selection branch's output at the start of backward and recomputes the compressed and
+window branches per query tile there. Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8, Hkv=2,
+D=64, fp32, one thread, T=32768, on a loaded machine): peak resident memory 0.92-0.96x dense
+attention's (1.42x before), fwd+bwd 2.16x faster than dense (1.96x for the former code in the
+same conditions).
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 

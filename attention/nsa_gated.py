@@ -12,10 +12,11 @@ ten [B, Hq, Tq, D] tensors at once, 2.8x dense attention's peak at T=32k. Here:
   the window branch a query tile at a time (tiled kernels, ``attention/tiling.py``), the
   selection branch block-major (``nsa_selection``). No branch output but the selection's
   exists whole.
-- saved: q, k, v, the compressed keys/values, the gates and the selection branch's lse; the
-  selection output is held until the start of backward, which takes its row sums
-  ``rowsum(dout * o_slc)`` (the gate's gradient and the softmax term) and frees it before dq,
-  dk, dv are allocated (recomputing it would cost a second forward of the dearest branch).
+- saved: q, k, v, the compressed keys/values, the gates and the selection branch's output and
+  lse. Backward first takes the selection output's row sums ``rowsum(dout * o_slc)`` (the
+  gate's gradient and the softmax term), then frees its storage before dq, dk, dv are
+  allocated (recomputing it would cost a second forward of the dearest branch). It stays a
+  saved tensor, so activation checkpointing and offload hooks handle it like any other.
 - backward recomputes the compressed and window outputs per query tile (``o``, ``lse``), reads
   the gate gradient ``rowsum(dout * o)`` off them, and runs the tile's flash backward with the
   branch's output gradient ``g dout``; dq, dk, dv (and the compressed keys' gradients) are
@@ -132,23 +133,26 @@ class GatedBranchAttention(torch.autograd.Function):
         plans = selection_plans(selected, problem.select_block, k.shape[2], problem.sides)
         o_slc, lse_slc = selection_forward(q, k, v, plans, problem.sides, problem.scale)
         out.addcmul_(gates[1], o_slc)
-        ctx.save_for_backward(q, k, v, ck, cv, gates, lse_slc)
-        # An intermediate, held on ctx (not saved) so that backward can drop it once it has
-        # taken its row sums, before dq, dk, dv exist.
-        ctx.problem, ctx.plans, ctx.o_slc = problem, plans, [o_slc]
+        # Saved (not held on ctx) so that activation checkpointing and offload hooks see it;
+        # backward frees its storage once it has taken its row sums, before dq, dk, dv exist.
+        ctx.save_for_backward(q, k, v, ck, cv, gates, o_slc, lse_slc)
+        ctx.problem, ctx.plans, ctx.selection_freed = problem, plans, False
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        if not ctx.o_slc:
+        if ctx.selection_freed:
             raise LongctxError(
                 "NSA's fused attention frees its selection output during backward, so it cannot "
                 "be differentiated twice (retain_graph=True); recompute the forward instead"
             )
-        q, k, v, ck, cv, gates, lse_slc = ctx.saved_tensors
+        q, k, v, ck, cv, gates, o_slc, lse_slc = ctx.saved_tensors
         problem = ctx.problem
         acc = compute_dtype(q.dtype)
-        slc_sums = output_row_sums(dout, ctx.o_slc.pop())  # [B, Hq, Tq]; o_slc is freed here
+        slc_sums = output_row_sums(dout, o_slc)  # [B, Hq, Tq]
+        o_slc.untyped_storage().resize_(0)  # freed now (FSDP's idiom): only its row sums are used
+        ctx.selection_freed = True
+        del o_slc
         tensors = (q, k, v, ck, cv)
         grads = [
             None if x is None else torch.zeros(x.shape, dtype=acc, device=x.device) for x in tensors

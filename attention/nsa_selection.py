@@ -6,13 +6,16 @@ GQA group). Gathering those keys per query would move ``n l' D`` floats per quer
 query chunk, the union of the chunk's blocks costs as much as dense attention once neighbouring
 queries choose unrelated blocks. Here the (query, block) pairs of every (sequence, kv head) are
 sorted by block once; then for each key block the rows of the queries that chose it are gathered
-([m, G, D]) and meet the block's keys in one GEMM against a cached ``l' x D`` tile. So the work
+([G, m, D], straight from the kv head's [G, Tq, D] slice: no re-laid-out copy of q or dout, whose
+[Tq, G, D] copies per kv head were a quarter of dense attention's peak memory at 32k) and meet
+the block's keys in one GEMM against a cached ``l' x D`` tile. So the work
 is ``n l'`` keys per query whatever the selections look like, and nothing ``T x T`` or
 ``T x n l'`` is ever held.
 
 Forward: per block, partial softmax statistics (row max, sum) and the unnormalised ``P V`` are
 merged into each chosen query's running (out, lse) by log-sum-exp (online softmax with a gather
-and an ``index_copy_`` of the m chosen rows). Only ``out`` and ``lse`` [B, Hq, Tq] are saved.
+and an ``index_copy_`` of the m chosen rows). Backward needs only ``lse`` [B, Hq, Tq] and the
+row sums ``rowsum(dO * O)`` (``output_row_sums``; the caller may free ``out`` once it has them).
 Backward (FlashAttention style): per block, recompute ``P = exp(S - lse)``, then
 ``dS = P * (dO V^T - rowsum(dO * O))``; ``dQ`` rows are accumulated with ``index_add_``, the
 block's ``dK``, ``dV`` with one GEMM each (a block is a contiguous key slice, so no scatter).

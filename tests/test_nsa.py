@@ -434,3 +434,38 @@ def test_block_compressor_matches_the_per_block_formula(block, stride, length):
     (fast * weight).sum().backward()
     (ref * weight).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_second_backward_through_the_fused_function_is_refused_clearly():
+    """The fused function frees the selection output during its backward: a second backward
+    (retain_graph=True) raises one clear error instead of using freed data."""
+    from longctx.errors import LongctxError
+
+    core = make_core()
+    q, k, v, hidden = inputs(length=40)
+    loss = core(q, k, v, context(hidden)).square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(LongctxError, match="retain_graph"):
+        loss.backward()
+
+
+def test_nsa_under_activation_checkpointing_matches_the_plain_run():
+    """Non-reentrant checkpointing (what ``model/wrappers.py`` uses) recomputes the fused
+    function's saved tensors, the selection output among them, which backward then frees:
+    outputs and gradients equal the plain run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    core = make_core()
+    results = []
+    for checkpointed in (False, True):
+        tensors = [t.detach().requires_grad_() for t in inputs(length=40)]
+        q, k, v, hidden = tensors
+        ctx = context(hidden)
+        if checkpointed:
+            out = checkpoint(core, q, k, v, ctx, use_reentrant=False)
+        else:
+            out = core(q, k, v, ctx)
+        out.square().sum().backward()
+        results.append([out.detach()] + [t.grad for t in tensors])
+    for plain, recomputed in zip(*results):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-6, atol=1e-6)
