@@ -377,7 +377,8 @@ class NSAAttention(AttentionCore):
         overlap, rows_per_step = None, q.shape[2]
         if importance is not None:
             ck, cv, block_ends, block_docs = importance
-            ck = ck * scale  # scaled once: scaled logits
+            # in float32 at least (the compressed branch's output comes from here), scaled once
+            ck, cv = ck.to(score_dtype) * scale, cv.to(score_dtype)
             overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
             rows_per_step = max(1, IMPORTANCE_STEP_ELEMENTS // (batch * heads * ck.shape[2]))
         doc_first = _document_first_blocks(sides, select)  # [B, Tq] or None: block 0
@@ -422,7 +423,8 @@ class NSAAttention(AttentionCore):
     def _block_importance(q, ck, cv, seen, docs) -> tuple[Tensor, Tensor]:
         """The compressed branch on a chunk of queries, and what selection reads off it.
 
-        q [B, Hq, c, D]; ck [B, Hkv, nc, D] scaled by 1/sqrt(D), cv [B, Hkv, nc, D]: the
+        q [B, Hq, c, D]; ck [B, Hkv, nc, D] scaled by 1/sqrt(D), cv [B, Hkv, nc, D] (both in
+        the accumulation dtype, float32 or float64, which the results take): the
         compressed blocks ending at or before the chunk's last query (so each row's softmax is
         complete here); ``seen`` [c, nc] causal visibility; ``docs`` (block docs [B, nc], query
         docs [B, c]). Returns the compression attention probabilities summed over each GQA
@@ -433,7 +435,7 @@ class NSAAttention(AttentionCore):
         """
         batch, heads, count, dim = q.shape
         kv_heads = ck.shape[1]
-        queries = q.reshape(batch, kv_heads, -1, dim)  # [B, Hkv, G c, D]
+        queries = q.reshape(batch, kv_heads, -1, dim).to(ck.dtype)  # [B, Hkv, G c, D]
         logits = queries @ ck.transpose(-1, -2)  # [B, Hkv, G c, nc]
         logits = logits.view(batch, kv_heads, -1, count, ck.shape[2])
         if docs is not None:  # [B, c, nc]
