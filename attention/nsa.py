@@ -21,10 +21,13 @@ per key block, one GEMM against the queries that chose it, so it costs ``n l'`` 
 whatever the selections look like), and the window branch ``w`` keys; nothing T x T exists.
 Memory: the gated sum runs as one autograd function (``nsa_gated.GatedBranchAttention``) that
 frees the selection branch's output at the start of backward and recomputes the compressed and
-window branches per query tile there. Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8, Hkv=2,
-D=64, fp32, one thread, T=32768, on a loaded machine): peak resident memory 0.92-0.96x dense
-attention's (1.42x before), fwd+bwd 2.16x faster than dense (1.96x for the former code in the
-same conditions).
+window branches per query tile there. Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8,
+Hkv=2, D=64, fp32, one thread, T=32768, shared machine at load 8-30 on 2 cores, 2026-12-04
+20:52-21:00 UTC): fwd+bwd 2.63x (random inputs) / 2.41x (coherent) faster than dense, peak
+resident memory 0.89x / 0.81x dense (before: 2.43-2.55x, 1.42x). Where the 13 s go (loaded run):
+forward 5 s (importance pass with the compressed branch 1.2, top-n 0.3, window tiles 0.65,
+selection 2.0), backward 8.3 s (compressed and window recompute 1.5, their flash backward 2.8,
+selection 3.5).
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 

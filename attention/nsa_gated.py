@@ -24,8 +24,10 @@ ten [B, Hq, Tq, D] tensors at once, 2.8x dense attention's peak at T=32k. Here:
 
 Peak beyond the inputs (B=1, Hq=8, D=64, fp32; resident memory, ``bench/sparse_nsa_mosa.py``):
 forward: out and the selection output; backward: dq, dk, dv and one kv head's copy of dout when
-dout is not contiguous. At T=32768: 211-220 MiB against dense attention's 228 MiB (was 1.42x
-with the selection output kept through backward and per-kv-head [Tq, G, D] copies of q, dout).
+dout is not contiguous. At T=32768 (random inputs): 203-222 MiB over several runs against dense
+attention's 228 MiB (was 1.42x with the selection output kept through backward, per-kv-head
+[Tq, G, D] copies of q and dout, and phi's conv1d buffers); the resident peak varies by ~10%
+from run to run with where the allocator leaves freed temporaries.
 """
 
 from __future__ import annotations
