@@ -46,7 +46,7 @@ BACKENDS = ("auto", "cpu_flash", "flex", "flash", "chunked", "reference")
 DEFAULT_CHUNK = {"chunked": 256, "cpu_flash": 512, "flash": 1024}
 CAUSAL = MaskSpec()  # the default mask: causal on positions arange(Tq), arange(Tk)
 
-_TILE_KERNELS: dict[str, TileKernel] = {
+TILE_KERNELS: dict[str, TileKernel] = {
     "chunked": TorchTileKernel(),
     "cpu_flash": CpuFlashTileKernel(),
     "flash": FlashTileKernel(),
@@ -131,7 +131,7 @@ class _TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, mask, backend, chunk):
-        kernel = _TILE_KERNELS[backend]
+        kernel = TILE_KERNELS[backend]
         out, lse = tiled_forward(q, k, v, scale, mask, kernel, chunk)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.mask, ctx.backend, ctx.chunk = scale, mask, backend, chunk
@@ -143,10 +143,10 @@ class _TiledAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        kernel, chunk = _TILE_KERNELS[ctx.backend], ctx.chunk
+        kernel, chunk = TILE_KERNELS[ctx.backend], ctx.chunk
         if dlse is not None and not kernel.takes_delta:
             # The fused ops derive delta from out and cannot see dlse: use plain-torch tiles.
-            kernel, chunk = _TILE_KERNELS["chunked"], DEFAULT_CHUNK["chunked"]
+            kernel, chunk = TILE_KERNELS["chunked"], DEFAULT_CHUNK["chunked"]
         dq, dk, dv = tiled_backward(
             dout, q, k, v, out, lse, dlse, ctx.scale, ctx.mask, kernel, chunk
         )
@@ -206,7 +206,7 @@ def block_attention_backward(
         return reference_attention_backward(dout, q, k, v, out, lse, scale, mask)
     if backend == "flex":
         backend = "chunked"
-    kernel = _TILE_KERNELS[backend]
+    kernel = TILE_KERNELS[backend]
     chunk = _chunk(backend, chunk_size)
     with torch.no_grad():
         return tiled_backward(dout, q, k, v, out, lse, None, scale, mask, kernel, chunk)

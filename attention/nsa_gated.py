@@ -6,19 +6,28 @@ autograd nodes, this retained every branch output (for the gates' gradients) and
 own output (for its flash backward), the three gated products, and a full dq per branch: about
 ten [B, Hq, Tq, D] tensors at once, 2.8x dense attention's peak at T=32k. Here:
 
-- forward accumulates the gated branches into one ``out``, a query tile at a time for the
-  compressed and window branches (tiled kernels, ``attention/tiling.py``), so their outputs
-  never exist whole; the block selection reads the compressed branch's lse inside the same pass.
-- saved: q, k, v, the compressed keys/values, the gates, and the selection branch's output and
-  lse (its block-major backward needs them whole; recomputing it would cost a second forward of
-  the dearest branch).
+- forward accumulates the gated branches into one ``out``: the compressed branch inside the
+  block selection's importance pass (``NSAAttention._block_importance``: the compression
+  probabilities exist there whole per query chunk, so its output is one more GEMM on them),
+  the window branch a query tile at a time (tiled kernels, ``attention/tiling.py``), the
+  selection branch block-major (``nsa_selection``). No branch output but the selection's
+  exists whole.
+- saved: q, k, v, the compressed keys/values, the gates and the selection branch's output and
+  lse. Backward first takes the selection output's row sums ``rowsum(dout * o_slc)`` (the
+  gate's gradient and the softmax term), then frees its storage before dq, dk, dv are
+  allocated (recomputing it would cost a second forward of the dearest branch). It stays a
+  saved tensor, so activation checkpointing and offload hooks handle it like any other.
 - backward recomputes the compressed and window outputs per query tile (``o``, ``lse``), reads
   the gate gradient ``rowsum(dout * o)`` off them, and runs the tile's flash backward with the
   branch's output gradient ``g dout``; dq, dk, dv (and the compressed keys' gradients) are
   accumulated in place across branches and tiles.
 
-Peak beyond the inputs at T=32k (B=1, Hq=8, D=64, fp32): out and the saved selection output in
-forward, the selection output, dq and dk/dv in backward.
+Peak beyond the inputs (B=1, Hq=8, D=64, fp32; resident memory, ``bench/sparse_nsa_mosa.py``):
+forward: out and the selection output; backward: dq, dk, dv and one kv head's copy of dout when
+dout is not contiguous. At T=32768 (random inputs): 203-222 MiB over several runs against dense
+attention's 228 MiB (was 1.42x with the selection output kept through backward, per-kv-head
+[Tq, G, D] copies of q and dout, and phi's conv1d buffers); the resident peak varies by ~10%
+from run to run with where the allocator leaves freed temporaries.
 """
 
 from __future__ import annotations
@@ -29,16 +38,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from longctx.attention.kernels import _TILE_KERNELS, DEFAULT_CHUNK, resolve_backend
+from longctx.attention.kernels import DEFAULT_CHUNK, TILE_KERNELS, resolve_backend
 from longctx.attention.mask import MaskSpec
 from longctx.attention.merge import merge_partials
 from longctx.attention.nsa_selection import (
     QueryKeySides,
+    output_row_sums,
     selection_backward,
     selection_forward,
     selection_plans,
 )
-from longctx.attention.tiling import TileKernel, _piece_mask, compute_dtype, plan_tiles
+from longctx.attention.tiling import TileKernel, compute_dtype, piece_mask, plan_tiles
+from longctx.errors import LongctxError
 
 # The tiled kernels NSA's tile loops can drive; reference and flex (no tile entry point) run
 # the branches on the plain-torch chunked tiles.
@@ -58,7 +69,9 @@ class TiledBranch:
 @dataclass(frozen=True)
 class NSAProblem:
     """Everything but the tensors: where queries and keys sit, the kernel, the branch masks and
-    the block selection (``select(q, lse_cmp) -> selected [B, Hkv, Tq, n]``)."""
+    the block selection (``select(q, take_compressed) -> selected [B, Hkv, Tq, n]``, which
+    also computes the compressed branch's output and hands it over chunk by chunk as
+    ``take_compressed(rows, o_cmp [B, Hq, c, D])``)."""
 
     sides: QueryKeySides
     scale: float
@@ -66,7 +79,7 @@ class NSAProblem:
     tile: int
     compressed: MaskSpec | None  # None: the sequence is shorter than one compressed block
     window: MaskSpec
-    select: Callable[[Tensor, Tensor | None], Tensor]
+    select: Callable[[Tensor, Callable[[slice, Tensor], None]], Tensor]
     select_block: int
 
 
@@ -74,7 +87,7 @@ def tiled_kernel(backend: str, q: Tensor, chunk_size: int | None) -> tuple[TileK
     """The tile kernel for ``backend`` on tensors like ``q`` and its tile size."""
     backend = resolve_backend(backend, q)
     backend = backend if backend in TILED_BACKENDS else "chunked"
-    return _TILE_KERNELS[backend], chunk_size or DEFAULT_CHUNK[backend]
+    return TILE_KERNELS[backend], chunk_size or DEFAULT_CHUNK[backend]
 
 
 def _tile_forward(problem, branch, q, k, v, query_tile) -> tuple[Tensor, Tensor]:
@@ -85,7 +98,7 @@ def _tile_forward(problem, branch, q, k, v, query_tile) -> tuple[Tensor, Tensor]
     for piece in query_tile.pieces:
         part = problem.kernel.forward(
             q_tile, k[:, :, piece.keys], v[:, :, piece.keys], piece.kind,
-            _piece_mask(branch.mask, rows, piece), problem.scale,
+            piece_mask(branch.mask, rows, piece), problem.scale,
         )  # fmt: skip
         merged = part if merged is None else merge_partials(*merged, *part)
     return merged[0].to(q.dtype), merged[1]
@@ -108,34 +121,40 @@ class GatedBranchAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ck, cv, gates, problem):
-        tensors = (q, k, v, ck, cv)
         out = torch.zeros_like(q)
-        lse_cmp = None
-        for branch in _branches(problem):
-            keys, values = tensors[branch.keys], tensors[branch.keys + 1]
-            if branch.gate == 0:
-                lse_cmp = torch.full(
-                    q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device
-                )
-            for query_tile in plan_tiles(branch.mask, problem.tile, problem.kernel.fused):
-                rows = query_tile.queries
-                o_tile, lse_tile = _tile_forward(problem, branch, q, keys, values, query_tile)
-                out[:, :, rows].addcmul_(gates[branch.gate, :, :, rows], o_tile)
-                if branch.gate == 0:
-                    lse_cmp[:, :, rows] = lse_tile
-        selected = problem.select(q, lse_cmp)
+
+        def take_compressed(rows: slice, o_cmp: Tensor) -> None:
+            out[:, :, rows].addcmul_(gates[0, :, :, rows], o_cmp)
+
+        selected = problem.select(q, take_compressed)
+        window = _branches(problem)[-1]
+        for query_tile in plan_tiles(window.mask, problem.tile, problem.kernel.fused):
+            rows = query_tile.queries
+            o_tile, _ = _tile_forward(problem, window, q, k, v, query_tile)
+            out[:, :, rows].addcmul_(gates[2, :, :, rows], o_tile)
         plans = selection_plans(selected, problem.select_block, k.shape[2], problem.sides)
         o_slc, lse_slc = selection_forward(q, k, v, plans, problem.sides, problem.scale)
         out.addcmul_(gates[1], o_slc)
+        # Saved (not held on ctx) so that activation checkpointing and offload hooks see it;
+        # backward frees its storage once it has taken its row sums, before dq, dk, dv exist.
         ctx.save_for_backward(q, k, v, ck, cv, gates, o_slc, lse_slc)
-        ctx.problem, ctx.plans = problem, plans
+        ctx.problem, ctx.plans, ctx.selection_freed = problem, plans, False
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        if ctx.selection_freed:
+            raise LongctxError(
+                "NSA's fused attention frees its selection output during backward, so it cannot "
+                "be differentiated twice (retain_graph=True); recompute the forward instead"
+            )
         q, k, v, ck, cv, gates, o_slc, lse_slc = ctx.saved_tensors
         problem = ctx.problem
         acc = compute_dtype(q.dtype)
+        slc_sums = output_row_sums(dout, o_slc)  # [B, Hq, Tq]
+        o_slc.untyped_storage().resize_(0)  # freed now (FSDP's idiom): only its row sums are used
+        ctx.selection_freed = True
+        del o_slc
         tensors = (q, k, v, ck, cv)
         grads = [
             None if x is None else torch.zeros(x.shape, dtype=acc, device=x.device) for x in tensors
@@ -160,15 +179,16 @@ class GatedBranchAttention(torch.autograd.Function):
                     dq_p, dk_p, dv_p = problem.kernel.backward(
                         branch_dout, q_tile, keys[:, :, piece.keys], values[:, :, piece.keys],
                         o_tile, safe_lse, delta, piece.kind,
-                        _piece_mask(branch.mask, rows, piece), problem.scale,
+                        piece_mask(branch.mask, rows, piece), problem.scale,
                     )  # fmt: skip
                     grads[0][:, :, rows] += dq_p
                     dkeys[:, :, piece.keys] += dk_p
                     dvalues[:, :, piece.keys] += dv_p
-        dgates[1] = selection_backward(
-            dout, q, k, v, o_slc, lse_slc, ctx.plans, problem.sides, problem.scale,
+        dgates[1] = slc_sums[..., None]
+        selection_backward(
+            dout, q, k, v, slc_sums, lse_slc, ctx.plans, problem.sides, problem.scale,
             grads[:3], gate=gates[1],
-        )[..., None]  # fmt: skip
+        )  # fmt: skip
         dq, dk, dv, dck, dcv = (
             None if g is None else g.to(x.dtype) for g, x in zip(grads, tensors)
         )

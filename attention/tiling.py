@@ -136,7 +136,9 @@ def plan_tiles(mask: MaskSpec, tile: int, fused: bool) -> list[QueryTile]:
     return plan
 
 
-def _piece_mask(mask: MaskSpec, queries: slice, piece: Piece) -> Tensor | None:
+def piece_mask(mask: MaskSpec, queries: slice, piece: Piece) -> Tensor | None:
+    """The bool visibility [Bm, tq, tk] of a MASKED piece for the query tile ``queries`` (None
+    for FULL and causal pieces, which need no mask)."""
     if piece.kind is not PieceKind.MASKED:
         return None
     return mask.slice(queries, piece.keys).dense_mask()  # [Bm, tq, tk]
@@ -175,7 +177,7 @@ def tiled_forward(
     plan = plan_tiles(mask, tile, kernel.fused)
     if _covers_everything(plan, tq, k.shape[2]):
         piece = plan[0].pieces[0]
-        visible = _piece_mask(mask, slice(None), piece)
+        visible = piece_mask(mask, slice(None), piece)
         extra = _bias_args(bias, slice(None), slice(None))
         out, lse = kernel.forward(q, k, v, piece.kind, visible, scale, **extra)
         return out.to(q.dtype), lse.to(lse_dtype)
@@ -186,7 +188,7 @@ def tiled_forward(
         q_tile = q[:, :, rows]
         merged = None
         for piece in query_tile.pieces:
-            visible = _piece_mask(mask, rows, piece)
+            visible = piece_mask(mask, rows, piece)
             part = kernel.forward(
                 q_tile, k[:, :, piece.keys], v[:, :, piece.keys], piece.kind, visible, scale,
                 **_bias_args(bias, rows, piece.keys),
@@ -226,7 +228,7 @@ def tiled_backward(
     plan = plan_tiles(mask, tile, kernel.fused)
     if _covers_everything(plan, q.shape[2], k.shape[2]):
         piece = plan[0].pieces[0]
-        visible = _piece_mask(mask, slice(None), piece)
+        visible = piece_mask(mask, slice(None), piece)
         extra = _bias_args(bias, slice(None), slice(None))
         grads = kernel.backward(
             dout, q, k, v, out, safe_lse, delta, piece.kind, visible, scale, **extra
@@ -243,7 +245,7 @@ def tiled_backward(
         tile_out, tile_lse, tile_delta = out[:, :, rows], safe_lse[:, :, rows], delta[:, :, rows]
         for piece in query_tile.pieces:
             keys = piece.keys
-            visible = _piece_mask(mask, rows, piece)
+            visible = piece_mask(mask, rows, piece)
             grads = kernel.backward(
                 *tile_args, k[:, :, keys], v[:, :, keys], tile_out, tile_lse, tile_delta,
                 piece.kind, visible, scale, **_bias_args(bias, rows, keys),
@@ -274,5 +276,5 @@ def visible_key_counts(mask: MaskSpec, tile: int) -> Tensor:
                     1, queries.stop - queries.start + 1, device=counts.device
                 )
             else:
-                counts[:, queries] += _piece_mask(mask, queries, piece).sum(-1)
+                counts[:, queries] += piece_mask(mask, queries, piece).sum(-1)
     return counts

@@ -396,3 +396,76 @@ def test_nsa_refuses_a_model_sliding_window_instead_of_dropping_it():
     assert "\n" not in str(info.value)
     unwindowed = ["model.sliding_window=16", "model.max_window_layers=2"]  # 2 layers, none windowed
     assert load_recipe(tiny, ["attention.variant=nsa", *unwindowed]).attention.variant == "nsa"
+
+
+@pytest.mark.parametrize(
+    ("block", "stride", "length"), [(8, 4, 37), (8, 3, 40), (8, 12, 50), (5, 5, 23)]
+)
+def test_block_compressor_matches_the_per_block_formula(block, stride, length):
+    """phi through its segment GEMM against ``mean(X) + W_out silu(W_in flatten(X + P) + b_in)
+    + b_out`` block by block in float64, outputs and gradients, for strides that divide the
+    block, do not (gcd 1), and exceed it (gaps between blocks)."""
+    from longctx.attention.nsa import BlockCompressor
+
+    gen = torch.Generator().manual_seed(5)
+    compressor = BlockCompressor(block, stride, DIM, 0.3).double()
+    with torch.no_grad():
+        compressor.in_bias.normal_(generator=gen)
+        compressor.out_bias.normal_(generator=gen)
+    x = torch.randn(2, 3, length, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    fast = compressor(x)
+    blocks = [x_ref[:, :, i * stride : i * stride + block] for i in range(fast.shape[2])]
+    ref = torch.stack(
+        [
+            part.mean(2)
+            + F.linear(
+                F.silu(F.linear((part + compressor.position).flatten(-2), compressor.in_weight,
+                                compressor.in_bias)),
+                compressor.out_weight, compressor.out_bias,
+            )
+            for part in blocks
+        ],
+        dim=2,
+    )  # fmt: skip
+    assert fast.shape[2] == (length - block) // stride + 1
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    weight = torch.randn(fast.shape, generator=gen, dtype=torch.float64)
+    (fast * weight).sum().backward()
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_second_backward_through_the_fused_function_is_refused_clearly():
+    """The fused function frees the selection output during its backward: a second backward
+    (retain_graph=True) raises one clear error instead of using freed data."""
+    from longctx.errors import LongctxError
+
+    core = make_core()
+    q, k, v, hidden = inputs(length=40)
+    loss = core(q, k, v, context(hidden)).square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(LongctxError, match="retain_graph"):
+        loss.backward()
+
+
+def test_nsa_under_activation_checkpointing_matches_the_plain_run():
+    """Non-reentrant checkpointing (what ``model/wrappers.py`` uses) recomputes the fused
+    function's saved tensors, the selection output among them, which backward then frees:
+    outputs and gradients equal the plain run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    core = make_core()
+    results = []
+    for checkpointed in (False, True):
+        tensors = [t.detach().requires_grad_() for t in inputs(length=40)]
+        q, k, v, hidden = tensors
+        ctx = context(hidden)
+        if checkpointed:
+            out = checkpoint(core, q, k, v, ctx, use_reentrant=False)
+        else:
+            out = core(q, k, v, ctx)
+        out.square().sum().backward()
+        results.append([out.detach()] + [t.grad for t in tensors])
+    for plain, recomputed in zip(*results):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-6, atol=1e-6)
