@@ -151,14 +151,14 @@ def run_train(recipe: Path, workers: int, hz: float, resume: bool) -> list:
     """``longctx train`` in a subprocess while sampling; returns the samples."""
     command = [sys.executable, "-m", "longctx.launch", "train", str(recipe)]
     command += ["--workers", str(workers)] + (["--resume", "latest"] if resume else [])
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with RssSampler(process.pid, hz) as sampler:
-        _, stderr = process.communicate()
-    if process.returncode != 0:
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        raise RuntimeError(errors[-1] if errors else f"longctx train exited {process.returncode}")
+        output, _ = process.communicate()
+    if process.returncode != 0:  # the error: line (e.g. Ray's out-of-memory kill), shortened
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        raise RuntimeError(
+            errors[-1][:300] if errors else f"longctx train exited {process.returncode}"
+        )
     return sampler.samples
 
 
