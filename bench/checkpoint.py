@@ -2,8 +2,9 @@
 real ``longctx train`` path (Ray workers, DeepSpeed ZeRO-3 and ZeRO-2), against issue 18's
 targets.
 
-Run: ``python -m longctx.bench.checkpoint`` (ZeRO-3 and ZeRO-2 at 2 and 4 workers, ~8 minutes
-on an idle 2-core machine; 4 workers oversubscribe it) or ``--zero 3 --workers 2`` for one case.
+Run: ``python -m longctx.bench.checkpoint`` (ZeRO-3 and ZeRO-2 at 2 and 4 workers: 16 minutes
+on a shared, loaded 2-core machine, the ZeRO-3 half alone 5 on an idle one; 4 workers
+oversubscribe it) or ``--zero 3 --workers 2`` for one case.
 Prints a table and writes ``bench/results/checkpoint.json``.
 
 Model: the issue's (hidden 1024, 8 layers, 16 heads, MLP 2816, vocab 32000: 168M parameters),
