@@ -1,16 +1,19 @@
 """Per-rank memory of Hugging Face init, training steps, checkpoint save and restore, through the
-real ``longctx train`` path (Ray workers, DeepSpeed ZeRO-3), against issue 18's targets.
+real ``longctx train`` path (Ray workers, DeepSpeed ZeRO-3 and ZeRO-2), against issue 18's
+targets.
 
-Run: ``python -m longctx.bench.checkpoint`` (2 and 4 workers, ~5-10 minutes on a busy 2-core
-machine; 4 workers oversubscribe it) or ``--workers 2`` for one case. Prints a table and writes
-``bench/results/checkpoint.json``.
+Run: ``python -m longctx.bench.checkpoint`` (ZeRO-3 and ZeRO-2 at 2 and 4 workers: 16 minutes
+on a shared, loaded 2-core machine, the ZeRO-3 half alone 5 on an idle one; 4 workers
+oversubscribe it) or ``--zero 3 --workers 2`` for one case.
+Prints a table and writes ``bench/results/checkpoint.json``.
 
 Model: the issue's (hidden 1024, 8 layers, 16 heads, MLP 2816, vocab 32000: 168M parameters),
 random weights saved as a Hugging Face checkpoint in 100 MB safetensors shards with an index;
-the recipe starts from it (``model.init: hf:DIR``), fp32, ZeRO-3, 256-token sequences. Per
-worker count, two runs of ``python -m longctx.launch train``: the first trains ``--steps``
+the recipe starts from it (``model.init: hf:DIR``), fp32, 256-token sequences. Per ZeRO stage
+and worker count, two runs of ``python -m longctx.launch train``: the first trains ``--steps``
 steps and saves at the end; the second (``--resume latest``, one step more) restores, trains a
-step and saves again.
+step and saves again. ZeRO-2 runs ``--steps`` - 1 steps (at least one): its step peak is
+reached in the first step, and the runs are the bench's slowest.
 
 Sampling: every ``1 / --hz`` seconds (default 20 Hz) the resident set size (psutil) of every
 process under the ``longctx train`` process (Ray's raylet and workers are its descendants) is
@@ -19,8 +22,9 @@ spans with its pid to ``RUN/phases.jsonl`` (``trainer.metrics.timed_phase``), wh
 rank of a pid and the phases:
 
 - HF init: the peak during the rank's ``init`` span minus its RSS at the start of the span
-  (what building the model and loading its weights added); target <= this rank's partition
-  (4 bytes x params / W) + the largest tensor + 256 MiB;
+  (what building the model and loading its weights added); target under ZeRO-3 <= this rank's
+  partition (4 bytes x params / W) + the largest tensor + 256 MiB, under ZeRO-2 <= one fp32 copy
+  of the model (4 bytes x params) + the largest tensor + 256 MiB;
 - step peak: the peak between the end of ``init`` and the start of the first ``save`` (engine
   start, optimizer state, the training steps);
 - save / restore peak: the peak during each span; target <= step peak + full fp32 state / W
@@ -79,7 +83,7 @@ def write_hf_checkpoint(directory: Path, model: dict[str, Any]) -> ModelConfig:
     return config
 
 
-def recipe_dict(hf_dir: Path, run_dir: Path, steps: int) -> dict[str, Any]:
+def recipe_dict(hf_dir: Path, run_dir: Path, steps: int, zero_stage: int) -> dict[str, Any]:
     return {
         "name": "bench-checkpoint",
         "model": {"init": f"hf:{hf_dir}"},
@@ -95,7 +99,7 @@ def recipe_dict(hf_dir: Path, run_dir: Path, steps: int) -> dict[str, Any]:
             "micro_batch_size": 1,
             "grad_accum": 1,
             "warmup_steps": 1,
-            "zero_stage": 3,
+            "zero_stage": zero_stage,
             "dtype": "fp32",
             "log_every": 1,
             "eval_every": 0,
@@ -148,14 +152,14 @@ def run_train(recipe: Path, workers: int, hz: float, resume: bool) -> list:
     """``longctx train`` in a subprocess while sampling; returns the samples."""
     command = [sys.executable, "-m", "longctx.launch", "train", str(recipe)]
     command += ["--workers", str(workers)] + (["--resume", "latest"] if resume else [])
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with RssSampler(process.pid, hz) as sampler:
-        _, stderr = process.communicate()
-    if process.returncode != 0:
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        raise RuntimeError(errors[-1] if errors else f"longctx train exited {process.returncode}")
+        output, _ = process.communicate()
+    if process.returncode != 0:  # the error: line (e.g. Ray's out-of-memory kill), shortened
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        raise RuntimeError(
+            errors[-1][:300] if errors else f"longctx train exited {process.returncode}"
+        )
     return sampler.samples
 
 
@@ -204,15 +208,19 @@ def read_phases(run_dir: Path, since: float) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["start"] >= since]
 
 
-def bench_workers(workers: int, hf_dir: Path, config: ModelConfig, args, scratch: Path) -> dict:
-    """Both runs at ``workers`` workers; the per-rank numbers and targets."""
-    run_dir = scratch / f"run_{workers}w"
-    recipe = scratch / f"recipe_{workers}w.yaml"
-    recipe.write_text(yaml.safe_dump(recipe_dict(hf_dir, run_dir, args.steps)))
+def bench_workers(
+    zero: int, workers: int, hf_dir: Path, config: ModelConfig, args, scratch: Path
+) -> dict:
+    """Both runs at ZeRO stage ``zero`` on ``workers`` workers; the per-rank numbers and
+    targets."""
+    run_dir = scratch / f"run_z{zero}_{workers}w"
+    recipe = scratch / f"recipe_z{zero}_{workers}w.yaml"
+    steps = args.steps if zero == 3 else max(1, args.steps - 1)
+    recipe.write_text(yaml.safe_dump(recipe_dict(hf_dir, run_dir, steps, zero)))
     started = time.time()
     first = run_train(recipe, workers, args.hz, resume=False)
     init_run = analyse(read_phases(run_dir, started), first, first=True)
-    recipe.write_text(yaml.safe_dump(recipe_dict(hf_dir, run_dir, args.steps + 1)))
+    recipe.write_text(yaml.safe_dump(recipe_dict(hf_dir, run_dir, steps + 1, zero)))
     resumed_at = time.time()
     second = run_train(recipe, workers, args.hz, resume=True)
     resume_run = analyse(read_phases(run_dir, resumed_at), second, first=False)
@@ -234,21 +242,22 @@ def bench_workers(workers: int, hf_dir: Path, config: ModelConfig, args, scratch
                 "init_added_bytes": init["init_added_bytes"],
                 "init_seconds": init["init_seconds"],
                 "save_target_bytes": step + state_share + SLACK,
-                "init_target_bytes": params * 4 // workers + largest + SLACK,
+                "init_target_bytes": params * 4 // (workers if zero == 3 else 1) + largest + SLACK,
             }
         )
-    return {"workers": workers, "ranks": ranks}
+    return {"zero_stage": zero, "workers": workers, "steps": steps, "ranks": ranks}
 
 
 def print_table(results: list[dict]) -> None:
-    header = "W rank   step    save (target)   restore   init+ (target)   save s  restore s"
+    header = "ZeRO W rank   step    save (target)   restore   init+ (target)   save s  restore s"
     print(header)
     for case in results:
         if "error" in case:
-            print(f"{case['workers']} failed: {case['error']}")
+            print(f"{case['zero_stage']:>4} {case['workers']} failed: {case['error']}")
         for r in case.get("ranks", []):
             print(
-                f"{case['workers']} {r['rank']:>4} {r['step_peak_bytes'] / MiB:7.0f} "
+                f"{case['zero_stage']:>4} {case['workers']} {r['rank']:>4} "
+                f"{r['step_peak_bytes'] / MiB:7.0f} "
                 f"{r['save_peak_bytes'] / MiB:7.0f} ({r['save_target_bytes'] / MiB:5.0f}) "
                 f"{r['restore_peak_bytes'] / MiB:8.0f} {r['init_added_bytes'] / MiB:8.0f} "
                 f"({r['init_target_bytes'] / MiB:5.0f}) {r['save_seconds']:8.1f} "
@@ -258,6 +267,7 @@ def print_table(results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zero", type=int, nargs="+", choices=[2, 3], default=[3, 2])
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--hz", type=float, default=20.0)
@@ -273,17 +283,19 @@ def main(argv: list[str] | None = None) -> dict:
         scratch = Path(tmp)
         config = write_hf_checkpoint(scratch / "hf", model)
         results = []
-        for workers in args.workers:
-            try:
-                results.append(bench_workers(workers, scratch / "hf", config, args, scratch))
-            except RuntimeError as error:  # e.g. out of memory on a shared machine: say so
-                print(f"W={workers}: {error}", file=sys.stderr)
-                results.append({"workers": workers, "error": str(error)})
+        for zero in args.zero:
+            for workers in args.workers:
+                try:
+                    results.append(
+                        bench_workers(zero, workers, scratch / "hf", config, args, scratch)
+                    )
+                except RuntimeError as error:  # e.g. out of memory on a shared machine: say so
+                    print(f"ZeRO-{zero}, W={workers}: {error}", file=sys.stderr)
+                    results.append({"zero_stage": zero, "workers": workers, "error": str(error)})
     report = {
         "model": model,
         "parameters": config.num_parameters(),
         "full_fp32_state_bytes": config.num_parameters() * FULL_STATE_BYTES,
-        "zero_stage": 3,
         "steps": args.steps,
         "sample_hz": args.hz,
         "results": results,

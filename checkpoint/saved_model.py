@@ -32,6 +32,7 @@ from longctx.checkpoint.store import (
     TOKENIZER_FILE,
     latest_checkpoint,
     load_model_weights,
+    load_partitioned_weights,
     verify_checkpoint,
 )
 from longctx.config.recipe import Recipe, parse_recipe, read_recipe_file
@@ -44,7 +45,11 @@ from longctx.model.hf_io import (
     write_hf_config,
     write_weight_shards,
 )
-from longctx.parallel.zero_init import build_partitioned_hf
+from longctx.parallel.zero_init import (
+    build_partitioned,
+    build_partitioned_hf,
+    build_partitioned_scratch,
+)
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
@@ -124,8 +129,10 @@ def build_model(
 
     - ``weights`` (a longctx checkpoint directory): built on the meta device (no random init of
       weights about to be replaced), given empty CPU storage in ``dtype``, then filled
-      tensor by tensor from the checkpoint's shards (``load_model_weights``). The recipe's
-      settings apply around them (e.g. a new stage's YaRN ``rope_scaling``).
+      tensor by tensor from the checkpoint's shards (``load_model_weights``); with ``zero3``
+      built under ``deepspeed.zero.Init`` and each rank reads only its partitions from the
+      shards (``load_partitioned_weights``). The recipe's settings apply around them (e.g. a
+      new stage's YaRN ``rope_scaling``).
     - else ``model.init: hf:PATH``: that Hugging Face checkpoint's weights. With ``zero3`` (the
       DeepSpeed config of a ZeRO-3 run; every rank calls this) the model is built under
       ``deepspeed.zero.Init`` and each rank reads only its partition of every tensor
@@ -133,8 +140,14 @@ def build_model(
       ``dtype`` and fills it one checkpoint tensor at a time. Either way under the recipe's
       resolved ``ModelConfig`` (the checkpoint's shape plus the recipe's RoPE).
     - else (``init: scratch``) a randomly initialised model: seed torch first for a
-      reproducible one.
+      reproducible one. With ``zero3`` it is built partitioned and each rank computes its
+      partitions of the same values (``parallel.zero_init.build_partitioned_scratch``), so the
+      model does not depend on the number of ranks.
     """
+    if weights is not None and zero3 is not None:
+        model = build_partitioned(recipe.model, recipe.positional, recipe.attention, zero3)
+        load_partitioned_weights(model, weights)
+        return model
     if weights is not None:
         model = empty_model(recipe.model, recipe.positional, recipe.attention, dtype)
         load_model_weights(model, weights)
@@ -154,6 +167,8 @@ def build_model(
             config=recipe.model,
         )
         return model
+    if zero3 is not None:
+        return build_partitioned_scratch(recipe.model, recipe.positional, recipe.attention, zero3)
     model = Transformer(recipe.model, recipe.positional, recipe.attention)
     return model if dtype == torch.float32 else model.to(dtype)
 

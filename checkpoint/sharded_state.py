@@ -30,7 +30,8 @@ fragment when larger) beyond the training state, and a restore one fragment slic
 full model.
 
 Everything is safetensors or JSON: loading never unpickles. ``iter_model_tensors`` yields the
-full fp32 tensors one at a time (evaluation, export).
+full fp32 tensors one at a time (evaluation, export); ``fill_partitions`` reads only a ZeRO-3
+rank's partitions into a model built under ``zero.Init`` (a new stage's weights).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from longctx.checkpoint.full_state import (
     unique_parameters,
 )
 from longctx.errors import LongctxError
+from longctx.parallel.zero_init import PartitionedLoad, local_partition, partition_bytes
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -227,7 +229,7 @@ def write_shards(
             copies = {f"{key}.{name}": _cpu_copy(view) for key, view in piece.views.items()}
             bad = bad or _first_non_finite(name, copies)
             placed[name] = (writer.add(copies), piece.start, piece.length)
-    entries = _state_entries(decoder)
+    entries = state_entries(decoder)
     if rank == 0:
         for name, (kind, tensor) in entries.items():
             if kind == "buffer":
@@ -248,7 +250,7 @@ def write_shards(
     return files, first_bad
 
 
-def _state_entries(decoder: torch.nn.Module) -> dict[str, tuple[str, Any]]:
+def state_entries(decoder: torch.nn.Module) -> dict[str, tuple[str, Any]]:
     """Each ``state_dict`` name of the decoder, in order, as ``(kind, what)``: ``("param",
     parameter)``, ``("alias", first name)`` for a tied parameter's second name, ``("buffer",
     tensor)``."""
@@ -391,6 +393,8 @@ class _FragmentReader:
     def __init__(self, directory: Path, index: dict[str, Any]):
         self.directory, self.index = directory, index
         self.handles: dict[str, Any] = {}
+        self.bytes_read = 0  # what the slices read from disk, in all
+        self.largest_read = 0  # the largest single slice
 
     def _part(self, file: str) -> Any:
         if file not in self.handles:
@@ -406,6 +410,9 @@ class _FragmentReader:
             if low < high:
                 piece = self._part(file).get_slice(f"{key}.{name}")[low - first : high - first]
                 out[low - start : high - start].copy_(piece)
+                read = piece.numel() * piece.element_size()
+                self.bytes_read += read
+                self.largest_read = max(self.largest_read, read)
 
     def full(self, name: str, key: str = "param") -> Tensor:
         """Tensor ``name`` (a parameter or buffer, or with ``key`` a moment of a parameter)
@@ -452,24 +459,8 @@ def restore_shards(
     checked checkpoint, reading on each rank only the ranges its layout holds. Refuses (one
     line) a checkpoint whose tensor names or shapes differ from this model's."""
     decoder = decoder_of(engine)
-    entries = _state_entries(decoder)
-    saved = index["tensors"]
-    if set(saved) != set(entries):
-        differing = sorted(set(saved) ^ set(entries))
-        raise LongctxError(
-            f"checkpoint {where} holds {len(saved)} tensors named differently from this model "
-            f"({len(differing)} differ, e.g. {differing[0]}); resume with the recipe the "
-            "checkpoint was trained with"
-        )
-    for name, (kind, what) in entries.items():
-        if kind == "alias":
-            continue
-        shape = global_shape(what) if kind == "param" else list(what.shape)
-        if saved[name].get("shape") != shape:
-            raise LongctxError(
-                f"checkpoint {where} holds {name} of shape {saved[name].get('shape')}, this "
-                f"model's is {shape}; resume with the recipe the checkpoint was trained with"
-            )
+    entries = state_entries(decoder)
+    check_names_and_shapes(entries, index, where, "resume")
     moments = step > 0 and bool(index.get("moments"))
     optimizer = base_optimizer(engine)
     if moments:
@@ -484,7 +475,55 @@ def restore_shards(
                     with torch.no_grad():
                         reader.read_into(key, name, piece.start, view)
     copy_masters_to_model(engine)
+    _copy_buffers(reader, entries)
+
+
+def _copy_buffers(reader: _FragmentReader, entries: dict[str, tuple[str, Any]]) -> None:
     with torch.no_grad():
         for name, (kind, tensor) in entries.items():
             if kind == "buffer":
                 tensor.copy_(reader.full(name))
+
+
+def check_names_and_shapes(
+    entries: dict[str, tuple[str, Any]], index: dict[str, Any], where: Path, verb: str
+) -> None:
+    """Refuse (one line) a checkpoint whose tensor names or global shapes differ from the
+    model's ``state_entries``; ``verb`` (``resume``, ``load it``) starts the fix."""
+    saved = index["tensors"]
+    if set(saved) != set(entries):
+        differing = sorted(set(saved) ^ set(entries))
+        raise LongctxError(
+            f"checkpoint {where} holds {len(saved)} tensors named differently from this model "
+            f"({len(differing)} differ, e.g. {differing[0]}); {verb} with the recipe the "
+            "checkpoint was trained with"
+        )
+    for name, (kind, what) in entries.items():
+        if kind == "alias":
+            continue
+        shape = global_shape(what) if kind == "param" else list(what.shape)
+        if saved[name].get("shape") != shape:
+            raise LongctxError(
+                f"checkpoint {where} holds {name} of shape {saved[name].get('shape')}, this "
+                f"model's is {shape}; {verb} with the recipe the checkpoint was trained with"
+            )
+
+
+def fill_partitions(
+    model: torch.nn.Module, directory: Path, index: dict[str, Any]
+) -> PartitionedLoad:
+    """Fill a ZeRO-3 ``model`` built under ``zero.Init`` (``parallel.zero_init.build_partitioned``)
+    with a checked checkpoint's fp32 weights, each rank reading only the flat range of each
+    parameter its partition holds (``local_partition``) from the fragments that overlap it, and
+    the (small) buffers whole. Refuses (one line) other tensor names or shapes. Returns what
+    was read: at most the rank's partitions in fp32, the largest read one fragment's slice."""
+    entries = state_entries(model)
+    check_names_and_shapes(entries, index, directory, "load it")
+    reader = _FragmentReader(directory, index)
+    with torch.no_grad():
+        for name, param in unique_parameters(model):
+            start, local = local_partition(param)  # [count] of this rank's partition
+            if local.numel() > 0:
+                reader.read_into("param", name, start, local)
+    _copy_buffers(reader, entries)
+    return PartitionedLoad(reader.bytes_read, partition_bytes(model), reader.largest_read)

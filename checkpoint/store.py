@@ -60,14 +60,18 @@ from longctx.checkpoint.full_state import (
 )
 from longctx.checkpoint.sharded_state import (
     INDEX_FILE,
+    check_names_and_shapes,
     check_shards,
+    fill_partitions,
     iter_model_tensors,
     new_checkpoint_id,
     read_index,
     restore_shards,
+    state_entries,
     write_shards,
 )
 from longctx.errors import LongctxError
+from longctx.parallel.zero_init import PartitionedLoad
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -584,27 +588,23 @@ def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Copy a verified checkpoint's weights into ``model`` (a ``Transformer`` of its shape, any
     dtype) one tensor at a time: at most one full fp32 tensor is held beside the model. Refuses
-    a checkpoint whose tensor names differ from the model's (one line)."""
+    a checkpoint whose tensor names or shapes differ from the model's (one line)."""
     directory = Path(path)
     verify_checkpoint(directory)
+    check_names_and_shapes(state_entries(model), read_index(directory), directory, "load it")
     state = model.state_dict()
-    saved = read_index(directory)["tensors"]
-    if set(saved) != set(state):
-        differing = sorted(set(saved) ^ set(state))
-        raise LongctxError(
-            f"checkpoint {directory} holds {len(saved)} tensors named differently from this "
-            f"model ({len(differing)} differ, e.g. {differing[0]}); load it with the recipe it "
-            "was trained with"
-        )
     with torch.no_grad():
         for name, tensor in iter_model_tensors(directory):
-            if state[name].shape != tensor.shape:
-                raise LongctxError(
-                    f"checkpoint {directory} holds {name} of shape {list(tensor.shape)}, the "
-                    f"model's is {list(state[name].shape)}; load it with the recipe it was "
-                    "trained with"
-                )
             state[name].copy_(tensor)
+
+
+def load_partitioned_weights(model: torch.nn.Module, path: str | Path) -> PartitionedLoad:
+    """Fill a ZeRO-3 ``model`` built under ``zero.Init`` with a verified checkpoint's weights,
+    each rank reading only its partitions (``sharded_state.fill_partitions``; collective in
+    that every rank calls it, but no communication). Returns what this rank read."""
+    directory = Path(path)
+    verify_checkpoint(directory)
+    return fill_partitions(model, directory, read_index(directory))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

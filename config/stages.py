@@ -16,8 +16,8 @@ global (stage ``i`` covers steps ``start_step + 1 .. end_step``), so TensorBoard
 checkpoint names and ``--resume`` all speak of one run.
 
 Boundaries. The last step of every stage is checkpointed. The next stage builds its model under
-its own settings, loads the previous stage's final full weights
-(``checkpoint.load_model_state_dict``) and trains them with a *fresh* optimizer and a fresh
+its own settings, loads the previous stage's final weights (``checkpoint.saved_model.
+build_model``: one tensor at a time, under ZeRO-3 only each rank's partitions) and trains them with a *fresh* optimizer and a fresh
 warmup + cosine LR schedule over its own steps: the Adam moments and LR schedule of a stage at
 another length and scaling are not carried over (the extension recipes restart them). Its data loaders start from the beginning of the stage's data.
 

@@ -221,10 +221,11 @@ def phase_peaks(recipe: Recipe, layout: ParallelConfig) -> PhasePeaks:
     weight_b = _STATE_BYTES[trainer.dtype][0]
     largest = largest_parameter_numel(recipe.model)
     world = layout.world
-    if not recipe.model.init.startswith("hf:"):
+    from_hf = recipe.model.init.startswith("hf:")
+    if trainer.zero_stage == 3:  # partitions only, plus the one tensor being read or computed
+        init = params * weight_b // world + largest * (weight_b if from_hf else FP32_BYTES)
+    elif not from_hf:
         init = params * FP32_BYTES + largest * weight_b
-    elif trainer.zero_stage == 3:
-        init = params * weight_b // world + largest * weight_b
     else:
         init = params * weight_b + largest * FP32_BYTES
     step = estimate_memory(recipe, layout).total

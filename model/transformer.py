@@ -23,6 +23,8 @@ what it saves for backward in CPU memory.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +195,8 @@ class Transformer(nn.Module):
         attention: AttentionConfig | None = None,
     ):
         super().__init__()
+        # one draw from torch's global generator: the seed of every parameter's own generator
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.config = config
         self.positional = positional or PositionalConfig()
         self.attention = attention or AttentionConfig()
@@ -212,21 +216,48 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Weights ~ N(0, initializer_range), biases 0, norm gains 1 (the Llama recipe).
+        """Weights ~ N(0, initializer_range), biases 0, norm gains 1 (the Llama recipe), each
+        parameter drawn from its own generator (``initial_values``). A tied embedding is drawn
+        once, under its first name.
 
-        A tied embedding is drawn once as the Embedding and once more as ``lm_head``; both draws
-        have the same law, so the result is simply one N(0, initializer_range) matrix.
+        A parameter with no local values (``numel() == 0``: partitioned by ZeRO-3's
+        ``zero.Init``) is skipped; ``parallel.zero_init`` fills its partitions from the same
+        ``initial_values``, so the model does not depend on the number of ranks.
         """
+        for _, param, initial in self.initial_values():
+            if param.numel() > 0:
+                param.copy_(initial(tuple(param.shape)))
+
+    def initial_values(self) -> list[tuple[str, nn.Parameter, Callable[[tuple[int, ...]], Tensor]]]:
+        """``(name, parameter, initial)`` for each parameter the Llama init sets (the weights
+        and biases of every ``Linear``, ``Embedding`` weights, ``RMSNorm`` gains), once per
+        distinct parameter under its first name; ``initial(shape)`` returns its full initial
+        value (float32, CPU, ``shape`` = the parameter's global shape).
+
+        Each random value comes from a generator seeded with ``(init_seed, name)`` alone, so a
+        rank that needs only a slice of a parameter computes the value a single-process model
+        has, whatever else it builds and in whatever order. Other parameters (position
+        encoding or variant tables) keep their modules' own init."""
         std = self.config.initializer_range
-        for module in self.modules():
+        seen: set[int] = set()
+        out = []
+        for prefix, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
+                rules = [("weight", "normal"), ("bias", "zero")]
             elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std)
+                rules = [("weight", "normal")]
             elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+                rules = [("weight", "one")]
+            else:
+                continue
+            for attr, rule in rules:
+                param = getattr(module, attr)
+                if param is None or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = f"{prefix}.{attr}" if prefix else attr
+                out.append((name, param, _initial(rule, std, self.init_seed, name)))
+        return out
 
     def num_parameters(self) -> int:
         """Number of distinct scalar parameters (a tied embedding counts once)."""
@@ -291,6 +322,22 @@ class Transformer(nn.Module):
             rope_seq_len=rope_seq_len,
         )
         return self.lm_head(hidden)  # [B, T, V]
+
+
+def _initial(rule: str, std: float, seed: int, name: str) -> Callable[[tuple[int, ...]], Tensor]:
+    """The function returning parameter ``name``'s full initial value for ``rule``: ``normal``
+    (N(0, std) from a generator seeded by ``seed`` and ``name``), ``zero`` or ``one``."""
+
+    def initial(shape: tuple[int, ...]) -> Tensor:
+        if rule == "zero":
+            return torch.zeros(shape)
+        if rule == "one":
+            return torch.ones(shape)
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+    return initial
 
 
 def _check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:

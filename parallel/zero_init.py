@@ -1,16 +1,25 @@
-"""A ZeRO-3 model initialised from a Hugging Face checkpoint, each rank holding only its share.
+"""A ZeRO-3 model whose parameters are only ever initialised partition by partition: from a
+Hugging Face checkpoint, or from scratch with the single-process model's values.
 
-``build_partitioned_hf`` builds the ``Transformer`` under ``deepspeed.zero.Init``: every module's
+``build_partitioned`` builds the ``Transformer`` under ``deepspeed.zero.Init``: every module's
 parameters are partitioned over the ranks as soon as the module is constructed, so at most one
-module's freshly initialised parameters exist in full at a time. Then every parameter's local
-partition is filled straight from the safetensors shards: ZeRO-3 keeps rank ``r``'s partition as
-the flat elements ``[r x n, (r + 1) x n)`` of the parameter (``n = ceil(numel / W)``, the last
-partition zero-padded), and ``safe_open(...).get_slice(name)[first:last]`` reads only the rows
-``[first, last)`` of a ``[R, C...]`` tensor that cover them. A rank therefore reads its partition
-plus at most two partial rows per tensor from disk and never holds a full parameter (the whole
-model never exists on any rank). Parameters the checkpoint lacks (new position-encoding or
-variant tables, ``hf_io.new_parameter_names``) are gathered one module at a time and set by the
-module's ``init_new_parameters()``, exactly as ``load_hf`` does.
+module's freshly initialised parameters exist in full at a time. ZeRO-3 keeps rank ``r``'s
+partition as the flat elements ``[r x n, (r + 1) x n)`` of the parameter (``n = ceil(numel /
+W)``, the last partition zero-padded); ``local_partition`` names that range and its storage, and
+the fillers write it:
+
+- ``build_partitioned_hf`` reads it straight from the safetensors shards:
+  ``safe_open(...).get_slice(name)[first:last]`` reads only the rows ``[first, last)`` of a
+  ``[R, C...]`` tensor that cover it. A rank therefore reads its partition plus at most two
+  partial rows per tensor from disk and never holds a full parameter (the whole model never
+  exists on any rank). Parameters the checkpoint lacks (new position-encoding or variant tables,
+  ``hf_io.new_parameter_names``) are gathered one module at a time and set by the module's
+  ``init_new_parameters()``, exactly as ``load_hf`` does.
+- ``build_partitioned_scratch`` computes each parameter's initial value one tensor at a time
+  (``Transformer.initial_values``: a generator per parameter name) and keeps its partition, so
+  the partitions hold exactly the single-process model's values, for any number of ranks.
+- ``checkpoint.sharded_state.fill_partitions`` reads them from a longctx checkpoint's shards
+  (a new stage starting from the previous stage's weights).
 
 The result is what ``deepspeed.initialize`` expects from a model built under ``zero.Init``; the
 optimizer's fp32 master partitions are made from these partitions when the engine starts.
@@ -79,6 +88,55 @@ def read_flat_range(handle: Any, name: str, start: int, count: int) -> tuple[Ten
     return rows[offset : offset + count], rows.numel() * rows.element_size()
 
 
+def build_partitioned(
+    config: ModelConfig,
+    positional: PositionalConfig | None,
+    attention: AttentionConfig | None,
+    ds_config: dict[str, Any],
+) -> Transformer:
+    """The decoder of ``config`` built under ``deepspeed.zero.Init`` over the default process
+    group (``torch.distributed`` must be initialised; every rank calls this): its parameters
+    are partitioned, their values not yet set (a filler writes ``local_partition``).
+    ``ds_config`` is the run's DeepSpeed config (its ``bf16`` section sets the partitions'
+    dtype)."""
+    deepspeed = import_deepspeed()
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = Transformer(config, positional, attention)
+    if model.rotary is not None:  # float32 tables built outside zero.Init's dtype cast
+        model.rotary = RotaryEmbedding.from_config(config)
+    return model
+
+
+def local_partition(param: nn.Parameter) -> tuple[int, Tensor]:
+    """``(start, values)``: this rank's ZeRO-3 partition of ``param`` as the flat elements
+    ``[start, start + values.numel())`` of the full parameter, ``values`` a writable 1-D view
+    of ``param.ds_tensor`` without its zero padding (empty for the padded tail)."""
+    group = param.ds_process_group
+    start, count = partition_range(param.ds_numel, dist.get_rank(group), dist.get_world_size(group))
+    return start, param.ds_tensor.narrow(0, 0, count)  # [count]
+
+
+def build_partitioned_scratch(
+    config: ModelConfig,
+    positional: PositionalConfig | None,
+    attention: AttentionConfig | None,
+    ds_config: dict[str, Any],
+) -> Transformer:
+    """The randomly initialised decoder of ``config`` under ZeRO-3 (every rank calls this, with
+    torch's global generator seeded alike), each partition holding the values the
+    single-process ``Transformer(config, ...)`` would have after the same seeding: each
+    parameter's full initial value (``Transformer.initial_values``) is computed, its partition
+    kept and the tensor dropped, so a rank holds its partitions plus one tensor."""
+    model = build_partitioned(config, positional, attention, ds_config)
+    with torch.no_grad():
+        for _, param, initial in model.initial_values():
+            start, local = local_partition(param)
+            if local.numel() > 0:
+                full = initial(tuple(param.ds_shape)).view(-1)  # [numel], one tensor at a time
+                local.copy_(full[start : start + local.numel()])
+    return model
+
+
 def build_partitioned_hf(
     directory: str | Path,
     config: ModelConfig,
@@ -87,16 +145,11 @@ def build_partitioned_hf(
     ds_config: dict[str, Any],
 ) -> tuple[Transformer, PartitionedLoad]:
     """The decoder of ``config`` with the Hugging Face checkpoint ``directory``'s weights,
-    partitioned under ZeRO-3 over the default process group (``torch.distributed`` must be
-    initialised; every rank calls this). ``ds_config`` is the run's DeepSpeed config (its
-    ``bf16`` section sets the partitions' dtype). Names and shapes are checked as ``load_hf``
-    checks them (``LongctxError`` naming the tensor)."""
+    partitioned under ZeRO-3 (``build_partitioned``; every rank calls this). Names and shapes
+    are checked as ``load_hf`` checks them (``LongctxError`` naming the tensor)."""
     deepspeed = import_deepspeed()
     directory = Path(directory)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = Transformer(config, positional, attention)
-    if model.rotary is not None:  # float32 tables built outside zero.Init's dtype cast
-        model.rotary = RotaryEmbedding.from_config(config)
+    model = build_partitioned(config, positional, attention, ds_config)
     for module in modules_with_new_parameters(model):
         own = list(module.parameters(recurse=False))
         with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
@@ -118,21 +171,21 @@ def build_partitioned_hf(
                     read = _load_partition(handle, file, name, params[name])
                     bytes_read += read
                     largest = max(largest, read)
-    partition_bytes = sum(
-        p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters()
-    )
-    return model, PartitionedLoad(bytes_read, partition_bytes, largest)
+    return model, PartitionedLoad(bytes_read, partition_bytes(model), largest)
+
+
+def partition_bytes(model: nn.Module) -> int:
+    """Bytes of parameter storage this rank holds of a ZeRO-3 ``model`` (its partitions)."""
+    return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
 
 
 def _load_partition(handle: Any, file: Path, name: str, param: nn.Parameter) -> int:
     """Copy this rank's partition of tensor ``name`` into ``param.ds_tensor``; returns the
     bytes read from disk."""
     check_tensor_shape(file, name, tuple(handle.get_slice(name).get_shape()), tuple(param.ds_shape))
-    group = param.ds_process_group
-    start, count = partition_range(param.ds_numel, dist.get_rank(group), dist.get_world_size(group))
-    local = param.ds_tensor  # [ceil(numel / W)], this rank's flat partition
-    if count == 0:
+    start, local = local_partition(param)  # [count], this rank's flat partition
+    if local.numel() == 0:
         return 0
-    values, bytes_read = read_flat_range(handle, name, start, count)
-    local.narrow(0, 0, count).copy_(values)
+    values, bytes_read = read_flat_range(handle, name, start, local.numel())
+    local.copy_(values)
     return bytes_read

@@ -250,6 +250,12 @@ def test_checkpoint_rows_compare_each_phase_with_its_bound(tmp_path):
     _write(tmp_path, "checkpoint", failed)
     row = _row(collect_rows(tmp_path), "checkpoint", "ZeRO-3, W=4: did not complete")
     assert row.values == "error: out of memory" and row.met is None
+    zero2 = {**CHECKPOINT, "results": [{**CHECKPOINT["results"][0], "zero_stage": 2}]}
+    _write(tmp_path, "checkpoint", zero2)
+    rows = collect_rows(tmp_path)
+    save = _row(rows, "checkpoint", "peak RSS during save, ZeRO-2, W=2, rank 0")
+    assert save.ratio == pytest.approx(1700 / 1856) and save.met is True
+    assert "fp32 model + largest tensor" in _row(rows, "checkpoint", "RSS added by HF init").values
 
 
 def test_data_rows_judge_the_differences_between_the_corpora(tmp_path):

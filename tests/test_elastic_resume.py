@@ -1,13 +1,18 @@
-"""Elastic resume: a checkpoint written at dp 2 x ring 1 under ZeRO-2 continues at dp 1 x ring 2
-under ZeRO-0, and at dp 2 under ZeRO-3, with the loss of the uninterrupted run and the same
-data position.
+"""Elastic resume: a checkpoint written at dp 2 x ring 1 under ZeRO-2 on 2 ranks continues on
+other layouts with the loss of the uninterrupted run and the same data position:
+
+- 2 ranks: dp 1 x ring 2 under ZeRO-0, and dp 2 under ZeRO-3 (ZeRO 2 -> 3);
+- 1 rank (W 2 -> 1): dp 1 under ZeRO-2, two micro-batches accumulated;
+- 4 ranks (W 2 -> 4, oversubscribed): dp 2 x ring 2 under ZeRO-2 (the flat partitions cut
+  over 4 ranks instead of 2);
+- ring -> Ulysses: the ring run's own checkpoint continues at dp 1 x ulysses 2.
 
 Reference: the uninterrupted dp 2 x ring 1 ZeRO-2 run. Each data-parallel rank reads one row per
 micro-batch, so the uninterrupted step consumes rows ``2s`` and ``2s + 1`` of the epoch's
-permutation and averages their per-row mean losses. The ring run has one data-parallel group
-that accumulates two micro-batches of one row each: the same rows, the same average, computed
-over a sequence split between two ranks. The checkpoint stores the full fp32 weights and AdamW
-moments (per-rank shards, resharded on load), so the continuation starts from exactly the saved state;
+permutation and averages their per-row mean losses. A dp 1 run accumulates two micro-batches of
+one row each: the same rows, the same average (computed over a sequence split between two ranks
+under sequence parallelism). The checkpoint stores the full fp32 weights and AdamW moments
+(per-rank shards, resharded on load), so the continuation starts from exactly the saved state;
 summation orders differ between layouts, hence the fp32 tolerance 1e-5 on the losses.
 """
 
@@ -25,28 +30,68 @@ from longctx.data import PackedLoader, build_datasets, load_tokenizer
 from longctx.errors import LongctxError
 
 HALF = 3  # steps before the checkpoint the elastic runs start from
+END = 3 * HALF  # every run's last step: the cosine LR schedule spans the same steps in all
 LOSS_RTOL = 1e-5
 RANKS_TIMEOUT_S = 1800  # generous: a loaded machine may first rebuild DeepSpeed's comm op
 
 
+def _recipe(root: Path, corpus: Path, tokenizer: Path, name: str, **fields):
+    """The tiny recipe under ``root / name`` (END steps, a checkpoint every HALF); ``fields`` may
+    set ``ring`` / ``ulysses`` and trainer fields."""
+    layout = {key: fields.pop(key) for key in ("ring", "ulysses") if key in fields}
+    trainer = {"steps": END, "ckpt_every": HALF, "eval_every": 0, "micro_batch_size": 1}
+    recipe = tiny_recipe(corpus, tokenizer, root / name, **{**trainer, "keep_last": 3, **fields})
+    return recipe.model_copy(update={"parallel": recipe.parallel.model_copy(update=layout)})
+
+
+def _checkpoint(root: Path, name: str, step: int) -> str:
+    return str(root / name / "checkpoints" / f"step_{step:06d}")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
+    """On 2 ranks: the uninterrupted run, then the runs resumed from its step HALF on other
+    2-rank layouts, and the ring run's step 2 x HALF resumed under Ulysses."""
     root = tmp_path_factory.mktemp("elastic")
     corpus, tokenizer = make_data(root / "data")
-
-    def recipe(name: str, **trainer):
-        fields = {"steps": 2 * HALF, "ckpt_every": HALF, "eval_every": 0, "micro_batch_size": 1}
-        return tiny_recipe(corpus, tokenizer, root / name, **{**fields, **trainer})
-
-    straight = recipe("straight", zero_stage=2, grad_accum=1)
-    ring = recipe("ring", zero_stage=0, grad_accum=2)
-    ring = ring.model_copy(update={"parallel": ring.parallel.model_copy(update={"ring": 2})})
-    zero3 = recipe("zero3", zero_stage=3, grad_accum=1)
-    checkpoint = str(root / "straight" / "checkpoints" / f"step_{HALF:06d}")
-    jobs = [job(straight), job(ring, resume=checkpoint), job(zero3, resume=checkpoint)]
+    straight = _recipe(root, corpus, tokenizer, "straight", zero_stage=2, grad_accum=1)
+    ring = _recipe(root, corpus, tokenizer, "ring", zero_stage=0, grad_accum=2, ring=2)
+    zero3 = _recipe(root, corpus, tokenizer, "zero3", zero_stage=3, grad_accum=1)
+    ulysses = _recipe(root, corpus, tokenizer, "ulysses", zero_stage=0, grad_accum=2, ulysses=2)
+    checkpoint = _checkpoint(root, "straight", HALF)
+    jobs = [
+        job(straight),
+        job(ring, resume=checkpoint),
+        job(zero3, resume=checkpoint),
+        job(ulysses, resume=_checkpoint(root, "ring", 2 * HALF)),
+    ]
     with deepspeed_environment():
         results = run_on_ranks(rank_train, 2, jobs, timeout=RANKS_TIMEOUT_S)
-    return {"root": root, "results": results[0], "checkpoint": Path(checkpoint)}
+    return {
+        "root": root,
+        "corpus": corpus,
+        "tokenizer": tokenizer,
+        "results": results[0],
+        "checkpoint": Path(checkpoint),
+    }
+
+
+@pytest.fixture(scope="module")
+def resized(runs) -> dict:
+    """The uninterrupted run's step HALF resumed on 1 rank (dp 1, ZeRO-2) and on 4 ranks
+    (dp 2 x ring 2, ZeRO-2); per name, rank 0's result."""
+    root, corpus, tokenizer = runs["root"], runs["corpus"], runs["tokenizer"]
+    one = _recipe(root, corpus, tokenizer, "world1", zero_stage=2, grad_accum=2)
+    four = _recipe(root, corpus, tokenizer, "world4", zero_stage=2, grad_accum=1, ring=2)
+    checkpoint = str(runs["checkpoint"])
+    results = {}
+    with deepspeed_environment():
+        for name, recipe, world in (("world1", one, 1), ("world4", four, 4)):
+            ranks = run_on_ranks(
+                rank_train, world, [job(recipe, resume=checkpoint)], timeout=RANKS_TIMEOUT_S
+            )
+            results[name] = ranks[0][0]
+    return results
 
 
 def _losses(result: dict) -> dict[int, float]:
@@ -62,15 +107,42 @@ def _manifest(root: Path, name: str, step: int) -> dict:
     )
 
 
+def _assert_continues(straight: dict, elastic: dict, first: int, last: int, name: str) -> None:
+    assert sorted(elastic) == list(range(first, last + 1)), name  # started at the checkpoint
+    for step, loss in elastic.items():
+        assert loss == pytest.approx(straight[step], rel=LOSS_RTOL), (name, step)
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 @pytest.mark.parametrize("index, name", [(1, "ring"), (2, "zero3")])
 def test_elastic_run_continues_with_the_uninterrupted_losses(runs, index, name):
     straight = _losses(runs["results"][0])
-    elastic = _losses(runs["results"][index])
-    assert sorted(elastic) == list(range(HALF + 1, 2 * HALF + 1)), name  # started at step N
-    for step, loss in elastic.items():
-        assert loss == pytest.approx(straight[step], rel=LOSS_RTOL), (name, step)
+    _assert_continues(straight, _losses(runs["results"][index]), HALF + 1, END, name)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_ring_checkpoint_continues_under_ulysses(runs):
+    """Ring -> Ulysses: the ring run's own checkpoint (step 2 x HALF, itself resumed from the
+    ZeRO-2 run) continues at dp 1 x ulysses 2 with the uninterrupted run's losses."""
+    straight = _losses(runs["results"][0])
+    _assert_continues(straight, _losses(runs["results"][3]), 2 * HALF + 1, END, "ulysses")
+    manifest = _manifest(runs["root"], "ulysses", END)
+    assert manifest["sequence_parallel"] == {"ulysses": 2, "ring": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.parametrize("name, world", [("world1", 1), ("world4", 4)])
+def test_resized_world_continues_with_the_uninterrupted_losses(runs, resized, name, world):
+    """W 2 -> 1 and W 2 -> 4: the ZeRO-2 partitions of 2 ranks are re-cut for 1 and 4."""
+    straight = _losses(runs["results"][0])
+    _assert_continues(straight, _losses(resized[name]), HALF + 1, END, name)
+    manifest = _manifest(runs["root"], name, END)
+    assert manifest["world_size"] == world
+    reference = _manifest(runs["root"], "straight", END)
+    assert manifest["tokens_seen"] == reference["tokens_seen"]
 
 
 @pytest.mark.slow

@@ -227,8 +227,9 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     seed_everything(cfg.seed)
     # A new stage: the previous stage's final weights under this stage's settings (RoPE
     # scaling, layout), with the fresh optimizer and LR schedule build_engine makes.
-    # Under ZeRO-3 a model from Hugging Face weights is built partitioned (each rank reads only
-    # its share); otherwise one copy in the training dtype, which DeepSpeed then shards.
+    # Under ZeRO-3 the model is built partitioned whatever its weights (scratch, Hugging Face,
+    # the previous stage): each rank computes or reads only its share. Otherwise one copy in
+    # the training dtype, which DeepSpeed then shards.
     model = timed_phase("init", run_dir)(build_model)(
         stage_recipe,
         weights=checkpoint if point.new_stage else None,
