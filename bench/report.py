@@ -671,12 +671,14 @@ SECTIONS: dict[str, Callable] = {
     "memory": memory_rows,
     "memory_longest": memory_longest_rows,
     "checkpoint": checkpoint_rows,
+    "checkpoint_zero2": checkpoint_rows,
     "gpu": gpu_rows,
     "data": data_rows,
 }
 OPTIONAL = (
     "memory_longest",
     "peer_long",
+    "checkpoint_zero2",
     "gpu",
 )  # written only by flags or scripts that make bench skips
 
