@@ -155,6 +155,15 @@ def unique_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Param
     return [(names[id(p)], p) for _, p in module.named_parameters() if p.requires_grad]
 
 
+def saved_names(module: torch.nn.Module) -> set[str]:
+    """The ``state_dict`` names a checkpoint of ``module`` holds: all of them when every
+    parameter trains; only the trained parameters' (``unique_parameters``) when some are
+    frozen (adapters): the frozen base is named by the manifest's base reference, not copied."""
+    if all(param.requires_grad for param in module.parameters()):
+        return set(module.state_dict().keys())
+    return {name for name, _ in unique_parameters(module)}
+
+
 def optimizer_step_count(engine: DeepSpeedEngine) -> int:
     """AdamW's step count (the same for every parameter), 0 before the first applied step."""
     for state in base_optimizer(engine).state.values():
@@ -191,7 +200,10 @@ def capture_full_state(engine: DeepSpeedEngine) -> FullState | None:
     if rank != 0:
         return None
     model = {}
+    saved = saved_names(_decoder(engine))
     for name, tensor in _decoder(engine).state_dict(keep_vars=True).items():
+        if name not in saved:
+            continue
         value = full.get(id(tensor), tensor)
         model[name] = value.detach().float().cpu().clone().contiguous()
     cpu_moments = {
@@ -274,7 +286,7 @@ def restore_full_state(
     model = read_model_tensors(directory)
     flat = load_file(str(directory / OPTIMIZER_FILE))
     decoder = _decoder(engine)
-    expected = set(decoder.state_dict().keys())
+    expected = saved_names(decoder)
     if set(model) != expected:
         differing = sorted(set(model) ^ expected)
         raise LongctxError(

@@ -18,6 +18,12 @@ from typing import Any
 
 import torch
 
+from longctx.checkpoint.adapter_base import (
+    BASE_KEY,
+    base_checkpoint_of,
+    base_reference,
+    check_adapter_base,
+)
 from longctx.checkpoint.store import (
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
@@ -25,12 +31,14 @@ from longctx.checkpoint.store import (
     TOKENIZER_FILE,
     latest_checkpoint,
     load_model_state_dict,
+    read_manifest,
     verify_checkpoint,
 )
 from longctx.config.recipe import Recipe, parse_recipe, read_recipe_file
 from longctx.data import Tokenizer, load_tokenizer
 from longctx.errors import LongctxError
 from longctx.model import Transformer, empty_model, load_hf, save_hf
+from longctx.model.adapters import attach_adapters, merge_adapters, peft_adapter_files
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -74,16 +82,22 @@ def find_checkpoint(run_or_checkpoint: str | Path) -> Path:
     return latest
 
 
+def saved_recipe(directory: Path) -> Recipe:
+    """The recipe a checkpoint was trained with (its ``recipe.yaml``). The resolved recipe
+    already holds the full model shape; the hf: weights it started from are not needed (and may
+    have moved: an adapter checkpoint's base is named by its manifest), so it is read as a
+    model of that shape."""
+    raw = read_recipe_file(directory / RECIPE_FILE)
+    if isinstance(raw.get("model"), dict):
+        raw["model"]["init"] = "scratch"
+    return parse_recipe(raw, source=str(directory / RECIPE_FILE))
+
+
 def open_checkpoint(run_or_checkpoint: str | Path) -> SavedCheckpoint:
     """Find and sha256-verify the checkpoint, and read its recipe and tokenizer."""
     directory = find_checkpoint(run_or_checkpoint)
     manifest = verify_checkpoint(directory)
-    raw = read_recipe_file(directory / RECIPE_FILE)
-    # The resolved recipe already holds the full model shape; the hf: weights it started from
-    # are not needed (and may have moved), so it is read as a model of that shape.
-    if isinstance(raw.get("model"), dict):
-        raw["model"]["init"] = "scratch"
-    recipe = parse_recipe(raw, source=str(directory / RECIPE_FILE))
+    recipe = saved_recipe(directory)
     tokenizer_path = directory / TOKENIZER_FILE
     if tokenizer_path.is_file():
         tokenizer = load_tokenizer(str(tokenizer_path))
@@ -106,12 +120,16 @@ def build_model(
     - ``weights`` (a longctx checkpoint directory): built on the meta device (no random init of
       weights about to be replaced), given empty CPU storage in ``dtype``, then filled
       completely by a strict ``load_state_dict`` of the checkpoint's full weights. The recipe's
-      settings apply around them (e.g. a new stage's YaRN ``rope_scaling``).
+      settings apply around them (e.g. a new stage's YaRN ``rope_scaling``). An adapter
+      checkpoint gives its base (checked against its reference) with the adapters merged in
+      (``load_adapted_model``).
     - else ``model.init: hf:PATH``: that Hugging Face checkpoint's weights (``load_hf``), under
       the recipe's resolved ``ModelConfig`` (the checkpoint's shape plus the recipe's RoPE).
     - else (``init: scratch``) a randomly initialised model: seed torch first for a
       reproducible one.
     """
+    if weights is not None and BASE_KEY in read_manifest(weights):
+        return load_adapted_model(recipe, Path(weights), dtype)
     if weights is not None:
         model = empty_model(recipe.model, recipe.positional, recipe.attention, dtype)
         model.load_state_dict(load_model_state_dict(Path(weights)), strict=True)
@@ -127,6 +145,51 @@ def build_model(
         return model
     model = Transformer(recipe.model, recipe.positional, recipe.attention)
     return model if dtype == torch.float32 else model.to(dtype)
+
+
+def build_base_model(
+    recipe: Recipe, reference: dict, checkpoint: Path, dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """The frozen base an adapter ``checkpoint`` names (``reference``: its manifest's
+    ``adapter_base``), under ``recipe``'s settings, after checking that it is the same base: an
+    ``hf:`` directory, a checkpoint of the run (itself possibly adapters, merged), or the
+    recipe's seeded random initialisation."""
+    base_dir = base_checkpoint_of(reference, checkpoint)
+    source = str(reference["source"])
+    at_hand = recipe
+    if source.startswith("hf:"):
+        at_hand = recipe.model_copy(
+            update={"model": recipe.model.model_copy(update={"init": source})}
+        )
+    check_adapter_base(reference, base_reference(at_hand, base_dir), checkpoint)
+    if base_dir is not None or source.startswith("hf:"):
+        return build_model(at_hand, weights=base_dir, dtype=dtype)
+    with torch.random.fork_rng():  # the worker's seeding before it built the model
+        torch.manual_seed(recipe.trainer.seed)
+        return build_model(at_hand, dtype=dtype)
+
+
+def load_adapted_model(
+    recipe: Recipe, checkpoint: Path, dtype: torch.dtype = torch.float32, *, merge: bool = True
+) -> Transformer:
+    """The base of an adapter checkpoint with the checkpoint's adapters and trained extras
+    loaded (``merge``: folded into the base weights, plain names; else still peft layers)."""
+    saved = saved_recipe(checkpoint)
+    reference = read_manifest(checkpoint)[BASE_KEY]
+    model = build_base_model(recipe, reference, checkpoint, dtype)
+    with torch.random.fork_rng():
+        attach_adapters(model, saved.adapters)
+    tensors = load_model_state_dict(checkpoint)
+    result = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = trained - set(tensors)
+    if result.unexpected_keys or missing:
+        odd = sorted(result.unexpected_keys) or sorted(missing)
+        raise LongctxError(
+            f"adapter checkpoint {checkpoint} does not fit its recipe's peft section ({odd[0]} "
+            "differs); load it with the recipe it was trained with"
+        )
+    return merge_adapters(model) if merge else model
 
 
 def load_trained_model(saved: SavedCheckpoint, dtype: torch.dtype = torch.float32) -> Transformer:
@@ -155,4 +218,29 @@ def export_hf(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "fp32
     model = load_trained_model(saved, EXPORT_DTYPES[dtype])
     save_hf(model, saved.recipe.model, out)
     saved.tokenizer.export_files(out)  # tokenizer.model, or tokenizer.json + its config
+    return out
+
+
+def export_peft(run_or_checkpoint: str | Path, out: str | Path) -> Path:
+    """Write an adapter checkpoint's adapters (and LongLoRA's trained embedding and norms) in
+    peft's format into ``out`` (new or empty): ``PeftModel.from_pretrained`` loads it onto the
+    Hugging Face base model (the ``hf:`` directory the run started from, or a full checkpoint
+    of the run exported with ``--hf``)."""
+    out = Path(out).expanduser()
+    _refuse_non_empty(out)
+    saved = open_checkpoint(run_or_checkpoint)
+    reference = saved.manifest.get(BASE_KEY)
+    if reference is None or saved.recipe.adapters is None:
+        raise LongctxError(
+            f"checkpoint {saved.directory} holds full weights, not adapters; export it with "
+            "--hf OUT"
+        )
+    base = str(reference["source"])
+    peft_adapter_files(
+        out,
+        saved.recipe.adapters,
+        load_model_state_dict(saved.directory),
+        base_model=base.removeprefix("hf:") if base.startswith("hf:") else None,
+        tied_embeddings=saved.recipe.model.tie_word_embeddings,
+    )
     return out

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longctx.checkpoint.adapter_base import BASE_KEY, base_reference, check_adapter_base
 from longctx.checkpoint.run_dir import (
     TENSORBOARD_DIR,
     check_vocabulary,
@@ -44,7 +45,10 @@ from longctx.checkpoint.store import TOKENIZER_FILE, load_checkpoint, read_manif
 from longctx.config.recipe import Recipe
 from longctx.config.stages import Stage, plan_stages
 from longctx.data import PackedLoader, Tokenizer, build_datasets, resolve_tokenizer
+from longctx.errors import LongctxError
 from longctx.eval.report import TrainingEvaluator, perplexity_documents, plan_from_recipe
+from longctx.model import Transformer
+from longctx.model.adapters import attach_adapters
 from longctx.parallel.accelerator import select_device
 from longctx.parallel.apply import apply_transforms
 from longctx.parallel.mesh import build_mesh
@@ -55,7 +59,13 @@ from longctx.trainer.job import TrainJob
 from longctx.trainer.loop import TrainState, train_loop
 from longctx.trainer.metrics import MetricsWriter, ProgressDisplay
 from longctx.trainer.plans import batch_transform_for, transform_plan
-from longctx.trainer.stages import check_stage_record, resume_point, write_stage_record
+from longctx.trainer.stages import (
+    ResumePoint,
+    check_stage_record,
+    resume_point,
+    stage_start_checkpoint,
+    write_stage_record,
+)
 
 Report = Callable[[dict, "str | None"], None]
 
@@ -160,6 +170,41 @@ def _untrained_summary(stage: Stage, checkpoint: Path) -> dict[str, Any]:
     }
 
 
+def check_adapter_resume(stages: list[Stage], point: ResumePoint, run_dir: Path) -> None:
+    """Refuse (one line) to resume an adapter checkpoint exactly onto another base than the one
+    it was trained on (the driver runs it before Ray starts, each rank again)."""
+    if not point.resumes_exactly or point.stage.recipe.adapters is None:
+        return
+    saved = read_manifest(point.checkpoint).get(BASE_KEY)
+    if saved is None:
+        raise LongctxError(
+            f"checkpoint {point.checkpoint} holds full weights but {point.stage.label()} trains "
+            "adapters (peft); resume it with the recipe it was trained with"
+        )
+    base = stage_start_checkpoint(stages, point.stage, run_dir)
+    check_adapter_base(saved, base_reference(point.stage.recipe, base), point.checkpoint)
+
+
+def build_stage_model(stages: list[Stage], point: ResumePoint, run_dir: Path) -> Transformer:
+    """The decoder ``point.stage`` trains, before any transform (seed torch first).
+
+    Full fine-tuning: the recipe's ``model.init``, or at a new stage the previous stage's final
+    weights under this stage's settings (RoPE scaling, layout); an exact resume then overwrites
+    every weight. Adapters (``peft``): the stage's frozen base (the recipe's ``model.init`` for
+    the first stage, else the previous stage's final weights, merged when they were adapters)
+    with fresh LoRA layers; the worker's ``load_checkpoint`` fills them on an exact resume. The
+    base's reference goes into every checkpoint's manifest (``decoder.adapter_base``).
+    """
+    stage_recipe = point.stage.recipe
+    if stage_recipe.adapters is None:
+        return build_model(stage_recipe, weights=point.checkpoint if point.new_stage else None)
+    base = stage_start_checkpoint(stages, point.stage, run_dir)
+    model = build_model(stage_recipe, weights=base)
+    attach_adapters(model, stage_recipe.adapters)
+    model.adapter_base = base_reference(stage_recipe, base)
+    return model
+
+
 def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     recipe, run_dir = job.recipe, Path(job.run_dir)
@@ -174,6 +219,7 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     # The checkpoint is checked against the recipe of the stage that wrote it (its layout).
     checkpoint = validate_run(point.checkpoint_stage.recipe, run_dir, resume, launch_id=launch_id)
     check_stage_record(stages, run_dir, point)
+    check_adapter_resume(stages, point, run_dir)
     last_stage = job.last_stage
     if checkpoint is not None and last_stage is not None and stage.index > last_stage:
         return _untrained_summary(stage, checkpoint)
@@ -195,9 +241,7 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
         eval_loader = PackedLoader(splits.eval, cfg.micro_batch_size, dp_rank, dp)
 
     seed_everything(cfg.seed)
-    # A new stage: the previous stage's final weights under this stage's settings (RoPE
-    # scaling, layout), with the fresh optimizer and LR schedule build_engine makes.
-    model = build_model(stage_recipe, weights=checkpoint if point.new_stage else None)
+    model = build_stage_model(stages, point, run_dir)
     apply_transforms(model, transform_plan(cfg, mesh))  # the one place the model changes
     engine = build_engine(model, cfg, sp_group=None if mesh is None else mesh.sp_group)
     long_eval = None

@@ -1,0 +1,283 @@
+"""LoRA / LongLoRA adapters through peft: the recipe section, the adapted model against a dense
+reference, and real 2-rank DeepSpeed runs (ring 2 under ZeRO-3, Ulysses 2 under ZeRO-2) that
+checkpoint only what trains, resume bit for bit, resume elastically, and export both ways with
+transformers / peft logits equal to longctx's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from harness import run_on_ranks
+from trainer_helpers import deepspeed_environment, job, make_data, rank_train, tiny_recipe
+
+from longctx.config.recipe import Recipe
+from longctx.errors import LongctxError
+from longctx.launch.cli import main
+from longctx.model import Transformer, save_hf
+from longctx.model.adapters import AdapterConfig, attach_adapters, merge_adapters
+
+LONGLORA = {"rank": 4, "alpha": 8.0, "trainable": ["embed", "norm"]}
+
+
+def _recipe(**sections) -> Recipe:
+    base = {
+        "model": {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64},
+        "data": {"tokenizer": {"vocab_size": 320}},
+    }
+    return Recipe.model_validate({**base, **sections})
+
+
+@pytest.mark.parametrize(
+    ("peft", "words"),
+    [
+        ({"target_modules": ["q_proj", "query_key_value"]}, "'query_key_value'"),
+        ({"rank": 0}, "peft.rank"),
+        ({"rank": -2}, "peft.rank"),
+        ({"trainable": ["embed", "bias"]}, "peft.trainable"),
+    ],
+)
+def test_bad_peft_sections_are_refused_in_one_line(tmp_path, capsys, peft, words):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(json.dumps({"peft": peft}))
+    assert main(["train", str(recipe), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and words in err
+
+
+def test_target_modules_default_to_the_attention_projections_and_exist():
+    recipe = _recipe(peft={})
+    assert recipe.adapters.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert _recipe(peft={"enabled": False}).adapters is None
+    mlp = _recipe(peft={"target_modules": ["gate_proj", "down_proj"]})
+    assert mlp.adapters.target_modules == ["gate_proj", "down_proj"]
+
+
+def test_a_stage_may_switch_adapters_on_and_off():
+    recipe = _recipe(
+        stages=[{"name": "full"}, {"name": "lora", "peft": {"rank": 2}}, {"peft": {"enabled": 0}}]
+    )
+    from longctx.config.stages import plan_stages
+
+    stages = plan_stages(recipe)
+    assert [s.recipe.adapters for s in stages][0::2] == [None, None]
+    assert stages[1].recipe.adapters.rank == 2
+
+
+def test_adapted_model_equals_dense_lora_reference_and_merges_exactly():
+    """The adapted forward is W x + (alpha / r) B A x per targeted projection (float64 dense
+    reference with the same random A, B); merging gives the same function with plain names."""
+    recipe = _recipe()
+    torch.manual_seed(0)
+    model = Transformer(recipe.model, recipe.positional, recipe.attention).double()
+    reference = Transformer(recipe.model, recipe.positional, recipe.attention).double()
+    reference.load_state_dict(model.state_dict())
+    cfg = AdapterConfig(rank=3, alpha=5.0, trainable=["norm"])
+    attach_adapters(model, cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # B starts at zero; make the update visible
+        for layer, ref_layer in zip(model.layers, reference.layers):
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                adapted = getattr(layer.self_attn, proj)
+                delta = adapted.lora_B["default"].weight @ adapted.lora_A["default"].weight
+                getattr(ref_layer.self_attn, proj).weight += cfg.alpha / cfg.rank * delta
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "norm" in n for n in trained)
+    assert not any("embed" in n or "mlp" in n for n in trained)
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        expected = reference(ids)
+        torch.testing.assert_close(model(ids), expected, rtol=1e-10, atol=1e-10)
+        merge_adapters(model)
+        torch.testing.assert_close(model(ids), expected, rtol=1e-10, atol=1e-10)
+    assert set(model.state_dict()) == set(reference.state_dict())
+
+
+# ----------------------------------------------------------------- real runs (2 gloo ranks)
+
+STEPS, HALF = 4, 2
+
+
+class Preempted(Exception):
+    pass
+
+
+def _stop_after_checkpoint(metrics: dict, checkpoint: str | None) -> None:
+    if checkpoint is not None:
+        raise Preempted(str(metrics["step"]))
+
+
+def _rank_preempted(rank: int, world: int, one_job: dict) -> int:
+    from longctx.trainer.worker import train_worker
+
+    with pytest.raises(Preempted) as stop:
+        train_worker(one_job, _stop_after_checkpoint)
+    return int(str(stop.value))
+
+
+def _adapter_recipe(root: Path, name: str, base: Path, **trainer) -> Recipe:
+    corpus, tokenizer = root / "data" / "corpus.txt", root / "data" / "tokenizer_320.model"
+    raw = tiny_recipe(corpus, tokenizer, root / name, steps=STEPS, **trainer).model_dump(
+        mode="json"
+    )
+    raw["model"] = {"init": f"hf:{base}", "max_position_embeddings": 128}
+    raw["peft"] = LONGLORA
+    return Recipe.model_validate(raw)
+
+
+def _layout(recipe: Recipe, **parallel) -> Recipe:
+    return recipe.model_copy(update={"parallel": recipe.parallel.model_copy(update=parallel)})
+
+
+@pytest.fixture(scope="module")
+def adapter_runs(tmp_path_factory) -> dict:
+    """Base HF model (tied embeddings); LongLoRA runs of 4 steps: uninterrupted (ring 2,
+    ZeRO-3), stopped after step 2 and resumed exactly, and resumed elastically from the same
+    step-2 checkpoint under Ulysses 2 and ZeRO-2."""
+    root = tmp_path_factory.mktemp("peft")
+    corpus, tokenizer = make_data(root / "data")
+    base_recipe = tiny_recipe(corpus, tokenizer, root / "unused")
+    torch.manual_seed(11)
+    config = base_recipe.model.model_copy(update={"tie_word_embeddings": True})
+    save_hf(Transformer(config), config, root / "base")
+    ring = dict(ring=2, dp=1)
+    whole = _layout(
+        _adapter_recipe(root, "whole", root / "base", zero_stage=3, ckpt_every=HALF), **ring
+    )
+    split = _layout(
+        _adapter_recipe(root, "split", root / "base", zero_stage=3, ckpt_every=HALF), **ring
+    )
+    with deepspeed_environment():
+        results = run_on_ranks(rank_train, 2, [job(whole)])
+        stopped = run_on_ranks(_rank_preempted, 2, job(split))
+        resumed = run_on_ranks(rank_train, 2, [job(split, resume="latest")])
+    return {
+        "root": root,
+        "whole": whole,
+        "split": split,
+        "results": results[0][0],
+        "stopped": stopped,
+        "resumed": resumed[0][0],
+    }
+
+
+def _tensors(checkpoint: Path, file: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / file))
+
+
+def _final(run: Recipe) -> Path:
+    return Path(run.trainer.run_dir) / "checkpoints" / f"step_{STEPS:06d}"
+
+
+@pytest.mark.slow
+def test_longlora_run_lowers_the_loss_and_saves_only_what_trains(adapter_runs):
+    reports = [m for m, _ in adapter_runs["results"]["reports"] if "loss" in m]
+    assert reports[-1]["loss"] < reports[0]["loss"]
+    final = _final(adapter_runs["whole"])
+    model = _tensors(final, "model.safetensors")
+    assert model and all("lora_" in n or "norm" in n or n == "embed_tokens.weight" for n in model)
+    assert not any("base_layer" in n or "mlp" in n for n in model)
+    moments = _tensors(final, "optimizer.safetensors")
+    assert set(moments) == {f"{m}.{n}" for m in ("exp_avg", "exp_avg_sq") for n in model}
+    manifest = json.loads((final / "manifest.json").read_text())
+    base = adapter_runs["root"] / "base"
+    assert manifest["adapter_base"]["source"] == f"hf:{base.resolve()}"
+    assert len(manifest["adapter_base"]["sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_adapter_resume_is_bit_exact(adapter_runs):
+    assert adapter_runs["stopped"] == [HALF, HALF]
+    whole = _tensors(_final(adapter_runs["whole"]), "model.safetensors")
+    resumed = _tensors(_final(adapter_runs["split"]), "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+@pytest.mark.slow
+def test_adapter_checkpoint_resumes_elastically_under_ulysses_and_zero2(adapter_runs, tmp_path):
+    """The step-2 checkpoint of the ring 2 / ZeRO-3 run continues under Ulysses 2 / ZeRO-2 with
+    the uninterrupted run's losses (fp32, 1e-5)."""
+    import shutil
+
+    source = Path(adapter_runs["split"].trainer.run_dir)
+    run_dir = tmp_path / "elastic"
+    shutil.copytree(source, run_dir)
+    (run_dir / "checkpoints" / f"step_{STEPS:06d}").exists() and shutil.rmtree(
+        run_dir / "checkpoints" / f"step_{STEPS:06d}"
+    )
+    recipe = adapter_runs["split"].model_copy(deep=True)
+    recipe.trainer.run_dir = str(run_dir)
+    recipe.trainer.zero_stage = 2
+    recipe = _layout(recipe, ring=1, ulysses=2, dp=1)
+    step_two = run_dir / "checkpoints" / f"step_{HALF:06d}"
+    with deepspeed_environment():
+        result = run_on_ranks(rank_train, 2, [job(recipe, resume=str(step_two))])[0][0]
+    elastic = {m["step"]: m["loss"] for m, _ in result["reports"] if "loss" in m}
+    whole = {m["step"]: m["loss"] for m, _ in adapter_runs["results"]["reports"] if "loss" in m}
+    assert sorted(elastic) == list(range(HALF + 1, STEPS + 1))
+    for step, loss in elastic.items():
+        assert loss == pytest.approx(whole[step], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_exports_merged_hf_and_peft_adapter_with_equal_logits(adapter_runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
+
+    final = _final(adapter_runs["whole"])
+    assert main(["export", str(final), "--hf", str(tmp_path / "hf")]) == 0
+    assert main(["export", str(final), "--peft", str(tmp_path / "adapter")]) == 0
+    ours = load_trained_model(open_checkpoint(final))
+    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ours(ids)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(adapter_runs["root"] / "base").eval()
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        torch.testing.assert_close(adapted(ids).logits, expected, rtol=0, atol=1e-4)
+        assert not torch.allclose(base.get_base_model()(ids).logits, expected, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_resuming_adapters_onto_a_different_base_is_refused(adapter_runs, tmp_path, capsys):
+    """A different base under the same path (same shape, other weights): exit 2, one line
+    naming the checkpoint and both bases, nothing written."""
+    import shutil
+
+    root = adapter_runs["root"]
+    other = tmp_path / "base"
+    shutil.copytree(root / "base", other)
+    torch.manual_seed(99)
+    config = adapter_runs["whole"].model.model_copy(update={"init": "scratch"})
+    (other / "model.safetensors").unlink()
+    (other / "config.json").unlink()
+    save_hf(Transformer(config), config, other)
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(adapter_runs["split"].trainer.run_dir), run_dir)
+    recipe = tmp_path / "recipe.yaml"
+    raw = adapter_runs["split"].model_dump(mode="json")
+    raw["model"] = {"init": f"hf:{other}", "max_position_embeddings": 128}
+    raw["trainer"]["run_dir"] = str(run_dir)
+    recipe.write_text(json.dumps(raw))
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert main(["train", str(recipe), "--resume", "latest", "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "adapters trained on base" in err and str(other) in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    with pytest.raises(LongctxError, match="adapters trained on base"):
+        from longctx.checkpoint.saved_model import build_base_model
+
+        manifest = json.loads((_final(adapter_runs["whole"]) / "manifest.json").read_text())
+        moved = dict(manifest["adapter_base"], source=f"hf:{other}")
+        build_base_model(adapter_runs["whole"], moved, _final(adapter_runs["whole"]))
