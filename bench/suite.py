@@ -36,6 +36,7 @@ BENCHES = (
     "attention",
     "sparse_nsa_mosa",
     "train_overhead",
+    "peft",
     "positional",
 )
 NOTE = (
