@@ -153,9 +153,9 @@ def adapter_runs(tmp_path_factory) -> dict:
         _adapter_recipe(root, "split", root / "base", zero_stage=3, ckpt_every=HALF), **ring
     )
     with deepspeed_environment():
-        results = run_on_ranks(rank_train, 2, [job(whole)])
-        stopped = run_on_ranks(_rank_preempted, 2, job(split))
-        resumed = run_on_ranks(rank_train, 2, [job(split, resume="latest")])
+        results = run_on_ranks(rank_train, 2, [job(whole)], timeout=900)
+        stopped = run_on_ranks(_rank_preempted, 2, job(split), timeout=900)
+        resumed = run_on_ranks(rank_train, 2, [job(split, resume="latest")], timeout=900)
     return {
         "root": root,
         "whole": whole,
@@ -219,7 +219,7 @@ def test_adapter_checkpoint_resumes_elastically_under_ulysses_and_zero2(adapter_
     recipe = _layout(recipe, ring=1, ulysses=2, dp=1)
     step_two = run_dir / "checkpoints" / f"step_{HALF:06d}"
     with deepspeed_environment():
-        result = run_on_ranks(rank_train, 2, [job(recipe, resume=str(step_two))])[0][0]
+        result = run_on_ranks(rank_train, 2, [job(recipe, resume=str(step_two))], timeout=900)[0][0]
     elastic = {m["step"]: m["loss"] for m, _ in result["reports"] if "loss" in m}
     whole = {m["step"]: m["loss"] for m, _ in adapter_runs["results"]["reports"] if "loss" in m}
     assert sorted(elastic) == list(range(HALF + 1, STEPS + 1))
@@ -281,3 +281,56 @@ def test_resuming_adapters_onto_a_different_base_is_refused(adapter_runs, tmp_pa
         manifest = json.loads((_final(adapter_runs["whole"]) / "manifest.json").read_text())
         moved = dict(manifest["adapter_base"], source=f"hf:{other}")
         build_base_model(adapter_runs["whole"], moved, _final(adapter_runs["whole"]))
+
+
+@pytest.mark.slow
+def test_adapter_stage_after_a_full_stage_and_a_full_stage_after_it(tmp_path):
+    """full (steps 1-2) -> LoRA on its final weights (3-4) -> full from the merged weights (5),
+    keep_last 2: step 3 is pruned, step 2 stays (the kept step-4 adapters name it as their
+    base); the merged step-4 model is W + (alpha / r) B A of stage 1's final weights."""
+    from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
+    from longctx.checkpoint.store import load_model_state_dict
+
+    corpus, tokenizer = make_data(tmp_path / "data")
+    raw = tiny_recipe(
+        corpus, tokenizer, tmp_path / "run", steps=2, ckpt_every=1, keep_last=2, zero_stage=1
+    ).model_dump(mode="json")
+    lora = {"rank": 4, "alpha": 8.0, "trainable": ["norm"]}
+    raw["stages"] = [
+        {"name": "full"},
+        {"name": "lora", "peft": lora},
+        {"name": "full-again", "peft": {"enabled": False}, "trainer": {"steps": 1}},
+    ]
+    recipe = Recipe.model_validate(raw)
+    with deepspeed_environment():
+        results = run_on_ranks(
+            rank_train,
+            2,
+            [job(recipe), job(recipe, "latest"), job(recipe, "latest")],
+            timeout=900,
+        )
+    assert [r["summary"]["step"] for r in results[0]] == [2, 4, 5]
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == [
+        "step_000002",
+        "step_000004",
+        "step_000005",
+    ]
+    manifest = json.loads((root / "step_000004" / "manifest.json").read_text())
+    assert manifest["adapter_base"]["source"] == "checkpoint:step_000002"
+    assert "adapter_base" not in json.loads((root / "step_000005" / "manifest.json").read_text())
+    base = load_model_state_dict(root / "step_000002")
+    adapters = load_model_state_dict(root / "step_000004")
+    merged = load_trained_model(open_checkpoint(root / "step_000004")).state_dict()
+    prefix = "layers.1.self_attn.v_proj"
+    delta = (
+        adapters[f"{prefix}.lora_B.default.weight"] @ adapters[f"{prefix}.lora_A.default.weight"]
+    )
+    expected = base[f"{prefix}.weight"] + lora["alpha"] / lora["rank"] * delta
+    torch.testing.assert_close(merged[f"{prefix}.weight"], expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(
+        merged["layers.0.input_layernorm.weight"], adapters["layers.0.input_layernorm.weight"]
+    )
+    assert torch.equal(merged["layers.0.mlp.up_proj.weight"], base["layers.0.mlp.up_proj.weight"])
+    full = load_model_state_dict(root / "step_000005")
+    assert "layers.0.self_attn.q_proj.weight" in full and not any("lora" in k for k in full)

@@ -172,10 +172,18 @@ def _untrained_summary(stage: Stage, checkpoint: Path) -> dict[str, Any]:
 
 def check_adapter_resume(stages: list[Stage], point: ResumePoint, run_dir: Path) -> None:
     """Refuse (one line) to resume an adapter checkpoint exactly onto another base than the one
-    it was trained on (the driver runs it before Ray starts, each rank again)."""
-    if not point.resumes_exactly or point.stage.recipe.adapters is None:
+    it was trained on, or with adapters switched on or off (the driver runs it before Ray
+    starts, each rank again)."""
+    if not point.resumes_exactly:
         return
     saved = read_manifest(point.checkpoint).get(BASE_KEY)
+    if point.stage.recipe.adapters is None:
+        if saved is not None:
+            raise LongctxError(
+                f"checkpoint {point.checkpoint} holds adapters (peft) but {point.stage.label()} "
+                "trains every weight; resume it with the recipe's peft section as it was"
+            )
+        return
     if saved is None:
         raise LongctxError(
             f"checkpoint {point.checkpoint} holds full weights but {point.stage.label()} trains "
