@@ -201,4 +201,7 @@ def peft_adapter_files(
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     tensors = {_peft_key(name): t.contiguous() for name, t in trained.items()}
+    embedding = trained.get("embed_tokens.weight")
+    if tied_embeddings and embedding is not None:  # peft wraps the tied head as well
+        tensors[_peft_key("lm_head.weight")] = embedding.clone().contiguous()
     save_file(tensors, str(out / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})

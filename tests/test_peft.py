@@ -98,6 +98,39 @@ def test_adapted_model_equals_dense_lora_reference_and_merges_exactly():
     assert set(model.state_dict()) == set(reference.state_dict())
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_peft_format_adapter_loads_onto_the_hf_base_with_equal_logits(tmp_path, tied):
+    """LongLoRA tensors (random B, changed embedding and norms) written by
+    ``peft_adapter_files`` and loaded by ``PeftModel.from_pretrained`` onto the base saved for
+    transformers give the adapted longctx model's logits (a tied head follows the embedding)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from longctx.model.adapters import peft_adapter_files
+
+    recipe = _recipe(model={"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+                            "tie_word_embeddings": tied})  # fmt: skip
+    torch.manual_seed(1)
+    model = Transformer(recipe.model, recipe.positional, recipe.attention)
+    save_hf(model, recipe.model, tmp_path / "base")
+    cfg = AdapterConfig(rank=4, alpha=8.0, trainable=["embed", "norm"])
+    attach_adapters(model, cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    names = {id(t): n for n, t in reversed(model.state_dict(keep_vars=True).items())}
+    trained = {names[id(p)]: p.detach() for p in model.parameters() if p.requires_grad}
+    peft_adapter_files(
+        tmp_path / "adapter", cfg, trained, base_model=str(tmp_path / "base"), tied_embeddings=tied
+    )
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        torch.testing.assert_close(adapted(ids).logits, model.eval()(ids), rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------- real runs (2 gloo ranks)
 
 STEPS, HALF = 4, 2
