@@ -5,8 +5,8 @@ A recipe's ``stages:`` list holds partial recipes; stage ``i``'s effective recip
 recipe's own sections with stage ``i``'s values laid over them (``stage_recipes``). A stage may
 change what is safe to change between two trainings of the same weights (``STAGE_FIELDS``):
 sequence length and task mix, RoPE (``model.rope_scaling``, ``rope_theta``,
-``max_position_embeddings``), the parallel degrees, the kernel settings, steps, the optimizer
-and the evaluation. It may not change the model's shape (``SHAPE_FIELDS``), the position
+``max_position_embeddings``), the parallel degrees, the kernel settings, steps, the optimizer,
+the evaluation, and the adapters (``peft``: switched on or off, or their settings). It may not change the model's shape (``SHAPE_FIELDS``), the position
 encoding or attention variant, the tokenizer, precision or ZeRO stage. Every stage's recipe is
 validated when the recipe is loaded, and sequence lengths may not decrease from one stage to the
 next; every problem is one ``LongctxError`` line naming the stage.
