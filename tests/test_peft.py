@@ -332,7 +332,11 @@ def test_adapter_stage_after_a_full_stage_and_a_full_stage_after_it(tmp_path):
     raw["stages"] = [
         {"name": "full"},
         {"name": "lora", "peft": lora},
-        {"name": "full-again", "peft": {"enabled": False}, "trainer": {"steps": 1}},
+        {
+            "name": "full-again",
+            "peft": {"enabled": False},
+            "trainer": {"steps": 1, "warmup_steps": 1},
+        },
     ]
     recipe = Recipe.model_validate(raw)
     with deepspeed_environment():
