@@ -152,7 +152,8 @@ def has_adapters(model: nn.Module) -> bool:
 @torch.no_grad()
 def merge_adapters(model: Transformer) -> Transformer:
     """Fold every adapter into its base weight (``W + (alpha / r) B A``, peft's ``merge``) and
-    replace the adapted layer by its plain base layer; returns ``model`` with plain names."""
+    replace the adapted layer by its plain base layer; returns ``model`` with plain names and
+    every parameter trainable again (as a model built without adapters)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -161,7 +162,7 @@ def merge_adapters(model: Transformer) -> Transformer:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, module.get_base_layer())
-    return model
+    return model.requires_grad_(True)  # a plain model again: every weight trainable
 
 
 def trainable_fraction(model: nn.Module) -> float:

@@ -96,6 +96,7 @@ def test_adapted_model_equals_dense_lora_reference_and_merges_exactly():
         merge_adapters(model)
         torch.testing.assert_close(model(ids), expected, rtol=1e-10, atol=1e-10)
     assert set(model.state_dict()) == set(reference.state_dict())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("tied", [True, False])
