@@ -280,7 +280,8 @@ def test_exports_merged_hf_and_peft_adapter_with_equal_logits(adapter_runs, tmp_
         base = AutoModelForCausalLM.from_pretrained(adapter_runs["root"] / "base").eval()
         adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         torch.testing.assert_close(adapted(ids).logits, expected, rtol=0, atol=1e-4)
-        assert not torch.allclose(base.get_base_model()(ids).logits, expected, atol=1e-3)
+        with adapted.disable_adapter():  # the base alone differs: the adapters did train
+            assert not torch.allclose(adapted(ids).logits, expected, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -300,7 +301,7 @@ def test_resuming_adapters_onto_a_different_base_is_refused(adapter_runs, tmp_pa
     run_dir = tmp_path / "run"
     shutil.copytree(Path(adapter_runs["split"].trainer.run_dir), run_dir)
     recipe = tmp_path / "recipe.yaml"
-    raw = adapter_runs["split"].model_dump(mode="json")
+    raw = adapter_runs["split"].model_dump(mode="json", exclude={"stages"})
     raw["model"] = {"init": f"hf:{other}", "max_position_embeddings": 128}
     raw["trainer"]["run_dir"] = str(run_dir)
     recipe.write_text(json.dumps(raw))

@@ -116,7 +116,7 @@ def _text_loss(model, ids: torch.Tensor) -> float:
 
 def test_longlora_yarn_smollm2_trains_resumes_and_exports(runs, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
     from longctx.data.sources import builtin_documents
@@ -149,8 +149,10 @@ def test_longlora_yarn_smollm2_trains_resumes_and_exports(runs, tmp_path):
         expected = ours(ids)
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
         torch.testing.assert_close(merged.eval()(ids).logits, expected, rtol=0, atol=1e-4)
+        # the base weights under the run's YaRN settings (the merged export's config.json)
+        config = AutoConfig.from_pretrained(tmp_path / "hf")
         base = AutoModelForCausalLM.from_pretrained(
-            runs["base"], dtype=torch.float32, rope_scaling=YARN, max_position_embeddings=SEQ_LEN
+            runs["base"], config=config, dtype=torch.float32
         )
         adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         torch.testing.assert_close(adapted(ids).logits, expected, rtol=0, atol=1e-4)
