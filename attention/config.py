@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Backend = Literal["auto", "cpu_flash", "flex", "flash", "chunked", "reference"]
-Variant = Literal["dense", "nsa", "mosa", "power", "landmark"]
+Variant = Literal["dense", "nsa", "mosa", "power", "landmark", "s2"]
 
 
 class _Section(BaseModel):
@@ -67,6 +67,28 @@ class LandmarkConfig(_Section):
     )
 
 
+class S2Config(_Section):
+    """Shifted sparse attention (LongLoRA section 3.2): attention within groups of tokens, half
+    the heads shifted by half a group; training only (dense attention in ``model.eval()``)."""
+
+    group_size: int | None = Field(
+        None,
+        gt=0,
+        description="tokens per group (even: half the heads shift by half a group); None = a "
+        "quarter of the sequence, LongLoRA's group_size_ratio 1/4",
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _even(cls, value: int | None) -> int | None:
+        if value is not None and value % 2:
+            raise ValueError(
+                f"attention.s2.group_size={value} is odd, but half the heads shift by half a "
+                f"group; use an even size, e.g. {value + 1}"
+            )
+        return value
+
+
 class AttentionConfig(_Section):
     """``variant`` is the attention algorithm; ``backend`` the kernel that computes its blocks
     (``auto`` picks flash-attn on CUDA when installed, else torch's CPU flash op)."""
@@ -82,3 +104,4 @@ class AttentionConfig(_Section):
     mosa: MoSAConfig = Field(default_factory=MoSAConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
     landmark: LandmarkConfig = Field(default_factory=LandmarkConfig)
+    s2: S2Config = Field(default_factory=S2Config)

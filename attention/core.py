@@ -29,8 +29,10 @@ parallelism, the recipe validator and the batch path ask instead of probing:
                            declares False. When ``ctx.rotary`` is None (no RoPE) q, k come
                            rotated as usual
 
-Two hooks a core owns, both class methods so they run before any model exists:
-``recipe_problem`` (why a recipe cannot run this core, one line, or None) and
+Three hooks a core owns, all class methods so they run before any model exists:
+``recipe_problem`` (why a recipe cannot run this core, one line, or None),
+``sequence_problem`` (why it cannot train on sequences of a given length, e.g. S2-attn's
+groups) and
 ``transform_batch`` (what the batch path does to every batch before it is sharded, e.g.
 Landmark inserts its landmark tokens). ``longctx.attention.registry`` maps
 ``(attention.variant, positional.kind)`` to the core class.
@@ -121,6 +123,12 @@ class AttentionCore(nn.Module):
         return None
 
     @classmethod
+    def sequence_problem(cls, attention: AttentionConfig, seq_len: int) -> str | None:
+        """Why this core cannot train on sequences of ``seq_len`` tokens (one line naming the
+        fix), or None; the recipe validator asks it for ``data.seq_len`` of every stage."""
+        return None
+
+    @classmethod
     def transform_batch(
         cls, batch: Batch, shape: AttentionShape, attention: AttentionConfig
     ) -> Batch:
@@ -130,4 +138,5 @@ class AttentionCore(nn.Module):
 
     def restrict_to_heads(self, start: int, stop: int) -> None:
         """Compute query heads ``start .. stop - 1`` only (a Ulysses rank's block of heads).
-        Cores with ``has_head_parameters`` override it; the others need nothing."""
+        Cores with ``has_head_parameters`` override it, and cores whose pattern depends on the
+        head index (S2-attn shifts the second half); the others need nothing."""

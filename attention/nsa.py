@@ -18,7 +18,9 @@ A branch with no visible key contributes 0. Cost: the compressed branch reads ``
 (the importance pass only the compressed blocks its query chunk can see), the selection branch
 is block-major (``nsa_selection``: per key block, one GEMM against the queries that chose it,
 so it costs ``n l'`` keys per query whatever the selections look like), and the window branch
-``w`` keys; nothing T x T exists.
+``w`` keys; nothing T x T exists. Memory: the gated sum runs as one autograd function
+(``nsa_gated.GatedBranchAttention``) that saves the selection branch's output and recomputes the
+compressed and window branches per query tile in backward.
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 
@@ -47,9 +49,9 @@ from torch import Tensor, nn
 from longctx.attention.config import AttentionConfig, NSAConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.core import AttentionCore, AttentionShape
-from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
-from longctx.attention.nsa_selection import QueryKeySides, SelectedBlockAttention
+from longctx.attention.nsa_gated import GatedBranchAttention, NSAProblem, tiled_kernel
+from longctx.attention.nsa_selection import QueryKeySides
 from longctx.attention.sequence_keys import sequence_keys
 from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
@@ -279,13 +281,24 @@ class NSAAttention(AttentionCore):
                 "model's attention layer, which sets it"
             )
         gates = self.gates(ctx.hidden)  # [3, B, Hq, Tq, 1]: compression, selection, window
-        o_cmp, o_slc, o_win = self.branches(q, k, v, ctx)
-        return gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_win
+        return self._gated(q, k, v, ctx, gates)
 
     def branches(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The ungated (compression, selection, window) outputs, each [B, Hq, Tq, D]."""
+        """The ungated (compression, selection, window) outputs, each [B, Hq, Tq, D]: the fused
+        function with one gate at 1 and the others at 0 (for inspection and tests; three
+        passes)."""
+        batch, heads, length = q.shape[:3]
+        unit = torch.eye(3, dtype=q.dtype, device=q.device)[:, :, None, None, None, None]
+        return tuple(
+            self._gated(q, k, v, ctx, unit[i].expand(3, batch, heads, length, 1)) for i in range(3)
+        )
+
+    def _gated(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, gates: Tensor
+    ) -> Tensor:
+        """``sum_b gates[b] o_b`` [B, Hq, Tq, D] through ``GatedBranchAttention``."""
         if q.shape[1] != k.shape[1] * self.group:
             raise LongctxError(
                 f"NSA shares one block selection per GQA group of {self.group} query heads, but "
@@ -295,38 +308,11 @@ class NSAAttention(AttentionCore):
         keys = sequence_keys(k, v, ctx, "nsa")
         k, v = keys.k, keys.v  # [B, Hkv, Tk, D], key j at global position j
         sides = QueryKeySides(ctx.seq_positions.to(q.device), ctx.doc_ids, keys.doc_ids)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        o_cmp, selected = self._compressed_and_selection(q, k, v, sides, scale)
-        o_slc = SelectedBlockAttention.apply(
-            q, k, v, selected, sides, scale, self.settings.select_block
-        )
-        window = MaskSpec(
-            q_positions=sides.q_positions, q_doc_ids=sides.q_doc_ids,
-            k_doc_ids=sides.k_doc_ids, window=self.settings.window,
-        )  # fmt: skip
-        o_win, _ = block_attention(
-            q, k, v, scale=scale, mask=window, backend=self.config.backend,
-            chunk_size=self._tile,
-        )  # fmt: skip
-        return o_cmp, o_slc, o_win
-
-    @property
-    def _tile(self) -> int:
-        return self.config.chunk_size or BRANCH_TILE
-
-    def _compressed_and_selection(
-        self, q: Tensor, k: Tensor, v: Tensor, sides: QueryKeySides, scale: float
-    ) -> tuple[Tensor, Tensor]:
-        """(o_cmp [B, Hq, Tq, D], selected blocks [B, Hkv, Tq, n] int64, -1 = none)."""
-        settings = self.settings
-        length = k.shape[2]
+        settings, length = self.settings, k.shape[2]
         num_compressed = self.compress_key.num_blocks(length)
-        if num_compressed == 0:  # shorter than one block: no compressed key, zero importance
-            importance = None
-            o_cmp = torch.zeros_like(q)
-        else:
-            ck = self.compress_key(k)  # [B, Hkv, nc, D]
-            cv = self.compress_value(v)
+        ck = cv = compressed = importance = None
+        if num_compressed:  # else shorter than one block: no compressed key, zero importance
+            ck, cv = self.compress_key(k), self.compress_value(v)  # [B, Hkv, nc, D]
             block_ends = (
                 torch.arange(num_compressed, device=q.device) * settings.compress_stride
                 + settings.compress_block - 1
@@ -334,18 +320,26 @@ class NSAAttention(AttentionCore):
             block_docs = None
             if sides.k_doc_ids is not None:
                 block_docs = _compressed_doc_ids(sides.k_doc_ids, num_compressed, settings)
-            mask = MaskSpec(
+            compressed = MaskSpec(
                 q_positions=sides.q_positions, k_positions=block_ends,
                 q_doc_ids=sides.q_doc_ids, k_doc_ids=block_docs,
-            )  # fmt: skip
-            o_cmp, lse_cmp = block_attention(
-                q, ck, cv, scale=scale, mask=mask, backend=self.config.backend,
-                chunk_size=self._tile,
-            )  # fmt: skip
-            importance = (ck.detach(), lse_cmp.detach(), block_ends, block_docs)
-        with torch.no_grad():
-            selected = self._select_blocks(q.detach(), k.shape[1], length, importance, sides, scale)
-        return o_cmp, selected
+            ).bind(q.shape[2], num_compressed, device=q.device)  # fmt: skip
+            importance = (ck.detach(), block_ends, block_docs)
+        window = MaskSpec(
+            q_positions=sides.q_positions, q_doc_ids=sides.q_doc_ids,
+            k_doc_ids=sides.k_doc_ids, window=settings.window,
+        ).bind(q.shape[2], length, device=q.device)  # fmt: skip
+        scale = 1.0 / math.sqrt(q.shape[-1])
+
+        def select(queries: Tensor, lse_cmp: Tensor | None) -> Tensor:
+            blocks = None if importance is None else (importance[0], lse_cmp, *importance[1:])
+            return self._select_blocks(queries, k.shape[1], length, blocks, sides, scale)
+
+        kernel, tile = tiled_kernel(self.config.backend, q, self.config.chunk_size or BRANCH_TILE)
+        problem = NSAProblem(
+            sides, scale, kernel, tile, compressed, window, select, settings.select_block
+        )
+        return GatedBranchAttention.apply(q, k, v, ck, cv, gates, problem)
 
     def _select_blocks(self, q, kv_heads, length, importance, sides, scale) -> Tensor:
         """Top-n selection blocks per (batch, kv head, query) over ``length`` keys:
@@ -360,6 +354,7 @@ class NSAAttention(AttentionCore):
         overlap, rows_per_step = None, q.shape[2]
         if importance is not None:
             ck, lse_cmp, block_ends, block_docs = importance
+            ck = ck * scale  # scaled once: scaled logits
             overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
             rows_per_step = max(1, IMPORTANCE_STEP_ELEMENTS // (batch * heads * ck.shape[2]))
         doc_first = _document_first_blocks(sides, select)  # [B, Tq] or None: block 0
@@ -382,7 +377,6 @@ class NSAAttention(AttentionCore):
                         lse_cmp[:, :, rows],
                         block_ends[:visible] <= query_pos[:, None],
                         None if query_docs is None else (block_docs[:, :visible], query_docs),
-                        scale,
                     )  # [B, Hkv, c, visible]
                     padded = F.pad(per_block, (0, 1))  # index -1 reads the zero column
                     index = overlap[:started_blocks]
@@ -401,25 +395,24 @@ class NSAAttention(AttentionCore):
         return torch.cat(chosen, dim=2)
 
     @staticmethod
-    def _block_importance(q, ck, lse_cmp, seen, docs, scale) -> Tensor:
+    def _block_importance(q, ck, lse_cmp, seen, docs) -> Tensor:
         """Compression attention probabilities summed over each GQA group: [B, Hkv, c, nc].
 
-        q [B, Hq, c, D]; ck [B, Hkv, nc, D]; lse_cmp [B, Hq, c] (the compressed branch's);
-        ``seen`` [c, nc] causal visibility; ``docs`` (block docs [B, nc], query docs [B, c]).
+        q [B, Hq, c, D]; ck [B, Hkv, nc, D] scaled by 1/sqrt(D); lse_cmp [B, Hq, c] (the
+        compressed branch's); ``seen`` [c, nc] causal visibility; ``docs`` (block docs [B, nc],
+        query docs [B, c]).
         """
         batch, _, count, dim = q.shape
         kv_heads = ck.shape[1]
         queries = q.reshape(batch, kv_heads, -1, dim)  # [B, Hkv, G c, D]
-        logits = queries @ (ck.transpose(-1, -2) * scale)  # [B, Hkv, G c, nc]
+        logits = queries @ ck.transpose(-1, -2)  # [B, Hkv, G c, nc]
         logits = logits.view(batch, kv_heads, -1, count, ck.shape[2])
         if docs is not None:  # [B, c, nc]
             seen = seen & (docs[0][:, None, :] == docs[1][:, :, None])
-        hidden = torch.zeros(seen.shape, dtype=logits.dtype, device=q.device)
-        hidden = hidden.masked_fill_(~seen, float("-inf"))  # additive: exp -> 0
+        hidden = ~(seen if docs is None else seen[:, None, None])  # exp -> 0 there
         row_lse = lse_cmp.reshape(logits.shape[:-1])  # [B, Hkv, G, c]
         row_lse = torch.where(torch.isneginf(row_lse), 0.0, row_lse)  # sees no block
-        logits = logits.sub_(row_lse[..., None])
-        logits += hidden if docs is None else hidden[:, None, None]
+        logits = logits.sub_(row_lse[..., None]).masked_fill_(hidden, float("-inf"))
         return logits.exp_().sum(2)
 
     def extra_repr(self) -> str:

@@ -125,7 +125,7 @@ def _scores(
     return scores
 
 
-def _plans(
+def selection_plans(
     selected: Tensor, select_block: int, length: int, sides: QueryKeySides
 ) -> list[list[list[_BlockStep]]]:
     """``_block_steps`` for every (sequence, kv head): [B][Hkv] lists of steps."""
@@ -138,11 +138,126 @@ def _plans(
     ]
 
 
-def _rows_major(x: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
-    """[G, T, D] -> contiguous [T, G, D] in ``dtype`` times ``scale``: gathering queries is
-    then a row gather (and scaled queries give scaled scores)."""
+def _rows_major(x: Tensor, dtype: torch.dtype, factor: float | Tensor) -> Tensor:
+    """[G, T, D] -> contiguous [T, G, D] in ``dtype`` times ``factor`` (a float, or [G, T, 1]
+    per-row factors): gathering queries is then a row gather (and scaled queries give scaled
+    scores)."""
     rows = torch.empty(x.shape[1], x.shape[0], x.shape[2], dtype=dtype, device=x.device)
-    return torch.mul(x.transpose(0, 1), scale, out=rows)
+    if isinstance(factor, Tensor):
+        factor = factor.transpose(0, 1)  # [T, G, 1]
+    return torch.mul(x.transpose(0, 1), factor, out=rows)
+
+
+def _row_dots(a: Tensor, b: Tensor, rows: int = 4096) -> Tensor:
+    """``(a * b).sum(-1)`` for [T, G, D] operands, ``rows`` at a time (no [T, G, D] product)."""
+    sums = torch.empty(a.shape[:2], dtype=a.dtype, device=a.device)
+    for start in range(0, a.shape[0], rows):
+        part = slice(start, start + rows)
+        torch.sum(a[part] * b[part], dim=-1, out=sums[part])
+    return sums
+
+
+def selection_forward(
+    q: Tensor, k: Tensor, v: Tensor, plans: list, sides: QueryKeySides, scale: float
+) -> tuple[Tensor, Tensor]:
+    """The selection branch: out [B, Hq, Tq, D] in q's dtype (0 where no key is seen) and lse
+    [B, Hq, Tq] (float32, float64 for float64 inputs; -inf where no key is seen).
+
+    ``plans``: ``selection_plans`` of the selected blocks. Online softmax per key block (see
+    the module docstring); only one kv head's [Tq, G, D] accumulator is alive at a time.
+    """
+    acc = compute_dtype(q.dtype)
+    batch, heads, count, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, count, dtype=acc, device=q.device)
+    for b in range(batch):
+        for j in range(kv_heads):
+            heads_j = slice(j * group, (j + 1) * group)
+            q_j = _rows_major(q[b, heads_j], acc, scale)  # [Tq, G, D], scaled
+            k_j, v_j = k[b, j].to(acc), v[b, j].to(acc)  # [Tk, D]
+            out_j = torch.zeros(count, group, dim, dtype=acc, device=q.device)
+            lse_j = torch.full((count, group), float("-inf"), dtype=acc, device=q.device)
+            for step in plans[b][j]:
+                keys = k_j[step.start : step.stop]  # [L, D]
+                scores = _scores(q_j.index_select(0, step.rows), keys, step, sides, b)
+                row_max = scores.amax(-1)  # [m, G]
+                if step.masked:  # rows that see none of this block's keys
+                    row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
+                weights = scores.sub_(row_max[..., None]).exp_()
+                block_lse = row_max + weights.sum(-1).log()  # [m, G], -inf: nothing seen
+                partial = weights @ v_j[step.start : step.stop]  # [m, G, D] unnormalised
+                old_lse = lse_j.index_select(0, step.rows)
+                new_lse = torch.logaddexp(old_lse, block_lse)
+                safe_lse = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
+                merged = out_j.index_select(0, step.rows).mul_(
+                    (old_lse - safe_lse).exp_()[..., None]
+                )
+                merged += partial.mul_((row_max - safe_lse).exp_()[..., None])
+                out_j.index_copy_(0, step.rows, merged)
+                lse_j.index_copy_(0, step.rows, new_lse)
+            out[b, heads_j] = out_j.transpose(0, 1)
+            lse[b, heads_j] = lse_j.T
+    return out, lse
+
+
+def selection_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    plans: list,
+    sides: QueryKeySides,
+    scale: float,
+    grads: tuple[Tensor, Tensor, Tensor],
+    gate: Tensor | None = None,
+) -> Tensor:
+    """Accumulate the selection branch's gradients into ``grads`` = (dq, dk, dv) (accumulation
+    dtype, shapes of q, k, v) and return ``rowsum(dout * out)`` [B, Hq, Tq].
+
+    ``out``, ``lse``: ``selection_forward``'s. The branch's output gradient is ``dout``, or
+    ``gate * dout`` with ``gate`` [B, Hq, Tq, 1] (NSA's gated sum, so no gated copy of ``dout``
+    is made); the returned row sums are then the gate's gradient.
+    """
+    acc = compute_dtype(q.dtype)
+    batch, heads, count, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    dq, dk, dv = grads
+    safe_lse = torch.where(torch.isneginf(lse), 0.0, lse)  # rows seeing nothing: p = 0
+    row_sums = torch.empty(batch, heads, count, dtype=acc, device=q.device)
+    for b in range(batch):
+        for j in range(kv_heads):
+            heads_j = slice(j * group, (j + 1) * group)
+            q_j = _rows_major(q[b, heads_j], acc, scale)  # [Tq, G, D], scaled
+            dout_j = _rows_major(dout[b, heads_j], acc, 1.0)
+            sums_j = _row_dots(dout_j, out[b, heads_j].transpose(0, 1))  # [Tq, G]
+            row_sums[b, heads_j] = sums_j.T
+            delta_j = sums_j  # rowsum(branch dout * out)
+            if gate is not None:
+                gate_j = gate[b, heads_j].transpose(0, 1).to(acc)  # [Tq, G, 1]
+                dout_j.mul_(gate_j)
+                delta_j = sums_j * gate_j[..., 0]
+            lse_j = safe_lse[b, heads_j].T  # [Tq, G]
+            k_j, v_j = k[b, j].to(acc), v[b, j].to(acc)  # [Tk, D]
+            dq_j = dq[b, heads_j].transpose(0, 1)  # [Tq, G, D] view: rows added in place
+            for step in plans[b][j]:
+                keys, values = k_j[step.start : step.stop], v_j[step.start : step.stop]
+                q_rows = q_j.index_select(0, step.rows)  # [m, G, D]
+                dout_rows = dout_j.index_select(0, step.rows).flatten(0, 1)  # [m G, D]
+                scores = _scores(q_rows, keys, step, sides, b)  # [m, G, L]
+                probs = scores.sub_(lse_j[step.rows][..., None]).exp_()
+                probs = probs.flatten(0, 1)  # [m G, L]
+                dv[b, j, step.start : step.stop] += probs.T @ dout_rows
+                dprobs = dout_rows @ values.T  # [m G, L]
+                dprobs -= delta_j[step.rows].reshape(-1, 1)
+                dscores = probs.mul_(dprobs)  # [m G, L], d(loss)/d(scaled score)
+                dq_j.index_add_(0, step.rows, (dscores @ keys).view(q_rows.shape), alpha=scale)
+                dk[b, j, step.start : step.stop] += dscores.T @ q_rows.flatten(0, 1)
+    return row_sums
 
 
 class SelectedBlockAttention(torch.autograd.Function):
@@ -151,45 +266,14 @@ class SelectedBlockAttention(torch.autograd.Function):
     q [B, Hq, Tq, D] at global positions ``sides.q_positions``; k, v [B, Hkv, Tk, D] the whole
     sequence; ``selected`` [B, Hkv, Tq, n] int64 selection block indices (-1 = none; no block
     twice in a row), shared by the ``Hq / Hkv`` query heads of a GQA group. Returns out
-    [B, Hq, Tq, D] in q's dtype; queries that see no key get 0.
+    [B, Hq, Tq, D] in q's dtype; queries that see no key get 0. (NSA's layer runs this branch
+    inside its fused ``GatedBranchAttention``; this is the branch on its own.)
     """
 
     @staticmethod
     def forward(ctx, q, k, v, selected, sides, scale, select_block):
-        acc = compute_dtype(q.dtype)
-        batch, heads, count, dim = q.shape
-        kv_heads, length = k.shape[1], k.shape[2]
-        group = heads // kv_heads
-        plans = _plans(selected, select_block, length, sides)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(batch, heads, count, dtype=acc, device=q.device)
-        for b in range(batch):
-            for j in range(kv_heads):
-                heads_j = slice(j * group, (j + 1) * group)
-                q_j = _rows_major(q[b, heads_j], acc, scale)  # [Tq, G, D], scaled
-                k_j, v_j = k[b, j].to(acc), v[b, j].to(acc)  # [Tk, D]
-                out_j = torch.zeros(count, group, dim, dtype=acc, device=q.device)
-                lse_j = torch.full((count, group), float("-inf"), dtype=acc, device=q.device)
-                for step in plans[b][j]:
-                    keys = k_j[step.start : step.stop]  # [L, D]
-                    scores = _scores(q_j.index_select(0, step.rows), keys, step, sides, b)
-                    row_max = scores.amax(-1)  # [m, G]
-                    if step.masked:  # rows that see none of this block's keys
-                        row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
-                    weights = scores.sub_(row_max[..., None]).exp_()
-                    block_lse = row_max + weights.sum(-1).log()  # [m, G], -inf: nothing seen
-                    partial = weights @ v_j[step.start : step.stop]  # [m, G, D] unnormalised
-                    old_lse = lse_j.index_select(0, step.rows)
-                    new_lse = torch.logaddexp(old_lse, block_lse)
-                    safe_lse = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
-                    merged = out_j.index_select(0, step.rows).mul_(
-                        (old_lse - safe_lse).exp_()[..., None]
-                    )
-                    merged += partial.mul_((row_max - safe_lse).exp_()[..., None])
-                    out_j.index_copy_(0, step.rows, merged)
-                    lse_j.index_copy_(0, step.rows, new_lse)
-                out[b, heads_j] = out_j.transpose(0, 1)
-                lse[b, heads_j] = lse_j.T
+        plans = selection_plans(selected, select_block, k.shape[2], sides)
+        out, lse = selection_forward(q, k, v, plans, sides, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plans, ctx.sides, ctx.scale = plans, sides, scale
         return out
@@ -198,34 +282,7 @@ class SelectedBlockAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         acc = compute_dtype(q.dtype)
-        batch, heads, count, dim = q.shape
-        kv_heads = k.shape[1]
-        group = heads // kv_heads
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        safe_lse = torch.where(torch.isneginf(lse), 0.0, lse)  # rows seeing nothing: p = 0
-        delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Tq]
-        for b in range(batch):
-            for j in range(kv_heads):
-                heads_j = slice(j * group, (j + 1) * group)
-                q_j = _rows_major(q[b, heads_j], acc, ctx.scale)  # [Tq, G, D], scaled
-                dout_j = _rows_major(dout[b, heads_j], acc, 1.0)
-                lse_j, delta_j = safe_lse[b, heads_j].T, delta[b, heads_j].T  # [Tq, G]
-                k_j, v_j = k[b, j].to(acc), v[b, j].to(acc)  # [Tk, D]
-                dq_j = torch.zeros(count, group, dim, dtype=acc, device=q.device)
-                for step in ctx.plans[b][j]:
-                    keys, values = k_j[step.start : step.stop], v_j[step.start : step.stop]
-                    q_rows = q_j.index_select(0, step.rows)  # [m, G, D]
-                    dout_rows = dout_j.index_select(0, step.rows).flatten(0, 1)  # [m G, D]
-                    scores = _scores(q_rows, keys, step, ctx.sides, b)  # [m, G, L]
-                    probs = scores.sub_(lse_j[step.rows][..., None]).exp_()
-                    probs = probs.flatten(0, 1)  # [m G, L]
-                    dv[b, j, step.start : step.stop] += probs.T @ dout_rows
-                    dprobs = dout_rows @ values.T  # [m G, L]
-                    dprobs -= delta_j[step.rows].reshape(-1, 1)
-                    dscores = probs.mul_(dprobs)  # [m G, L], d(loss)/d(scaled score)
-                    dq_j.index_add_(0, step.rows, (dscores @ keys).view(q_rows.shape))
-                    dk[b, j, step.start : step.stop] += dscores.T @ q_rows.flatten(0, 1)
-                dq[b, heads_j] = dq_j.transpose(0, 1) * ctx.scale
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        grads = tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+        selection_backward(dout, q, k, v, out, lse, ctx.plans, ctx.sides, ctx.scale, grads)
+        dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+        return dq, dk, dv, None, None, None, None

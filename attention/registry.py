@@ -23,6 +23,7 @@ from longctx.attention.landmark import LandmarkAttention
 from longctx.attention.mosa import MoSAAttention
 from longctx.attention.nsa import NSAAttention
 from longctx.attention.power import PowerAttention
+from longctx.attention.s2 import S2Attention
 from longctx.attention.scored import BAMAttention, CoPEAttention, TAPAAttention
 from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
@@ -39,6 +40,7 @@ CORES: dict[tuple[str, str], type[AttentionCore]] = {
     **_rope_or_none("landmark", LandmarkAttention),
     **_rope_or_none("nsa", NSAAttention),
     **_rope_or_none("mosa", MoSAAttention),
+    **_rope_or_none("s2", S2Attention),
     ("dense", "cope"): CoPEAttention,
     ("dense", "bam"): BAMAttention,
     ("dense", "tapa"): TAPAAttention,
@@ -83,3 +85,10 @@ def recipe_problem(
     except LongctxError as error:
         return str(error)
     return core.recipe_problem(shape, attention, positional, ulysses=ulysses, ring=ring)
+
+
+def sequence_problem(
+    attention: AttentionConfig, positional: PositionalConfig, seq_len: int
+) -> str | None:
+    """Why the recipe's core cannot train on ``seq_len`` tokens (one line), or None."""
+    return core_class(attention, positional).sequence_problem(attention, seq_len)

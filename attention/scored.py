@@ -1,4 +1,7 @@
-"""Attention whose logits come from a score module: the kernel of CoPE, BAM and TAPA.
+"""Attention whose logits come from a score module: the kernel of CoPE and TAPA, and BAM's core.
+
+BAM's core (``BAMAttention``) does not use the query-chunked kernel below: its prior depends on
+the distance only, so it runs inside the flash-style tiled kernel (``attention/biased.py``).
 
 Some position encodings need the whole row of logits of a query before its softmax (CoPE counts
 gates along the row) or replace the dot product altogether (TAPA), so they cannot ride inside a
@@ -27,8 +30,8 @@ block, an exclusive scan for the block offsets, a second pass to attend): the sc
 too but needs two ring passes and a per-block bookkeeping of CoPE's clamp, whereas the gather
 is one collective with the unchanged kernel. Its cost: K and V of the whole sequence,
 ``T x Hkv x D`` each, are replicated on every rank (the logits stay O(B x H x chunk x T), as
-on one device); BAM and TAPA, whose scores would merge block by block, take the same path so
-that one kernel serves all three.
+on one device); TAPA, whose scores would merge block by block, and BAM's tiled kernel take the
+same key-gather path.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from longctx.attention.biased import DEFAULT_TILE, distance_range, relative_bias_attention
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.core import AttentionCore, AttentionShape
 from longctx.attention.mask import MaskSpec
+from longctx.attention.tiling import compute_dtype, visible_key_counts
 from longctx.positional.bam import BAMScore
 from longctx.positional.config import PositionalConfig
 from longctx.positional.cope import CoPEScore
@@ -219,7 +224,14 @@ class CoPEAttention(ScoredAttention):
 
 
 class BAMAttention(ScoredAttention):
-    """Dense attention with BAM's per-head priors (and SSMax) in the logits."""
+    """Dense attention with BAM's per-head priors (and SSMax) in the logits.
+
+    Its prior depends on the distance only, so it does not take the query-chunked path of
+    the other score terms: the prior is evaluated once per distance (``BAMScore.prior_table``)
+    and added per tile inside the flash-style tiled kernel (``attention/biased.py``), whose
+    backward recomputes each tile and accumulates the prior's and SSMax's gradients per tile.
+    SSMax's ``n_i`` is counted from the same tile plan (``visible_key_counts``): every key the
+    query sees, also under key gather. ``attention.chunk_size`` is the tile (default 512)."""
 
     has_head_parameters = True
 
@@ -237,6 +249,35 @@ class BAMAttention(ScoredAttention):
                 max_position_embeddings=shape.max_position_embeddings,
             ),
         )
+
+    @property
+    def tile(self) -> int:
+        return self.config.chunk_size or DEFAULT_TILE
+
+    def visible_key_counts(self, mask: MaskSpec) -> Tensor:
+        """SSMax's ``n_i``: keys each query sees under the bound ``mask``, [Bm, Tq]."""
+        return visible_key_counts(mask, self.tile)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> out [B, Hq, Tq, D] (see the class doc)."""
+        if q.shape[2] == 0 or k.shape[2] == 0:
+            return torch.zeros_like(q)
+        mask = self.mask_for(ctx).bind(q.shape[2], k.shape[2], device=q.device)
+        dtype = compute_dtype(q.dtype)
+        low, high = distance_range(mask)
+        distances = torch.arange(low, high + 1, device=q.device)
+        # The O(T x H) table and row scale in float64: their gradients reach the few per-head
+        # parameters as sums over every distance and row, which float32 would round
+        wide = torch.promote_types(dtype, torch.float64)
+        table = self.score.prior_table(distances, self.heads, wide)  # [Hq, N]
+        row_scale = None
+        if self.score.ssmax_scale is not None:
+            counts = self.visible_key_counts(mask)  # [Bm, Tq]
+            row_scale = self.score.ssmax_multiplier(counts, self.heads, wide)  # [Bm, Hq, Tq]
+        return relative_bias_attention(
+            q, k, v, table, low, mask=mask, row_scale=row_scale, scale=self.score.scale,
+            tile=self.tile,
+        )  # fmt: skip
 
 
 class TAPAAttention(ScoredAttention):

@@ -13,8 +13,10 @@ tiles as one piece and, when the entire call is FULL or one causal diagonal, a s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -78,6 +80,21 @@ class TileKernel(Protocol):
         ...
 
 
+class TileBias(Protocol):
+    """An additive term on the scaled scores, made per (query tile, key piece) on the fly and
+    handed its gradient per piece (``attention/biased.py``: BAM's prior, SSMax's factor).
+    Only kernels that ``takes_bias`` (the plain-torch one) run with one."""
+
+    def add_to(self, scores: Tensor, queries: slice, keys: slice) -> None:
+        """Add the bias of queries ``queries`` against keys ``keys`` to their scaled scores
+        [B, Hq, tq, tk] (compute dtype) in place."""
+        ...
+
+    def accumulate(self, queries: slice, keys: slice, grad: Tensor) -> None:
+        """Take the gradient [B, Hq, tq, tk] of that tile's bias."""
+        ...
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float32, or float64 for float64 inputs."""
     return torch.promote_types(dtype, torch.float32)
@@ -132,10 +149,23 @@ def _covers_everything(plan: list[QueryTile], tq: int, tk: int) -> bool:
     return (queries.start, queries.stop, keys.start, keys.stop) == (0, tq, 0, tk)
 
 
+def _bias_args(bias: TileBias | None, queries: slice, keys: slice) -> dict[str, Callable]:
+    """The ``add_bias=`` keyword of one piece's kernel call (none without a bias)."""
+    return {} if bias is None else {"add_bias": partial(bias.add_to, queries=queries, keys=keys)}
+
+
 def tiled_forward(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, mask: MaskSpec, kernel: TileKernel, tile: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    mask: MaskSpec,
+    kernel: TileKernel,
+    tile: int,
+    bias: TileBias | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Blockwise attention: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], bound ``mask``.
+    """Blockwise attention: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], bound ``mask``, optional
+    additive ``bias`` on the scores (a kernel that ``takes_bias``).
 
     Returns out [B, Hq, Tq, D] in q's dtype and lse [B, Hq, Tq] (float32; float64 inputs keep
     float64). Query rows that no piece reaches keep out 0 and lse -inf.
@@ -145,7 +175,9 @@ def tiled_forward(
     plan = plan_tiles(mask, tile, kernel.fused)
     if _covers_everything(plan, tq, k.shape[2]):
         piece = plan[0].pieces[0]
-        out, lse = kernel.forward(q, k, v, piece.kind, _piece_mask(mask, slice(None), piece), scale)
+        visible = _piece_mask(mask, slice(None), piece)
+        extra = _bias_args(bias, slice(None), slice(None))
+        out, lse = kernel.forward(q, k, v, piece.kind, visible, scale, **extra)
         return out.to(q.dtype), lse.to(lse_dtype)
     out = torch.zeros_like(q)
     lse = torch.full((batch, heads, tq), float("-inf"), dtype=lse_dtype, device=q.device)
@@ -156,8 +188,9 @@ def tiled_forward(
         for piece in query_tile.pieces:
             visible = _piece_mask(mask, rows, piece)
             part = kernel.forward(
-                q_tile, k[:, :, piece.keys], v[:, :, piece.keys], piece.kind, visible, scale
-            )
+                q_tile, k[:, :, piece.keys], v[:, :, piece.keys], piece.kind, visible, scale,
+                **_bias_args(bias, rows, piece.keys),
+            )  # fmt: skip
             merged = part if merged is None else merge_partials(*merged, *part)
         out[:, :, rows] = merged[0].to(q.dtype)
         lse[:, :, rows] = merged[1].to(lse_dtype)
@@ -176,12 +209,14 @@ def tiled_backward(
     mask: MaskSpec,
     kernel: TileKernel,
     tile: int,
+    bias: TileBias | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the block (q, k, v) given the FINAL ``out``/``lse`` and their gradients.
 
     ``dlse`` (gradient reaching lse, or None) is honoured only by kernels with ``takes_delta``
     (callers route it there). Returns dq [B, Hq, Tq, D], dk, dv [B, Hkv, Tk, D] in the input
-    dtypes; accumulation in float32.
+    dtypes; accumulation in float32. A ``bias`` (as in the forward) is recomputed per piece
+    and receives its gradient through ``bias.accumulate``.
     """
     acc_dtype = compute_dtype(q.dtype)
     safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)  # rows seeing nothing
@@ -192,7 +227,12 @@ def tiled_backward(
     if _covers_everything(plan, q.shape[2], k.shape[2]):
         piece = plan[0].pieces[0]
         visible = _piece_mask(mask, slice(None), piece)
-        grads = kernel.backward(dout, q, k, v, out, safe_lse, delta, piece.kind, visible, scale)
+        extra = _bias_args(bias, slice(None), slice(None))
+        grads = kernel.backward(
+            dout, q, k, v, out, safe_lse, delta, piece.kind, visible, scale, **extra
+        )
+        if bias is not None:
+            bias.accumulate(slice(None), slice(None), grads[3])
         return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
@@ -204,11 +244,35 @@ def tiled_backward(
         for piece in query_tile.pieces:
             keys = piece.keys
             visible = _piece_mask(mask, rows, piece)
-            dq_p, dk_p, dv_p = kernel.backward(
+            grads = kernel.backward(
                 *tile_args, k[:, :, keys], v[:, :, keys], tile_out, tile_lse, tile_delta,
-                piece.kind, visible, scale,
+                piece.kind, visible, scale, **_bias_args(bias, rows, keys),
             )  # fmt: skip
+            dq_p, dk_p, dv_p = grads[:3]
+            if bias is not None:
+                bias.accumulate(rows, keys, grads[3])
             dq[:, :, rows] += dq_p
             dk[:, :, keys] += dk_p
             dv[:, :, keys] += dv_p
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def visible_key_counts(mask: MaskSpec, tile: int) -> Tensor:
+    """How many keys each query sees under a bound ``mask``: [Bm, Tq] int64 (Bm = B with doc
+    ids, else 1), counted tile by tile from the plan (FULL pieces by their length, causal
+    diagonals by row index, the rest from their small masks), never a Tq x Tk matrix."""
+    tq = mask.q_positions.shape[0]
+    rows = 1 if mask.q_doc_ids is None else mask.q_doc_ids.shape[0]
+    counts = torch.zeros(rows, tq, dtype=torch.long, device=mask.q_positions.device)
+    for query_tile in plan_tiles(mask, tile, fused=False):
+        queries = query_tile.queries
+        for piece in query_tile.pieces:
+            if piece.kind is PieceKind.FULL:
+                counts[:, queries] += piece.keys.stop - piece.keys.start
+            elif piece.kind is PieceKind.CAUSAL:
+                counts[:, queries] += torch.arange(
+                    1, queries.stop - queries.start + 1, device=counts.device
+                )
+            else:
+                counts[:, queries] += _piece_mask(mask, queries, piece).sum(-1)
+    return counts

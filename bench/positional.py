@@ -1,4 +1,4 @@
-"""Score-side position encodings (CoPE, BAM, TAPA): chunked kernel against naive, fwd+bwd.
+"""Score-side position encodings (CoPE, BAM, TAPA): the model's kernel against naive, fwd+bwd.
 
 Run: ``python -m longctx.bench.positional`` (``--quick`` for a smoke run). Prints a table and
 writes ``bench/results/positional.json``.
@@ -6,19 +6,16 @@ writes ``bench/results/positional.json``.
 Cases: causal attention, B=1, H=``--heads``, D=``--dim``, fp32 on CPU, forward + backward, per
 encoding and length T:
 
-- ``chunked``: ``scored_attention`` (query chunks of ``--chunk`` tokens under activation
-  checkpointing: memory O(chunk x T));
+- ``chunked`` (CoPE, TAPA): ``scored_attention`` (query chunks of ``--chunk`` tokens under
+  activation checkpointing: memory O(chunk x T));
+- ``tiled`` (BAM): the model's BAM core (``BAMAttention``, SSMax on): the flash-style tiled
+  kernel of ``attention/biased.py`` with the prior added per tile (default tile, 512);
 - ``naive``: the same score module on the whole sequence as one chunk with plain autograd, so
   every [B, H, T, T] intermediate (logits, gates, positions, probabilities) is kept for the
-  backward, which is how a direct implementation of the SPECS equations behaves.
-
-With ``--baseline`` the sweep adds ``none / cpu_flash``: the project's dense block kernel
-(``block_attention``, no position term) at the same shape, the floor that BAM would approach as
-a per-tile score term inside that kernel (a ``score_mod``-style hook, which the kernel does not
-have). BAM needs no such hook to be correct anywhere: its prior is a function of (i, j) only,
-so the query-chunked kernel computes it exactly, under Ulysses and under ring (key gather, see
-``attention/scored.py``), with memory O(chunk x T); the baseline rows measure what the missing
-hook costs in time.
+  backward, which is how a direct implementation of the SPECS equations behaves;
+- ``none / cpu_flash``: the project's dense block kernel (``block_attention``, no position
+  term) at the same shape, the floor BAM's tiled kernel is measured against (issue 21: BAM
+  <= 2x dense at 16k). Always run when BAM is (``--baseline`` adds it otherwise).
 
 Memory and time are measured as in ``bench/attention.py`` (fresh subprocess per case, VmHWM
 after a clear_refs reset; by default the process CPU time of that same run, one thread). A
@@ -36,9 +33,12 @@ from pathlib import Path
 
 import torch
 
+from longctx.attention.config import AttentionConfig
+from longctx.attention.context import AttentionContext
+from longctx.attention.core import AttentionShape
 from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
-from longctx.attention.scored import masked_softmax, scored_attention
+from longctx.attention.scored import BAMAttention, masked_softmax, scored_attention
 from longctx.bench.measure import (
     MEMORY_METHOD,
     TIME_METHOD,
@@ -50,21 +50,28 @@ from longctx.bench.measure import (
     write_report,
 )
 from longctx.positional.bam import BAMScore
-from longctx.positional.config import BAMConfig, CoPEConfig, TAPAConfig
+from longctx.positional.config import BAMConfig, CoPEConfig, PositionalConfig, TAPAConfig
 from longctx.positional.cope import CoPEScore
 from longctx.positional.tapa import TAPAScore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "positional.json"
 ENCODINGS = ("cope", "bam", "tapa")
-METHODS = ("naive", "chunked")
+KERNEL = {"cope": "chunked", "bam": "tiled", "tapa": "chunked"}  # the model's path per encoding
 BASELINE = ("none", "cpu_flash")  # (encoding, method): dense block kernel, no position term
 
 
-def make_score(encoding: str, heads: int, dim: int) -> torch.nn.Module | None:
+def make_score(encoding: str, heads: int, dim: int, method: str) -> torch.nn.Module | None:
     """The score module of one layer with trainable parameters (CoPE table random, not 0);
-    None for the baseline's ``none``."""
+    for ``tiled`` the whole BAM core (its ``score`` is this module); None for ``none``."""
     if encoding == BASELINE[0]:
         return None
+    if method == "tiled":
+        shape = AttentionShape(
+            num_heads=heads, num_kv_heads=heads, head_dim=dim, hidden_size=heads * dim,
+            vocab_size=32, max_position_embeddings=4096,
+        )  # fmt: skip
+        positional = PositionalConfig(kind="bam", bam=BAMConfig(ssmax=True))
+        return BAMAttention(shape, AttentionConfig(), positional)
     if encoding == "cope":
         score = CoPEScore(CoPEConfig(), num_heads=heads, head_dim=dim)
         torch.nn.init.normal_(score.pos_emb, std=0.1)
@@ -88,6 +95,9 @@ def naive_scored_attention(score, q, k, v) -> torch.Tensor:
 def _step(method, score, q, k, v, dout, chunk) -> None:
     if method == "naive":
         out = naive_scored_attention(score, q, k, v)
+    elif method == "tiled":
+        positions = torch.arange(q.shape[2])
+        out = score(q, k, v, AttentionContext(positions[None], positions))
     elif method == BASELINE[1]:
         out, _ = block_attention(q, k, v, backend=BASELINE[1])
     else:
@@ -99,7 +109,7 @@ def run_case(encoding, method, length, heads, dim, chunk, repeats) -> dict:
     """Measure one case in this process (a fresh subprocess started by ``measure``)."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    score = make_score(encoding, heads, dim)
+    score = make_score(encoding, heads, dim, method)
     warm_up = attention_inputs(gen, heads, 64, dim)
     _step(method, score, *warm_up, chunk=32)
     q, k, v, dout = attention_inputs(gen, heads, length, dim)
@@ -143,26 +153,31 @@ def _rows_of(encoding: str, method: str, args: argparse.Namespace) -> dict[int, 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
     rows = []
-    if args.baseline:
+    baseline = args.baseline or "bam" in args.encodings
+    if baseline:
         encoding, method = BASELINE
         dense = _rows_of(encoding, method, args)
         rows += [{"encoding": encoding, "method": method, "length": n, **dense[n]} for n in dense]
     for encoding in args.encodings:
+        method = KERNEL[encoding]
         naive = _rows_of(encoding, "naive", args)
-        chunked = _rows_of(encoding, "chunked", args)
+        kernel = _rows_of(encoding, method, args)
         for length in sorted(args.lengths):
             rows.append(
                 {"encoding": encoding, "method": "naive", "length": length, **naive[length]}
             )
             rows.append({
-                "encoding": encoding, "method": "chunked", "length": length, **chunked[length],
-                "memory_ratio_vs_naive": chunked[length]["peak_bytes"] / naive[length]["peak_bytes"],
-                "time_ratio_vs_naive": chunked[length]["time_s"] / naive[length]["time_s"],
+                "encoding": encoding, "method": method, "length": length, **kernel[length],
+                "memory_ratio_vs_naive": kernel[length]["peak_bytes"] / naive[length]["peak_bytes"],
+                "time_ratio_vs_naive": kernel[length]["time_s"] / naive[length]["time_s"],
                 "naive_measured": naive[length]["measured"],
             })  # fmt: skip
-            if args.baseline:
+            if baseline:
                 rows[-1]["time_ratio_vs_cpu_flash"] = (
-                    chunked[length]["time_s"] / dense[length]["time_s"]
+                    kernel[length]["time_s"] / dense[length]["time_s"]
+                )
+                rows[-1]["memory_ratio_vs_cpu_flash"] = (
+                    kernel[length]["peak_bytes"] / dense[length]["peak_bytes"]
                 )
     return rows
 
@@ -214,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "config": {
             "batch": 1, "heads": args.heads, "head_dim": args.dim, "dtype": "float32",
             "causal": True, "threads": 1, "chunk": args.chunk, "repeats": args.repeats,
-            "mode": "fwd+bwd", "bam_ssmax": True, "baseline": args.baseline,
+            "mode": "fwd+bwd", "bam_ssmax": True, "kernels": KERNEL,
         },
         "memory_method": MEMORY_METHOD,
         "time_method": TIME_METHOD,

@@ -17,6 +17,9 @@ NSA's selection branch is block-major (``attention/nsa_selection.py``): its cost
 number of (query, selected block) pairs, not how alike neighbouring queries' picks are, so both
 kinds should time alike; they are kept to show it (an earlier kernel gathered the union of a
 query chunk's blocks and was 2x slower on ``random``).
+NSA runs as one autograd function (``attention/nsa_gated.py``): its peak memory is the saved
+selection output plus dq, dk, dv and tile temporaries, with the compressed and window branches
+recomputed in backward (the price: one more forward of those two branches).
 
 Time: process CPU time of one forward+backward after one warm-up run (the machine is shared;
 CPU time on one thread is the compute time whatever the load). Memory: the resident high-water

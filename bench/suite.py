@@ -33,10 +33,13 @@ BENCHES = (
     "sp",
     "memory",
     "sparse_power",
+    "s2",
     "attention",
     "sparse_nsa_mosa",
     "train_overhead",
     "peft",
+    "checkpoint",
+    "peer",
     "positional",
 )
 NOTE = (

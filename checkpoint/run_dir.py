@@ -41,6 +41,7 @@ from longctx.checkpoint.store import (
     write_atomic,
 )
 from longctx.data import PackedLoader, Tokenizer, build_datasets, load_tokenizer
+from longctx.data.chat import read_conversations
 from longctx.data.sources import read_documents
 from longctx.errors import LongctxError
 
@@ -152,7 +153,9 @@ def check_data(recipe: Recipe, tokenizer: Tokenizer | None) -> None:
     data = recipe.data
     if tokenizer is None:
         if data.active_tasks().get("text"):
-            read_documents(list(data.sources))
+            if data.text_paths():
+                read_documents(data.text_paths())
+            read_conversations(data.chat_paths())
         return
     dp = recipe.parallel.dp if isinstance(recipe.parallel.dp, int) else 1
     splits = build_datasets(data, tokenizer)

@@ -3,15 +3,21 @@
 ``open_checkpoint(RUN_OR_CHECKPOINT)`` accepts a checkpoint directory (``manifest.json``) or a
 run directory (its ``checkpoints/latest``), verifies every file against the manifest's sha256,
 and reads the recipe the checkpoint was trained with (its own ``recipe.yaml``) and its
-tokenizer. ``load_trained_model`` loads the checkpoint's full fp32 weights
-(``model.safetensors``, gathered from every ZeRO partition when it was saved) into a
+tokenizer. ``load_trained_model`` loads the checkpoint's fp32 weights (assembled tensor by
+tensor from the per-rank shards, ``checkpoint.sharded_state.iter_model_tensors``) into a
 ``Transformer`` built from that recipe (``build_model``, which also builds the models of
 training and of ``hf:PATH`` recipes), so the RoPE settings are the ones trained with (e.g. the
 extension's YaRN ``rope_scaling``). Everything runs in one process and only reads the run.
+``export_hf`` streams the checkpoint's tensors (``sharded_state.iter_model_tensors``) into
+sharded safetensors without building the model.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from longctx.checkpoint.adapter_base import (
     base_reference,
     check_adapter_base,
 )
+from longctx.checkpoint.sharded_state import iter_model_tensors
 from longctx.checkpoint.store import (
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
@@ -31,16 +38,25 @@ from longctx.checkpoint.store import (
     TOKENIZER_FILE,
     latest_checkpoint,
     load_model_state_dict,
+    load_model_weights,
     read_manifest,
     verify_checkpoint,
 )
 from longctx.config.recipe import Recipe, parse_recipe, read_recipe_file
 from longctx.data import Tokenizer, load_tokenizer
 from longctx.errors import LongctxError
-from longctx.model import Transformer, empty_model, load_hf, save_hf
+from longctx.model import Transformer, empty_model, load_hf
 from longctx.model.adapters import attach_adapters, merge_adapters, peft_adapter_files
+from longctx.model.hf_io import (
+    check_tensor_shape,
+    hf_tensor_name,
+    write_hf_config,
+    write_weight_shards,
+)
+from longctx.parallel.zero_init import build_partitioned_hf
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 
 
 @dataclass(frozen=True)
@@ -112,19 +128,27 @@ def open_checkpoint(run_or_checkpoint: str | Path) -> SavedCheckpoint:
 
 
 def build_model(
-    recipe: Recipe, *, weights: str | Path | None = None, dtype: torch.dtype = torch.float32
+    recipe: Recipe,
+    *,
+    weights: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    zero3: dict[str, Any] | None = None,
 ) -> Transformer:
     """The decoder of ``recipe``: the one way a recipe becomes a ``Transformer`` (training,
     evaluation, export, the driver's passkey tables, the benchmarks).
 
     - ``weights`` (a longctx checkpoint directory): built on the meta device (no random init of
       weights about to be replaced), given empty CPU storage in ``dtype``, then filled
-      completely by a strict ``load_state_dict`` of the checkpoint's full weights. The recipe's
+      tensor by tensor from the checkpoint's shards (``load_model_weights``). The recipe's
       settings apply around them (e.g. a new stage's YaRN ``rope_scaling``). An adapter
       checkpoint gives its base (checked against its reference) with the adapters merged in
       (``load_adapted_model``).
-    - else ``model.init: hf:PATH``: that Hugging Face checkpoint's weights (``load_hf``), under
-      the recipe's resolved ``ModelConfig`` (the checkpoint's shape plus the recipe's RoPE).
+    - else ``model.init: hf:PATH``: that Hugging Face checkpoint's weights. With ``zero3`` (the
+      DeepSpeed config of a ZeRO-3 run; every rank calls this) the model is built under
+      ``deepspeed.zero.Init`` and each rank reads only its partition of every tensor
+      (``parallel.zero_init.build_partitioned_hf``); otherwise ``load_hf`` builds one copy in
+      ``dtype`` and fills it one checkpoint tensor at a time. Either way under the recipe's
+      resolved ``ModelConfig`` (the checkpoint's shape plus the recipe's RoPE).
     - else (``init: scratch``) a randomly initialised model: seed torch first for a
       reproducible one.
     """
@@ -132,11 +156,17 @@ def build_model(
         return load_adapted_model(recipe, Path(weights), dtype)
     if weights is not None:
         model = empty_model(recipe.model, recipe.positional, recipe.attention, dtype)
-        model.load_state_dict(load_model_state_dict(Path(weights)), strict=True)
+        load_model_weights(model, weights)
         return model
     if recipe.model.init.startswith("hf:"):
+        source = recipe.model.init.removeprefix("hf:")
+        if zero3 is not None:
+            model, _ = build_partitioned_hf(
+                source, recipe.model, recipe.positional, recipe.attention, zero3
+            )
+            return model
         model, _ = load_hf(
-            recipe.model.init.removeprefix("hf:"),
+            source,
             dtype,
             positional=recipe.positional,
             attention=recipe.attention,
@@ -205,19 +235,80 @@ def _refuse_non_empty(out: Path) -> None:
         )
 
 
-def export_hf(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+def _export_tensors(
+    saved: SavedCheckpoint, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's parameters in Hugging Face names and ``dtype``, one at a time
+    (``iter_model_tensors``); buffers and a tied ``lm_head`` copy are left out (``shapes`` holds
+    the model's distinct parameters). A missing parameter or a wrong shape is a
+    ``LongctxError`` naming it. An adapter checkpoint holds no base weights: its base is
+    loaded with the adapters merged in (``load_adapted_model``) and that model's tensors are
+    written."""
+    seen = set()
+    if BASE_KEY in saved.manifest:
+        merged = load_adapted_model(saved.recipe, saved.directory)
+        source: Iterator[tuple[str, torch.Tensor]] = iter(merged.state_dict().items())
+    else:
+        source = iter_model_tensors(saved.directory)
+    for name, tensor in source:
+        if name not in shapes:
+            continue
+        check_tensor_shape(saved.directory, name, tuple(tensor.shape), shapes[name])
+        seen.add(name)
+        yield hf_tensor_name(name), tensor.to(dtype)
+    missing = sorted(set(shapes) - seen)
+    if missing:
+        raise LongctxError(
+            f"checkpoint {saved.directory} lacks the parameters {missing[:12]} of its recipe's "
+            "model; it is damaged or from another model: export an intact checkpoint"
+        )
+
+
+def export_hf(
+    run_or_checkpoint: str | Path,
+    out: str | Path,
+    dtype: str = "fp32",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Write the checkpoint as a Hugging Face model directory ``out``: ``config.json`` (the
-    recipe's architecture, ``rope_scaling`` and ``max_position_embeddings``),
-    ``model.safetensors`` and the tokenizer files transformers reads (``tokenizer.model``, or
-    ``tokenizer.json`` with its config). ``out`` must be new or empty."""
+    recipe's architecture, ``rope_scaling`` and ``max_position_embeddings``), the weights in
+    safetensors shards of at most ``max_shard_bytes`` with transformers' index
+    (``model.safetensors.index.json``; one ``model.safetensors`` when they fit in one shard),
+    and the tokenizer files transformers reads (``tokenizer.model``, or ``tokenizer.json`` with
+    its config). ``out`` must be new or empty.
+
+    Streams: parameters are read from the checkpoint one at a time (``iter_model_tensors``),
+    cast and added to the shard being filled, which is written and dropped when full, so the
+    process holds at most one shard plus one tensor, never the model. Everything is written to
+    a temporary sibling and renamed to ``out`` at the end (an interrupted export leaves no
+    half-written ``out``)."""
     if dtype not in EXPORT_DTYPES:
         raise LongctxError(f"--dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    if max_shard_bytes < 1:
+        raise LongctxError(f"--max-shard-size must be positive, got {max_shard_bytes} bytes")
     out = Path(out).expanduser()
     _refuse_non_empty(out)
     saved = open_checkpoint(run_or_checkpoint)
-    model = load_trained_model(saved, EXPORT_DTYPES[dtype])
-    save_hf(model, saved.recipe.model, out)
-    saved.tokenizer.export_files(out)  # tokenizer.model, or tokenizer.json + its config
+    recipe = saved.recipe
+    with torch.device("meta"):  # names and shapes only: no memory, no random init
+        skeleton = Transformer(recipe.model, recipe.positional, recipe.attention)
+    shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-export-"))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the model directory is not
+        tensors = _export_tensors(saved, shapes, EXPORT_DTYPES[dtype])
+        write_weight_shards(staging, tensors, max_shard_bytes, single_file=True)
+        write_hf_config(
+            staging, recipe.model, dtype=EXPORT_DTYPES[dtype], positional=skeleton.positional
+        )
+        saved.tokenizer.export_files(staging)  # tokenizer.model, or tokenizer.json + its config
+        if out.exists():  # empty (checked above): the rename needs it gone
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 

@@ -1,43 +1,49 @@
-"""Exact-resume checkpoints: the full training state in safetensors plus a manifest, published
-atomically.
+"""Exact-resume checkpoints: the training state as per-rank safetensors shards plus a manifest,
+published atomically.
 
 Layout (DESIGN section 8)::
 
-    RUN/checkpoints/step_000500/   model.safetensors, optimizer.safetensors (full fp32 weights and
-                                   AdamW moments, ``trainer.full_state``), rng_rank_NNNNN.pt (each
-                                   rank's python/numpy/torch RNG, tensors and plain values only),
+    RUN/checkpoints/step_000500/   state_index.json and state_rRRRRR_pPPPPP.safetensors (each
+                                   rank's fragments of the fp32 weights and AdamW moments,
+                                   ``checkpoint.sharded_state``), rng_rank_NNNNN.pt (each rank's
+                                   python/numpy/torch RNG, tensors and plain values only),
                                    recipe.yaml, tokenizer.model, manifest.json
     RUN/checkpoints/latest         one line, the name of the newest complete checkpoint
 
-A checkpoint is written under a hidden temporary name (``.tmp-step_000500``); the gathered
-tensors are checked to be finite (a checkpoint of NaN or inf weights is never published: the
-run stops instead), every file is hashed, ``manifest.json`` (step, tokens seen, data cursor,
-recipe hash, layout, counters, sha256 of every other file) is written into it, and only then is
-the directory renamed to its final name and ``latest`` replaced by an atomic rename. A crash at
-any point leaves either the previous checkpoint as ``latest`` or the new one complete; a
-directory without a manifest is never loaded, and ``--resume latest`` reports the incomplete
-ones it skips. The last ``keep_last`` checkpoints are kept.
+A checkpoint is written under a hidden temporary name (``.tmp-step_000500``); each rank writes
+its own shards and checks its fragments are finite (a checkpoint of NaN or inf weights is never
+published: the run stops instead) and hashes the files it wrote; rank 0 writes
+``manifest.json`` (step, tokens seen, data cursor, recipe hash, layout, counters, sha256 of
+every other file) into it, and only then is the directory renamed to its final name and
+``latest`` replaced by an atomic rename. A crash at any point leaves either the previous
+checkpoint as ``latest`` or the new one complete; a directory without a manifest is never
+loaded, and ``--resume latest`` reports the incomplete ones it skips. The last ``keep_last``
+checkpoints are kept.
 
-Nothing in a checkpoint is unpickled on load: tensors come from safetensors and the RNG files
-through ``torch.load(weights_only=True)``. The manifest's file names must stay inside the
-checkpoint directory. Because the saved state is unsharded, a checkpoint resumes under another
-world size, sequence-parallel layout or ZeRO stage (elastic resume): the data position is
-carried over in global rows (``translate_data_cursor``).
+Nothing in a checkpoint is unpickled on load: tensors come from safetensors, the index and
+manifest are JSON, and the RNG files go through ``torch.load(weights_only=True)``. The
+manifest's file names must stay inside the checkpoint directory, and the shard layout is
+checked against the index before anything is loaded (``check_shards``). Restoring reshards, so
+a checkpoint resumes under another world size, sequence-parallel layout or ZeRO stage (elastic
+resume): the data position is carried over in global rows (``translate_data_cursor``).
 
-Every rank calls ``save_checkpoint`` and ``load_checkpoint`` (the state is gathered from and
-scattered to every rank's partitions); the run directory must be on storage every rank sees
-(one machine, or a shared file system on a cluster). ``verify_checkpoint`` and
+Every rank calls ``save_checkpoint`` and ``load_checkpoint`` (each writes and reads its own
+share); the run directory must be on storage every rank sees (one machine, or a shared file
+system on a cluster). ``verify_checkpoint``, ``load_model_weights`` and
 ``load_model_state_dict`` work in any single process (the CLI driver, evaluation, export).
+Both phases log their wall time on rank 0 (``checkpoint save step_N: done in S s``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,16 +52,20 @@ import torch
 import torch.distributed as dist
 
 from longctx.checkpoint.full_state import (
-    MODEL_FILE,
-    OPTIMIZER_FILE,
-    FullState,
-    capture_full_state,
-    read_model_tensors,
-    restore_full_state,
+    engine_counters,
+    restore_counters,
     rng_state_from_plain,
     rng_state_to_plain,
     translate_data_cursor,
-    write_full_state,
+)
+from longctx.checkpoint.sharded_state import (
+    INDEX_FILE,
+    check_shards,
+    iter_model_tensors,
+    new_checkpoint_id,
+    read_index,
+    restore_shards,
+    write_shards,
 )
 from longctx.errors import LongctxError
 
@@ -69,7 +79,13 @@ LATEST_FILE = "latest"
 MANIFEST_FILE = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
 TOKENIZER_FILE = "tokenizer.model"
-MANIFEST_FORMAT = 2  # 1: DeepSpeed's sharded files (pickles); 2: safetensors full state
+# 1: DeepSpeed's sharded files (pickles); 2: one full-state model.safetensors and
+# optimizer.safetensors (rank 0 gathered everything); 3: per-rank safetensors shards + JSON index
+MANIFEST_FORMAT = 3
+_FORMAT_NAMES = {
+    1: "DeepSpeed's pickled shards",
+    2: "full-state model.safetensors + optimizer.safetensors",
+}
 _TAG_PATTERN = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _HASH_BLOCK = 1 << 20
@@ -77,6 +93,7 @@ _HASH_BLOCK = 1 << 20
 # and the prefix of a base that is a checkpoint of the same run.
 BASE_KEY = "adapter_base"
 BASE_CHECKPOINT_SOURCE = "checkpoint:"
+log = logging.getLogger("longctx.checkpoint")
 _MANIFEST_KEYS = (
     "rng_states",
     "step",
@@ -230,18 +247,20 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
         staging.mkdir()
     _barrier()
-    state = capture_full_state(engine)
-    _refuse_non_finite(state, staging, step)
-    torch.save(rng_state_to_plain(capture_rng_state()), staging / rng_file(rank))
-    counters = None
+    started = time.perf_counter()
     if rank == 0:
-        counters = write_full_state(staging, state)
+        log.info("checkpoint save %s: start", tag)
+    mine, bad = write_shards(engine, staging, new_checkpoint_id())
+    _refuse_non_finite(bad, staging, step)
+    torch.save(rng_state_to_plain(capture_rng_state()), staging / rng_file(rank))
+    mine.append(rng_file(rank))
+    if rank == 0:
         (staging / RECIPE_FILE).write_text(recipe.resolved_yaml())
+        mine.append(RECIPE_FILE)
         if tokenizer_bytes is not None:
             (staging / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
-    del state
-    _barrier()
-    digests = _hash_files(staging, _checkpoint_files(staging))
+            mine.append(TOKENIZER_FILE)
+    digests = _gather_digests(staging, mine)
     final = root / tag
     if rank == 0:
         manifest = {
@@ -256,7 +275,7 @@ def save_checkpoint(
             "dtype": recipe.trainer.dtype,
             "recipe_hash": recipe.recipe_hash(),
             "shape": shape_summary(recipe),
-            "counters": counters,
+            "counters": engine_counters(engine),
             "files": digests,
         }
         base = getattr(engine.module.model, BASE_KEY, None)  # set by the worker for adapters
@@ -267,37 +286,33 @@ def save_checkpoint(
         write_atomic(root / LATEST_FILE, tag + "\n")
         prune_checkpoints(root, recipe.trainer.keep_last)
     _barrier()
+    if rank == 0:
+        log.info("checkpoint save %s: done in %.2f s", tag, time.perf_counter() - started)
     return final
 
 
-def first_non_finite(state: FullState) -> str | None:
-    """Name of the first weight or AdamW moment holding a NaN or inf, or None."""
-    named = [(name, t) for name, t in state.model.items()]
-    named += [(f"{key} of {n}", t) for key, m in state.moments.items() for n, t in m.items()]
-    for name, tensor in named:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
+def _gather_digests(directory: Path, mine: list[str]) -> dict[str, str]:
+    """sha256 of every file written: each rank hashes the files it wrote (``mine``), and the
+    digests are gathered on every rank, sorted by name."""
+    digests = {name: sha256_file(directory / name) for name in mine}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, digests)
+        digests = {name: digest for part in gathered for name, digest in part.items()}
+    return dict(sorted(digests.items()))
 
 
-def _refuse_non_finite(state: FullState | None, staging: Path, step: int) -> None:
-    """Stop every rank, before anything is renamed into place, when rank 0's gathered state is
-    not finite; the staging directory is removed and ``latest`` keeps naming the last good
-    checkpoint."""
-    rank, _ = _rank_world()
-    bad = first_non_finite(state) if rank == 0 else None
-    flag = torch.tensor([0 if bad is None else 1], dtype=torch.int64)
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
-            flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.broadcast(flag, src=0)
-    if not int(flag):
+def _refuse_non_finite(bad: str | None, staging: Path, step: int) -> None:
+    """Stop every rank, before anything is renamed into place, when a rank's fragment of a
+    weight or moment is not finite (``bad`` names it, the same on every rank); the staging
+    directory is removed and ``latest`` keeps naming the last good checkpoint."""
+    if bad is None:
         return
     _barrier()
-    if rank == 0:
+    if _rank_world()[0] == 0:
         shutil.rmtree(staging, ignore_errors=True)
     raise LongctxError(
-        f"step {step}: {bad or 'a weight'} holds NaN or inf, so checkpoint {checkpoint_tag(step)} "
+        f"step {step}: {bad} holds NaN or inf, so checkpoint {checkpoint_tag(step)} "
         "was not written (the last good one stays latest); lower trainer.lr or "
         "trainer.grad_clip and resume with --resume latest"
     )
@@ -430,10 +445,12 @@ def verify_checkpoint(path: str | Path, recipe: Recipe | None = None) -> dict[st
             "checkpoint is damaged, resume from another one"
         ) from None
     if isinstance(manifest, dict) and manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format")
+        name = _FORMAT_NAMES.get(found, "unknown") if isinstance(found, int) else "unknown"
         raise LongctxError(
-            f"checkpoint {directory} has manifest format {manifest.get('format')!r}, this longctx "
-            f"reads format {MANIFEST_FORMAT} (safetensors state); resume it with the longctx "
-            "version that wrote it, or start a new run"
+            f"checkpoint {directory} is in checkpoint format {found!r} ({name}); this longctx "
+            f"reads format {MANIFEST_FORMAT} (per-rank safetensors shards); resume or export it "
+            "with the longctx version that wrote it, or start a new run"
         )
     absent = [
         key for key in _MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest
@@ -446,7 +463,7 @@ def verify_checkpoint(path: str | Path, recipe: Recipe | None = None) -> dict[st
     files: dict[str, str] = manifest["files"]
     for name in [*files, *manifest["rng_states"]]:
         _check_inside(directory, name, manifest_path)
-    unhashed = [n for n in [MODEL_FILE, OPTIMIZER_FILE, *manifest["rng_states"]] if n not in files]
+    unhashed = [n for n in [INDEX_FILE, *manifest["rng_states"]] if n not in files]
     if unhashed:
         raise LongctxError(
             f"checkpoint manifest {manifest_path} has no sha256 for {unhashed[0]}; the "
@@ -458,6 +475,7 @@ def verify_checkpoint(path: str | Path, recipe: Recipe | None = None) -> dict[st
             f"checkpoint {directory} lacks {len(missing)} file(s) its manifest lists, e.g. "
             f"{missing[0]}; the checkpoint is damaged, resume from another one"
         )
+    check_shards(directory, manifest)
     actual = _hash_files(directory, sorted(files))
     corrupt = [name for name in sorted(files) if actual[name] != files[name]]
     if corrupt:
@@ -531,8 +549,18 @@ def load_checkpoint(engine: DeepSpeedEngine, path: str | Path, recipe: Recipe) -
     manifest = verify_checkpoint(directory, recipe)
     rank, world = _rank_world()
     rng_state = read_rng_file(directory, manifest, rank)
-    restore_full_state(engine, directory, manifest["counters"], directory)
+    started = time.perf_counter()
+    if rank == 0:
+        log.info("checkpoint restore %s: start", directory.name)
+    counters = manifest["counters"]
+    restore_shards(engine, directory, read_index(directory), counters["optimizer_step"], directory)
+    restore_counters(engine, counters)
     restore_rng_state(rng_state)
+    _barrier()
+    if rank == 0:
+        log.info(
+            "checkpoint restore %s: done in %.2f s", directory.name, time.perf_counter() - started
+        )
     dp_size = recipe.parallel.resolve(world).dp
     cursor = translate_data_cursor(
         manifest["data_cursor"], dp_size, recipe.trainer.micro_batch_size
@@ -558,11 +586,37 @@ def read_rng_file(directory: Path, manifest: dict[str, Any], rank: int) -> dict[
 
 def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The decoder's weights from a verified checkpoint, in ``Transformer.state_dict()`` names
-    (fp32, read from ``model.safetensors``: nothing is unpickled). Runs in a single process
-    (evaluation, export, tests)."""
+    (fp32, assembled from the shards: nothing is unpickled). Runs in a single process
+    (evaluation, tests); ``load_model_weights`` fills a model without this second copy."""
     directory = Path(path)
     verify_checkpoint(directory)
-    return read_model_tensors(directory)
+    return dict(iter_model_tensors(directory))
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy a verified checkpoint's weights into ``model`` (a ``Transformer`` of its shape, any
+    dtype) one tensor at a time: at most one full fp32 tensor is held beside the model. Refuses
+    a checkpoint whose tensor names differ from the model's (one line)."""
+    directory = Path(path)
+    verify_checkpoint(directory)
+    state = model.state_dict()
+    saved = read_index(directory)["tensors"]
+    if set(saved) != set(state):
+        differing = sorted(set(saved) ^ set(state))
+        raise LongctxError(
+            f"checkpoint {directory} holds {len(saved)} tensors named differently from this "
+            f"model ({len(differing)} differ, e.g. {differing[0]}); load it with the recipe it "
+            "was trained with"
+        )
+    with torch.no_grad():
+        for name, tensor in iter_model_tensors(directory):
+            if state[name].shape != tensor.shape:
+                raise LongctxError(
+                    f"checkpoint {directory} holds {name} of shape {list(tensor.shape)}, the "
+                    f"model's is {list(state[name].shape)}; load it with the recipe it was "
+                    "trained with"
+                )
+            state[name].copy_(tensor)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

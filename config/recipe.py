@@ -11,6 +11,7 @@ turns every mistake into a one-line ``LongctxError`` naming the field, the value
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from longctx.attention.config import AttentionConfig
-from longctx.attention.registry import recipe_problem
+from longctx.attention.registry import recipe_problem, sequence_problem
 from longctx.config.recipe_errors import check_key_path, single_line, validation_error_line
 from longctx.config.stages import StageSpec, check_stage_keys
 from longctx.data.config import DataConfig
@@ -69,6 +70,16 @@ class TrainerConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = Field(
+        False,
+        description="DeepSpeed ZeRO offload_optimizer: AdamW moments and the fp32 master "
+        "partition live in CPU memory and the step runs there (needs zero_stage >= 1)",
+    )
+    offload_param: bool = Field(
+        False,
+        description="DeepSpeed ZeRO-3 offload_param: the parameter partitions live in CPU "
+        "memory between uses (needs zero_stage: 3)",
+    )
     dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = Field(False, description="recompute each layer in backward")
     tiled_mlp_chunk: int | None = Field(
@@ -76,6 +87,11 @@ class TrainerConfig(BaseModel):
     )
     offload_activations: bool = Field(
         False, description="keep saved activations in CPU memory (matters on GPU)"
+    )
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where rank 0 logs scalars and figures; wandb runs offline unless "
+        "WANDB_MODE or WANDB_API_KEY is set (needs the 'tracking' extra)",
     )
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(200, ge=0, description="steps between evaluations; 0 = never")
@@ -131,6 +147,21 @@ class TrainerConfig(BaseModel):
             )
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise ValueError(f"betas={list(self.betas)} must each be in [0, 1); e.g. [0.9, 0.95]")
+        if "wandb" in self.trackers and importlib.util.find_spec("wandb") is None:
+            raise ValueError(
+                "trackers includes 'wandb' but the wandb package is not installed; "
+                "pip install 'longctx[tracking]' or remove wandb from trainer.trackers"
+            )
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ValueError(
+                f"offload_optimizer needs ZeRO (zero_stage={self.zero_stage}): DeepSpeed offloads "
+                "the optimizer partitions of stages 1-3; set zero_stage: 1, 2 or 3"
+            )
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_param needs zero_stage: 3 (got {self.zero_stage}): only ZeRO-3 "
+                "partitions the parameters it offloads; set zero_stage: 3"
+            )
         return self
 
 
@@ -196,6 +227,8 @@ class Recipe(BaseModel):
         problem = recipe_problem(
             shape, self.attention, self.positional, ulysses=parallel.ulysses, ring=parallel.ring
         )
+        if problem is None:
+            problem = sequence_problem(self.attention, self.positional, self.data.seq_len)
         if problem is not None:
             raise ValueError(problem)
         if self.adapters is not None:

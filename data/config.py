@@ -111,6 +111,26 @@ class TokenizerConfig(_Strict):
     vocab_size: int = Field(2048, ge=300, description="only used when training a tokenizer")
 
 
+class SourceSpec(_Strict):
+    """One entry of ``data.sources`` written as a mapping: ``path`` (a file, a directory or
+    ``builtin``), its mixture ``weight`` (the fraction of the training tokens drawn from it,
+    after normalising the weights; None = its natural share) and its ``format``: ``text``
+    (.txt / .jsonl ``text`` rows) or ``chat`` (.jsonl rows ``{"messages": [{"role", "content"},
+    ...]}`` rendered with the tokenizer's chat template, loss on assistant tokens only)."""
+
+    path: str
+    weight: float | None = None
+    format: Literal["text", "chat"] = "text"
+
+
+class LongUpsampling(_Strict):
+    """Documents of at least ``min_tokens`` tokens are drawn ``factor`` times as often as the
+    others of their source (ProLong's long-document upsampling; ``longctx.data.mixture``)."""
+
+    min_tokens: int = Field(gt=0)
+    factor: float = Field(gt=0.0)
+
+
 class DataConfig(_Strict):
     """The data section of a recipe.
 
@@ -121,11 +141,13 @@ class DataConfig(_Strict):
     would otherwise dominate the loss.
     """
 
-    sources: list[str] = Field(
+    sources: list[str | SourceSpec] = Field(
         default_factory=lambda: [BUILTIN_SOURCE],
         description="paths to .txt / .jsonl ('text' field) files or directories of them; "
-        "'builtin' is English text from CPython's pydoc_data.topics",
+        "'builtin' is English text from CPython's pydoc_data.topics; or mappings "
+        "{path, weight, format} (a weighted mixture, chat sources)",
     )
+    long_upsampling: LongUpsampling | None = None
     tasks: dict[TaskName, float] = Field(default_factory=lambda: {"text": 1.0})
     task_params: TaskParams = TaskParams()
     task_length_range: tuple[float, float] = Field(
@@ -154,9 +176,23 @@ class DataConfig(_Strict):
 
     @field_validator("sources")
     @classmethod
-    def _sources_not_blank(cls, sources: list[str]) -> list[str]:
-        if any(not s.strip() for s in sources):
+    def _sources_not_blank(cls, sources: list[str | SourceSpec]) -> list[str | SourceSpec]:
+        specs = [SourceSpec(path=s) if isinstance(s, str) else s for s in sources]
+        if any(not spec.path.strip() for spec in specs):
             raise ValueError(f"sources {sources} contain an empty path; remove it")
+        weights = [spec.weight for spec in specs]
+        if any(w is not None for w in weights):
+            if any(w is None for w in weights):
+                raise ValueError(
+                    "some sources have a weight and some do not; give every entry "
+                    "{path: ..., weight: ...} or none"
+                )
+            if any(w < 0 for w in weights):
+                raise ValueError(f"source weights {weights} include a negative one; use >= 0")
+            if sum(weights) <= 0:
+                raise ValueError(
+                    f"source weights {weights} sum to 0; give at least one source a positive weight"
+                )
         return sources
 
     @field_validator("task_length_range")
@@ -178,6 +214,18 @@ class DataConfig(_Strict):
                 "or set the text weight to 0"
             )
         return self
+
+    def source_specs(self) -> list[SourceSpec]:
+        """``sources`` with plain paths as ``SourceSpec(path)`` (text, natural weight)."""
+        return [SourceSpec(path=s) if isinstance(s, str) else s for s in self.sources]
+
+    def text_paths(self) -> list[str]:
+        """The paths of the text (not chat) sources, in order."""
+        return [spec.path for spec in self.source_specs() if spec.format == "text"]
+
+    def chat_paths(self) -> list[str]:
+        """The paths of the chat sources, in order."""
+        return [spec.path for spec in self.source_specs() if spec.format == "chat"]
 
     def active_tasks(self) -> dict[str, float]:
         """Task weights with the zero-weight entries removed."""

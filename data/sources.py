@@ -14,6 +14,7 @@ one-line ``LongctxError`` naming the file (and line) and the fix.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,19 +116,25 @@ def _read_text_file(path: Path) -> str:
     return text
 
 
-def _read_jsonl(path: Path) -> list[Document]:
-    documents = []
+def json_lines(path: Path, what: str) -> Iterator[tuple[str, object]]:
+    """``(where, record)`` of every non-blank line of a JSON-lines file (``where`` is
+    ``path:line``); a line that is not JSON is a one-line error naming ``what`` and the line."""
     for line_number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
         try:
-            record = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as err:
             raise LongctxError(
-                f"data file line {where!r} is not valid JSON ({err.msg} at column "
-                f"{err.colno}); write one JSON object per line"
+                f"{what} line {where!r} is not valid JSON ({err.msg} at column {err.colno}); "
+                "write one JSON object per line"
             ) from None
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    documents = []
+    for where, record in json_lines(path, "data file"):
         if not isinstance(record, dict) or "text" not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise LongctxError(

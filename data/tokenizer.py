@@ -143,14 +143,18 @@ class JsonTokenizer(Tokenizer):
     ``eos_token`` names the end-of-sequence token (from ``tokenizer_config.json``); ``bos_id`` is
     the token the file's post-processor puts first when special tokens are added (None if none).
     ``prefix_space`` is found by probing: a tokenizer that already encodes ``"a"`` like ``" a"``
-    (a sentencepiece-style prefix) gets no extra space.
+    (a sentencepiece-style prefix) gets no extra space. ``chat_template`` is the Jinja chat
+    template shipped beside the file (None if none; ``longctx.data.chat`` renders with it).
     """
 
-    def __init__(self, backend: HfTokenizer, eos_token: str, path: str):
+    def __init__(
+        self, backend: HfTokenizer, eos_token: str, path: str, chat_template: str | None = None
+    ):
         super().__init__()
         self.path = path
         self.backend = backend
         self.eos_token = eos_token
+        self.chat_template = chat_template
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
         eos = self.backend.token_to_id(eos_token)
         if eos is None:
@@ -189,6 +193,8 @@ class JsonTokenizer(Tokenizer):
             "eos_token": self.eos_token,
             "tokenizer": json.loads(self.spec),
         }
+        if self.chat_template is not None:
+            bundle["chat_template"] = self.chat_template
         return json.dumps(bundle, ensure_ascii=False).encode("utf-8")
 
     def export_files(self, directory: str | Path) -> list[Path]:
@@ -199,6 +205,8 @@ class JsonTokenizer(Tokenizer):
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
         if self.bos_token is not None:
             config["bos_token"] = self.bos_token
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         files = [directory / JSON_TOKENIZER_FILENAME, directory / JSON_TOKENIZER_CONFIG]
         files[0].write_text(self.spec, encoding="utf-8")
         files[1].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -250,9 +258,30 @@ def _load_json_tokenizer(raw: bytes, target: Path) -> JsonTokenizer:
         raise LongctxError(f"tokenizer {str(target)!r} is not valid JSON ({err})") from None
     if isinstance(document, dict) and document.get("format") == _JSON_BUNDLE_FORMAT:
         backend = _parse_tokenizer_json(json.dumps(document["tokenizer"]), target)
-        return JsonTokenizer(backend, document["eos_token"], str(target))
+        return JsonTokenizer(
+            backend, document["eos_token"], str(target), document.get("chat_template")
+        )
     backend = _parse_tokenizer_json(raw.decode("utf-8"), target)
-    return JsonTokenizer(backend, _eos_token_beside(target, document), str(target))
+    return JsonTokenizer(
+        backend, _eos_token_beside(target, document), str(target), _chat_template_beside(target)
+    )
+
+
+def _chat_template_beside(target: Path) -> str | None:
+    """The chat template shipped next to a ``tokenizer.json``: ``chat_template.jinja``, else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of
+    which the one named ``default`` is used); None when there is none."""
+    jinja = target.parent / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config_file = target.parent / JSON_TOKENIZER_CONFIG
+    if not config_file.is_file():
+        return None
+    template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _parse_tokenizer_json(spec: str, target: Path) -> HfTokenizer:
@@ -313,7 +342,8 @@ def train_tokenizer(
         )
     if vocab_size <= 0:
         raise LongctxError(f"vocab size {vocab_size} must be positive; use e.g. 2048")
-    texts = [doc.text for doc in read_documents(list(inputs))] + list(extra_texts)
+    texts = [doc.text for doc in read_documents(list(inputs))] if inputs else []
+    texts += list(extra_texts)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".tokenizer-") as workdir:
         corpus = Path(workdir) / "corpus.txt"
@@ -353,17 +383,20 @@ def train_tokenizer(
 
 def resolve_tokenizer(config: DataConfig, run_dir: str) -> Tokenizer:
     """The tokenizer a run uses: ``config.tokenizer.path`` if set; else ``run_dir/tokenizer.model``
-    if an earlier attempt of the run trained it; else train it there now on the sources plus
-    generated task text (so filler and task words get their own tokens)."""
+    if an earlier attempt of the run trained it; else train it there now on the text sources,
+    the chat sources' message contents and generated task text (so filler and task words get
+    their own tokens)."""
     if config.tokenizer.path is not None:
         return load_tokenizer(config.tokenizer.path)
     out = Path(run_dir) / TOKENIZER_FILENAME
     if not out.exists():
+        from longctx.data.chat import chat_texts  # chat imports this module for Tokenizer
+
         train_tokenizer(
-            list(config.sources),
+            config.text_paths(),
             config.tokenizer.vocab_size,
             str(out),
-            extra_texts=tuple(task_vocabulary_texts(config.seed)),
+            extra_texts=(*chat_texts(config.chat_paths()), *task_vocabulary_texts(config.seed)),
         )
     return load_tokenizer(str(out))
 

@@ -147,16 +147,16 @@ def perplexity_documents(
     held_out: Sequence[TokenDocument] | None,
 ) -> list[TokenDocument] | None:
     """The documents ``ppl`` scores under ``plan.ppl_text`` (``trainer.eval_ppl_text``): the
-    corpus' ``held_out`` split, or the long-text stream of ``data.sources`` in ``data.seed``
-    order holding exactly ``ppl_windows`` windows of the longest plan length (the windows of
-    every shorter length are prefixes of the same stream, as ``long_text_documents`` cuts
+    corpus' ``held_out`` split, or the long-text stream of the text ``data.sources`` in
+    ``data.seed`` order holding exactly ``ppl_windows`` windows of the longest plan length (the
+    windows of every shorter length are prefixes of the same stream, as ``long_text_documents`` cuts
     them). None when the plan has no ``ppl``."""
     if "ppl" not in plan.tasks:
         return None
     if plan.ppl_text == "held_out":
         return None if held_out is None else list(held_out)
     return long_text_documents(
-        tokenizer, max(plan.lengths), plan.ppl_windows, sources=data.sources, seed=data.seed
+        tokenizer, max(plan.lengths), plan.ppl_windows, sources=data.text_paths(), seed=data.seed
     )
 
 

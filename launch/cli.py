@@ -7,7 +7,7 @@
     longctx eval RUN_OR_CHECKPOINT|HF_DIR|RECIPE --task ppl|passkey|niah|counting|... [--lengths N ...]
                  [--depths F ...] [--samples N] [--windows N] [--out DIR] [--set k=v ...]
                  [--workers N] [--address A]
-    longctx export RUN_OR_CHECKPOINT --hf OUT [--dtype fp32|bf16]   (adapters merged in)
+    longctx export RUN_OR_CHECKPOINT --hf OUT [--dtype fp32|bf16] [--max-shard-size 5GB]   (adapters merged in)
     longctx export RUN_OR_CHECKPOINT --peft OUT                   (the adapters, peft's format)
     longctx bench [NAME ...] [--report-only]
     longctx convert --gguf FILE --out DIR
@@ -89,6 +89,22 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    """Tokenize sources once into memory-mapped token shards (``longctx.data.prepare``)."""
+    from longctx.data.prepare import prepare
+
+    manifest = prepare(
+        list(args.sources), args.tokenizer, args.out, field=args.field, num_proc=args.num_proc
+    )
+    rate = manifest["throughput"]
+    print(
+        f"prepared {manifest['documents']} documents, {manifest['tokens']} tokens in "
+        f"{len(manifest['shards'])} shards into {args.out}; tokenized {rate['new_tokens']} new "
+        f"tokens in {rate['seconds']:.1f} s ({rate['tokens_per_s']:,.0f} tokens/s)"
+    )
+    return 0
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -107,6 +123,34 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def shard_size(text: str) -> int:
+    """``"5GB"`` -> 5e9 bytes (decimal KB/MB/GB as transformers reads them, binary KiB/MiB/GiB,
+    or plain bytes); ``argparse.ArgumentTypeError`` (exit 2, one line) for anything else."""
+    number = text.strip().lower().rstrip("bgikm")
+    unit = text.strip().lower()[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value <= 0 or int(value * _SIZE_UNITS[unit]) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive size; write e.g. 5GB, 500MB, 2GiB or a byte count"
+        )
+    return int(value * _SIZE_UNITS[unit])
+
+
 def _export(args: argparse.Namespace) -> int:
     """Export a checkpoint as a Hugging Face model directory (adapters merged into the base),
     and / or an adapter checkpoint's adapters in peft's format."""
@@ -115,7 +159,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.hf is None and args.peft is None:
         raise LongctxError("longctx export needs --hf OUT, --peft OUT or both")
     if args.hf is not None:
-        print(f"exported to {export_hf(args.run_or_checkpoint, args.hf, args.dtype)}")
+        out = export_hf(args.run_or_checkpoint, args.hf, args.dtype, args.max_shard_size)
+        print(f"exported to {out}")
     if args.peft is not None:
         print(f"exported the adapters to {export_peft(args.run_or_checkpoint, args.peft)}")
     return 0
@@ -208,6 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokenizer_train.set_defaults(handler=_train_tokenizer)
 
+    data = commands.add_parser("data", help="corpus tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    data_prepare = data_commands.add_parser(
+        "prepare", help="tokenize sources once into memory-mapped token shards"
+    )
+    data_prepare.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help=".txt/.jsonl/.jsonl.gz/.parquet files, dataset directories, or 'builtin'",
+    )
+    data_prepare.add_argument("--tokenizer", required=True, metavar="PATH")
+    data_prepare.add_argument("--out", required=True, metavar="DIR")
+    data_prepare.add_argument("--field", default="text", help="the text field (default: text)")
+    data_prepare.add_argument("--num-proc", type=_positive_int, default=1, metavar="N")
+    data_prepare.set_defaults(handler=_prepare_data)
+
     evaluate = commands.add_parser(
         "eval", help="evaluate a checkpoint or model (ppl, passkey, niah), optionally sharded"
     )
@@ -276,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--peft", metavar="OUT", help="new or empty directory for the adapters in peft's format"
     )
     export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    export.add_argument(
+        "--max-shard-size",
+        type=shard_size,
+        default="5GB",
+        metavar="SIZE",
+        help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB or bytes (default 5GB, as "
+        "transformers); more than one shard gets model.safetensors.index.json",
+    )
     export.set_defaults(handler=_export)
 
     convert = commands.add_parser(

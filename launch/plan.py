@@ -17,6 +17,18 @@ Memory model, per rank (t = micro_batch_size x seq_len / sp tokens on the rank):
 - the tiled loss's backward workspace: the logits gradient of one chunk and the float32 LM-head
   gradient accumulator (``loss_workspace_bytes``).
 
+Peaks per phase (``phase_peaks``), on top of the training step's estimate above:
+
+- init from Hugging Face weights: under ZeRO-3 each rank builds its partition of the weights
+  (training dtype, ``/ world``) plus one module's parameters in full while it is constructed
+  (the largest parameter, ``largest_parameter_numel``); under ZeRO 0-2 one full copy in the
+  training dtype plus one fp32 tensor read from the checkpoint. A scratch init builds the model
+  in fp32 on every rank, then casts it tensor by tensor;
+- save and restore of a sharded checkpoint: the step peak plus this rank's share of the full
+  fp32 state (weights and both AdamW moments, 12 bytes per parameter, ``/ world``) plus a
+  256 MiB I/O buffer (the issue's bound; restore happens before the first step, so the step
+  peak over-counts it).
+
 Not counted: allocator fragmentation, CUDA context and NCCL's own buffers (about 1-3 GiB on a
 GPU), and kernel scratch below one [chunk, chunk] score tile per head.
 """
@@ -48,6 +60,10 @@ DS_ALLGATHER_BUCKET = 500_000_000
 DS_STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
+FULL_STATE_BYTES = 12  # fp32 weights + AdamW's two fp32 moments, per parameter
+CHECKPOINT_IO_BUFFER = 256 * 2**20
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes one rank holds at the peak of a training step (see the module docstring for what
@@ -60,6 +76,7 @@ class MemoryEstimate:
     zero_buffers: int = 0
     attention_workspace: int = 0
     loss_workspace: int = 0
+    host_offload: int = 0  # bytes moved to CPU memory by ZeRO offload (not in ``total``)
 
     @property
     def total(self) -> int:
@@ -155,10 +172,17 @@ def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
     weight_b, grad_b, optim_b = _STATE_BYTES[trainer.dtype]
     world, stage = layout.world, trainer.zero_stage
     tokens = trainer.micro_batch_size * recipe.data.seq_len // layout.sp
+    weights = params * weight_b // (world if stage >= 3 else 1)
+    optimizer = params * optim_b // (world if stage >= 1 else 1)
+    # ZeRO offload keeps these partitions in host memory instead of on the accelerator.
+    host = (optimizer if trainer.offload_optimizer else 0) + (
+        weights if trainer.offload_param else 0
+    )
     return MemoryEstimate(
-        weights=params * weight_b // (world if stage >= 3 else 1),
+        weights=0 if trainer.offload_param else weights,
         gradients=params * grad_b // (world if stage >= 2 else 1),
-        optimizer=params * optim_b // (world if stage >= 1 else 1),
+        optimizer=0 if trainer.offload_optimizer else optimizer,
+        host_offload=host,
         activations=activation_bytes(
             recipe.model, tokens, trainer.dtype, trainer.activation_checkpointing
         ),
@@ -166,6 +190,46 @@ def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
         attention_workspace=attention_workspace_bytes(recipe.model, tokens, trainer.dtype, layout),
         loss_workspace=loss_workspace_bytes(recipe.model, tokens, trainer.dtype),
     )
+
+
+@dataclass(frozen=True)
+class PhasePeaks:
+    """Per-rank peak bytes of each phase of a run (see the module docstring)."""
+
+    init: int
+    step: int
+    save: int
+    restore: int
+
+
+def largest_parameter_numel(model: ModelConfig) -> int:
+    """Elements of the model's largest parameter: the embedding / LM head ``[V, d]``, an MLP
+    matrix ``[I, d]`` or the query projection ``[Hq hd, d]``."""
+    d = model.hidden_size
+    return max(
+        model.vocab_size * d,
+        model.intermediate_size * d,
+        model.num_attention_heads * model.dim_per_head * d,
+    )
+
+
+def phase_peaks(recipe: Recipe, layout: ParallelConfig) -> PhasePeaks:
+    """Per-rank peaks of init, a training step, a sharded save and a restore of ``recipe`` on
+    ``layout``."""
+    trainer = recipe.trainer
+    params = recipe.model.num_parameters()
+    weight_b = _STATE_BYTES[trainer.dtype][0]
+    largest = largest_parameter_numel(recipe.model)
+    world = layout.world
+    if not recipe.model.init.startswith("hf:"):
+        init = params * FP32_BYTES + largest * weight_b
+    elif trainer.zero_stage == 3:
+        init = params * weight_b // world + largest * weight_b
+    else:
+        init = params * weight_b + largest * FP32_BYTES
+    step = estimate_memory(recipe, layout).total
+    checkpoint = step + params * FULL_STATE_BYTES // world + CHECKPOINT_IO_BUFFER
+    return PhasePeaks(init=init, step=step, save=checkpoint, restore=checkpoint)
 
 
 def human_bytes(count: int) -> str:
@@ -192,6 +256,7 @@ def plan_rows(recipe: Recipe, layout: ParallelConfig) -> list[tuple[str, str]]:
     """The dry-run plan as (what, value) rows."""
     trainer, seq_len = recipe.trainer, recipe.data.seq_len
     memory = estimate_memory(recipe, layout)
+    peaks = phase_peaks(recipe, layout)
     per_step = layout.dp * trainer.micro_batch_size * trainer.grad_accum
     return [
         ("world layout", layout.describe()),
@@ -214,6 +279,21 @@ def plan_rows(recipe: Recipe, layout: ParallelConfig) -> list[tuple[str, str]]:
         ("memory per rank: attention workspace", human_bytes(memory.attention_workspace)),
         ("memory per rank: loss workspace", human_bytes(memory.loss_workspace)),
         ("memory per rank: total (estimate)", f"{human_bytes(memory.total)} ({memory.total:,} B)"),
+        *(
+            (f"peak per rank: {phase}", f"{human_bytes(value)} ({value:,} B)")
+            for phase, value in (
+                ("init", peaks.init),
+                ("step", peaks.step),
+                ("save", peaks.save),
+                ("restore", peaks.restore),
+            )
+        ),
+        (
+            "host memory per rank: ZeRO offload",
+            human_bytes(memory.host_offload)
+            + f" (optimizer {'on' if trainer.offload_optimizer else 'off'}, "
+            + f"parameters {'on' if trainer.offload_param else 'off'})",
+        ),
         ("recipe hash (model shape)", recipe.recipe_hash()),
         ("run directory", str(trainer.run_dir)),
     ]

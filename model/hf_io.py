@@ -28,12 +28,13 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from longctx.attention.config import AttentionConfig
@@ -302,13 +303,30 @@ def load_hf(
     config = config or model_config_from_hf(directory)
     positional = positional or _recorded_positional(directory)
     model = empty_model(config, positional, attention, dtype)
-    for module in _modules_with_new_parameters(model):
+    for module in modules_with_new_parameters(model):
         module.init_new_parameters()
     params = {hf_tensor_name(name): p for name, p in model.named_parameters()}
+    files = checked_weight_files(directory, model, config)
+    with torch.no_grad():
+        for file in files:
+            for name, tensor in stream_tensors(file):
+                if name not in params:
+                    continue  # ignored buffer or a tied lm_head copy
+                check_tensor_shape(file, name, tuple(tensor.shape), tuple(params[name].shape))
+                params[name].copy_(tensor)
+                del tensor  # one checkpoint tensor alive at a time beside the model
+    return model, config
+
+
+def checked_weight_files(directory: Path, model: Transformer, config: ModelConfig) -> list[Path]:
+    """The weight files of the checkpoint ``directory`` for ``model``, after checking that they
+    hold every parameter of ``model`` except new ones (``new_parameter_names``, logged by name)
+    and nothing unexpected (``LongctxError`` naming them). Reads only the index or the
+    safetensors headers."""
+    expected = {hf_tensor_name(name) for name, _ in model.named_parameters()}
     files, names_in_checkpoint = _checkpoint_contents(directory)
     new = sorted(set(new_parameter_names(model)) - names_in_checkpoint)
-    expected = set(params) - set(new)
-    _check_names(directory, expected, names_in_checkpoint, config.tie_word_embeddings)
+    _check_names(directory, expected - set(new), names_in_checkpoint, config.tie_word_embeddings)
     if new:
         log.warning(
             "load_hf: %d parameters are not in %s and were initialised as SPECS.md says: %s",
@@ -316,25 +334,36 @@ def load_hf(
             directory,
             ", ".join(new),
         )
-    with torch.no_grad():
-        for file in files:
-            for name, tensor in _read_tensors(file).items():
-                if name not in params:
-                    continue  # ignored buffer or a tied lm_head copy
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise LongctxError(
-                        f"tensor {name} in {file} has shape {tuple(tensor.shape)} but config.json "
-                        f"implies {tuple(params[name].shape)}; the config does not match the "
-                        "weights"
-                    )
-                params[name].copy_(tensor)
-    return model, config
+    return files
+
+
+def check_tensor_shape(
+    file: Path, name: str, found: tuple[int, ...], expected: tuple[int, ...]
+) -> None:
+    """``LongctxError`` naming ``name`` and both shapes when the checkpoint's tensor does not
+    have the shape the config implies."""
+    if found != expected:
+        raise LongctxError(
+            f"tensor {name} in {file} has shape {found} but config.json implies {expected}; "
+            "the config does not match the weights"
+        )
+
+
+def stream_tensors(file: Path) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` of one weight file, one tensor read at a time for safetensors (a
+    legacy ``.bin`` pickle is read whole, weights-only)."""
+    if file.suffix != ".safetensors":
+        yield from _read_tensors(file).items()
+        return
+    with safe_open(file, framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+            yield name, handle.get_tensor(name)
 
 
 def new_parameter_names(model: Transformer) -> list[str]:
     """Checkpoint names of the parameters a checkpoint may lack: those owned by modules with
     ``init_new_parameters()`` (e.g. ``model.layers.0.self_attn.core.score.pos_emb``)."""
-    owners = {id(module) for module in _modules_with_new_parameters(model)}
+    owners = {id(module) for module in modules_with_new_parameters(model)}
     return [
         hf_tensor_name(f"{module_name}.{param_name}" if module_name else param_name)
         for module_name, module in model.named_modules()
@@ -343,7 +372,9 @@ def new_parameter_names(model: Transformer) -> list[str]:
     ]
 
 
-def _modules_with_new_parameters(model: Transformer) -> list[torch.nn.Module]:
+def modules_with_new_parameters(model: Transformer) -> list[torch.nn.Module]:
+    """The modules of ``model`` that own parameters a checkpoint may lack (they have
+    ``init_new_parameters()``)."""
     return [m for m in model.modules() if callable(getattr(m, "init_new_parameters", None))]
 
 
@@ -402,8 +433,7 @@ def _checkpoint_contents(directory: Path) -> tuple[list[Path], set[str]]:
 
 
 def _read_tensors(file: Path) -> dict[str, Tensor]:
-    if file.suffix == ".safetensors":
-        return load_file(file)
+    """A legacy ``pytorch_model.bin``'s state dict, loaded weights-only (never arbitrary code)."""
     try:
         tensors = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -462,18 +492,27 @@ def save_hf(
             "model was built from"
         )
     # named_parameters lists a tied matrix once (as embed_tokens), which is what HF expects.
-    tensors = {
-        hf_tensor_name(name): p.detach().contiguous() for name, p in model.named_parameters()
-    }
+    tensors = ((hf_tensor_name(name), p.detach()) for name, p in model.named_parameters())
     dtype = model.embed_tokens.weight.dtype
     directory.mkdir(parents=True, exist_ok=True)
     if max_shard_bytes is None:
-        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        save_file(dict(tensors), directory / "model.safetensors", metadata={"format": "pt"})
     else:
-        _save_shards(directory, tensors, max_shard_bytes)
+        write_weight_shards(directory, tensors, max_shard_bytes)
+    write_hf_config(directory, config, dtype=dtype, positional=model.positional)
+
+
+def write_hf_config(
+    directory: Path,
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    positional: PositionalConfig | None,
+) -> None:
+    """``config.json`` (``hf_config_dict``) of a model whose weights are stored in ``dtype``;
+    written after the weights, so a directory holding it is complete."""
     (directory / "config.json").write_text(
-        json.dumps(hf_config_dict(config, dtype=dtype, positional=model.positional), indent=2)
-        + "\n"
+        json.dumps(hf_config_dict(config, dtype=dtype, positional=positional), indent=2) + "\n"
     )
 
 
@@ -491,23 +530,57 @@ def _refuse_existing_checkpoint(directory: Path) -> None:
         )
 
 
-def _save_shards(directory: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> None:
-    """Greedy shards in parameter order, named ``model-0000i-of-0000n.safetensors`` like
-    transformers, and the index that maps each tensor to its shard."""
-    shards: list[dict[str, Tensor]] = [{}]
-    shard_bytes = 0
-    for name, tensor in tensors.items():
+def write_weight_shards(
+    directory: Path,
+    tensors: Iterable[tuple[str, Tensor]],
+    max_shard_bytes: int,
+    *,
+    single_file: bool = False,
+) -> list[Path]:
+    """Stream ``(checkpoint name, tensor)`` pairs into safetensors shards of at most
+    ``max_shard_bytes`` (a larger single tensor gets its own shard), in the order given, named
+    ``model-0000i-of-0000n.safetensors`` like transformers, plus the
+    ``model.safetensors.index.json`` that maps each tensor to its shard. Returns the files.
+
+    Only the shard being filled is held: each full shard is written and dropped before the next
+    tensor is taken from ``tensors`` (a generator that reads one tensor at a time keeps the peak
+    at one shard plus one tensor). Shards are written under a provisional name and renamed once
+    their count is known. ``single_file``: a result of one shard is ``model.safetensors``
+    without an index, as transformers writes a model below its shard size.
+    """
+    provisional: list[tuple[Path, list[str]]] = []
+    weight_map: dict[str, int] = {}
+    shard: dict[str, Tensor] = {}
+    shard_bytes = total = 0
+
+    def flush() -> None:
+        path = directory / f".model-{len(provisional) + 1:05d}.safetensors.partial"
+        save_file(shard, path, metadata={"format": "pt"})
+        provisional.append((path, list(shard)))
+        shard.clear()
+
+    for name, tensor in tensors:
         size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append({})
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
             shard_bytes = 0
-        shards[-1][name] = tensor
+        shard[name] = tensor.contiguous()
+        weight_map[name] = len(provisional)
         shard_bytes += size
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / file_name, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, file_name)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        total += size
+    if shard or not provisional:
+        flush()
+    if single_file and len(provisional) == 1:
+        final = directory / "model.safetensors"
+        provisional[0][0].rename(final)
+        return [final]
+    count = len(provisional)
+    names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    for (path, _), name in zip(provisional, names):
+        path.rename(directory / name)
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {tensor: names[i] for tensor, i in weight_map.items()},
+    }
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [directory / name for name in names]

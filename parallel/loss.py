@@ -3,8 +3,9 @@
 The language-model head turns hidden states [N, d] into logits [N, V]; at long context that
 tensor dominates memory (64k tokens x 32k vocab x 4 bytes = 8 GiB, plus its gradient). The
 tiled loss computes logits, log-sum-exp and the target logit for ``chunk_size`` tokens at a
-time and keeps only the per-token NLL; the backward recomputes each chunk's logits and turns them
-into ``dhidden`` and ``dweight`` on the spot. Peak memory is O(chunk_size x V).
+time, and while a chunk's logits exist also its share of ``dhidden`` and ``dweight`` (a fused
+linear cross-entropy: no logits are recomputed); it keeps the NLL sum and those gradients. Peak
+memory is O(chunk_size x V) beyond the gradients themselves.
 
 Labels are pre-shifted by the data pipeline (``labels[t]`` is the token after ``input_ids[t]``,
 -100 = no loss), so every sequence-parallel shard scores its own tokens without a halo.
@@ -28,78 +29,107 @@ def _accum_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _chunk_nll(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits of one chunk and the NLL of each scored token, in at least float32.
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per loss chunk: the chunk's [n, V] float32 logits stay near 256 MiB (2^26
+    elements), and never fewer than 256 tokens (a thinner GEMM loses speed). E.g. 1365 tokens
+    for SmolLM2's 49152 pieces, 2097 for Llama-2's 32000, 523 for Llama-3's 128256."""
+    return max(256, 2**26 // vocab_size)
 
-    hidden [n, d], weight [V, d], labels [n] -> logits [n, V], nll [n] (0 where the label is
-    ignored); bf16 inputs are accumulated in float32, float64 inputs stay float64.
-    """
-    logits = (hidden @ weight.t()).to(_accum_dtype(hidden))  # [n, V]
+
+def _chunk_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """hidden [n, d] @ weight [V, d].T -> logits [n, V] in at least float32 (bf16 inputs are
+    accumulated in float32, float64 stays float64)."""
+    return (hidden @ weight.t()).to(_accum_dtype(hidden))
+
+
+def _nll_and_probabilities(logits: Tensor, labels: Tensor) -> Tensor:
+    """NLL [n] of each scored token (0 where the label is ignored); ``logits`` [n, V] is
+    overwritten IN PLACE by exp(logits - rowmax), so that one [n, V] buffer serves the whole
+    chunk; divide it by its row sums for the softmax."""
     scored = labels != IGNORE_INDEX
     target = logits.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)  # [n]
-    nll = (torch.logsumexp(logits, dim=1) - target) * scored
-    return logits, nll
+    rowmax = logits.amax(dim=1, keepdim=True)  # [n, 1]
+    logits.sub_(rowmax).exp_()
+    lse = rowmax.squeeze(1) + logits.sum(dim=1).log()  # [n]
+    return (lse - target) * scored
 
 
 class _TiledNLLSum(torch.autograd.Function):
-    """Sum of token NLLs over [N] tokens, computed and differentiated chunk by chunk."""
+    """Sum of token NLLs over [N] tokens, computed and differentiated chunk by chunk.
+
+    The gradients are computed in the forward pass, while each chunk's logits exist anyway
+    (a fused linear cross-entropy): d nll / d logits = softmax - onehot(target), turned at once
+    into this chunk's rows of dhidden [N, d] and a sum into dweight [V, d]. Backward only scales
+    them by the incoming scalar. That is three GEMMs per chunk (logits, dhidden, dweight), what
+    an untiled loss costs, instead of four for a backward that recomputes the logits; the price
+    is holding dhidden and dweight from forward to backward, tensors the backward creates
+    anyway.
+    """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
-        total = torch.zeros((), dtype=_accum_dtype(hidden), device=hidden.device)
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = _accum_dtype(hidden)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, d]
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None  # [V, d]
+        weight_acc = weight.to(acc)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            _, nll = _chunk_nll(hidden[sl], weight, labels[sl])
+            h, y = hidden[sl], labels[sl]
+            probs = _chunk_logits(h, weight)  # [n, V], becomes the softmax's numerator
+            nll = _nll_and_probabilities(probs, y)
             total += nll.sum()
-        ctx.save_for_backward(hidden, weight, labels)
-        ctx.chunk_size = chunk_size
+            if grad_hidden is None and grad_weight is None:
+                continue
+            scored = y != IGNORE_INDEX
+            probs.div_(probs.sum(dim=1, keepdim=True))  # softmax
+            rows = scored.nonzero().squeeze(1)
+            probs[rows, y[rows]] -= 1.0
+            probs.mul_(scored.unsqueeze(1))  # ignored tokens get no gradient
+            if grad_hidden is not None:
+                grad_hidden[sl] = (probs @ weight_acc).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(probs.t(), h.to(acc))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
-        hidden, weight, labels = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = (
-            torch.zeros_like(weight, dtype=_accum_dtype(weight))
-            if ctx.needs_input_grad[1]
-            else None
-        )
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            sl = slice(start, start + ctx.chunk_size)
-            h, y = hidden[sl], labels[sl]
-            logits, _ = _chunk_nll(h, weight, y)
-            # d(lse - target)/dlogits = softmax - onehot(target), zero for ignored tokens.
-            dlogits = torch.softmax(logits, dim=1)
-            rows = (y != IGNORE_INDEX).nonzero().squeeze(1)
-            dlogits[rows, y[rows]] -= 1.0
-            dlogits *= (y != IGNORE_INDEX).unsqueeze(1) * grad_total  # [n, V]
-            if grad_hidden is not None:
-                grad_hidden[sl] = (dlogits @ weight.to(dlogits.dtype)).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += dlogits.t() @ h.to(dlogits.dtype)
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None
 
 
 @torch.no_grad()
 def tiled_token_nll(
-    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 4096
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None
 ) -> Tensor:
     """NLL of every token of ``hidden @ weight.T`` against pre-shifted ``labels``, no gradient.
 
     hidden [N, d], weight [V, d], labels [N] (-100 = not scored) -> nll [N] in at least float32,
     0 where the label is ignored. The logits exist ``chunk_size`` tokens at a time (the same
     chunks as ``tiled_cross_entropy``), so evaluation at long context keeps per-token losses
-    without ever holding [N, V].
+    without ever holding [N, V]. ``chunk_size`` None: ``default_chunk_size(V)``.
     """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunk_size = _checked_chunk_size(chunk_size, weight)
     nll = torch.empty(hidden.shape[0], dtype=_accum_dtype(hidden), device=hidden.device)  # [N]
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        nll[sl] = _chunk_nll(hidden[sl], weight, labels[sl])[1]
+        nll[sl] = _nll_and_probabilities(_chunk_logits(hidden[sl], weight), labels[sl])
     return nll
+
+
+def _checked_chunk_size(chunk_size: int | None, weight: Tensor) -> int:
+    if chunk_size is None:
+        return default_chunk_size(weight.shape[0])
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return chunk_size
 
 
 def scored_token_count(labels: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
@@ -115,7 +145,7 @@ def tiled_cross_entropy(
     weight: Tensor,
     labels: Tensor,
     *,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """Token-mean cross-entropy of ``hidden @ weight.T`` against pre-shifted ``labels``.
@@ -124,12 +154,15 @@ def tiled_cross_entropy(
     tokens without loss. Returns a scalar (float32; float64 for float64 inputs): the sum of this rank's token NLLs divided
     by the number of scored tokens over ``group`` (the sequence-parallel group; None = this
     rank alone). With no scored token at all the loss is 0 (and so are the gradients).
+    ``chunk_size``: tokens per chunk (None: ``default_chunk_size(V)``).
     """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunk_size = _checked_chunk_size(chunk_size, weight)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, d]
     flat_labels = labels.reshape(-1)  # [N]
-    nll_sum = _TiledNLLSum.apply(flat_hidden, weight, flat_labels, chunk_size)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        nll_sum = _TiledNLLSum.apply(flat_hidden, weight, flat_labels, chunk_size)
+    else:  # evaluation: no gradients to compute in the forward pass
+        nll_sum = tiled_token_nll(flat_hidden, weight, flat_labels, chunk_size).sum()
     return nll_sum / scored_token_count(flat_labels, group).clamp_min(1.0).to(nll_sum.dtype)
 
 

@@ -14,8 +14,9 @@ attention for a core whose softmax ``merges_blockwise`` (``DenseAttention`` and 
 block-sparse subclasses); key-gather context parallelism (``KeyGatherAttention``: local queries
 against all-gathered keys, and the gathered layer input for ``reads_key_hidden``) for one that
 ``accepts_gathered_keys`` (score-based position encodings, sparse variants). Ulysses gathers
-the layer input for cores that declare ``reads_hidden`` and tells cores with
-``has_head_parameters`` their heads (``restrict_to_heads``).
+the layer input for cores that declare ``reads_hidden`` and tells every core its heads
+(``restrict_to_heads``: cores with per-head parameters narrow them, S2-attn finds its shifted
+half; the others ignore it).
 
 Ulysses sits outside ring: its all-to-all gives each rank the ring shard of a head subset, and
 ring attention then runs across ring ranks on it (``ParallelMesh.shard_batch`` lays the tokens
@@ -141,7 +142,7 @@ def parallelize(model: nn.Module, parallel_config: ParallelConfig, mesh: Paralle
     num_heads = model.config.num_attention_heads
     for layer in model.layers:
         core = inner = layer.self_attn.core
-        if config.ulysses > 1 and inner.has_head_parameters:  # before a ring wrapper hides it
+        if config.ulysses > 1:  # before a ring wrapper hides it
             per_rank = num_heads // config.ulysses
             inner.restrict_to_heads(
                 mesh.ulysses_rank * per_rank, (mesh.ulysses_rank + 1) * per_rank

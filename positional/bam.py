@@ -12,8 +12,10 @@ Optional SSMax (scalable softmax): the logits of row i are multiplied by ``s_h *
 (our choice: the multiplier is 1 at the model's trained length, so a converted checkpoint starts
 close to where it was).
 
-The prior depends only on positions, so it is a plain additive score term: it runs in the
-query-chunked ``scored_attention`` kernel here, and any block kernel could add it per tile.
+The prior depends only on the distance, so the attention core (``attention/scored.py``,
+``BAMAttention``) evaluates it once per distance (``prior_table``) and the flash-style tiled
+kernel of ``attention/biased.py`` adds it per tile; ``scores`` computes the same logits for a
+whole block at once (the benchmarks' naive baseline and the references).
 """
 
 from __future__ import annotations
@@ -76,6 +78,18 @@ class BAMScore(nn.Module):
         if self.ssmax_scale is not None:
             self.ssmax_scale.fill_(1.0 / math.log(self.max_position_embeddings))
 
+    def prior_table(self, distance: Tensor, heads: slice, dtype: torch.dtype) -> Tensor:
+        """The prior of heads ``heads`` at each distance: distance [N] -> [h, N] in ``dtype``
+        (the compute dtype, whatever the parameters' storage dtype)."""
+        params = (self.theta_scale[heads], self.theta_shape[heads], self.mu[heads])
+        return bam_log_prior(distance[None], *(p.to(dtype) for p in params))[:, 0]
+
+    def ssmax_multiplier(self, visible_keys: Tensor, heads: slice, dtype: torch.dtype) -> Tensor:
+        """SSMax's ``s_h ln(n_i)``: visible-key counts [Bm, c] -> [Bm, h, c] in ``dtype``
+        (a count below 1, a row that sees nothing, is taken as 1)."""
+        counts = visible_keys.clamp(min=1).to(dtype)
+        return self.ssmax_scale[heads].to(dtype)[:, None] * counts.log()[:, None]
+
     def scores(
         self,
         q: Tensor,
@@ -86,18 +100,16 @@ class BAMScore(nn.Module):
         heads: slice = slice(None),
     ) -> Tensor:
         """q [B, H, c, D], k [B, H, Tk, D], visible [Bm, c, Tk] -> logits [B, H, c, Tk];
-        ``heads`` selects the per-head parameters of these H heads."""
+        ``heads`` selects the per-head parameters of these H heads. The whole block at once:
+        the attention core runs the tiled kernel instead (``attention/biased.py``)."""
         logits = (q @ k.transpose(-1, -2)) * self.scale  # [B, H, c, Tk]
         distance = q_positions[:, None] - k_positions[None, :]  # [c, Tk]
         params = (self.theta_scale[heads], self.theta_shape[heads], self.mu[heads])
-        # the prior in the logits' (compute) dtype, whatever the parameters' storage dtype
         prior = bam_log_prior(distance, *(p.to(logits.dtype) for p in params))
         logits = logits + prior  # [B, H, c, Tk]
         if self.ssmax_scale is None:
             return logits
-        visible_keys = visible.sum(dim=-1).clamp(min=1).to(logits.dtype)  # [Bm, c]
-        ssmax_scale = self.ssmax_scale[heads].to(logits.dtype)[:, None]  # [H, 1]
-        multiplier = ssmax_scale * visible_keys.log()[:, None]  # [Bm, H, c]
+        multiplier = self.ssmax_multiplier(visible.sum(dim=-1), heads, logits.dtype)  # [Bm, H, c]
         return logits * multiplier[..., None]  # [Bm, H, c, 1] broadcast over B, keys
 
     def extra_repr(self) -> str:

@@ -6,8 +6,9 @@ both), no traceback, and no change on disk: names, bytes and modification times 
 under the case's directory and the shared data directory are the same afterwards.
 
 Cases cover the recipe (keys, types, ranges, incompatible settings, sequence-parallel and head
-divisibility, stage order, YAML), the data (missing, empty, binary, not UTF-8, JSON lines without
-``text``, too little text for one batch), the tokenizer (larger than the model's vocabulary,
+divisibility, stage order, YAML, mixture weights), the data (missing, empty, binary, not UTF-8,
+JSON lines without ``text``, chat rows without messages, with an unknown role or no assistant
+turn, too little text for one batch), the tokenizer (larger than the model's vocabulary,
 missing), checkpoints (missing, foreign directory, another model shape, damaged, a run
 directory that already holds a run) and the command line (bad ``--set``, unknown command or
 flag, bad ``--workers``). Recipe mistakes are caught by ``--dry-run``; the others by the checks
@@ -19,8 +20,10 @@ battery costs about as much as its slowest few cases.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -134,6 +137,28 @@ CASES: dict[str, Case] = {
         (".txt or .jsonl", "add some"),
         (("folder/x.csv", b"a"),),
     ),
+    "mixture weight negative": Case(
+        _train("data.sources=[{{path: builtin, weight: -1}}, {{path: builtin, weight: 2}}]"),
+        ("negative", "use >= 0"),
+    ),
+    "mixture weights sum to 0": Case(
+        _train("data.sources=[{{path: builtin, weight: 0}}]"), ("sum to 0", "positive weight")
+    ),
+    "chat row without messages": Case(
+        _on_data(sources="[{{path: {case}/chat_no_messages.jsonl, format: chat}}]"),
+        ("no non-empty 'messages'", "each line must be like"),
+        (("chat_no_messages.jsonl", b'{"text": "a document"}\n'),),
+    ),
+    "chat role unknown": Case(
+        _on_data(sources="[{{path: {case}/chat_unknown_role.jsonl, format: chat}}]"),
+        ("role 'tool'", "use one of system, user, assistant"),
+        (("chat_unknown_role.jsonl", b'{"messages": [{"role": "tool", "content": "x"}]}\n'),),
+    ),
+    "chat without assistant turn": Case(
+        _on_data(sources="[{{path: {case}/chat_no_assistant.jsonl, format: chat}}]"),
+        ("no assistant turn", "add an assistant message"),
+        (("chat_no_assistant.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n'),),
+    ),
     # --- tokenizer
     "tokenizer larger than the model vocabulary": Case(
         _on_data("model.vocab_size=256"), ("320 tokens", "model.vocab_size >= 320")
@@ -159,7 +184,31 @@ CASES: dict[str, Case] = {
     ),
     "resume a damaged checkpoint": Case(
         (*_on_data("model.intermediate_size=96"), "--resume", "{damaged}"),
-        ("sha256 of model.safetensors", "resume from another"),
+        ("sha256 of state_r00000_p00000.safetensors", "resume from another"),
+    ),
+    "resume a checkpoint missing a shard": Case(
+        (*_on_data("model.intermediate_size=96"), "--resume", "{missing_shard}"),
+        ("lacks 1 file(s)", "state_r00000_p00000.safetensors", "resume from another"),
+    ),
+    "resume a checkpoint holding another checkpoint's shard": Case(
+        (*_on_data("model.intermediate_size=96"), "--resume", "{foreign_shard}"),
+        ("belongs to another checkpoint", "resume from another"),
+    ),
+    "resume a checkpoint with a truncated shard": Case(
+        (*_on_data("model.intermediate_size=96"), "--resume", "{truncated_shard}"),
+        ("state_r00000_p00000.safetensors is truncated", "resume from another"),
+    ),
+    "resume a manifest listing a path outside the checkpoint": Case(
+        (*_on_data("model.intermediate_size=96"), "--resume", "{escaping_manifest}"),
+        ("a path outside the checkpoint", "resume from another"),
+    ),
+    "resume a checkpoint whose shard count differs from its index": Case(
+        (*_on_data("model.intermediate_size=96"), "--resume", "{shard_count}"),
+        ("shard count does not match the metadata", "resume from another"),
+    ),
+    "resume a checkpoint of the old full-state format": Case(
+        (*_on_data("model.intermediate_size=96"), "--resume", "{old_format}"),
+        ("checkpoint format 2 (full-state", "start a new run"),
     ),
     "run directory already holds a run": Case(
         _on_data("trainer.run_dir={existing}", "model.intermediate_size=96"),
@@ -186,9 +235,10 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def _make_checkpoint(data: Path, tmp: Path) -> Path:
-    """A real checkpoint of the test model (two steps, one process), in its own run directory."""
+    """Real checkpoints of the test model (steps 1 and 2, one process), in their own run
+    directory."""
     corpus, tokenizer = data / "corpus.txt", data / "tokenizer_320.model"
-    recipe = tiny_recipe(corpus, tokenizer, tmp / "trained", steps=2, ckpt_every=2, eval_every=0)
+    recipe = tiny_recipe(corpus, tokenizer, tmp / "trained", steps=2, ckpt_every=1, eval_every=0)
     job_file = tmp / "job.json"
     job_file.write_text(json.dumps(job(recipe)))
     script = "import json,sys; from longctx.trainer.worker import train_worker; "
@@ -196,6 +246,49 @@ def _make_checkpoint(data: Path, tmp: Path) -> Path:
     env = {**os.environ, **deepspeed_env()}
     subprocess.run([sys.executable, "-c", script, str(job_file)], check=True, env=env, timeout=600)
     return tmp / "trained"
+
+
+SHARD = "state_r00000_p00000.safetensors"
+
+
+def _set_manifest(checkpoint: Path, **changes) -> None:
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    (checkpoint / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+
+def _damaged_checkpoints(trained: Path, root: Path) -> dict[str, Path]:
+    """Copies of the trained run, each with its step-2 checkpoint damaged one way; by name."""
+    damaged = {}
+    for name in (
+        "damaged",
+        "missing_shard",
+        "foreign_shard",
+        "truncated_shard",
+        "escaping_manifest",
+        "shard_count",
+        "old_format",
+    ):
+        run = Path(shutil.copytree(trained, root / f"run_{name}"))
+        damaged[name] = run / "checkpoints" / "step_000002"
+    raw = bytearray((damaged["damaged"] / SHARD).read_bytes())
+    raw[-7] ^= 0x10
+    (damaged["damaged"] / SHARD).write_bytes(bytes(raw))
+    (damaged["missing_shard"] / SHARD).unlink()
+    foreign = (damaged["foreign_shard"].parent / "step_000001" / SHARD).read_bytes()
+    (damaged["foreign_shard"] / SHARD).write_bytes(foreign)
+    files = json.loads((damaged["foreign_shard"] / "manifest.json").read_text())["files"]
+    _set_manifest(
+        damaged["foreign_shard"], files={**files, SHARD: hashlib.sha256(foreign).hexdigest()}
+    )
+    raw = (damaged["truncated_shard"] / SHARD).read_bytes()
+    (damaged["truncated_shard"] / SHARD).write_bytes(raw[: len(raw) // 2])
+    files = json.loads((damaged["escaping_manifest"] / "manifest.json").read_text())["files"]
+    _set_manifest(damaged["escaping_manifest"], files={**files, "../../../config.yaml": "0" * 64})
+    (damaged["shard_count"] / SHARD).unlink()
+    files = json.loads((damaged["shard_count"] / "manifest.json").read_text())["files"]
+    _set_manifest(damaged["shard_count"], files={k: v for k, v in files.items() if k != SHARD})
+    _set_manifest(damaged["old_format"], format=2)
+    return damaged
 
 
 def _run_case(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -212,18 +305,12 @@ def outcomes(tmp_path_factory) -> dict:
     make_data(data)
     trained = _make_checkpoint(data, root)
     checkpoint = trained / "checkpoints" / "step_000002"
-    import shutil
-
-    damaged_run = Path(shutil.copytree(trained, root / "damaged"))
-    weights = damaged_run / "checkpoints" / "step_000002" / "model.safetensors"
-    raw = bytearray(weights.read_bytes())
-    raw[-7] ^= 0x10
-    weights.write_bytes(bytes(raw))
+    damaged = _damaged_checkpoints(trained, root)
     places = {
         "data": str(data),
         "checkpoint": str(checkpoint),
-        "damaged": str(damaged_run / "checkpoints" / "step_000002"),
         "existing": str(trained),
+        **{name: str(path) for name, path in damaged.items()},
     }
     prepared = {}
     for name, case in CASES.items():
@@ -234,7 +321,8 @@ def outcomes(tmp_path_factory) -> dict:
             (case_dir / relative).write_bytes(content)
         argv = [part.format(case=case_dir, **places) for part in case.argv]
         prepared[name] = (case_dir, argv)
-    shared_before = {path: snapshot(Path(path)) for path in (data, trained, damaged_run)}
+    shared = (data, trained, *(path.parent.parent for path in damaged.values()))
+    shared_before = {path: snapshot(Path(path)) for path in shared}
     before = {name: snapshot(case_dir) for name, (case_dir, _) in prepared.items()}
     with ThreadPoolExecutor(PARALLEL_CASES) as pool:
         futures = {
@@ -242,7 +330,7 @@ def outcomes(tmp_path_factory) -> dict:
             for name, (case_dir, argv) in prepared.items()
         }
         results = {name: future.result() for name, future in futures.items()}
-    shared_after = {path: snapshot(Path(path)) for path in (data, trained, damaged_run)}
+    shared_after = {path: snapshot(Path(path)) for path in shared}
     return {
         "results": results,
         "unchanged": {

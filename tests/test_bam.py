@@ -1,5 +1,8 @@
-"""BAM (SPECS 2.3): the chunked kernel against a per-query float64 reference (outputs and
-gradients, with and without SSMax), and the hand cases: shape 1 is ALiBi, shape 0 is NoPE."""
+"""BAM (SPECS 2.3): the model's core (the flash-style tiled kernel, ``attention/biased.py``) and
+the query-chunked score path against a per-query float64 reference (outputs and gradients of
+q, k, v and the prior's and SSMax's parameters, with and without SSMax, packed documents,
+gapped positions, queries a subset of the keys), and the hand cases: shape 1 is ALiBi, shape 0
+is NoPE."""
 
 from __future__ import annotations
 
@@ -11,11 +14,14 @@ import torch
 from hf_fixtures import random_tokens, save_tiny_hf
 from positional_reference import bam_row, expand_kv, per_query_attention
 
+from longctx.attention.biased import relative_bias_attention
 from longctx.attention.config import AttentionConfig
+from longctx.attention.context import AttentionContext
+from longctx.attention.core import AttentionShape
 from longctx.attention.kernels import block_attention
 from longctx.attention.mask import MaskSpec
 from longctx.attention.reference import reference_attention
-from longctx.attention.scored import scored_attention
+from longctx.attention.scored import BAMAttention, scored_attention
 from longctx.model.config import ModelConfig
 from longctx.model.hf_io import load_hf, new_parameter_names, save_hf
 from longctx.model.transformer import Transformer
@@ -87,6 +93,103 @@ def test_outputs_and_grads_equal_per_query_reference(ssmax):
         torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)
     ):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def _core(ssmax: bool, tile: int, dtype: torch.dtype = torch.float64) -> BAMAttention:
+    """The model's BAM core with tiles of ``tile`` tokens and the randomised ``_bam`` priors."""
+    shape = AttentionShape(
+        num_heads=HQ, num_kv_heads=HKV, head_dim=D, hidden_size=HQ * D, vocab_size=32,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    positional = PositionalConfig(kind="bam", bam=BAMConfig(ssmax=ssmax))
+    core = BAMAttention(shape, AttentionConfig(chunk_size=tile), positional).to(dtype)
+    core.score.load_state_dict(_bam(ssmax, dtype).state_dict())
+    return core
+
+
+@pytest.mark.parametrize("tile", [3, 4, 64])
+@pytest.mark.parametrize("ssmax", [False, True])
+def test_tiled_core_outputs_and_grads_equal_per_query_reference(ssmax, tile):
+    """Tiles of 3 and 4 mix runs of consecutive positions (the strided prior) with tiles that
+    span a gap (the gathered prior) and cut documents; 64 is one tile."""
+    q, k, v = _inputs(seed=6)
+    core = _core(ssmax, tile)
+    score = core.score
+    seq_positions = torch.tensor([0, 1, 2, 3, 8, 9, 12, 13, 14, 20])
+    doc_ids = torch.tensor([[0] * 4 + [1] * 6, [0] * 3 + [1] * 7])
+    ctx = AttentionContext(seq_positions[None].expand(B, -1), seq_positions, doc_ids)
+    out = core(q, k, v, ctx)
+    ref = per_query_attention(
+        expand_kv(v, HQ),
+        bam_row(q, expand_kv(k, HQ), seq_positions.tolist(), score.theta_scale,
+                score.theta_shape, score.ssmax_scale),
+        heads=HQ, positions=seq_positions.tolist(), doc_ids=doc_ids,
+    )  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    params = [score.theta_scale, score.theta_shape] + ([score.ssmax_scale] if ssmax else [])
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    inputs = (q, k, v, *params)
+    for grad, ref_grad in zip(
+        torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)
+    ):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ssmax", [False, True])
+def test_tiled_core_on_gathered_keys_equals_scored_path(ssmax):
+    """Key gather (ring): the local queries are a zigzag subset, the keys the whole sequence in
+    order; the tiled core equals the query-chunked score path, gradients included."""
+    gen = torch.Generator().manual_seed(11)
+    length, local = 16, [0, 1, 2, 3, 12, 13, 14, 15]
+    q = torch.randn(B, HQ, len(local), D, generator=gen, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(B, HKV, length, D, generator=gen, dtype=torch.float64).requires_grad_()
+            for _ in range(2))  # fmt: skip
+    docs = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
+    core = _core(ssmax, tile=3)
+    positions = torch.tensor(local)
+    ctx = AttentionContext(
+        positions[None].expand(B, -1), positions, docs[:, local],
+        key_seq_positions=torch.arange(length), key_doc_ids=docs,
+    )  # fmt: skip
+    out = core(q, k, v, ctx)
+    ref = scored_attention(q, k, v, core.score, mask=core.mask_for(ctx), chunk_size=5)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    inputs = (q, k, v, *core.score.parameters())
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for grad, ref_grad in zip(
+        torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)
+    ):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_tiled_kernel_rows_without_keys_give_zero_and_finite_grads():
+    q, k, v = _inputs(seed=7)
+    docs_q = torch.tensor([[5] * 3 + [0] * 7, [0] * 10])  # doc 5 has no keys
+    docs_k = torch.tensor([[0] * 10, [0] * 10])
+    mask = MaskSpec(q_doc_ids=docs_q, k_doc_ids=docs_k).bind(T, T)
+    table = -torch.linspace(0, 3, 2 * T - 1, dtype=torch.float64)[None].repeat(HQ, 1)
+    table.requires_grad_()
+    out = relative_bias_attention(q, k, v, table, -(T - 1), mask=mask, tile=4)
+    assert out[0, :, :3].abs().max() == 0 and out[0, :, 3:].abs().min() > 0
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v, table))
+    assert q.grad[0, :, :3].abs().max() < 1e-300
+
+
+@pytest.mark.parametrize("ssmax", [False, True])
+def test_tiled_core_float32_matches_float64_reference(ssmax):
+    q, k, v = _inputs(seed=8, dtype=torch.float32)
+    core = _core(ssmax, tile=4, dtype=torch.float32)
+    positions = torch.arange(T)
+    out = core(q, k, v, AttentionContext(positions[None].expand(B, -1), positions))
+    score = core.score
+    ref = per_query_attention(
+        expand_kv(v, HQ).double(),
+        bam_row(q.double(), expand_kv(k, HQ).double(), list(range(T)), score.theta_scale,
+                score.theta_shape, score.ssmax_scale),
+        heads=HQ, positions=list(range(T)),
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_float32_matches_float64_reference():

@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from longctx.bench.memory import fit_line
-from longctx.bench.report import RESULTS_DIR, SECTIONS, collect_rows, render, write_markdown
+from longctx.bench.report import (
+    OPTIONAL,
+    RESULTS_DIR,
+    SECTIONS,
+    collect_rows,
+    render,
+    write_markdown,
+)
 from longctx.bench.suite import BENCHES, check_names
 from longctx.errors import LongctxError
 from longctx.launch.cli import main as cli_main
@@ -84,7 +91,26 @@ def test_verdicts_follow_the_targets(tmp_path):
 def test_missing_results_are_rows_saying_not_run(tmp_path):
     rows = collect_rows(tmp_path)
     not_run = {r.bench for r in rows if r.measure.startswith("not run")}
-    assert not_run == set(SECTIONS) - {"memory_longest", "gpu"}
+    assert not_run == set(SECTIONS) - set(OPTIONAL)
+
+
+def test_peer_rows_judge_only_the_checkpointing_cases_against_their_length_targets(tmp_path):
+    def case(side, checkpointing, time_s, peak):
+        return {"seq_len": 16384, "checkpointing": checkpointing, "side": side,
+                "time_s": time_s, "peak_bytes": peak}  # fmt: skip
+
+    results = [case("transformers", ck, 10.0, 1000) for ck in (False, True)]
+    for checkpointing in (False, True):
+        ours = case("longctx", checkpointing, 7.5, 250)
+        results.append({**ours, "time_ratio": 0.75, "memory_ratio": 0.25})
+    _write(tmp_path, "peer", {"targets": {"16384": {"time": 0.8, "memory": 0.3}},
+                              "results": results})  # fmt: skip
+    rows = collect_rows(tmp_path)
+    with_ck = _row(rows, "peer", "step time vs transformers, T=16384, with checkpointing")
+    assert (with_ck.ratio, with_ck.op, with_ck.target, with_ck.met) == (0.75, "<=", 0.8, True)
+    memory = _row(rows, "peer", "step memory vs transformers, T=16384, with checkpointing")
+    assert (memory.ratio, memory.met) == (0.25, True)
+    assert _row(rows, "peer", "step time vs transformers, T=16384, without").met is None
 
 
 def test_sparse_speedups_are_judged_at_the_longest_length(tmp_path):
@@ -178,3 +204,50 @@ def test_peft_rows_judge_longlora_memory_at_8k(tmp_path):
     assert longlora.ratio == pytest.approx(1.7 / 3.0) and longlora.met is True
     assert "20.00% of the weights" in longlora.values
     assert _row(rows, "peft", "lora peak memory").met is None  # context, no target
+
+
+CHECKPOINT = {
+    "full_fp32_state_bytes": 12 * 100 * 2**20,
+    "results": [
+        {
+            "workers": 2,
+            "ranks": [
+                {
+                    "rank": 0, "step_peak_bytes": 1000 * 2**20, "save_peak_bytes": 1700 * 2**20,
+                    "save_seconds": 3.0, "restore_peak_bytes": 1900 * 2**20,
+                    "restore_seconds": 2.0, "init_added_bytes": 300 * 2**20, "init_seconds": 1.0,
+                    "save_target_bytes": (1000 + 600 + 256) * 2**20,
+                    "init_target_bytes": (200 + 50 + 256) * 2**20,
+                }
+            ],
+        }
+    ],
+}  # fmt: skip
+
+
+def test_checkpoint_rows_compare_each_phase_with_its_bound(tmp_path):
+    _write(tmp_path, "checkpoint", CHECKPOINT)
+    rows = collect_rows(tmp_path)
+    save = _row(rows, "checkpoint", "peak RSS during save, ZeRO-3, W=2, rank 0")
+    assert save.ratio == pytest.approx(1700 / 1856) and save.met is True
+    assert "step 1000 + state/W 600 + 256 MiB" in save.values
+    restore = _row(rows, "checkpoint", "peak RSS during restore")
+    assert restore.ratio == pytest.approx(1900 / 1856) and restore.met is False
+    init = _row(rows, "checkpoint", "RSS added by HF init")
+    assert init.ratio == pytest.approx(300 / 506) and init.met is True
+    failed = {**CHECKPOINT, "results": [{"workers": 4, "error": "error: out of memory"}]}
+    _write(tmp_path, "checkpoint", failed)
+    row = _row(collect_rows(tmp_path), "checkpoint", "ZeRO-3, W=4: did not complete")
+    assert row.values == "error: out of memory" and row.met is None
+
+
+def test_data_rows_judge_the_differences_between_the_corpora(tmp_path):
+    corpus = {"prepare_tokens_per_s": 9e5, "num_proc": 2}
+    small = {**corpus, "tokens": 2e7, "rss_mib": 530.0, "launch_s": 50.0}
+    large = {**corpus, "tokens": 4e8, "rss_mib": 700.0, "launch_s": 55.0}
+    data = {"corpora": {"small": small, "large": large}, "rss_diff_mib": 170.0,
+            "launch_diff_s": 5.0, "goal_rss_diff_mib": 100.0, "goal_launch_diff_s": 10.0}  # fmt: skip
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    rows = [r for r in collect_rows(tmp_path) if r.bench == "data"]
+    assert [r.met for r in rows] == [False, True]
+    assert "20M vs 400M tokens" in rows[0].measure and "900,000" in rows[0].note

@@ -79,7 +79,10 @@ def test_manifest_lists_the_sha256_of_every_other_file(run):
     assert manifest["files"] == on_disk
     expected_files = {"rng_rank_00000.pt", "rng_rank_00001.pt", "recipe.yaml", "tokenizer.model"}
     assert expected_files <= set(on_disk)
-    assert {"model.safetensors", "optimizer.safetensors"} <= set(on_disk)  # full fp32 state
+    # one shard part per rank (the tiny model fits one part) and the fragment index
+    shards = {"state_r00000_p00000.safetensors", "state_r00001_p00000.safetensors"}
+    assert shards | {"state_index.json"} <= set(on_disk)
+    assert not {"model.safetensors", "optimizer.safetensors"} & set(on_disk)  # no full copy
 
 
 def test_manifest_records_step_tokens_recipe_hash_and_the_data_cursor(run):
@@ -186,14 +189,14 @@ def test_checkpoint_without_manifest_is_refused(run_copy, run):
 
 def test_checkpoint_with_a_wrong_sha256_is_refused(run_copy, run):
     checkpoint = run_copy / "checkpoints" / "step_000006"
-    damaged = checkpoint / "optimizer.safetensors"
+    damaged = checkpoint / "state_r00001_p00000.safetensors"
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     damaged.write_bytes(bytes(data))
     before = tree_digest(run_copy)
     with pytest.raises(LongctxError) as error:
         validate_run(run["recipe"], run_copy, "latest")
-    assert_one_line(error, "sha256 of optimizer.safetensors", "damaged")
+    assert_one_line(error, "sha256 of state_r00001_p00000.safetensors", "damaged")
     assert tree_digest(run_copy) == before
 
 

@@ -125,7 +125,7 @@ def test_held_out_documents_never_appear_in_training(tokenizer):
     eval_docs = {tuple(d.ids.tolist()) for d in splits.corpus.eval_documents}
     assert eval_docs and not train_docs & eval_docs
     # About 10% of the tokens are held out, short of it by less than one document.
-    lengths = [len(d) for d in splits.corpus.train_documents + splits.corpus.eval_documents]
+    lengths = [len(d) for d in [*splits.corpus.train_documents, *splits.corpus.eval_documents]]
     held_out = sum(len(d) for d in splits.corpus.eval_documents)
     assert 0.1 * sum(lengths) - max(lengths) < held_out <= 0.1 * sum(lengths)
     eval_loader = PackedLoader(splits.eval, 1)

@@ -7,7 +7,7 @@ micro-batch, so the uninterrupted step consumes rows ``2s`` and ``2s + 1`` of th
 permutation and averages their per-row mean losses. The ring run has one data-parallel group
 that accumulates two micro-batches of one row each: the same rows, the same average, computed
 over a sequence split between two ranks. The checkpoint stores the full fp32 weights and AdamW
-moments (``trainer.full_state``), so the continuation starts from exactly the saved state;
+moments (per-rank shards, resharded on load), so the continuation starts from exactly the saved state;
 summation orders differ between layouts, hence the fp32 tolerance 1e-5 on the losses.
 """
 

@@ -126,6 +126,36 @@ def test_transformers_loads_the_export_with_longctx_logits(runs, tmp_path, run):
     torch.testing.assert_close(hf_logits(reference, input_ids), ours, rtol=1e-4, atol=1e-4)
 
 
+def test_export_streams_into_sharded_safetensors_that_transformers_loads(runs, tmp_path, capsys):
+    """``longctx export --max-shard-size``: several shards with transformers' index, every
+    shard within the size (one tensor may exceed it alone), equal logits (1e-4)."""
+    out = tmp_path / "hf"
+    assert main(["export", str(runs["yarn"]), "--hf", str(out), "--max-shard-size", "40KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"].values()) == {shard.name for shard in shards}
+    saved = open_checkpoint(runs["yarn"])
+    model = load_trained_model(saved)
+    params = dict(model.named_parameters())
+    assert index["metadata"]["total_size"] == sum(4 * p.numel() for p in params.values())
+    largest = max(4 * p.numel() for p in params.values())
+    assert all(shard.stat().st_size <= max(40_000, largest) + 8_192 for shard in shards)
+    assert not list(tmp_path.glob(".hf-export-*"))  # the staging directory was renamed
+    reference = load_with_transformers(out)
+    input_ids = random_tokens(2, 96, vocab=saved.recipe.model.vocab_size)
+    with torch.no_grad():
+        ours = model(input_ids)
+    torch.testing.assert_close(hf_logits(reference, input_ids), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_export_with_a_bad_shard_size_exits_2_and_creates_nothing(runs, tmp_path, capsys):
+    argv = ["export", str(runs["plain"]), "--hf", str(tmp_path / "hf"), "--max-shard-size", "0"]
+    assert main(argv) == 2
+    assert "not a positive size" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_yarn_export_differs_from_the_unscaled_model(runs, tmp_path):
     """Guards the parity test above: the scaling changes the logits at these lengths."""
     saved = open_checkpoint(runs["yarn"])

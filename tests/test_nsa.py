@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from longctx.attention import AttentionConfig, AttentionContext, block_attention
 from longctx.attention.config import NSAConfig
 from longctx.attention.nsa import DENSE_START_GATE_BIAS, NSAAttention
-from longctx.attention.nsa_selection import QueryKeySides
 from longctx.config.recipe import load_recipe
 from longctx.errors import LongctxError
 from longctx.model.config import ModelConfig
@@ -196,9 +195,12 @@ def test_packed_documents_force_the_own_documents_first_block_not_block_0(top_n)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad.float(), **FP32)
     q, k, v, hidden = inputs(length)
+    choices = []  # the selections the forward pass makes
+    select_blocks = core._select_blocks
+    core._select_blocks = lambda *args: choices.append(select_blocks(*args)) or choices[-1]
     with torch.no_grad():
-        sides = QueryKeySides(torch.arange(length), docs, docs)
-        _, selected = core._compressed_and_selection(q, k, v, sides, 1.0 / math.sqrt(DIM))
+        core(q, k, v, context(hidden, docs))
+    (selected,) = choices
     second = selected[0, :, 20:]  # [Hkv, queries of document 1, n]
     assert (second == 2).all(0).any(-1).all()
     # block 0 (hidden) only fills a place left when document 1 has fewer than n started blocks

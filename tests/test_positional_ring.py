@@ -61,21 +61,21 @@ def _layout_rank(rank, world, layouts):
 
 
 def _ssmax_key_counts(config, mesh):
-    """(query positions [c], visible-key counts [B, c]) per call of the first layer's BAM score
-    module: the ``n_i`` its SSMax takes the log of."""
+    """(query positions [c], visible-key counts [B, c], number of keys) per call of the first
+    layer's BAM core: the ``n_i`` its SSMax takes the log of."""
     model = parallelize(positional_model(POSITIONALS["bam"]), config, mesh)
     core = model.layers[0].self_attn.core
     while not isinstance(core, ScoredAttention):
         core = core.inner
-    score = core.score
     seen = []
-    original = score.scores
+    original = core.visible_key_counts
 
-    def recording_scores(q, k, q_positions, k_positions, visible, heads=slice(None)):
-        seen.append((q_positions.clone(), visible.sum(dim=-1), k.shape[2]))
-        return original(q, k, q_positions, k_positions, visible, heads)
+    def recording_counts(mask):
+        counts = original(mask)
+        seen.append((mask.q_positions.clone(), counts, mask.k_positions.shape[0]))
+        return counts
 
-    score.scores = recording_scores
+    core.visible_key_counts = recording_counts
     ids, docs, _ = packed_batch()
     shard = mesh.shard_batch({"input_ids": ids, "doc_ids": docs})
     positions = shard["seq_positions"]

@@ -53,6 +53,11 @@ def plan_value(stdout: str, what: str) -> str:
     raise AssertionError(f"no plan row {what!r} in:\n{stdout}")
 
 
+def plan_bytes(stdout: str, what: str) -> int:
+    """The exact byte count ``(N B)`` of the plan row ``what``."""
+    return int(re.search(r"\(([\d,]+) B\)", plan_value(stdout, what)).group(1).replace(",", ""))
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_real_recipe_dry_run_prints_its_layout_and_memory(recipe, capsys, monkeypatch):
     out = dry_run(recipe, capsys, monkeypatch)
@@ -61,9 +66,11 @@ def test_real_recipe_dry_run_prints_its_layout_and_memory(recipe, capsys, monkey
     assert plan_value(out, "tokens per rank per micro-batch") == tokens
     assert plan_value(out, "precision / ZeRO stage") == "bf16 / 3"
     assert plan_value(out, "activation checkpointing") == "on"
-    total = plan_value(out, "memory per rank: total (estimate)")
-    total_bytes = int(re.search(r"\(([\d,]+) B\)", total).group(1).replace(",", ""))
+    total_bytes = plan_bytes(out, "memory per rank: total (estimate)")
     assert total_bytes < 80 * 10**9  # each recipe names an 80 GB GPU
+    for phase in ("init", "step", "save", "restore"):  # the checkpoint's phases fit as well
+        assert plan_bytes(out, f"peak per rank: {phase}") < 80 * 10**9
+    assert plan_bytes(out, "peak per rank: step") == total_bytes
     assert f"init: hf:recipes/models/{model_dir}" in out
 
 
@@ -158,3 +165,22 @@ def test_llama2_yarn_memory_estimate_equals_the_hand_calculation(capsys, monkeyp
     assert plan_value(out, "memory per rank: attention workspace") == "192.5 MiB"
     assert plan_value(out, "memory per rank: loss workspace") == "1.2 GiB"
     assert plan_value(out, "memory per rank: total (estimate)") == "18.9 GiB (20,250,131,968 B)"
+
+
+def test_llama2_yarn_phase_peaks_equal_the_hand_calculation(capsys, monkeypatch):
+    """Init from the Hugging Face weights under ZeRO-3: the bf16 partition of the weights plus
+    one full tensor (the [32000, 4096] embedding, the largest); save and restore: the step peak
+    (20,250,131,968 B above) plus 1/8 of the full fp32 state (12 B per parameter) plus 256 MiB."""
+    params, world = 6_738_415_616, 8
+    embedding = 32000 * 4096
+    assert embedding > 11008 * 4096  # larger than an MLP matrix
+    init = params * 2 // world + embedding * 2
+    assert init == 1_946_747_904
+    save = 20_250_131_968 + params * 12 // world + 256 * 2**20
+    assert save == 30_626_190_848  # 28.5 GiB, under the recipe's 80 GB GPU
+
+    out = dry_run("llama2-7b-yarn-32k", capsys, monkeypatch)
+    assert plan_bytes(out, "peak per rank: init") == init
+    assert plan_bytes(out, "peak per rank: step") == 20_250_131_968
+    assert plan_bytes(out, "peak per rank: save") == save
+    assert plan_bytes(out, "peak per rank: restore") == save

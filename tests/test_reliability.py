@@ -40,8 +40,8 @@ from trainer_helpers import (
     tree_digest,
 )
 
-from longctx.checkpoint.full_state import MODEL_FILE, OPTIMIZER_FILE
 from longctx.checkpoint.run_dir import validate_run
+from longctx.checkpoint.sharded_state import INDEX_FILE, part_file
 from longctx.checkpoint.store import MANIFEST_FILE, verify_checkpoint
 from longctx.errors import LongctxError
 
@@ -150,20 +150,58 @@ def test_the_good_run_finished_and_its_checkpoint_verifies(runs):
     assert verify_checkpoint(checkpoint, runs["good"])["step"] == 4
 
 
+RANK1_SHARD = part_file(1, 0)  # rank 1's fragments (the tiny model fits one part per rank)
+
+
 def test_a_flipped_byte_in_the_weights_is_refused_naming_the_file(runs, checkpoint_copy):
-    weights = checkpoint_copy / MODEL_FILE
+    weights = checkpoint_copy / part_file(0, 0)
     data = bytearray(weights.read_bytes())
     data[len(data) * 2 // 3] ^= 0x01  # one bit inside the tensor data
     weights.write_bytes(bytes(data))
     message = _refusal(runs["good"], checkpoint_copy)
-    assert f"sha256 of {MODEL_FILE} is" in message and "damaged" in message
+    assert f"sha256 of {part_file(0, 0)} is" in message and "damaged" in message
 
 
-def test_a_truncated_optimizer_file_is_refused_naming_the_file(runs, checkpoint_copy):
-    moments = checkpoint_copy / OPTIMIZER_FILE
-    moments.write_bytes(moments.read_bytes()[:-4096])
+def test_a_truncated_shard_is_refused_naming_the_file(runs, checkpoint_copy):
+    shard = checkpoint_copy / RANK1_SHARD
+    shard.write_bytes(shard.read_bytes()[:-4096])
     message = _refusal(runs["good"], checkpoint_copy)
-    assert f"sha256 of {OPTIMIZER_FILE} is" in message
+    assert f"shard {RANK1_SHARD} is truncated" in message and "resume from another" in message
+
+
+def test_a_missing_shard_is_refused_naming_the_file(runs, checkpoint_copy):
+    (checkpoint_copy / RANK1_SHARD).unlink()
+    message = _refusal(runs["good"], checkpoint_copy)
+    assert f"lacks 1 file(s) its manifest lists, e.g. {RANK1_SHARD}" in message
+
+
+def test_a_shard_of_another_checkpoint_is_refused_even_with_its_sha256(runs, checkpoint_copy):
+    """Step 2's rank-1 shard in step 4's place, the manifest's sha256 updated to match: only the
+    checkpoint id inside the shard can tell."""
+    foreign = checkpoint_copy.parent / "step_000002" / RANK1_SHARD
+    (checkpoint_copy / RANK1_SHARD).write_bytes(foreign.read_bytes())
+    manifest = json.loads((checkpoint_copy / MANIFEST_FILE).read_text())
+    digest = hashlib.sha256(foreign.read_bytes()).hexdigest()
+    _rewrite_manifest(checkpoint_copy, files={**manifest["files"], RANK1_SHARD: digest})
+    message = _refusal(runs["good"], checkpoint_copy)
+    assert f"shard {RANK1_SHARD} belongs to another checkpoint" in message
+
+
+def test_a_shard_count_that_differs_from_the_index_is_refused(runs, checkpoint_copy):
+    """Rank 1's shard removed together with its manifest entry: the files are consistent with
+    the manifest, but not with the index (2 ranks)."""
+    (checkpoint_copy / RANK1_SHARD).unlink()
+    manifest = json.loads((checkpoint_copy / MANIFEST_FILE).read_text())
+    files = {name: digest for name, digest in manifest["files"].items() if name != RANK1_SHARD}
+    _rewrite_manifest(checkpoint_copy, files=files)
+    message = _refusal(runs["good"], checkpoint_copy)
+    assert "shard count does not match the metadata" in message and INDEX_FILE in message
+
+
+def test_a_checkpoint_of_the_old_full_state_format_is_refused_naming_it(runs, checkpoint_copy):
+    _rewrite_manifest(checkpoint_copy, format=2)
+    message = _refusal(runs["good"], checkpoint_copy)
+    assert "checkpoint format 2 (full-state model.safetensors + optimizer.safetensors)" in message
 
 
 @pytest.mark.parametrize("escape", ["../../../config.yaml", "absolute", "symlink"])

@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 import torch
 
-from longctx.checkpoint.full_state import MODEL_FILE, OPTIMIZER_FILE, rng_state_to_plain
+from longctx.checkpoint.full_state import rng_state_to_plain
+from longctx.checkpoint.sharded_state import INDEX_FILE, STATE_FORMAT, part_file
 from longctx.checkpoint.store import (
     MANIFEST_FILE,
     MANIFEST_FORMAT,
@@ -109,16 +110,34 @@ def _checkpoint_around(directory: Path, files: dict[str, bytes]) -> None:
 
 
 def test_a_pickle_bomb_in_place_of_the_weights_is_refused_and_never_run(tmp_path):
+    """Every file of a sharded checkpoint is a pickle bomb with its true sha256 (a shard, the
+    RNG file, and a DCP-style ``.metadata``), the JSON index pointing at the bomb shard: the
+    load refuses with one line and the payload never runs."""
     marker = tmp_path / "marker"
     _write_pickle_bomb(tmp_path / "bomb.pt", marker)
     bomb = (tmp_path / "bomb.pt").read_bytes()
+    shard = part_file(0, 0)
+    index = {
+        "format": STATE_FORMAT,
+        "checkpoint_id": "0" * 32,
+        "world_size": 1,
+        "moments": False,
+        "files": [[shard]],
+        "tensors": {"embed.weight": {"kind": "param", "shape": [2], "fragments": [[shard, 0, 2]]}},
+    }
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000001"
-    _checkpoint_around(
-        checkpoint, {MODEL_FILE: bomb, OPTIMIZER_FILE: bomb, "rng_rank_00000.pt": bomb}
-    )
-    with pytest.raises(Exception) as caught:  # safetensors' own header error
+    files = {
+        INDEX_FILE: json.dumps(index).encode(),
+        shard: bomb,
+        "rng_rank_00000.pt": bomb,
+        ".metadata": bomb,
+    }
+    _checkpoint_around(checkpoint, files)
+    with pytest.raises(LongctxError) as caught:
         load_model_state_dict(checkpoint)
-    assert "safetensors" in type(caught.value).__module__ or "header" in str(caught.value).lower()
+    assert "\n" not in str(caught.value) and f"shard {shard} is truncated or unreadable" in str(
+        caught.value
+    )
     assert not marker.exists()
 
 

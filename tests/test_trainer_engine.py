@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import run_on_ranks
+from torch.utils._python_dispatch import TorchDispatchMode
 from trainer_helpers import deepspeed_environment
 
 from longctx.config.recipe import TrainerConfig
@@ -168,6 +169,37 @@ def test_activation_checkpointing_recomputes_layers_with_identical_gradients():
     assert len(mlp_calls) == 2  # forward, then the recomputation in backward
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         assert torch.equal(a.grad, b.grad), name
+
+
+class _KernelCalls(TorchDispatchMode):
+    """Counts the CPU flash-attention forward kernel calls that reach the kernel (a selective
+    checkpoint's cache answers a recomputation above this mode, so a cached call is not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_activation_checkpointing_keeps_attention_outputs_instead_of_recomputing_them():
+    torch.manual_seed(0)
+    batch = random_batch(1)
+    counts = {}
+    for checkpointing in (False, True):
+        model = Transformer(MODEL)
+        apply_transforms(model, TransformPlan(activation_checkpointing=checkpointing))
+        with _KernelCalls() as kernel:
+            hidden = model.forward_hidden(batch["input_ids"], batch["position_ids"])
+            hidden.square().mean().backward()
+        counts[checkpointing] = kernel.calls
+    # one forward kernel call per layer in both cases: the checkpointed backward recomputes the
+    # projections and the MLP but takes the attention output from the forward pass
+    assert counts[False] == MODEL.num_hidden_layers
+    assert counts[True] == counts[False]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Exact resume: N steps, a crash right after the checkpoint, ``--resume latest`` for N more
-steps gives weights identical (``torch.equal``) to 2N uninterrupted steps, fp32 on CPU, 2 ranks,
-ZeRO stages 0 and 2 (the ZeRO-2 runs with activation checkpointing and offload, so the wrapped
-layers save and resume under the plain names).
+steps gives fp32 weights and AdamW moments identical (``torch.equal``) to 2N uninterrupted
+steps, fp32 on CPU, 2 ranks, ZeRO stages 0, 2 and 3 (the ZeRO-2 runs with activation
+checkpointing and offload, so the wrapped layers save and resume under the plain names).
 
 The interrupted run is killed by its own ``report`` callback (as a preempted worker would die
 after its checkpoint); the resume runs in freshly spawned processes, so nothing survives in
@@ -11,18 +11,21 @@ checkpoint. Evaluations at every other step run in both runs and must not distur
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from harness import run_on_ranks
 from trainer_helpers import deepspeed_environment, job, make_data, rank_train, tiny_recipe
 
-from longctx.checkpoint.store import load_model_state_dict
+from longctx.checkpoint.sharded_state import iter_model_tensors
+from longctx.checkpoint.store import verify_checkpoint
 from longctx.trainer.engine import lr_factor
 
 pytestmark = pytest.mark.slow  # two rounds of spawned 2-rank DeepSpeed runs
 
 HALF = 3  # N: steps before the interruption
-STAGES = (0, 2)
+STAGES = (0, 2, 3)
 RETUNED_LR = 1e-2
 
 
@@ -94,14 +97,16 @@ def test_interrupted_runs_stopped_after_their_first_checkpoint(runs):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_resumed_weights_equal_uninterrupted_weights(runs, stage):
+@pytest.mark.parametrize("key", ["param", "exp_avg", "exp_avg_sq"])
+def test_resumed_weights_and_moments_equal_uninterrupted_ones(runs, stage, key):
     resumed_dir, straight_dir = runs["dirs"][stage]
     final = f"checkpoints/step_{2 * HALF:06d}"
-    resumed = load_model_state_dict(f"{resumed_dir}/{final}")
-    straight = load_model_state_dict(f"{straight_dir}/{final}")
-    assert resumed.keys() == straight.keys()
+    verify_checkpoint(f"{resumed_dir}/{final}")
+    resumed = dict(iter_model_tensors(Path(f"{resumed_dir}/{final}"), key=key))
+    straight = dict(iter_model_tensors(Path(f"{straight_dir}/{final}"), key=key))
+    assert resumed.keys() == straight.keys() and straight
     for name in straight:
-        assert torch.equal(resumed[name], straight[name]), f"ZeRO {stage}: {name}"
+        assert torch.equal(resumed[name], straight[name]), f"ZeRO {stage}: {key} of {name}"
 
 
 @pytest.mark.parametrize("stage", STAGES)

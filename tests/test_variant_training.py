@@ -44,12 +44,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from test_multinode_ray import stop_node
 from trainer_helpers import TOKENIZER_VOCAB, make_data
 
-from longctx.checkpoint.full_state import MODEL_FILE, OPTIMIZER_FILE
 from longctx.checkpoint.run_dir import TENSORBOARD_DIR
+from longctx.checkpoint.sharded_state import iter_model_tensors
 from longctx.checkpoint.store import CHECKPOINTS_DIR, LATEST_FILE, checkpoint_tag
 from longctx.launch.train import loss_curve
 from longctx.parallel.ports import free_port
@@ -276,12 +275,12 @@ def finished(run: subprocess.CompletedProcess | None) -> subprocess.CompletedPro
 
 
 def full_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint: the model weights and the AdamW state."""
-    model = load_file(checkpoint / MODEL_FILE)
-    optimizer = load_file(checkpoint / OPTIMIZER_FILE)
+    """Every tensor of a checkpoint: the model weights and the AdamW moments, each assembled
+    from its per-rank fragments."""
     return {
-        **{f"model/{k}": v for k, v in model.items()},
-        **{f"optim/{k}": v for k, v in optimizer.items()},
+        f"{key}/{name}": tensor
+        for key in ("param", "exp_avg", "exp_avg_sq")
+        for name, tensor in iter_model_tensors(checkpoint, key=key)
     }
 
 

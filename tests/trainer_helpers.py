@@ -28,7 +28,10 @@ def deepspeed_env() -> dict[str, str]:
     """Environment for DeepSpeed on CPU with its compiled comm op cached in the venv."""
     return {
         "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(VENV / "torch_extensions"),
+        # a directory already chosen wins (the venv's is shared by every checkout of the repo)
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(VENV / "torch_extensions")
+        ),
     }
 
 

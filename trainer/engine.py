@@ -112,25 +112,50 @@ def deepspeed_owns_clipping(cfg: TrainerConfig) -> bool:
     return cfg.zero_stage > 0 or cfg.dtype == "bf16"
 
 
+def zero_config(cfg: TrainerConfig) -> dict[str, Any]:
+    """DeepSpeed's ``zero_optimization`` section: the stage and the CPU offload the recipe asks
+    for (``offload_optimizer``, ``offload_param``; pinned host memory when CUDA is there)."""
+    section: dict[str, Any] = {"stage": cfg.zero_stage}
+    offload = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_optimizer:
+        section["offload_optimizer"] = dict(offload)
+    if cfg.offload_param:
+        section["offload_param"] = dict(offload)
+    return section
+
+
 def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
-    """The DeepSpeed config dict for a run (the global batch follows from micro x accum x world)."""
-    return {
+    """The DeepSpeed config dict for a run (the global batch follows from micro x accum x world).
+
+    With optimizer offload the client torch AdamW steps on DeepSpeed's CPU partitions
+    (``zero_force_ds_cpu_optimizer: false`` lets DeepSpeed accept it instead of its own
+    compiled DeepSpeedCPUAdam)."""
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip if deepspeed_owns_clipping(cfg) else 0.0,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero_config(cfg),
         "bf16": {"enabled": cfg.dtype == "bf16"},
         # A client torch optimizer under ZeRO is supported; the flag silences DeepSpeed's check.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if cfg.offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def _ndim(param: nn.Parameter) -> int:
+    """Dimensions of a parameter's full shape: a parameter built under ``deepspeed.zero.Init``
+    holds an empty 1-D placeholder, its shape is ``ds_shape``."""
+    return len(getattr(param, "ds_shape", param.shape))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
-    decayed = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    plain = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    decayed = [p for p in model.parameters() if p.requires_grad and _ndim(p) >= 2]
+    plain = [p for p in model.parameters() if p.requires_grad and _ndim(p) < 2]
     groups = [
         {"params": params, "weight_decay": decay}
         for params, decay in ((decayed, cfg.weight_decay), (plain, 0.0))

@@ -29,7 +29,12 @@ from longctx.errors import LongctxError
 from longctx.parallel.batch import Batch, prepare_batch
 from longctx.parallel.loss import scored_token_count, world_mean_scale
 from longctx.trainer.engine import global_grad_norm
-from longctx.trainer.metrics import MetricsWriter, ProgressDisplay, peak_memory_gib
+from longctx.trainer.metrics import (
+    MetricsWriter,
+    ProgressDisplay,
+    peak_memory_gib,
+    timed_phase,
+)
 from longctx.trainer.plans import batch_transform_for
 
 if TYPE_CHECKING:
@@ -252,7 +257,8 @@ def train_loop(
             values.update(long_eval(state.step, writer.writer))
         checkpoint = None
         if _due(state.step, cfg.ckpt_every, end_step):
-            checkpoint = save_checkpoint(
+            save_started = time.perf_counter()
+            checkpoint = timed_phase("save", run_dir)(save_checkpoint)(
                 engine,
                 run_dir,
                 step=state.step,
@@ -262,10 +268,13 @@ def train_loop(
                 tokenizer_bytes=tokenizer_bytes,
             )
             summary["checkpoint"] = str(checkpoint)
+            values["checkpoint_save_s"] = time.perf_counter() - save_started
         writer.write(state.step, values)
         display.update(state.step, values)
         if checkpoint is not None:
-            display.message(f"checkpoint {checkpoint}")
+            display.message(
+                f"checkpoint {checkpoint} (save took {values['checkpoint_save_s']:.2f} s)"
+            )
         if report is not None and (values or checkpoint is not None):
             metrics = {"step": state.step, "tokens_seen": state.tokens_seen, **values}
             report(metrics, None if checkpoint is None else str(checkpoint))

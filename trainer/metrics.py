@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard scalars and terminal progress, both on rank 0 only.
+"""Training metrics: tracker scalars (TensorBoard, wandb) and terminal progress, on rank 0 only.
 
 Scalars (tag names are what tests and dashboards read back):
 
@@ -11,6 +11,11 @@ Scalars (tag names are what tests and dashboards read back):
     train/bad_steps       optimizer steps skipped so far because the gradient was not finite
     eval/loss             token cross-entropy on the held-out split
 
+Phase timings: ``timed_phase(NAME, run_dir)(fn)(...)`` runs ``fn`` and appends one JSON line
+``{"phase", "rank", "pid", "start", "end"}`` (Unix seconds) to ``RUN/phases.jsonl`` on every
+rank, for the phases whose memory and time matter at scale: ``init`` (the model built and its
+weights loaded), ``save`` and ``restore`` of a checkpoint (``bench/checkpoint.py`` reads them).
+
 The terminal gets a rich progress bar when stdout is a terminal, and one concise line per
 logged step otherwise (Ray workers, CI logs). Under ``longctx train`` the workers' output goes
 to log files, so rank 0's display also writes what it shows as JSON lines to an events file
@@ -19,16 +24,24 @@ to log files, so rank 0's display also writes what it shows as JSON lines to an 
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import resource
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, ParamSpec, TextIO, TypeVar
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TRAIN_TAGS = {
     "loss": "train/loss",
@@ -41,6 +54,33 @@ TRAIN_TAGS = {
 }
 EVAL_TAGS = {"eval_loss": "eval/loss"}
 _GIB = 1024**3
+PHASES_FILE = "phases.jsonl"
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def timed_phase(name: str, run_dir: Path) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Wrap a function so that each call appends its wall-clock span, with this process's
+    rank, as one JSON line to ``run_dir/phases.jsonl`` (one ``write`` of a short line in
+    append mode, so ranks sharing the file do not interleave within a line)."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def timed(*args: P.args, **kwargs: P.kwargs) -> R:
+            start = time.time()
+            result = fn(*args, **kwargs)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            record = {"phase": name, "rank": rank, "pid": os.getpid(), "start": start}
+            line = json.dumps(record | {"end": time.time()}) + "\n"
+            with (Path(run_dir) / PHASES_FILE).open("a") as handle:
+                handle.write(line)
+            return result
+
+        return timed
+
+    return wrap
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -51,19 +91,88 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / _GIB
 
 
+class Trackers:
+    """The one fan-out of scalars and figures to every tracker of ``trainer.trackers``.
+
+    It has the ``SummaryWriter`` calls the trainer and the evaluator make (``add_scalar``,
+    ``add_figure``, ``flush``, ``close``) and sends each to TensorBoard (under ``log_dir``) and
+    to a wandb run (files under ``log_dir``'s parent ``/wandb``). wandb runs offline unless the
+    user chose a mode (``WANDB_MODE``) or set a key (``WANDB_API_KEY``).
+    """
+
+    def __init__(
+        self,
+        log_dir: Path,
+        trackers: Sequence[str] = ("tensorboard",),
+        resume_step: int | None = None,
+        run_name: str = "longctx",
+    ):
+        self.tensorboard = None
+        self.wandb = None
+        self._pending: dict[int, dict] = {}  # step -> wandb values not yet logged
+        if "tensorboard" in trackers:
+            purge = None if resume_step is None else resume_step + 1
+            self.tensorboard = SummaryWriter(str(log_dir), purge_step=purge)
+        if "wandb" in trackers:
+            import wandb
+
+            mode = os.environ.get("WANDB_MODE") or (
+                "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            )
+            directory = log_dir.parent / "wandb"
+            directory.mkdir(parents=True, exist_ok=True)
+            self.wandb = wandb.init(project=run_name, dir=str(directory), mode=mode)
+            self._image = wandb.Image
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self._pending.setdefault(step, {})[tag] = value
+
+    def add_figure(self, tag: str, figure: Figure, step: int, close: bool = True) -> None:
+        if self.wandb is not None:  # before TensorBoard, which closes the figure
+            self._pending.setdefault(step, {})[tag] = self._image(figure)
+        if self.tensorboard is not None:
+            self.tensorboard.add_figure(tag, figure, step, close=close)
+
+    def flush(self, *, last_step_too: bool = False) -> None:
+        """Write what is buffered. wandb gets one committed row per step (its steps only go
+        forward), so the latest step waits for later values at the same step (the evaluation
+        after a step's training scalars) until a later step arrives or the run closes."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+        ready = sorted(self._pending)[: None if last_step_too else -1]
+        for step in ready:
+            self.wandb.log(self._pending.pop(step), step=step, commit=True)
+
+    def close(self) -> None:
+        self.flush(last_step_too=True)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 class MetricsWriter:
-    """Writes scalars to TensorBoard under ``log_dir`` (rank 0); a writer with ``log_dir=None``
-    (other ranks) accepts the same calls and writes nothing.
+    """Writes scalars to the run's trackers (``Trackers``: TensorBoard under ``log_dir``, and
+    wandb when ``trackers`` names it) on rank 0; a writer with ``log_dir=None`` (other ranks)
+    accepts the same calls and writes nothing.
 
     ``resume_step``: on resume, events a crashed attempt logged after the checkpoint's step are
     hidden (TensorBoard's ``purge_step``) so the curves do not fold back on themselves.
     """
 
-    def __init__(self, log_dir: Path | None, resume_step: int | None = None):
+    def __init__(
+        self,
+        log_dir: Path | None,
+        resume_step: int | None = None,
+        trackers: Sequence[str] = ("tensorboard",),
+        run_name: str = "longctx",
+    ):
         self.writer = None
         if log_dir is not None:
-            purge = None if resume_step is None else resume_step + 1
-            self.writer = SummaryWriter(str(log_dir), purge_step=purge)
+            self.writer = Trackers(log_dir, trackers, resume_step, run_name)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Write each known metric of ``values`` under its tag at ``step``."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,14 @@ from longctx.parallel.apply import apply_transforms
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import check_recipe_supported
 from longctx.parallel.ports import free_port
-from longctx.trainer.engine import apply_recipe_optimizer_settings, build_engine
+from longctx.trainer.engine import (
+    apply_recipe_optimizer_settings,
+    build_engine,
+    deepspeed_config,
+)
 from longctx.trainer.job import TrainJob
 from longctx.trainer.loop import TrainState, train_loop
-from longctx.trainer.metrics import MetricsWriter, ProgressDisplay
+from longctx.trainer.metrics import MetricsWriter, ProgressDisplay, timed_phase
 from longctx.trainer.plans import batch_transform_for, transform_plan
 from longctx.trainer.stages import (
     ResumePoint,
@@ -193,21 +198,33 @@ def check_adapter_resume(stages: list[Stage], point: ResumePoint, run_dir: Path)
     check_adapter_base(saved, base_reference(point.stage.recipe, base), point.checkpoint)
 
 
-def build_stage_model(stages: list[Stage], point: ResumePoint, run_dir: Path) -> Transformer:
-    """The decoder ``point.stage`` trains, before any transform (seed torch first).
+def build_stage_model(
+    stages: list[Stage],
+    point: ResumePoint,
+    run_dir: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    zero3: dict[str, Any] | None = None,
+) -> Transformer:
+    """The decoder ``point.stage`` trains, in ``dtype``, before any transform (seed torch
+    first).
 
-    Full fine-tuning: the recipe's ``model.init``, or at a new stage the previous stage's final
-    weights under this stage's settings (RoPE scaling, layout); an exact resume then overwrites
-    every weight. Adapters (``peft``): the stage's frozen base (the recipe's ``model.init`` for
-    the first stage, else the previous stage's final weights, merged when they were adapters)
-    with fresh LoRA layers; the worker's ``load_checkpoint`` fills them on an exact resume. The
-    base's reference goes into every checkpoint's manifest (``decoder.adapter_base``).
+    Full fine-tuning: the recipe's ``model.init`` (partitioned while it is read when ``zero3``,
+    the run's DeepSpeed config, is given), or at a new stage the previous stage's final weights
+    under this stage's settings (RoPE scaling, layout); an exact resume then overwrites every
+    weight. Adapters (``peft``): the stage's frozen base (the recipe's ``model.init`` for the
+    first stage, else the previous stage's final weights, merged when they were adapters) with
+    fresh LoRA layers; the worker's ``load_checkpoint`` fills them on an exact resume. peft
+    wraps whole, unpartitioned layers, so the base is built as one copy (DeepSpeed shards it
+    afterwards). The base's reference goes into every checkpoint's manifest
+    (``decoder.adapter_base``).
     """
     stage_recipe = point.stage.recipe
     if stage_recipe.adapters is None:
-        return build_model(stage_recipe, weights=point.checkpoint if point.new_stage else None)
+        weights = point.checkpoint if point.new_stage else None
+        return build_model(stage_recipe, weights=weights, dtype=dtype, zero3=zero3)
     base = stage_start_checkpoint(stages, point.stage, run_dir)
-    model = build_model(stage_recipe, weights=base)
+    model = build_model(stage_recipe, weights=base, dtype=dtype)
     attach_adapters(model, stage_recipe.adapters)
     model.adapter_base = base_reference(stage_recipe, base)
     return model
@@ -249,7 +266,15 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
         eval_loader = PackedLoader(splits.eval, cfg.micro_batch_size, dp_rank, dp)
 
     seed_everything(cfg.seed)
-    model = build_stage_model(stages, point, run_dir)
+    # Under ZeRO-3 a model from Hugging Face weights is built partitioned (each rank reads only
+    # its share); otherwise one copy in the training dtype, which DeepSpeed then shards.
+    model = timed_phase("init", run_dir)(build_stage_model)(
+        stages,
+        point,
+        run_dir,
+        dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+        zero3=deepspeed_config(cfg) if cfg.zero_stage == 3 else None,
+    )
     apply_transforms(model, transform_plan(cfg, mesh))  # the one place the model changes
     engine = build_engine(model, cfg, sp_group=None if mesh is None else mesh.sp_group)
     long_eval = None
@@ -271,8 +296,13 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
             transform=batch_transform_for(stage_recipe),
         )
     state = TrainState()
+    restore_s = 0.0
     if point.resumes_exactly:
-        manifest = load_checkpoint(engine, checkpoint, stage_recipe)
+        started = time.perf_counter()
+        manifest = timed_phase("restore", run_dir)(load_checkpoint)(
+            engine, checkpoint, stage_recipe
+        )
+        restore_s = time.perf_counter() - started
         apply_recipe_optimizer_settings(engine, cfg)
         train_loader.load_state_dict(manifest["data_cursor"])
         state = TrainState(step=manifest["step"], tokens_seen=manifest["tokens_seen"])
@@ -283,8 +313,12 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     writer = MetricsWriter(
         run_dir / TENSORBOARD_DIR if rank == 0 else None,
         resume_step=None if checkpoint is None else state.step,
+        trackers=stage_recipe.trainer.trackers,
+        run_name=stage_recipe.name,
     )
     display = ProgressDisplay(stage.end_step, state.step, enabled=rank == 0, events=job.events)
+    if splits.train.mixture_description:
+        display.message(splits.train.mixture_description)
     if stage.count > 1:
         display.message(
             f"{stage.label()}: steps {stage.start_step + 1}-{stage.end_step}, data.seq_len "
@@ -299,6 +333,7 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
                 if state.step >= stage.end_step
                 else ""
             )
+            + f"; checkpoint restore took {restore_s:.2f} s"
         )
     try:
         summary = train_loop(

@@ -1,0 +1,175 @@
+"""NSA's gated sum of its three branches as one autograd function that keeps only what backward
+needs (SPECS 3.1; ``attention/nsa.py`` builds its inputs).
+
+``out = g_cmp o_cmp + g_slc o_slc + g_win o_win``, q [B, Hq, Tq, D]. Composed from separate
+autograd nodes, this retained every branch output (for the gates' gradients) and every branch's
+own output (for its flash backward), the three gated products, and a full dq per branch: about
+ten [B, Hq, Tq, D] tensors at once, 2.8x dense attention's peak at T=32k. Here:
+
+- forward accumulates the gated branches into one ``out``, a query tile at a time for the
+  compressed and window branches (tiled kernels, ``attention/tiling.py``), so their outputs
+  never exist whole; the block selection reads the compressed branch's lse inside the same pass.
+- saved: q, k, v, the compressed keys/values, the gates, and the selection branch's output and
+  lse (its block-major backward needs them whole; recomputing it would cost a second forward of
+  the dearest branch).
+- backward recomputes the compressed and window outputs per query tile (``o``, ``lse``), reads
+  the gate gradient ``rowsum(dout * o)`` off them, and runs the tile's flash backward with the
+  branch's output gradient ``g dout``; dq, dk, dv (and the compressed keys' gradients) are
+  accumulated in place across branches and tiles.
+
+Peak beyond the inputs at T=32k (B=1, Hq=8, D=64, fp32): out and the saved selection output in
+forward, the selection output, dq and dk/dv in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from longctx.attention.kernels import _TILE_KERNELS, DEFAULT_CHUNK, resolve_backend
+from longctx.attention.mask import MaskSpec
+from longctx.attention.merge import merge_partials
+from longctx.attention.nsa_selection import (
+    QueryKeySides,
+    selection_backward,
+    selection_forward,
+    selection_plans,
+)
+from longctx.attention.tiling import TileKernel, _piece_mask, compute_dtype, plan_tiles
+
+# The tiled kernels NSA's tile loops can drive; reference and flex (no tile entry point) run
+# the branches on the plain-torch chunked tiles.
+TILED_BACKENDS = ("chunked", "cpu_flash", "flash")
+
+
+@dataclass(frozen=True)
+class TiledBranch:
+    """One tiled branch: its keys and values are the fused function's tensors ``keys`` and
+    ``keys + 1`` (1: k, v; 3: ck, cv), seen under ``mask`` (bound to (Tq, Tk))."""
+
+    keys: int
+    mask: MaskSpec
+    gate: int  # 0 compression, 2 window
+
+
+@dataclass(frozen=True)
+class NSAProblem:
+    """Everything but the tensors: where queries and keys sit, the kernel, the branch masks and
+    the block selection (``select(q, lse_cmp) -> selected [B, Hkv, Tq, n]``)."""
+
+    sides: QueryKeySides
+    scale: float
+    kernel: TileKernel
+    tile: int
+    compressed: MaskSpec | None  # None: the sequence is shorter than one compressed block
+    window: MaskSpec
+    select: Callable[[Tensor, Tensor | None], Tensor]
+    select_block: int
+
+
+def tiled_kernel(backend: str, q: Tensor, chunk_size: int | None) -> tuple[TileKernel, int]:
+    """The tile kernel for ``backend`` on tensors like ``q`` and its tile size."""
+    backend = resolve_backend(backend, q)
+    backend = backend if backend in TILED_BACKENDS else "chunked"
+    return _TILE_KERNELS[backend], chunk_size or DEFAULT_CHUNK[backend]
+
+
+def _tile_forward(problem, branch, q, k, v, query_tile) -> tuple[Tensor, Tensor]:
+    """One query tile of a tiled branch: out [B, Hq, t, D], lse [B, Hq, t] over its pieces."""
+    rows = query_tile.queries
+    q_tile = q[:, :, rows]
+    merged = None
+    for piece in query_tile.pieces:
+        part = problem.kernel.forward(
+            q_tile, k[:, :, piece.keys], v[:, :, piece.keys], piece.kind,
+            _piece_mask(branch.mask, rows, piece), problem.scale,
+        )  # fmt: skip
+        merged = part if merged is None else merge_partials(*merged, *part)
+    return merged[0].to(q.dtype), merged[1]
+
+
+def _branches(problem: NSAProblem) -> list[TiledBranch]:
+    window = TiledBranch(1, problem.window, 2)
+    if problem.compressed is None:
+        return [window]
+    return [TiledBranch(3, problem.compressed, 0), window]
+
+
+class GatedBranchAttention(torch.autograd.Function):
+    """``(q, k, v, ck, cv, gates, problem) -> out`` [B, Hq, Tq, D]; see the module.
+
+    k, v [B, Hkv, Tk, D] the whole sequence; ck, cv [B, Hkv, nc, D] the compressed blocks (None
+    when the sequence is shorter than one block); gates [3, B, Hq, Tq, 1] (compression,
+    selection, window). Differentiable in q, k, v, ck, cv and gates.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, ck, cv, gates, problem):
+        tensors = (q, k, v, ck, cv)
+        out = torch.zeros_like(q)
+        lse_cmp = None
+        for branch in _branches(problem):
+            keys, values = tensors[branch.keys], tensors[branch.keys + 1]
+            if branch.gate == 0:
+                lse_cmp = torch.full(
+                    q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device
+                )
+            for query_tile in plan_tiles(branch.mask, problem.tile, problem.kernel.fused):
+                rows = query_tile.queries
+                o_tile, lse_tile = _tile_forward(problem, branch, q, keys, values, query_tile)
+                out[:, :, rows].addcmul_(gates[branch.gate, :, :, rows], o_tile)
+                if branch.gate == 0:
+                    lse_cmp[:, :, rows] = lse_tile
+        selected = problem.select(q, lse_cmp)
+        plans = selection_plans(selected, problem.select_block, k.shape[2], problem.sides)
+        o_slc, lse_slc = selection_forward(q, k, v, plans, problem.sides, problem.scale)
+        out.addcmul_(gates[1], o_slc)
+        ctx.save_for_backward(q, k, v, ck, cv, gates, o_slc, lse_slc)
+        ctx.problem, ctx.plans = problem, plans
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, ck, cv, gates, o_slc, lse_slc = ctx.saved_tensors
+        problem = ctx.problem
+        acc = compute_dtype(q.dtype)
+        tensors = (q, k, v, ck, cv)
+        grads = [
+            None if x is None else torch.zeros(x.shape, dtype=acc, device=x.device) for x in tensors
+        ]  # dq, dk, dv, dck, dcv, accumulated in place by every branch
+        dgates = torch.zeros(gates.shape, dtype=acc, device=q.device)
+        for branch in _branches(problem):
+            keys, values = tensors[branch.keys], tensors[branch.keys + 1]
+            dkeys, dvalues = grads[branch.keys], grads[branch.keys + 1]
+            gate = gates[branch.gate]
+            for query_tile in plan_tiles(branch.mask, problem.tile, problem.kernel.fused):
+                rows = query_tile.queries
+                o_tile, lse_tile = _tile_forward(problem, branch, q, keys, values, query_tile)
+                dout_tile = dout[:, :, rows]
+                row_sums = (dout_tile.to(acc) * o_tile.to(acc)).sum(-1, keepdim=True)
+                dgates[branch.gate, :, :, rows] = row_sums
+                gate_tile = gate[:, :, rows]
+                branch_dout = (dout_tile * gate_tile).to(q.dtype)  # d out_branch
+                safe_lse = torch.where(torch.isneginf(lse_tile), 0.0, lse_tile)
+                delta = (row_sums * gate_tile.to(acc))[..., 0]  # rowsum(d o_branch * o_branch)
+                q_tile = q[:, :, rows]
+                for piece in query_tile.pieces:
+                    dq_p, dk_p, dv_p = problem.kernel.backward(
+                        branch_dout, q_tile, keys[:, :, piece.keys], values[:, :, piece.keys],
+                        o_tile, safe_lse, delta, piece.kind,
+                        _piece_mask(branch.mask, rows, piece), problem.scale,
+                    )  # fmt: skip
+                    grads[0][:, :, rows] += dq_p
+                    dkeys[:, :, piece.keys] += dk_p
+                    dvalues[:, :, piece.keys] += dv_p
+        dgates[1] = selection_backward(
+            dout, q, k, v, o_slc, lse_slc, ctx.plans, problem.sides, problem.scale,
+            grads[:3], gate=gates[1],
+        )[..., None]  # fmt: skip
+        dq, dk, dv, dck, dcv = (
+            None if g is None else g.to(x.dtype) for g, x in zip(grads, tensors)
+        )
+        return dq, dk, dv, dck, dcv, dgates.to(gates.dtype), None
