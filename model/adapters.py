@@ -142,6 +142,23 @@ def attach_adapters(model: Transformer, cfg: AdapterConfig) -> Transformer:
     return model
 
 
+def adapted_parameter_counts(
+    cfg: AdapterConfig,
+    config: ModelConfig,
+    positional: PositionalConfig,
+    attention: AttentionConfig,
+) -> tuple[int, int]:
+    """``(trained, total)`` scalars of the decoder with ``cfg``'s adapters (a tied weight counts
+    once), read from a model built and adapted on the meta device (no memory, no
+    initialisation cost): the ``--dry-run`` planner's counts."""
+    from longctx.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = attach_adapters(Transformer(config, positional, attention), cfg)
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def has_adapters(model: nn.Module) -> bool:
     """Whether ``model`` holds peft adapter layers."""
     from peft.tuners.tuners_utils import BaseTunerLayer
