@@ -223,7 +223,7 @@ def test_longlora_run_lowers_the_loss_and_saves_only_what_trains(adapter_runs):
     for moment in ("exp_avg", "exp_avg_sq"):
         assert _tensors(final, moment).keys() == model.keys() - {"lm_head.weight"}  # tied
     shards = [p for p in final.iterdir() if p.name.startswith("state_r")]
-    assert {p.name[:len("state_r00000")] for p in shards} == {"state_r00000", "state_r00001"}
+    assert {p.name[: len("state_r00000")] for p in shards} == {"state_r00000", "state_r00001"}
     manifest = json.loads((final / "manifest.json").read_text())
     base = adapter_runs["root"] / "base"
     assert manifest["adapter_base"]["source"] == f"hf:{base.resolve()}"
@@ -239,25 +239,73 @@ def test_adapter_resume_is_bit_exact(adapter_runs):
     assert all(torch.equal(whole[n], resumed[n]) for n in whole)
 
 
-@pytest.mark.slow
-def test_adapter_checkpoint_resumes_elastically_under_ulysses_and_zero2(adapter_runs, tmp_path):
-    """The step-2 checkpoint of the ring 2 / ZeRO-3 run continues under Ulysses 2 / ZeRO-2 with
-    the uninterrupted run's losses (fp32, 1e-5)."""
+def _copy_up_to_half(source: Path, target: Path) -> Path:
+    """Copy run ``source`` to ``target`` without its final checkpoint; returns the copy's
+    step-``HALF`` checkpoint, to resume from."""
     import shutil
 
-    source = Path(adapter_runs["split"].trainer.run_dir)
-    run_dir = tmp_path / "elastic"
-    shutil.copytree(source, run_dir)
-    (run_dir / "checkpoints" / f"step_{STEPS:06d}").exists() and shutil.rmtree(
-        run_dir / "checkpoints" / f"step_{STEPS:06d}"
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoints" / f"step_{STEPS:06d}", ignore_errors=True)
+    return target / "checkpoints" / f"step_{HALF:06d}"
+
+
+def _rank_whole_then_resumed(rank: int, world: int, whole: dict, resumed: dict) -> list[dict]:
+    """Train ``whole`` to the end, copy its run to ``resumed``'s directory up to step
+    ``HALF`` and resume that copy from there: two runs in the same ranks."""
+    import torch.distributed as dist
+
+    first = rank_train(rank, world, [whole])[0]
+    if rank == 0:
+        _copy_up_to_half(Path(whole["run_dir"]), Path(resumed["run_dir"]))
+    dist.barrier()
+    return [first, rank_train(rank, world, [resumed])[0]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_adapter_resume_is_bit_exact_under_zero_0_and_2(tmp_path, zero_stage):
+    """Data parallel 2 under ZeRO-0 and ZeRO-2 (the fixture covers ZeRO-3 under ring 2): the
+    run resumed at step 2 ends with the uninterrupted run's adapters and moments, bit for bit."""
+    corpus, tokenizer = make_data(tmp_path / "data")
+    config = tiny_recipe(corpus, tokenizer, tmp_path / "unused").model
+    torch.manual_seed(11)
+    save_hf(Transformer(config), config, tmp_path / "base")
+    whole = _adapter_recipe(
+        tmp_path, "whole", tmp_path / "base", zero_stage=zero_stage, ckpt_every=HALF
     )
-    recipe = adapter_runs["split"].model_copy(deep=True)
-    recipe.trainer.run_dir = str(run_dir)
-    recipe.trainer.zero_stage = 2
-    recipe = _layout(recipe, ring=1, ulysses=2, dp=1)
-    step_two = run_dir / "checkpoints" / f"step_{HALF:06d}"
+    whole = _layout(whole, dp=2)
+    resumed = whole.model_copy(deep=True)
+    resumed.trainer.run_dir = str(tmp_path / "resumed")
+    step_two = tmp_path / "resumed" / "checkpoints" / f"step_{HALF:06d}"
     with deepspeed_environment():
-        result = run_on_ranks(rank_train, 2, [job(recipe, resume=str(step_two))], timeout=900)[0][0]
+        runs = run_on_ranks(
+            _rank_whole_then_resumed, 2, job(whole), job(resumed, resume=str(step_two)), timeout=900
+        )[0]
+    assert [r["summary"]["step"] for r in runs] == [STEPS, STEPS]
+    for key in ("param", "exp_avg", "exp_avg_sq"):
+        ours, theirs = _tensors(_final(whole), key), _tensors(_final(resumed), key)
+        assert ours.keys() == theirs.keys() and ours
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("world", "zero_stage", "layout"),
+    [(2, 2, {"ring": 1, "ulysses": 2, "dp": 1}), (1, 0, {"ring": 1, "ulysses": 1, "dp": 1})],
+    ids=["ulysses2-zero2", "one-rank-zero0"],
+)
+def test_adapter_checkpoint_resumes_elastically(adapter_runs, tmp_path, world, zero_stage, layout):
+    """The step-2 checkpoint of the ring 2 / ZeRO-3 run continues under Ulysses 2 / ZeRO-2 and
+    on one rank under ZeRO-0 with the uninterrupted run's losses (fp32, 1e-5)."""
+    source = Path(adapter_runs["split"].trainer.run_dir)
+    step_two = _copy_up_to_half(source, tmp_path / "elastic")
+    recipe = adapter_runs["split"].model_copy(deep=True)
+    recipe.trainer.run_dir = str(tmp_path / "elastic")
+    recipe.trainer.zero_stage = zero_stage
+    recipe = _layout(recipe, **layout)
+    with deepspeed_environment():
+        result = run_on_ranks(rank_train, world, [job(recipe, resume=str(step_two))], timeout=900)
+    result = result[0][0]
     elastic = {m["step"]: m["loss"] for m, _ in result["reports"] if "loss" in m}
     whole = {m["step"]: m["loss"] for m, _ in adapter_runs["results"]["reports"] if "loss" in m}
     assert sorted(elastic) == list(range(HALF + 1, STEPS + 1))

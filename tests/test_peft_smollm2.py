@@ -20,6 +20,7 @@ from harness import run_on_ranks
 from safetensors.torch import load_file
 from trainer_helpers import deepspeed_environment, job, rank_train
 
+from longctx.checkpoint.sharded_state import is_part_file, iter_model_tensors
 from longctx.config.recipe import Recipe
 from longctx.launch.cli import main
 
@@ -123,10 +124,10 @@ def test_longlora_yarn_smollm2_trains_resumes_and_exports(runs, tmp_path):
     from longctx.data.tokenizer import load_tokenizer
 
     final = _final(runs["whole"])
-    trained = load_file(str(final / "model.safetensors"))
+    trained = dict(iter_model_tensors(final))
     assert all("lora_" in name or "norm" in name for name in trained)
-    adapter_bytes = sum(
-        (final / f).stat().st_size for f in ("model.safetensors", "optimizer.safetensors")
+    adapter_bytes = sum(  # every rank's shards: adapters, norms and their AdamW moments
+        path.stat().st_size for path in final.iterdir() if is_part_file(path.name)
     )
     full_bytes = (
         3
@@ -136,8 +137,12 @@ def test_longlora_yarn_smollm2_trains_resumes_and_exports(runs, tmp_path):
         )
     )
     assert [m["step"] for m, c in runs["resumed"]["reports"] if c is not None] == [STEPS]
-    resumed = load_file(str(_final(runs["split"]) / "model.safetensors"))
-    assert all(torch.equal(trained[name], resumed[name]) for name in trained)
+    for key in ("param", "exp_avg", "exp_avg_sq"):
+        whole = dict(iter_model_tensors(final, key=key))
+        resumed = dict(iter_model_tensors(_final(runs["split"]), key=key))
+        assert whole.keys() == resumed.keys() and all(
+            torch.equal(whole[n], resumed[n]) for n in whole
+        )
 
     assert main(["export", str(final), "--hf", str(tmp_path / "hf")]) == 0
     assert main(["export", str(final), "--peft", str(tmp_path / "adapter")]) == 0
