@@ -24,8 +24,8 @@ everything the training holds: the resident high-water mark minus the resident s
 taken right after torch is imported, before the model exists; it covers building the model,
 the optimizer's moments (created at the first step) and a warm-up step plus one timed step at T.
 Time is that timed step's process CPU time (``time_s``) and wall time. Ratios are against
-``full`` at the same T, measured in the same run. ``attention.variant: s2`` (LongLoRA's
-shifted sparse attention) adds a ``longlora + s2`` method here once it exists.
+``full`` at the same T, measured in the same run. LongLoRA's shifted sparse attention
+(``attention.variant: s2``) is measured against dense attention by ``bench/s2.py``.
 """
 
 from __future__ import annotations
