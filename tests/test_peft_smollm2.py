@@ -153,14 +153,16 @@ def test_longlora_yarn_smollm2_trains_resumes_and_exports(runs, tmp_path):
     with torch.no_grad():
         expected = ours(ids)
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-        torch.testing.assert_close(merged.eval()(ids).logits, expected, rtol=0, atol=1e-4)
+        # 1e-4 plus 1e-5 of the logit: SmolLM2's logits reach ~30, and fp32 summation-order
+        # differences over 30 layers and 1024 tokens reach 1.5e-4 on a few of 5e7 logits.
+        torch.testing.assert_close(merged.eval()(ids).logits, expected, rtol=1e-5, atol=1e-4)
         # the base weights under the run's YaRN settings (the merged export's config.json)
         config = AutoConfig.from_pretrained(tmp_path / "hf")
         base = AutoModelForCausalLM.from_pretrained(
             runs["base"], config=config, dtype=torch.float32
         )
         adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-        torch.testing.assert_close(adapted(ids).logits, expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(adapted(ids).logits, expected, rtol=1e-5, atol=1e-4)
         with adapted.disable_adapter():  # the base model with YaRN, no adapters
             before = _text_loss(adapted, ids)
     after = _text_loss(ours, ids)
