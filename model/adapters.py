@@ -213,7 +213,7 @@ def peft_adapter_files(
     config = lora_config(
         cfg,
         modules_to_save=modules_to_save,
-        ensure_weight_tying=bool(modules_to_save) and tied_embeddings,
+        ensure_weight_tying="embed" in cfg.trainable and tied_embeddings,
         base_model_name_or_path=base_model,
     )
     out.mkdir(parents=True, exist_ok=True)
