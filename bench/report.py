@@ -581,6 +581,30 @@ def _gpu_attention_rows(check: dict, data: dict) -> list[Row]:
     return rows
 
 
+def peft_rows(data: dict) -> list[Row]:
+    """Issue 20: LoRA / LongLoRA against full fine-tuning (trainable fraction, peak memory, step
+    time); goal LongLoRA (no S2) peak <= 0.6x full fine-tuning at 8k."""
+    config, goal = data["config"], data["goal"]
+    rows = []
+    for row in data["results"]:
+        if row["method"] == "full":
+            continue
+        is_goal = row["method"] == goal["method"] and row["seq_len"] == goal["seq_len"]
+        rows.append(
+            Row(
+                "peft",
+                f"{row['method']} peak memory vs full fine-tuning, T={row['seq_len']}, "
+                f"SmolLM2-135M shape {config['layers']} layers",
+                f"{row['peak_bytes'] / GiB:.2f} GiB; trains {row['trainable_fraction']:.2%} of "
+                f"the weights; step CPU time {row['time_ratio']:.2f}x full",
+                row["memory_ratio"],
+                "<=" if is_goal else None,
+                goal["memory_ratio"] if is_goal else None,
+            )
+        )
+    return rows
+
+
 def _gpu_model_rows(check: dict, data: dict) -> list[Row]:
     rows = []
     for r in check["lengths"]:
@@ -669,6 +693,7 @@ SECTIONS: dict[str, Callable] = {
     "s2": s2_rows,
     "peer_long": peer_rows,
     "memory": memory_rows,
+    "peft": peft_rows,
     "memory_longest": memory_longest_rows,
     "checkpoint": checkpoint_rows,
     "checkpoint_zero2": checkpoint_rows,

@@ -3,9 +3,12 @@
 Each benchmark runs as ``python -m longctx.bench.NAME`` in its own process with its default
 (quick) settings, writes ``bench/results/NAME.json`` and prints its table; the report is then
 rebuilt from every JSON file present (``bench/report.py``), so benchmarks not run this time keep
-their last results. The whole default suite takes about 15-20 minutes on a 2-core CPU; the very
-long measurements sit behind each benchmark's own flags (``python -m longctx.bench.memory
---longest`` runs real 128k/256k training steps, ~12 minutes more).
+their last results. The whole default suite takes about 20 minutes on a 2-core CPU. Two
+benchmarks run only by hand (their committed JSON stays in the report): ``python -m
+longctx.bench.data`` (prepares a 400M-token corpus) and ``python -m longctx.bench.peft`` (10-15
+minutes); the other long measurements sit behind each benchmark's own flags (``python -m
+longctx.bench.memory --longest`` runs real 128k/256k training steps, ~12 minutes more; ``peer
+--long``, ``checkpoint --zero 2``).
 
 ``bench/results/suite.json`` records when the whole suite last ran and how long each benchmark
 took, in wall time and in CPU time of its processes (on a shared machine the wall time says more

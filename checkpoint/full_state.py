@@ -119,6 +119,15 @@ def unique_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Param
     return [(names[id(p)], p) for _, p in module.named_parameters() if p.requires_grad]
 
 
+def saved_names(module: torch.nn.Module) -> set[str]:
+    """The ``state_dict`` names a checkpoint of ``module`` holds: all of them when every
+    parameter trains; only the trained parameters' (``unique_parameters``) when some are
+    frozen (adapters): the frozen base is named by the manifest's base reference, not copied."""
+    if all(param.requires_grad for param in module.parameters()):
+        return set(module.state_dict().keys())
+    return {name for name, _ in unique_parameters(module)}
+
+
 def optimizer_step_count(engine: DeepSpeedEngine) -> int:
     """AdamW's step count (the same for every parameter), 0 before the first applied step."""
     for state in base_optimizer(engine).state.values():

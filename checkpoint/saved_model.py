@@ -24,6 +24,12 @@ from typing import Any
 
 import torch
 
+from longctx.checkpoint.adapter_base import (
+    BASE_KEY,
+    base_checkpoint_of,
+    base_reference,
+    check_adapter_base,
+)
 from longctx.checkpoint.sharded_state import iter_model_tensors
 from longctx.checkpoint.store import (
     CHECKPOINTS_DIR,
@@ -31,14 +37,17 @@ from longctx.checkpoint.store import (
     RECIPE_FILE,
     TOKENIZER_FILE,
     latest_checkpoint,
+    load_model_state_dict,
     load_model_weights,
     load_partitioned_weights,
+    read_manifest,
     verify_checkpoint,
 )
 from longctx.config.recipe import Recipe, parse_recipe, read_recipe_file
 from longctx.data import Tokenizer, load_tokenizer
 from longctx.errors import LongctxError
 from longctx.model import Transformer, empty_model, load_hf
+from longctx.model.adapters import attach_adapters, merge_adapters, peft_adapter_files
 from longctx.model.hf_io import (
     check_tensor_shape,
     hf_tensor_name,
@@ -94,16 +103,22 @@ def find_checkpoint(run_or_checkpoint: str | Path) -> Path:
     return latest
 
 
+def saved_recipe(directory: Path) -> Recipe:
+    """The recipe a checkpoint was trained with (its ``recipe.yaml``). The resolved recipe
+    already holds the full model shape; the hf: weights it started from are not needed (and may
+    have moved: an adapter checkpoint's base is named by its manifest), so it is read as a
+    model of that shape."""
+    raw = read_recipe_file(directory / RECIPE_FILE)
+    if isinstance(raw.get("model"), dict):
+        raw["model"]["init"] = "scratch"
+    return parse_recipe(raw, source=str(directory / RECIPE_FILE))
+
+
 def open_checkpoint(run_or_checkpoint: str | Path) -> SavedCheckpoint:
     """Find and sha256-verify the checkpoint, and read its recipe and tokenizer."""
     directory = find_checkpoint(run_or_checkpoint)
     manifest = verify_checkpoint(directory)
-    raw = read_recipe_file(directory / RECIPE_FILE)
-    # The resolved recipe already holds the full model shape; the hf: weights it started from
-    # are not needed (and may have moved), so it is read as a model of that shape.
-    if isinstance(raw.get("model"), dict):
-        raw["model"]["init"] = "scratch"
-    recipe = parse_recipe(raw, source=str(directory / RECIPE_FILE))
+    recipe = saved_recipe(directory)
     tokenizer_path = directory / TOKENIZER_FILE
     if tokenizer_path.is_file():
         tokenizer = load_tokenizer(str(tokenizer_path))
@@ -132,7 +147,9 @@ def build_model(
       tensor by tensor from the checkpoint's shards (``load_model_weights``); with ``zero3``
       built under ``deepspeed.zero.Init`` and each rank reads only its partitions from the
       shards (``load_partitioned_weights``). The recipe's settings apply around them (e.g. a
-      new stage's YaRN ``rope_scaling``).
+      new stage's YaRN ``rope_scaling``). An adapter checkpoint gives its base (checked
+      against its reference) with the adapters merged in (``load_adapted_model``, one full
+      copy in ``dtype``: peft wraps whole layers).
     - else ``model.init: hf:PATH``: that Hugging Face checkpoint's weights. With ``zero3`` (the
       DeepSpeed config of a ZeRO-3 run; every rank calls this) the model is built under
       ``deepspeed.zero.Init`` and each rank reads only its partition of every tensor
@@ -144,6 +161,8 @@ def build_model(
       partitions of the same values (``parallel.zero_init.build_partitioned_scratch``), so the
       model does not depend on the number of ranks.
     """
+    if weights is not None and BASE_KEY in read_manifest(weights):
+        return load_adapted_model(recipe, Path(weights), dtype)
     if weights is not None and zero3 is not None:
         model = build_partitioned(recipe.model, recipe.positional, recipe.attention, zero3)
         load_partitioned_weights(model, weights)
@@ -173,6 +192,51 @@ def build_model(
     return model if dtype == torch.float32 else model.to(dtype)
 
 
+def build_base_model(
+    recipe: Recipe, reference: dict, checkpoint: Path, dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """The frozen base an adapter ``checkpoint`` names (``reference``: its manifest's
+    ``adapter_base``), under ``recipe``'s settings, after checking that it is the same base: an
+    ``hf:`` directory, a checkpoint of the run (itself possibly adapters, merged), or the
+    recipe's seeded random initialisation."""
+    base_dir = base_checkpoint_of(reference, checkpoint)
+    source = str(reference["source"])
+    at_hand = recipe
+    if source.startswith("hf:"):
+        at_hand = recipe.model_copy(
+            update={"model": recipe.model.model_copy(update={"init": source})}
+        )
+    check_adapter_base(reference, base_reference(at_hand, base_dir), checkpoint)
+    if base_dir is not None or source.startswith("hf:"):
+        return build_model(at_hand, weights=base_dir, dtype=dtype)
+    with torch.random.fork_rng():  # the worker's seeding before it built the model
+        torch.manual_seed(recipe.trainer.seed)
+        return build_model(at_hand, dtype=dtype)
+
+
+def load_adapted_model(
+    recipe: Recipe, checkpoint: Path, dtype: torch.dtype = torch.float32, *, merge: bool = True
+) -> Transformer:
+    """The base of an adapter checkpoint with the checkpoint's adapters and trained extras
+    loaded (``merge``: folded into the base weights, plain names; else still peft layers)."""
+    saved = saved_recipe(checkpoint)
+    reference = read_manifest(checkpoint)[BASE_KEY]
+    model = build_base_model(recipe, reference, checkpoint, dtype)
+    with torch.random.fork_rng():
+        attach_adapters(model, saved.adapters)
+    tensors = load_model_state_dict(checkpoint)
+    result = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = trained - set(tensors)
+    if result.unexpected_keys or missing:
+        odd = sorted(result.unexpected_keys) or sorted(missing)
+        raise LongctxError(
+            f"adapter checkpoint {checkpoint} does not fit its recipe's peft section ({odd[0]} "
+            "differs); load it with the recipe it was trained with"
+        )
+    return merge_adapters(model) if merge else model
+
+
 def load_trained_model(saved: SavedCheckpoint, dtype: torch.dtype = torch.float32) -> Transformer:
     """The decoder with the checkpoint's consolidated weights, in ``dtype``, in eval mode."""
     return build_model(saved.recipe, weights=saved.directory, dtype=dtype).eval()
@@ -192,9 +256,16 @@ def _export_tensors(
     """The checkpoint's parameters in Hugging Face names and ``dtype``, one at a time
     (``iter_model_tensors``); buffers and a tied ``lm_head`` copy are left out (``shapes`` holds
     the model's distinct parameters). A missing parameter or a wrong shape is a
-    ``LongctxError`` naming it."""
+    ``LongctxError`` naming it. An adapter checkpoint holds no base weights: its base is
+    loaded with the adapters merged in (``load_adapted_model``) and that model's tensors are
+    written."""
     seen = set()
-    for name, tensor in iter_model_tensors(saved.directory):
+    if BASE_KEY in saved.manifest:
+        merged = load_adapted_model(saved.recipe, saved.directory)
+        source: Iterator[tuple[str, torch.Tensor]] = iter(merged.state_dict().items())
+    else:
+        source = iter_model_tensors(saved.directory)
+    for name, tensor in source:
         if name not in shapes:
             continue
         check_tensor_shape(saved.directory, name, tuple(tensor.shape), shapes[name])
@@ -253,4 +324,29 @@ def export_hf(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return out
+
+
+def export_peft(run_or_checkpoint: str | Path, out: str | Path) -> Path:
+    """Write an adapter checkpoint's adapters (and LongLoRA's trained embedding and norms) in
+    peft's format into ``out`` (new or empty): ``PeftModel.from_pretrained`` loads it onto the
+    Hugging Face base model (the ``hf:`` directory the run started from, or a full checkpoint
+    of the run exported with ``--hf``)."""
+    out = Path(out).expanduser()
+    _refuse_non_empty(out)
+    saved = open_checkpoint(run_or_checkpoint)
+    reference = saved.manifest.get(BASE_KEY)
+    if reference is None or saved.recipe.adapters is None:
+        raise LongctxError(
+            f"checkpoint {saved.directory} holds full weights, not adapters; export it with "
+            "--hf OUT"
+        )
+    base = str(reference["source"])
+    peft_adapter_files(
+        out,
+        saved.recipe.adapters,
+        load_model_state_dict(saved.directory),
+        base_model=base.removeprefix("hf:") if base.startswith("hf:") else None,
+        tied_embeddings=saved.recipe.model.tie_word_embeddings,
+    )
     return out

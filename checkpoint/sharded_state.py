@@ -59,6 +59,7 @@ from longctx.checkpoint.full_state import (
     fresh_adam_state,
     link_moment_fragments,
     master_partitions,
+    saved_names,
     unique_parameters,
 )
 from longctx.errors import LongctxError
@@ -253,10 +254,14 @@ def write_shards(
 def state_entries(decoder: torch.nn.Module) -> dict[str, tuple[str, Any]]:
     """Each ``state_dict`` name of the decoder, in order, as ``(kind, what)``: ``("param",
     parameter)``, ``("alias", first name)`` for a tied parameter's second name, ``("buffer",
-    tensor)``."""
+    tensor)``. Only what ``saved_names`` keeps: with adapters, the trained parameters (the frozen
+    base is named by the manifest's ``adapter_base``, not copied)."""
     first = {id(p): name for name, p in unique_parameters(decoder)}
+    saved = saved_names(decoder)
     entries: dict[str, tuple[str, Any]] = {}
     for name, tensor in decoder.state_dict(keep_vars=True).items():
+        if name not in saved:
+            continue
         owner = first.get(id(tensor))
         if owner is None:
             entries[name] = ("buffer", tensor)

@@ -93,6 +93,10 @@ _FORMAT_NAMES = {
 _TAG_PATTERN = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _HASH_BLOCK = 1 << 20
+# The manifest entry naming an adapter checkpoint's frozen base (``checkpoint/adapter_base.py``)
+# and the prefix of a base that is a checkpoint of the same run.
+BASE_KEY = "adapter_base"
+BASE_CHECKPOINT_SOURCE = "checkpoint:"
 log = logging.getLogger("longctx.checkpoint")
 _MANIFEST_KEYS = (
     "rng_states",
@@ -278,6 +282,9 @@ def save_checkpoint(
             "counters": engine_counters(engine),
             "files": digests,
         }
+        base = getattr(engine.module.model, BASE_KEY, None)  # set by the worker for adapters
+        if base is not None:
+            manifest[BASE_KEY] = base
         write_atomic(staging / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
         _publish(staging, final)
         write_atomic(root / LATEST_FILE, tag + "\n")
@@ -358,10 +365,15 @@ def incomplete_checkpoints(root: Path) -> list[Path]:
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints (never the one ``latest``
-    names) and any leftover staging directories; returns what was deleted."""
-    protected = root / _read_latest(root) if (root / LATEST_FILE).is_file() else None
+    names, nor the base checkpoint a kept adapter checkpoint names) and any leftover staging
+    directories; returns what was deleted."""
+    protected = {root / _read_latest(root)} if (root / LATEST_FILE).is_file() else set()
     complete = [path for _, path in list_checkpoints(root)]
-    doomed = [path for path in complete[:-keep_last] if path != protected]
+    for kept in complete[-keep_last:]:  # adapters' base checkpoints (a stage's final weights)
+        source = str(read_manifest(kept).get(BASE_KEY, {}).get("source", ""))
+        if source.startswith(BASE_CHECKPOINT_SOURCE):
+            protected.add(root / source.removeprefix(BASE_CHECKPOINT_SOURCE))
+    doomed = [path for path in complete[:-keep_last] if path not in protected]
     doomed += [
         path for path in root.iterdir() if path.is_dir() and path.name.startswith(_TMP_PREFIX)
     ]

@@ -28,6 +28,7 @@ from longctx.config.recipe_errors import check_key_path, single_line, validation
 from longctx.config.stages import StageSpec, check_stage_keys
 from longctx.data.config import DataConfig
 from longctx.errors import LongctxError
+from longctx.model.adapters import AdapterConfig, target_module_problem
 from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig
 from longctx.parallel.ulysses import check_ulysses_heads
@@ -177,6 +178,11 @@ class Recipe(BaseModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    peft: AdapterConfig | None = Field(
+        None,
+        description="LoRA / LongLoRA adapters through peft (model/adapters.py); None = full "
+        "fine-tuning",
+    )
     stages: list[StageSpec] = Field(
         default_factory=list,
         description="train in stages, each a partial recipe laid over this one (e.g. a longer "
@@ -225,6 +231,10 @@ class Recipe(BaseModel):
             problem = sequence_problem(self.attention, self.positional, self.data.seq_len)
         if problem is not None:
             raise ValueError(problem)
+        if self.adapters is not None:
+            problem = target_module_problem(self.adapters, model, self.positional, self.attention)
+            if problem is not None:
+                raise ValueError(problem)
         tokenizer = self.data.tokenizer
         if tokenizer.path is None and tokenizer.vocab_size > model.vocab_size:
             raise ValueError(
@@ -244,11 +254,19 @@ class Recipe(BaseModel):
             stage_recipes(self)  # raises a one-line LongctxError naming the first bad stage
         return self
 
+    @property
+    def adapters(self) -> AdapterConfig | None:
+        """The adapter settings when this recipe trains adapters, None for full fine-tuning."""
+        return self.peft if self.peft is not None and self.peft.enabled else None
+
     def resolved_yaml(self) -> str:
         """The fully resolved recipe (defaults filled, overrides and checkpoint shape applied)
         as YAML; loading it again gives an equal ``Recipe``. A one-stage recipe has no
         ``stages`` key (an explicit ``stages: []`` in a recipe file is refused as a mistake)."""
-        resolved = self.model_dump(mode="json", exclude={"stages"} if not self.stages else None)
+        unset = ({"stages"} if not self.stages else set()) | (
+            {"peft"} if self.peft is None else set()
+        )
+        resolved = self.model_dump(mode="json", exclude=unset or None)
         return yaml.safe_dump(resolved, sort_keys=False)
 
     def recipe_hash(self) -> str:

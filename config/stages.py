@@ -5,8 +5,8 @@ A recipe's ``stages:`` list holds partial recipes; stage ``i``'s effective recip
 recipe's own sections with stage ``i``'s values laid over them (``stage_recipes``). A stage may
 change what is safe to change between two trainings of the same weights (``STAGE_FIELDS``):
 sequence length and task mix, RoPE (``model.rope_scaling``, ``rope_theta``,
-``max_position_embeddings``), the parallel degrees, the kernel settings, steps, the optimizer
-and the evaluation. It may not change the model's shape (``SHAPE_FIELDS``), the position
+``max_position_embeddings``), the parallel degrees, the kernel settings, steps, the optimizer,
+the evaluation, and the adapters (``peft``: switched on or off, or their settings). It may not change the model's shape (``SHAPE_FIELDS``), the position
 encoding or attention variant, the tokenizer, precision or ZeRO stage. Every stage's recipe is
 validated when the recipe is loaded, and sequence lengths may not decrease from one stage to the
 next; every problem is one ``LongctxError`` line naming the stage.
@@ -73,6 +73,9 @@ STAGE_FIELDS: dict[str, frozenset[str]] = {
             "ckpt_every",
         }
     ),
+    # Adapters may start or stop at a stage boundary (a LongLoRA stage after a full one, or
+    # the reverse): the weights the next stage starts from are always the merged model.
+    "peft": frozenset({"enabled", "rank", "alpha", "dropout", "target_modules", "trainable"}),
 }
 STAGE_NAME_KEY = "name"
 
@@ -90,6 +93,7 @@ class StageSpec(BaseModel):
     parallel: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     trainer: dict[str, Any] = Field(default_factory=dict)
+    peft: dict[str, Any] = Field(default_factory=dict)
 
     @model_serializer(mode="wrap")
     def _as_written(self, handler: Any) -> dict[str, Any]:
@@ -202,7 +206,7 @@ def _merged(base: dict[str, Any], stage: StageSpec) -> dict[str, Any]:
     stage's ``model.rope_scaling`` replaces the whole dict, as ``--set`` would)."""
     merged = {key: value for key, value in base.items() if key != "stages"}
     for section, values in stage.overrides().items():
-        merged[section] = {**merged[section], **values}
+        merged[section] = {**(merged.get(section) or {}), **values}
     return merged
 
 

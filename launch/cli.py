@@ -7,7 +7,8 @@
     longctx eval RUN_OR_CHECKPOINT|HF_DIR|RECIPE --task ppl|passkey|niah|counting|... [--lengths N ...]
                  [--depths F ...] [--samples N] [--windows N] [--out DIR] [--set k=v ...]
                  [--workers N] [--address A]
-    longctx export RUN_OR_CHECKPOINT --hf OUT [--dtype fp32|bf16] [--max-shard-size 5GB]
+    longctx export RUN_OR_CHECKPOINT --hf OUT [--dtype fp32|bf16] [--max-shard-size 5GB]   (adapters merged in)
+    longctx export RUN_OR_CHECKPOINT --peft OUT                   (the adapters, peft's format)
     longctx bench [NAME ...] [--report-only]
     longctx convert --gguf FILE --out DIR
 
@@ -156,11 +157,17 @@ def shard_size(text: str) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Export a checkpoint as a Hugging Face model directory."""
-    from longctx.checkpoint.saved_model import export_hf
+    """Export a checkpoint as a Hugging Face model directory (adapters merged into the base),
+    and / or an adapter checkpoint's adapters in peft's format."""
+    from longctx.checkpoint.saved_model import export_hf, export_peft
 
-    out = export_hf(args.run_or_checkpoint, args.hf, args.dtype, args.max_shard_size)
-    print(f"exported to {out}")
+    if args.hf is None and args.peft is None:
+        raise LongctxError("longctx export needs --hf OUT, --peft OUT or both")
+    if args.hf is not None:
+        out = export_hf(args.run_or_checkpoint, args.hf, args.dtype, args.max_shard_size)
+        print(f"exported to {out}")
+    if args.peft is not None:
+        print(f"exported the adapters to {export_peft(args.run_or_checkpoint, args.peft)}")
     return 0
 
 
@@ -337,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a checkpoint as a Hugging Face model")
     export.add_argument("run_or_checkpoint", metavar="RUN_OR_CHECKPOINT")
     export.add_argument(
-        "--hf", required=True, metavar="OUT", help="new or empty directory to write"
+        "--hf", metavar="OUT", help="new or empty directory for the (merged) Hugging Face model"
+    )
+    export.add_argument(
+        "--peft", metavar="OUT", help="new or empty directory for the adapters in peft's format"
     )
     export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     export.add_argument(

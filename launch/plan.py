@@ -17,6 +17,12 @@ Memory model, per rank (t = micro_batch_size x seq_len / sp tokens on the rank):
 - the tiled loss's backward workspace: the logits gradient of one chunk and the float32 LM-head
   gradient accumulator (``loss_workspace_bytes``).
 
+Adapters (``peft:``): the frozen base stays in the training dtype with no gradient, no fp32
+master and no AdamW moments, so only the trained parameters (LoRA matrices, LongLoRA's
+embedding and norms: ``parameter_counts``) are counted for gradients, the optimizer state, the
+gradient reduce bucket and the checkpoint's state, while the weights count every parameter.
+peft wraps whole layers, so an adapter run's base is built as one copy even under ZeRO-3.
+
 Peaks per phase (``phase_peaks``), on top of the training step's estimate above:
 
 - init from Hugging Face weights: under ZeRO-3 each rank builds its partition of the weights
@@ -41,6 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from longctx.config.recipe import Recipe
+from longctx.model.adapters import adapted_parameter_counts
 from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig, ring_runs_as
 from longctx.parallel.ulysses import kv_head_replication
@@ -116,17 +123,17 @@ def activation_bytes(
     return tokens * (kept + d) * element + logits_chunk
 
 
-def zero_buffer_bytes(params: int, dtype: str, zero_stage: int, world: int) -> int:
+def zero_buffer_bytes(trained: int, params: int, dtype: str, zero_stage: int, world: int) -> int:
     """DeepSpeed's communication buffers at its default sizes: the gradient reduce bucket
-    (``min(params, 5e8)`` gradient elements, only with more than one rank), plus the parameter
-    all-gather bucket of stages 1-2 or the gathered live parameters of stage 3
-    (``min(params, 5e8)`` resp. ``min(params, 1e9)`` weight elements)."""
+    (``min(trained, 5e8)`` gradient elements, only with more than one rank), plus the all-gather
+    bucket of the updated weights of stages 1-2 (``min(trained, 5e8)``) or the gathered live
+    parameters of stage 3, frozen ones included (``min(params, 1e9)`` weight elements)."""
     weight_b, grad_b, _ = _STATE_BYTES[dtype]
-    reduce = min(params, DS_REDUCE_BUCKET) * grad_b if world > 1 else 0
+    reduce = min(trained, DS_REDUCE_BUCKET) * grad_b if world > 1 else 0
     if zero_stage == 3:
         return reduce + min(params, DS_STAGE3_MAX_LIVE_PARAMETERS) * weight_b
     if zero_stage >= 1:
-        return reduce + min(params, DS_ALLGATHER_BUCKET) * weight_b
+        return reduce + min(trained, DS_ALLGATHER_BUCKET) * weight_b
     return reduce
 
 
@@ -165,28 +172,40 @@ def loss_workspace_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
     return chunk * FP32_BYTES + cast + model.vocab_size * model.hidden_size * FP32_BYTES
 
 
+def parameter_counts(recipe: Recipe) -> tuple[int, int]:
+    """``(trained, total)`` parameters of the recipe's decoder: both ``num_parameters()`` for
+    full fine-tuning; with adapters the LoRA matrices and the trainable extras, and the base
+    plus the adapters (``model.adapters.adapted_parameter_counts``)."""
+    if recipe.adapters is None:
+        params = recipe.model.num_parameters()
+        return params, params
+    return adapted_parameter_counts(
+        recipe.adapters, recipe.model, recipe.positional, recipe.attention
+    )
+
+
 def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
     """Per-rank memory of ``recipe`` on ``layout`` (a ParallelConfig with a concrete dp)."""
     trainer = recipe.trainer
-    params = recipe.model.num_parameters()
+    trained, params = parameter_counts(recipe)
     weight_b, grad_b, optim_b = _STATE_BYTES[trainer.dtype]
     world, stage = layout.world, trainer.zero_stage
     tokens = trainer.micro_batch_size * recipe.data.seq_len // layout.sp
     weights = params * weight_b // (world if stage >= 3 else 1)
-    optimizer = params * optim_b // (world if stage >= 1 else 1)
+    optimizer = trained * optim_b // (world if stage >= 1 else 1)
     # ZeRO offload keeps these partitions in host memory instead of on the accelerator.
     host = (optimizer if trainer.offload_optimizer else 0) + (
         weights if trainer.offload_param else 0
     )
     return MemoryEstimate(
         weights=0 if trainer.offload_param else weights,
-        gradients=params * grad_b // (world if stage >= 2 else 1),
+        gradients=trained * grad_b // (world if stage >= 2 else 1),
         optimizer=0 if trainer.offload_optimizer else optimizer,
         host_offload=host,
         activations=activation_bytes(
             recipe.model, tokens, trainer.dtype, trainer.activation_checkpointing
         ),
-        zero_buffers=zero_buffer_bytes(params, trainer.dtype, stage, world),
+        zero_buffers=zero_buffer_bytes(trained, params, trainer.dtype, stage, world),
         attention_workspace=attention_workspace_bytes(recipe.model, tokens, trainer.dtype, layout),
         loss_workspace=loss_workspace_bytes(recipe.model, tokens, trainer.dtype),
     )
@@ -217,19 +236,21 @@ def phase_peaks(recipe: Recipe, layout: ParallelConfig) -> PhasePeaks:
     """Per-rank peaks of init, a training step, a sharded save and a restore of ``recipe`` on
     ``layout``."""
     trainer = recipe.trainer
-    params = recipe.model.num_parameters()
+    trained, params = parameter_counts(recipe)
     weight_b = _STATE_BYTES[trainer.dtype][0]
     largest = largest_parameter_numel(recipe.model)
     world = layout.world
     from_hf = recipe.model.init.startswith("hf:")
-    if trainer.zero_stage == 3:  # partitions only, plus the one tensor being read or computed
+    if trainer.zero_stage == 3 and recipe.adapters is None:
+        # partitions only, plus the one tensor being read or computed (an adapter base is one
+        # full copy: peft wraps whole layers)
         init = params * weight_b // world + largest * (weight_b if from_hf else FP32_BYTES)
     elif not from_hf:
         init = params * FP32_BYTES + largest * weight_b
     else:
         init = params * weight_b + largest * FP32_BYTES
     step = estimate_memory(recipe, layout).total
-    checkpoint = step + params * FULL_STATE_BYTES // world + CHECKPOINT_IO_BUFFER
+    checkpoint = step + trained * FULL_STATE_BYTES // world + CHECKPOINT_IO_BUFFER
     return PhasePeaks(init=init, step=step, save=checkpoint, restore=checkpoint)
 
 
@@ -258,6 +279,7 @@ def plan_rows(recipe: Recipe, layout: ParallelConfig) -> list[tuple[str, str]]:
     trainer, seq_len = recipe.trainer, recipe.data.seq_len
     memory = estimate_memory(recipe, layout)
     peaks = phase_peaks(recipe, layout)
+    trained, params = parameter_counts(recipe)
     per_step = layout.dp * trainer.micro_batch_size * trainer.grad_accum
     return [
         ("world layout", layout.describe()),
@@ -269,7 +291,8 @@ def plan_rows(recipe: Recipe, layout: ParallelConfig) -> list[tuple[str, str]]:
         ),
         ("tokens per rank per micro-batch", f"{trainer.micro_batch_size} x {seq_len // layout.sp}"),
         ("sequences per optimizer step", f"{per_step} ({per_step * seq_len:,} tokens)"),
-        ("parameters", human_count(recipe.model.num_parameters())),
+        ("parameters", human_count(params)),
+        ("trained parameters", f"{human_count(trained)}, {trained / params:.2%}"),
         ("precision / ZeRO stage", f"{trainer.dtype} / {trainer.zero_stage}"),
         ("activation checkpointing", "on" if trainer.activation_checkpointing else "off"),
         ("memory per rank: weights", human_bytes(memory.weights)),

@@ -172,7 +172,7 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
     """
     from longctx.config.stages import plan_stages
     from longctx.trainer.stages import check_stage_record, resume_point
-    from longctx.trainer.worker import check_layout
+    from longctx.trainer.worker import check_adapter_resume, check_layout
 
     started = time.monotonic()
     stages = plan_stages(recipe)
@@ -186,6 +186,7 @@ def run_training(recipe: Recipe, args: argparse.Namespace) -> int:
     point = resume_point(stages, run_dir, args.resume)
     validate_run(point.checkpoint_stage.recipe, run_dir, args.resume)
     check_stage_record(stages, run_dir, point)
+    check_adapter_resume(stages, point, run_dir)
     console = Console(highlight=False, soft_wrap=True, markup=False)  # paths may hold [ ]
     if point.stage.index > last:
         console.print(

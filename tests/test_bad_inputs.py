@@ -6,9 +6,9 @@ both), no traceback, and no change on disk: names, bytes and modification times 
 under the case's directory and the shared data directory are the same afterwards.
 
 Cases cover the recipe (keys, types, ranges, incompatible settings, sequence-parallel and head
-divisibility, stage order, YAML, mixture weights), the data (missing, empty, binary, not UTF-8,
-JSON lines without ``text``, chat rows without messages, with an unknown role or no assistant
-turn, too little text for one batch), the tokenizer (larger than the model's vocabulary,
+divisibility, stage order, YAML, mixture weights, peft targets and rank, S2 groups), the data
+(missing, empty, binary, not UTF-8, JSON lines without ``text``, chat rows without messages,
+with an unknown role or no assistant turn, too little text for one batch), the tokenizer (larger than the model's vocabulary,
 missing), checkpoints (missing, foreign directory, another model shape, damaged, a run
 directory that already holds a run) and the command line (bad ``--set``, unknown command or
 flag, bad ``--workers``). Recipe mistakes are caught by ``--dry-run``; the others by the checks
@@ -86,6 +86,15 @@ CASES: dict[str, Case] = {
     "unknown dtype": Case(_train("trainer.dtype=fp8"), ("trainer.dtype", "fp32")),
     "unknown attention variant": Case(_train("attention.variant=magic"), ("magic", "variant")),
     "min_lr above lr": Case(_train("trainer.min_lr=1.0"), ("min_lr", "lr")),
+    "peft target module the model lacks": Case(
+        _train("peft.target_modules=[q_proj,query_key_value]"),
+        ("['query_key_value']", "does not have", "linear layers are"),
+    ),
+    "peft rank zero": Case(_train("peft.rank=0"), ("peft.rank", "greater than 0")),
+    "s2 length not divisible by its group": Case(
+        _train("attention.variant=s2", "attention.s2.group_size=48"),
+        ("attention.s2.group_size=48", "use a multiple of 48"),
+    ),
     "heads not divisible by kv heads": Case(
         _train("model.num_attention_heads=5"), ("num_attention_heads=5", "choose kv heads")
     ),

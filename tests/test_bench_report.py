@@ -217,6 +217,25 @@ def test_suite_timings_appear_in_the_report(tmp_path):
     assert "2026-01-02 09:00 UTC, 1.0 min wall" in partial_line
 
 
+def test_peft_rows_judge_longlora_memory_at_8k(tmp_path):
+    def result(method: str, peak: float, fraction: float) -> dict:
+        return {
+            "method": method, "seq_len": 8192, "layers": 30, "trainable_fraction": fraction,
+            "peak_bytes": peak * 2**30, "time_s": 10.0, "wall_s": 11.0,
+            "memory_ratio": peak / 3.0, "time_ratio": 1.0,
+        }  # fmt: skip
+
+    results = [result("full", 3.0, 1.0), result("lora", 1.5, 0.002), result("longlora", 1.7, 0.2)]
+    config = {"layers": 30, "lengths": [8192]}
+    goal = {"method": "longlora", "seq_len": 8192, "memory_ratio": 0.6}
+    _write(tmp_path, "peft", {"config": config, "goal": goal, "results": results})
+    rows = collect_rows(tmp_path)
+    longlora = _row(rows, "peft", "longlora peak memory")
+    assert longlora.ratio == pytest.approx(1.7 / 3.0) and longlora.met is True
+    assert "20.00% of the weights" in longlora.values
+    assert _row(rows, "peft", "lora peak memory").met is None  # context, no target
+
+
 CHECKPOINT = {
     "full_fp32_state_bytes": 12 * 100 * 2**20,
     "results": [

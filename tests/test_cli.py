@@ -131,8 +131,9 @@ def test_dry_run_prints_resolved_recipe_and_plan(tmp_path):
     assert result.returncode == 0, result.stderr
     printed, table = split_dry_run(result.stdout)
     recipe = load_recipe(TINY)
-    # A one-stage recipe prints without a stages key (``stages: []`` in a file is refused).
-    assert printed == recipe.model_dump(mode="json", exclude={"stages"})
+    # A one-stage recipe prints without a stages key (``stages: []`` in a file is refused), and
+    # a full fine-tuning recipe without a peft key.
+    assert printed == recipe.model_dump(mode="json", exclude={"stages", "peft"})
     layout = recipe.parallel.resolve(2)
     assert "dp 2 x ulysses 1 x ring 1 = 2 ranks" in table
     assert f"{recipe.model.num_parameters():,}" in table
@@ -276,3 +277,44 @@ def test_sequence_parallelism_divides_the_tokens_per_rank():
     memory = estimate_memory(recipe, ParallelConfig(dp=1, ring=2))
     expected = activation_bytes(recipe.model, 2 * 128 // 2, "fp32", activation_checkpointing=False)
     assert memory.activations == expected
+
+
+def test_adapters_count_only_trained_parameters_for_gradients_and_optimizer():
+    """LongLoRA rank 4 on the tiny model, by hand: LoRA on q, o (64 -> 64) and k, v (64 -> 32)
+    is 4 (128 + 128 + 96 + 96) = 1792 per layer, x 2 layers; the untied embedding 512 x 64 and
+    5 RMSNorm gains of 64 also train. The frozen base counts only as weights (training dtype),
+    and the planner's counts equal those of the real adapted model."""
+    import torch
+
+    from longctx.launch.plan import parameter_counts, phase_peaks
+    from longctx.model.adapters import attach_adapters
+    from longctx.model.transformer import Transformer
+
+    recipe = load_recipe(TINY, ["peft.rank=4", "peft.trainable=[embed,norm]"])
+    trained, total = 2 * 1792 + 512 * 64 + 5 * 64, TINY_PARAMS + 2 * 1792
+    assert parameter_counts(recipe) == (trained, total)
+    model = attach_adapters(
+        Transformer(recipe.model, recipe.positional, recipe.attention), recipe.adapters
+    )
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trained
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    fp32 = estimate_memory(recipe, ParallelConfig(dp=1))
+    assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4 * total, 4 * trained, 8 * trained)
+    bf16 = load_recipe(TINY, ["peft.rank=4", "trainer.dtype=bf16", "trainer.zero_stage=2"])
+    lora_trained = 2 * 1792
+    memory = estimate_memory(bf16, ParallelConfig(dp=2))
+    assert (memory.weights, memory.gradients, memory.optimizer) == (
+        2 * (TINY_PARAMS + lora_trained),
+        2 * lora_trained // 2,
+        12 * lora_trained // 2,
+    )
+    assert memory.zero_buffers == 2 * lora_trained + 2 * lora_trained  # reduce + all-gather
+    peaks = phase_peaks(bf16, ParallelConfig(dp=2))
+    assert peaks.save == memory.total + 12 * lora_trained // 2 + 256 * 2**20
+
+
+def test_dry_run_prints_the_trained_parameters_of_adapters(capsys):
+    assert main(["train", str(TINY), "--dry-run", "--set", "peft.rank=4"]) == 0
+    out = capsys.readouterr().out
+    assert "trained parameters" in out and f"{2 * 1792:,}" in out

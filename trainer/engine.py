@@ -157,8 +157,9 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     decayed = [p for p in model.parameters() if p.requires_grad and _ndim(p) >= 2]
     plain = [p for p in model.parameters() if p.requires_grad and _ndim(p) < 2]
     groups = [
-        {"params": decayed, "weight_decay": cfg.weight_decay},
-        {"params": plain, "weight_decay": 0.0},
+        {"params": params, "weight_decay": decay}
+        for params, decay in ((decayed, cfg.weight_decay), (plain, 0.0))
+        if params  # LoRA without trainable norms has no vector parameters
     ]
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": 1e-8}
     if deepspeed_owns_clipping(cfg):

@@ -13,7 +13,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from longctx.checkpoint.store import read_manifest, resolve_checkpoint, write_atomic
+from longctx.checkpoint.store import (
+    CHECKPOINTS_DIR,
+    checkpoint_tag,
+    read_manifest,
+    resolve_checkpoint,
+    write_atomic,
+)
 from longctx.config.stages import Stage, stage_of_step
 from longctx.errors import LongctxError
 
@@ -57,6 +63,16 @@ def resume_point(stages: list[Stage], run_dir: str | Path, resume: str | None) -
     if step == owner.end_step and not owner.is_last:
         return ResumePoint(stages[owner.index + 1], checkpoint, owner, new_stage=True)
     return ResumePoint(owner, checkpoint, owner, new_stage=False)
+
+
+def stage_start_checkpoint(stages: list[Stage], stage: Stage, run_dir: str | Path) -> Path | None:
+    """The checkpoint whose weights ``stage`` starts from: the previous stage's final one, None
+    for the first stage (the recipe's ``model.init``). It is the frozen base of an adapter
+    stage."""
+    if stage.index == 0:
+        return None
+    previous = stages[stage.index - 1]
+    return Path(run_dir) / CHECKPOINTS_DIR / checkpoint_tag(previous.end_step)
 
 
 def check_stage_record(stages: list[Stage], run_dir: str | Path, point: ResumePoint) -> None:

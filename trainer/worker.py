@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longctx.checkpoint.adapter_base import BASE_KEY, base_reference, check_adapter_base
 from longctx.checkpoint.run_dir import (
     PREPARED_DATA_DIR,
     TENSORBOARD_DIR,
@@ -55,7 +56,10 @@ from longctx.data import (
     build_datasets,
     resolve_tokenizer,
 )
+from longctx.errors import LongctxError
 from longctx.eval.report import TrainingEvaluator, perplexity_documents, plan_from_recipe
+from longctx.model import Transformer
+from longctx.model.adapters import attach_adapters
 from longctx.parallel.accelerator import select_device
 from longctx.parallel.apply import apply_transforms
 from longctx.parallel.mesh import build_mesh
@@ -70,7 +74,13 @@ from longctx.trainer.job import TrainJob
 from longctx.trainer.loop import TrainState, train_loop
 from longctx.trainer.metrics import MetricsWriter, ProgressDisplay, timed_phase
 from longctx.trainer.plans import batch_transform_for, transform_plan
-from longctx.trainer.stages import check_stage_record, resume_point, write_stage_record
+from longctx.trainer.stages import (
+    ResumePoint,
+    check_stage_record,
+    resume_point,
+    stage_start_checkpoint,
+    write_stage_record,
+)
 
 Report = Callable[[dict, "str | None"], None]
 
@@ -190,6 +200,61 @@ def _untrained_summary(stage: Stage, checkpoint: Path) -> dict[str, Any]:
     }
 
 
+def check_adapter_resume(stages: list[Stage], point: ResumePoint, run_dir: Path) -> None:
+    """Refuse (one line) to resume an adapter checkpoint exactly onto another base than the one
+    it was trained on, or with adapters switched on or off (the driver runs it before Ray
+    starts, each rank again)."""
+    if not point.resumes_exactly:
+        return
+    saved = read_manifest(point.checkpoint).get(BASE_KEY)
+    if point.stage.recipe.adapters is None:
+        if saved is not None:
+            raise LongctxError(
+                f"checkpoint {point.checkpoint} holds adapters (peft) but {point.stage.label()} "
+                "trains every weight; resume it with the recipe's peft section as it was"
+            )
+        return
+    if saved is None:
+        raise LongctxError(
+            f"checkpoint {point.checkpoint} holds full weights but {point.stage.label()} trains "
+            "adapters (peft); resume it with the recipe it was trained with"
+        )
+    base = stage_start_checkpoint(stages, point.stage, run_dir)
+    check_adapter_base(saved, base_reference(point.stage.recipe, base), point.checkpoint)
+
+
+def build_stage_model(
+    stages: list[Stage],
+    point: ResumePoint,
+    run_dir: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    zero3: dict[str, Any] | None = None,
+) -> Transformer:
+    """The decoder ``point.stage`` trains, in ``dtype``, before any transform (seed torch
+    first).
+
+    Full fine-tuning: the recipe's ``model.init``, or at a new stage the previous stage's final
+    weights under this stage's settings (RoPE scaling, layout), built partitioned when
+    ``zero3`` (the run's DeepSpeed config) is given; an exact resume then overwrites every
+    weight. Adapters (``peft``): the stage's frozen base (the recipe's ``model.init`` for the
+    first stage, else the previous stage's final weights, merged when they were adapters) with
+    fresh LoRA layers; the worker's ``load_checkpoint`` fills them on an exact resume. peft
+    wraps whole, unpartitioned layers, so the base is built as one copy (DeepSpeed shards it
+    afterwards). The base's reference goes into every checkpoint's manifest
+    (``decoder.adapter_base``).
+    """
+    stage_recipe = point.stage.recipe
+    if stage_recipe.adapters is None:
+        weights = point.checkpoint if point.new_stage else None
+        return build_model(stage_recipe, weights=weights, dtype=dtype, zero3=zero3)
+    base = stage_start_checkpoint(stages, point.stage, run_dir)
+    model = build_model(stage_recipe, weights=base, dtype=dtype)
+    attach_adapters(model, stage_recipe.adapters)
+    model.adapter_base = base_reference(stage_recipe, base)
+    return model
+
+
 def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     recipe, run_dir = job.recipe, Path(job.run_dir)
@@ -204,6 +269,7 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
     # The checkpoint is checked against the recipe of the stage that wrote it (its layout).
     checkpoint = validate_run(point.checkpoint_stage.recipe, run_dir, resume, launch_id=launch_id)
     check_stage_record(stages, run_dir, point)
+    check_adapter_resume(stages, point, run_dir)
     last_stage = job.last_stage
     if checkpoint is not None and last_stage is not None and stage.index > last_stage:
         return _untrained_summary(stage, checkpoint)
@@ -225,14 +291,13 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
         eval_loader = PackedLoader(splits.eval, cfg.micro_batch_size, dp_rank, dp)
 
     seed_everything(cfg.seed)
-    # A new stage: the previous stage's final weights under this stage's settings (RoPE
-    # scaling, layout), with the fresh optimizer and LR schedule build_engine makes.
-    # Under ZeRO-3 the model is built partitioned whatever its weights (scratch, Hugging Face,
-    # the previous stage): each rank computes or reads only its share. Otherwise one copy in
-    # the training dtype, which DeepSpeed then shards.
-    model = timed_phase("init", run_dir)(build_model)(
-        stage_recipe,
-        weights=checkpoint if point.new_stage else None,
+    # Under ZeRO-3 a full fine-tuning model is built partitioned whatever its weights (scratch,
+    # Hugging Face, the previous stage): each rank computes or reads only its share. Otherwise
+    # (and for an adapter base) one copy in the training dtype, which DeepSpeed then shards.
+    model = timed_phase("init", run_dir)(build_stage_model)(
+        stages,
+        point,
+        run_dir,
         dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
         zero3=deepspeed_config(cfg) if cfg.zero_stage == 3 else None,
     )
