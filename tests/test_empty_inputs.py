@@ -56,5 +56,5 @@ def test_empty_data_directory_is_refused(tmp_path, capsys):
     args += ["--set", "data.tasks={text: 1.0}", "--set", f"trainer.run_dir={tmp_path / 'run'}"]
     code = cli_main(args)
     line = _one_error_line(capsys)
-    assert code == 2 and "has no .txt or .jsonl files" in line
+    assert code == 2 and "has no .txt or .jsonl" in line
     assert not (tmp_path / "run").exists()

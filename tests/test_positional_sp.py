@@ -25,6 +25,10 @@ from longctx.positional.config import BAMConfig, CoPEConfig, PositionalConfig
 
 B, T, VOCAB = 2, 24, 37
 RTOL, ATOL = 1e-5, 2e-6  # fp32 on both sides, different summation orders
+# Gradients reach ~40 here and BAM's shape parameters sum large terms to nearly 0: the fp32
+# one-process run is itself up to 1e-5 off a float64 run of the same weights, so the sharded
+# sum can only be held to that noise floor.
+GRAD_ATOL = 3e-5
 POSITIONALS = {
     "cope": PositionalConfig(kind="cope", cope=CoPEConfig(npos_max=6, shared_heads=False)),
     "bam": PositionalConfig(kind="bam", bam=BAMConfig(ssmax=True)),
@@ -113,7 +117,7 @@ def check_sharded_equals_reference(results, logits, grads):
     torch.testing.assert_close(sharded_logits, logits[:, positions], rtol=RTOL, atol=ATOL)
     for index, grad in enumerate(grads):
         summed = sum(r["grads"][index] for r in results)  # what the data-parallel sum gives
-        torch.testing.assert_close(summed, grad, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(summed, grad, rtol=RTOL, atol=GRAD_ATOL)
 
 
 @pytest.mark.parametrize("world", [2, 4])
