@@ -14,9 +14,6 @@ sharded safetensors without building the model.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from longctx.checkpoint.adapter_base import (
     check_adapter_base,
 )
 from longctx.checkpoint.sharded_state import iter_model_tensors
+from longctx.checkpoint.staging import staged_directory
 from longctx.checkpoint.store import (
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
@@ -308,22 +306,13 @@ def export_hf(
     with torch.device("meta"):  # names and shapes only: no memory, no random init
         skeleton = Transformer(recipe.model, recipe.positional, recipe.attention)
     shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-export-"))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the model directory is not
+    with staged_directory(out, "export") as staging:
         tensors = _export_tensors(saved, shapes, EXPORT_DTYPES[dtype])
         write_weight_shards(staging, tensors, max_shard_bytes, single_file=True)
         write_hf_config(
             staging, recipe.model, dtype=EXPORT_DTYPES[dtype], positional=skeleton.positional
         )
         saved.tokenizer.export_files(staging)  # tokenizer.model, or tokenizer.json + its config
-        if out.exists():  # empty (checked above): the rename needs it gone
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -342,11 +331,12 @@ def export_peft(run_or_checkpoint: str | Path, out: str | Path) -> Path:
             "--hf OUT"
         )
     base = str(reference["source"])
-    peft_adapter_files(
-        out,
-        saved.recipe.adapters,
-        load_model_state_dict(saved.directory),
-        base_model=base.removeprefix("hf:") if base.startswith("hf:") else None,
-        tied_embeddings=saved.recipe.model.tie_word_embeddings,
-    )
+    with staged_directory(out, "export") as staging:
+        peft_adapter_files(
+            staging,
+            saved.recipe.adapters,
+            load_model_state_dict(saved.directory),
+            base_model=base.removeprefix("hf:") if base.startswith("hf:") else None,
+            tied_embeddings=saved.recipe.model.tie_word_embeddings,
+        )
     return out

@@ -19,9 +19,6 @@ SmolLM2-135M-Instruct) without importing the package (whose imports may be unava
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
+from longctx.checkpoint.staging import staged_directory
 from longctx.errors import LongctxError
 from longctx.model.hf_io import ARCHITECTURE_CLASSES, load_hf, model_config_from_hf
 
@@ -131,21 +129,12 @@ def save_converted(checkpoint: GgufCheckpoint, out: str | Path) -> Path:
     temporary sibling, loaded back with ``load_hf`` and renamed into place. Returns ``out``."""
     out = Path(out).expanduser()
     _check_output(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-convert-"))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the model directory is not
+    with staged_directory(out, "convert") as staging:
         tied = bool(checkpoint.config.tie_word_embeddings)
         _save_weights(checkpoint.model, staging / WEIGHTS_FILE, tied)
         checkpoint.config.save_pretrained(staging)
         checkpoint.tokenizer.save_pretrained(staging)
         load_hf(staging)  # longctx reads it: every tensor present, shapes match config.json
-        if out.exists():  # empty (checked above): the rename needs it gone
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
