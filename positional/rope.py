@@ -275,15 +275,21 @@ def _check_factor_list(scaling: dict, key: str, head_dim: int) -> None:
 # ----------------------------------------------------------------------------- frequencies
 
 
-def base_inv_freq(head_dim: int, base: float) -> Tensor:
-    """Unscaled RoPE frequencies ``base^(-2i/D)``, i = 0..D/2-1: [D/2] float32 on the CPU.
+def base_wavelength_factors(head_dim: int, base: float) -> Tensor:
+    """``base^(2i/D)``, i = 0..D/2-1 (the reciprocals of the RoPE frequencies): [D/2] float32
+    on the CPU.
 
     Computed in float32 exactly as transformers does (float32 exponent, float32 power), so
     checkpoints see the angles they were trained with. The device is explicit so that a module
     built under a ``torch.device("meta")`` context still holds real frequencies.
     """
     exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim  # [D/2]
-    return 1.0 / (base**exponent)
+    return base**exponent
+
+
+def base_inv_freq(head_dim: int, base: float) -> Tensor:
+    """Unscaled RoPE frequencies ``base^(-2i/D)``, i = 0..D/2-1: [D/2] float32 on the CPU."""
+    return 1.0 / base_wavelength_factors(head_dim, base)
 
 
 def ntk_base(base: float, factor: float, head_dim: int) -> float:
@@ -394,10 +400,13 @@ def _yarn(scaling: dict, head_dim: int, base: float, max_pos: int, seq_len: int 
     if low == high:
         high += 0.001  # the ramp needs a non-empty interval
     pair = torch.arange(head_dim // 2, dtype=torch.float32, device="cpu")  # [D/2]
-    ramp = ((pair - low) / (high - low)).clamp(0.0, 1.0)  # 0: keep, 1: interpolate
-    extrapolated = base_inv_freq(head_dim, base)
-    interpolated = extrapolated / factor
-    return interpolated * ramp + extrapolated * (1.0 - ramp), float(attention_factor)
+    keep = 1 - ((pair - low) / (high - low)).clamp(0.0, 1.0)  # 1: keep, 0: interpolate
+    # float32 in transformers' order of operations (1 / (factor * base^(2i/D)), the blend
+    # weighted by ``1 - keep`` and ``keep``): the exported model's angles are the trained ones
+    # bit for bit, not just to float32 rounding (which moved SmolLM2's logits by 1e-4).
+    wavelengths = base_wavelength_factors(head_dim, base)
+    extrapolated, interpolated = 1.0 / wavelengths, 1.0 / (factor * wavelengths)
+    return interpolated * (1 - keep) + extrapolated * keep, float(attention_factor)
 
 
 def _llama3(scaling: dict, head_dim: int, base: float, max_pos: int, seq_len: int | None):
