@@ -3,7 +3,8 @@ converted by ``longctx convert``) extended to 8k tokens with YaRN x2, trained on
 with ring attention (ring 2): the adapters lower the loss on the training text, the checkpoint
 holds only the adapters and norms (< 10% of a full checkpoint), the run resumed from its step-1
 checkpoint in fresh processes ends bit for bit where the uninterrupted one did, and both exports give longctx's logits in transformers and
-peft within 1e-4 (the unmerged adapter within 1e-8 in float64).
+peft (merged: 1e-4 against longctx's merged model; the adapter: 1e-5 against the unmerged
+model that trained, 1e-8 in float64).
 
 Heavy: each 8k step of the 135M model takes minutes on a 2-core CPU.
 """
@@ -119,7 +120,11 @@ def test_longlora_yarn_smollm2_trains_resumes_and_exports(runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
+    from longctx.checkpoint.saved_model import (
+        load_adapted_model,
+        load_trained_model,
+        open_checkpoint,
+    )
     from longctx.data.sources import builtin_documents
     from longctx.data.tokenizer import load_tokenizer
 
@@ -146,15 +151,16 @@ def test_longlora_yarn_smollm2_trains_resumes_and_exports(runs, tmp_path):
 
     assert main(["export", str(final), "--hf", str(tmp_path / "hf")]) == 0
     assert main(["export", str(final), "--peft", str(tmp_path / "adapter")]) == 0
-    ours = load_trained_model(open_checkpoint(final))
+    saved = open_checkpoint(final)
+    ours = load_trained_model(saved)
     tokenizer = load_tokenizer(str(runs["base"]))
     text = "\n\n".join(doc.text for doc in builtin_documents()[:8])
     ids = torch.tensor([tokenizer.encode(text)[:1024]])
     with torch.no_grad():
         expected = ours(ids)
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-        # longctx computes every RoPE scaling's frequencies as transformers does, bit for bit,
-        # so what is left is fp32 rounding of the merge (W + s B A) on logits up to ~40.
+        # longctx's merged model (W + s B A folded in): the same weights, and longctx computes
+        # every RoPE scaling's frequencies as transformers does, bit for bit.
         torch.testing.assert_close(merged.eval()(ids).logits, expected, rtol=0, atol=1e-4)
         # the base weights under the run's YaRN settings (the merged export's config.json)
         config = AutoConfig.from_pretrained(tmp_path / "hf")
@@ -162,11 +168,14 @@ def test_longlora_yarn_smollm2_trains_resumes_and_exports(runs, tmp_path):
             runs["base"], config=config, dtype=torch.float32
         )
         adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-        torch.testing.assert_close(adapted(ids).logits, expected, rtol=0, atol=1e-4)
-        # the unmerged adapter computes what longctx computes: in float64 they agree to 1e-8
-        expected64 = ours.double()(ids)
-        torch.testing.assert_close(adapted.double()(ids).logits, expected64, rtol=0, atol=1e-8)
-        ours.float()
+        # The adapter export against the model as it trained (peft layers, not merged): the
+        # same operations, so fp32 agrees to 1e-5 and float64 to 1e-8. (Merged against
+        # unmerged differs by the merge's fp32 rounding, up to 1.3e-4 on these logits.)
+        unmerged = load_adapted_model(saved.recipe, final, merge=False).eval()
+        torch.testing.assert_close(adapted(ids).logits, unmerged(ids), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            adapted.double()(ids).logits, unmerged.double()(ids), rtol=0, atol=1e-8
+        )
         adapted.float()
         with adapted.disable_adapter():  # the base model with YaRN, no adapters
             before = _text_loss(adapted, ids)
