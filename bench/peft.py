@@ -70,6 +70,8 @@ def _case(rank: int, world: int, method: str, layers: int, length: int) -> dict:
     config = model_config_from_hf(SHAPE).model_copy(
         update={"num_hidden_layers": layers, "max_position_embeddings": length}
     )
+    import peft  # noqa: F401  (library code, loaded by the adapter methods: before the reset)
+
     baseline = reset_peak_memory()
     torch.manual_seed(0)
     model = Transformer(config)
