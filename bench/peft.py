@@ -42,14 +42,18 @@ activations on top of 16 B per parameter (2.004 GiB).
 Why 0.6x is out of reach at this shape: with S_full = 2.004 and S_longlora = 0.83 GiB of
 state and a common part C, LongLoRA / full = (0.83 + C) / (2.004 + C) <= 0.6 needs
 C <= 0.93 GiB; the checkpointed inputs and attention outputs alone are 1.06 GiB at T=8192
-(2 x 30 x 8192 x 576 x 4 B), before the loss chunk (0.125), the head's gradient accumulator
-(0.105) or the recomputed layer (~0.33). Recomputing attention in backward (dropping the
-attention outputs, at one more attention forward per layer) would leave C ~ 0.94 GiB: ~0.61x.
+(2 x 30 x 8192 x 576 x 4 B), before the recomputed layer (~0.33) or, in the loss phase, the
+logits chunk (0.125) and the head's gradient accumulator (0.105). Recomputing attention in
+backward (dropping the attention outputs, at one more attention forward per layer) would leave
+C ~ 0.93 GiB, about 0.61x (an estimate, not measured).
 The cuts made for this goal, in every run's training path (GiB at this shape): the tiled loss
 held two [chunk, V] logits buffers at once (-0.25) and its chunk halved to 2^25 logits
 (-0.125, same speed), its backward scaled the saved dweight out of place (-0.105 for a
-trained head), ``peft``'s import counted against the adapter methods (-0.12): LongLoRA 0.71x
--> ~0.67x.
+trained head), ``peft``'s import counted against the adapter methods (-0.12). Measured
+(2026-12-04, loaded machine): full 3.86 -> 3.54, LoRA 2.30 -> 1.89 (0.54x), LongLoRA
+2.73 -> 2.35 (0.71x -> 0.66x); LongLoRA (profiled) now peaks at the recomputed last layer,
+0.10 above the loss phase. The optimizer step is not at the peak (torch's AdamW on CPU steps tensor by tensor:
+temporaries of at most two embedding-sized tensors, 0.21, at a point 1.2 GiB below it).
 """
 
 from __future__ import annotations
