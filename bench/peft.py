@@ -24,8 +24,36 @@ everything the training holds: the resident high-water mark minus the resident s
 taken right after torch is imported, before the model exists; it covers building the model,
 the optimizer's moments (created at the first step) and a warm-up step plus one timed step at T.
 Time is that timed step's process CPU time (``time_s``) and wall time. Ratios are against
-``full`` at the same T, measured in the same run. LongLoRA's shifted sparse attention
-(``attention.variant: s2``) is measured against dense attention by ``bench/s2.py``.
+``full`` at the same T, measured in the same run. ``peft`` is imported before the reset in every
+case (library code the adapter methods load, not training memory). LongLoRA's shifted sparse
+attention (``attention.variant: s2``) is measured against dense attention by ``bench/s2.py``.
+
+Where the peak is (T=8192, sampled ``VmRSS`` per phase, GiB): every method peaks while the
+last layer is recomputed at the start of the backward pass. LongLoRA's 2.35 GiB there are its
+state, 0.83 (weights 0.501 = 134.5M x 4 B; the tied embedding's gradient 0.105 and two AdamW
+moments 0.211; LoRA A/B with gradient and moments 0.014), the 30 checkpointed layer inputs
+(0.527, 18 MiB each) and the 30 attention outputs the selective checkpoint keeps so that
+backward does not recompute attention (0.527 + 0.008 of log-sum-exps), the final norm's
+saved tensors and dhidden (~0.07), the recomputed layer's saved tensors and backward
+temporaries (~0.33: norms, projections, rotated q/k, a 4096-token MLP chunk and their
+gradients) and ~0.06 of step inputs, RoPE tables and heap. Full fine-tuning holds the same
+activations on top of 16 B per parameter (2.004 GiB).
+
+Why 0.6x is out of reach at this shape: with S_full = 2.004 and S_longlora = 0.83 GiB of
+state and a common part C, LongLoRA / full = (0.83 + C) / (2.004 + C) <= 0.6 needs
+C <= 0.93 GiB; the checkpointed inputs and attention outputs alone are 1.06 GiB at T=8192
+(2 x 30 x 8192 x 576 x 4 B), before the recomputed layer (~0.33) or, in the loss phase, the
+logits chunk (0.125) and the head's gradient accumulator (0.105). Recomputing attention in
+backward (dropping the attention outputs, at one more attention forward per layer) would leave
+C ~ 0.93 GiB, about 0.61x (an estimate, not measured).
+The cuts made for this goal, in every run's training path (GiB at this shape): the tiled loss
+held two [chunk, V] logits buffers at once (-0.25) and its chunk halved to 2^25 logits
+(-0.125, same speed), its backward scaled the saved dweight out of place (-0.105 for a
+trained head), ``peft``'s import counted against the adapter methods (-0.12). Measured
+(2026-12-04, loaded machine): full 3.86 -> 3.54, LoRA 2.30 -> 1.89 (0.54x), LongLoRA
+2.73 -> 2.35 (0.71x -> 0.66x); LongLoRA (profiled) now peaks at the recomputed last layer,
+0.10 above the loss phase. The optimizer step is not at the peak (torch's AdamW on CPU steps tensor by tensor:
+temporaries of at most two embedding-sized tensors, 0.21, at a point 1.2 GiB below it).
 """
 
 from __future__ import annotations
@@ -70,6 +98,8 @@ def _case(rank: int, world: int, method: str, layers: int, length: int) -> dict:
     config = model_config_from_hf(SHAPE).model_copy(
         update={"num_hidden_layers": layers, "max_position_embeddings": length}
     )
+    import peft  # noqa: F401  (library code, loaded by the adapter methods: before the reset)
+
     baseline = reset_peak_memory()
     torch.manual_seed(0)
     model = Transformer(config)

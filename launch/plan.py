@@ -10,12 +10,14 @@ Memory model, per rank (t = micro_batch_size x seq_len / sp tokens on the rank):
   gradients, 3 also the weights (DeepSpeed sees every rank as data parallel, so it shards over
   the whole world);
 - ZeRO communication buffers at DeepSpeed's default sizes (``zero_buffer_bytes``);
-- activations kept for backward, with or without activation checkpointing, and the fp32 logits
-  chunk of the tiled loss (``activation_bytes``);
+- activations kept for backward, with or without activation checkpointing (which keeps each
+  layer's input and its attention output), and the fp32 logits chunk of the tiled loss
+  (``activation_bytes``);
 - the attention workspace of the one layer being computed: float32 merge accumulators, ring
   K,V and dK,dV buffers, Ulysses all-to-all copies (``attention_workspace_bytes``);
-- the tiled loss's backward workspace: the logits gradient of one chunk and the float32 LM-head
-  gradient accumulator (``loss_workspace_bytes``).
+- the tiled loss's gradient workspace: the float32 LM-head gradient accumulator (and under bf16
+  the head's float32 copy and one chunk's bf16 logits before their cast:
+  ``loss_workspace_bytes``).
 
 Adapters (``peft:``): the frozen base stays in the training dtype with no gradient, no fp32
 master and no AdamW moments, so only the trained parameters (LoRA matrices, LongLoRA's
@@ -50,11 +52,9 @@ from longctx.config.recipe import Recipe
 from longctx.model.adapters import adapted_parameter_counts
 from longctx.model.config import ModelConfig
 from longctx.parallel.config import ParallelConfig, ring_runs_as
+from longctx.parallel.loss import default_chunk_size
 from longctx.parallel.ulysses import kv_head_replication
 
-# Tokens per chunk of the tiled cross-entropy (longctx.parallel.loss default): the largest
-# logits block that exists at once is [chunk, vocab] in fp32.
-LOSS_CHUNK_TOKENS = 4096
 # (weights, gradients, optimizer state) bytes per parameter for each training dtype.
 _STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12)}
 _ACTIVATION_BYTES = {"fp32": 4, "bf16": 2}
@@ -105,9 +105,11 @@ def activation_bytes(
 
     Per token and layer, autograd keeps the two RMSNorm inputs and outputs (4 d), q and the
     attention output (2 Hq hd), k and v (2 Hkv hd), and the SwiGLU gate, up, silu(gate) and
-    product (4 I). With activation checkpointing only each layer's input (d) is kept, plus one
-    layer's full set while it is recomputed. On top: the final hidden state (d per token) and
-    one fp32 logits chunk of the tiled loss.
+    product (4 I). With activation checkpointing each layer keeps its input (d) and, so that
+    backward does not recompute attention, its attention output (Hq hd; ``CheckpointedLayer``),
+    plus one layer's full set while it is recomputed. On top: the final hidden state (d per
+    token) and the tiled loss's one fp32 logits chunk (``default_chunk_size`` tokens; its
+    gradient is computed in the same buffer).
     """
     d, hd = model.hidden_size, model.dim_per_head
     per_layer = (
@@ -117,9 +119,10 @@ def activation_bytes(
         + 4 * model.intermediate_size
     )
     layers = model.num_hidden_layers
-    kept = layers * d + per_layer if activation_checkpointing else layers * per_layer
+    checkpointed = layers * (d + model.num_attention_heads * hd) + per_layer
+    kept = checkpointed if activation_checkpointing else layers * per_layer
     element = _ACTIVATION_BYTES[dtype]
-    logits_chunk = min(tokens, LOSS_CHUNK_TOKENS) * model.vocab_size * 4
+    logits_chunk = min(tokens, default_chunk_size(model.vocab_size)) * model.vocab_size * 4
     return tokens * (kept + d) * element + logits_chunk
 
 
@@ -163,13 +166,15 @@ def attention_workspace_bytes(
 
 
 def loss_workspace_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
-    """The tiled loss's backward on ``tokens`` tokens: the float32 logits gradient of one chunk
-    (next to the recomputed logits counted in ``activation_bytes``), the bf16 matmul output of
-    that chunk before its float32 cast (bf16 only), and the float32 LM-head gradient
-    accumulator ``[V, d]``."""
-    chunk = min(tokens, LOSS_CHUNK_TOKENS) * model.vocab_size
-    cast = chunk * _ACTIVATION_BYTES[dtype] if dtype != "fp32" else 0
-    return chunk * FP32_BYTES + cast + model.vocab_size * model.hidden_size * FP32_BYTES
+    """The fused tiled loss's gradient buffers on ``tokens`` tokens, beyond its logits chunk
+    (counted in ``activation_bytes``, which also holds the chunk's logits gradient in place):
+    the float32 LM-head gradient accumulator ``[V, d]``, and under bf16 the head's float32 copy
+    ``[V, d]`` and one chunk's bf16 logits before their float32 cast."""
+    head = model.vocab_size * model.hidden_size * FP32_BYTES
+    if dtype == "fp32":
+        return head
+    chunk = min(tokens, default_chunk_size(model.vocab_size)) * model.vocab_size
+    return 2 * head + chunk * _ACTIVATION_BYTES[dtype]
 
 
 def parameter_counts(recipe: Recipe) -> tuple[int, int]:

@@ -264,12 +264,13 @@ def test_bf16_uses_two_byte_weights_and_twelve_byte_optimizer_state():
     )
 
 
-def test_activation_checkpointing_keeps_layer_inputs_plus_one_layer():
+def test_activation_checkpointing_keeps_layer_inputs_attention_outputs_plus_one_layer():
     model = load_recipe(TINY).model
     tokens = 256
     logits_chunk = tokens * 512 * 4
     checkpointed = activation_bytes(model, tokens, "fp32", activation_checkpointing=True)
-    assert checkpointed == tokens * (2 * 64 + TINY_LAYER_ACTIVATIONS + 64) * 4 + logits_chunk
+    # each of the 2 layers keeps its input and its attention output (4 heads x 16 = 64 each)
+    assert checkpointed == tokens * (2 * (64 + 64) + TINY_LAYER_ACTIVATIONS + 64) * 4 + logits_chunk
 
 
 def test_sequence_parallelism_divides_the_tokens_per_rank():

@@ -137,23 +137,25 @@ def test_llama2_yarn_memory_estimate_equals_the_hand_calculation(capsys, monkeyp
     assert (weights, optimizer) == (1_684_603_904, 10_107_623_424)
     # DeepSpeed default buffers: reduce bucket 5e8 x 2 B + stage-3 live parameters 1e9 x 2 B.
     zero_buffers = 500_000_000 * 2 + 1_000_000_000 * 2
-    # Activations with checkpointing, bf16 (2 B): each layer's input (d per token) for 32 layers,
-    # one layer's full set while it is recomputed (4d + 2 Hq hd + 2 Hkv hd + 4 I = 76800 per
-    # token), the final hidden state (d); plus one fp32 logits chunk of 4096 tokens x V.
+    # Activations with checkpointing, bf16 (2 B): each layer's input (d per token) and attention
+    # output (Hq hd = 4096) for 32 layers, one layer's full set while it is recomputed (4d +
+    # 2 Hq hd + 2 Hkv hd + 4 I = 76800 per token), the final hidden state (d); plus one fp32
+    # logits chunk of 2^25 // V = 1048 tokens x V.
     full_layer = 4 * 4096 + 2 * 32 * 128 + 2 * 32 * 128 + 4 * 11008
     assert full_layer == 76_800
-    activations = 4096 * (32 * 4096 + 76_800 + 4096) * 2 + 4096 * 32000 * 4
-    assert activations == 2_260_729_856
+    activations = 4096 * (32 * (4096 + 4096) + 76_800 + 4096) * 2 + 1048 * 32000 * 4
+    assert activations == 2_944_327_680
     # Attention: fp32 out + lse accumulators t x 32 x (128 + 1) x 4 B; Ulysses 8 copies q, out
     # (32 heads) and k, v (32 kv heads, no replication since 8 divides 32): t x 128 x 128 x 2 B.
     attention = 4096 * 32 * 129 * 4 + 4096 * (2 * 32 + 2 * 32) * 128 * 2
     assert attention == 201_850_880
-    # Loss backward: fp32 logits gradient of one chunk (4096 x 32000 x 4 B), the bf16 matmul
-    # output before the cast (x 2 B), the fp32 LM-head gradient accumulator 32000 x 4096 x 4 B.
-    loss = 4096 * 32000 * 4 + 4096 * 32000 * 2 + 32000 * 4096 * 4
-    assert loss == 1_310_720_000
+    # Loss gradients (the logits gradient lives in the logits chunk): the fp32 LM-head gradient
+    # accumulator and the head's fp32 copy, 2 x 32000 x 4096 x 4 B, and one chunk's bf16 matmul
+    # output before its cast (1048 x 32000 x 2 B).
+    loss = 2 * 32000 * 4096 * 4 + 1048 * 32000 * 2
+    assert loss == 1_115_648_000
     total = weights + gradients + optimizer + zero_buffers + activations + attention + loss
-    assert total == 20_250_131_968  # 18.86 GiB
+    assert total == 20_738_657_792  # 19.31 GiB
 
     out = dry_run("llama2-7b-yarn-32k", capsys, monkeypatch)
     assert plan_value(out, "parameters") == "6,738,415,616 (6.7B)"
@@ -161,26 +163,26 @@ def test_llama2_yarn_memory_estimate_equals_the_hand_calculation(capsys, monkeyp
     assert plan_value(out, "memory per rank: gradients") == "1.6 GiB"
     assert plan_value(out, "memory per rank: optimizer") == "9.4 GiB"
     assert plan_value(out, "memory per rank: ZeRO buffers") == "2.8 GiB"
-    assert plan_value(out, "memory per rank: activations") == "2.1 GiB"
+    assert plan_value(out, "memory per rank: activations") == "2.7 GiB"
     assert plan_value(out, "memory per rank: attention workspace") == "192.5 MiB"
-    assert plan_value(out, "memory per rank: loss workspace") == "1.2 GiB"
-    assert plan_value(out, "memory per rank: total (estimate)") == "18.9 GiB (20,250,131,968 B)"
+    assert plan_value(out, "memory per rank: loss workspace") == "1.0 GiB"
+    assert plan_value(out, "memory per rank: total (estimate)") == "19.3 GiB (20,738,657,792 B)"
 
 
 def test_llama2_yarn_phase_peaks_equal_the_hand_calculation(capsys, monkeypatch):
     """Init from the Hugging Face weights under ZeRO-3: the bf16 partition of the weights plus
     one full tensor (the [32000, 4096] embedding, the largest); save and restore: the step peak
-    (20,250,131,968 B above) plus 1/8 of the full fp32 state (12 B per parameter) plus 256 MiB."""
+    (20,738,657,792 B above) plus 1/8 of the full fp32 state (12 B per parameter) plus 256 MiB."""
     params, world = 6_738_415_616, 8
     embedding = 32000 * 4096
     assert embedding > 11008 * 4096  # larger than an MLP matrix
     init = params * 2 // world + embedding * 2
     assert init == 1_946_747_904
-    save = 20_250_131_968 + params * 12 // world + 256 * 2**20
-    assert save == 30_626_190_848  # 28.5 GiB, under the recipe's 80 GB GPU
+    save = 20_738_657_792 + params * 12 // world + 256 * 2**20
+    assert save == 31_114_716_672  # 29.0 GiB, under the recipe's 80 GB GPU
 
     out = dry_run("llama2-7b-yarn-32k", capsys, monkeypatch)
     assert plan_bytes(out, "peak per rank: init") == init
-    assert plan_bytes(out, "peak per rank: step") == 20_250_131_968
+    assert plan_bytes(out, "peak per rank: step") == 20_738_657_792
     assert plan_bytes(out, "peak per rank: save") == save
     assert plan_bytes(out, "peak per rank: restore") == save
