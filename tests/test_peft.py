@@ -294,14 +294,14 @@ def test_adapter_resume_is_bit_exact_under_zero_0_and_2(tmp_path, zero_stage):
     [
         (2, 2, {"ring": 1, "ulysses": 2, "dp": 1}),
         (1, 0, {"ring": 1, "ulysses": 1, "dp": 1}),
-        (2, 3, {"ring": 1, "ulysses": 1, "dp": 2}),
+        (2, 3, {"ring": 1, "ulysses": 2, "dp": 1}),
     ],
-    ids=["ulysses2-zero2", "one-rank-zero0", "dp2-zero3"],
+    ids=["ulysses2-zero2", "one-rank-zero0", "ulysses2-zero3"],
 )
 def test_adapter_checkpoint_resumes_elastically(adapter_runs, tmp_path, world, zero_stage, layout):
     """The step-2 checkpoint of the ring 2 / ZeRO-3 run continues under Ulysses 2 / ZeRO-2, on
-    one rank under ZeRO-0 and data parallel 2 / ZeRO-3 (the base partitioned, data-parallel
-    batches) with the uninterrupted run's losses (fp32, 1e-5)."""
+    one rank under ZeRO-0 and under Ulysses 2 / ZeRO-3 (the base partitioned again) with the
+    uninterrupted run's losses (fp32, 1e-5)."""
     source = Path(adapter_runs["split"].trainer.run_dir)
     step_two = _copy_up_to_half(source, tmp_path / "elastic")
     recipe = adapter_runs["split"].model_copy(deep=True)
