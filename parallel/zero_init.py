@@ -23,6 +23,9 @@ the fillers write it:
 
 The result is what ``deepspeed.initialize`` expects from a model built under ``zero.Init``; the
 optimizer's fp32 master partitions are made from these partitions when the engine starts.
+Parameters added afterwards (peft's LoRA matrices on a partitioned base) are partitioned by
+``partition_new_parameters``; ``gathered_for_update`` gathers one layer to change it in full
+(merging an adapter).
 """
 
 from __future__ import annotations
