@@ -599,6 +599,32 @@ def peft_rows(data: dict) -> list[Row]:
     return rows
 
 
+def peft_zero3_rows(data: dict) -> list[Row]:
+    """Issue 20 (scale): per-rank peak while a ZeRO-3 LongLoRA run builds its model, the base
+    partitioned, against its bound (the rank's bf16 share of the base + the largest fp32 tensor
+    + the LoRA matrices + 256 MiB) and, as context, against one whole base per rank."""
+    config, cases = data["config"], data["cases"]
+    shape = f"{config['model']} ({config['parameters'] / 1e6:.0f}M), W={config['world']}"
+    partitioned, one_copy = cases["partitioned"], cases["one_copy"]
+    return [
+        Row(
+            "peft_zero3",
+            f"ZeRO-3 LongLoRA init peak per rank vs its bound, {shape}",
+            f"{partitioned['peak_bytes'] / MiB:.0f} MiB; bound {data['bound_bytes'] / MiB:.0f} "
+            "MiB = base / W + largest fp32 tensor + LoRA + 256 MiB",
+            partitioned["peak_bytes"] / data["bound_bytes"],
+            "<=",
+            1.0,
+        ),
+        Row(
+            "peft_zero3",
+            f"ZeRO-3 LongLoRA init peak per rank vs a whole base per rank, {shape}",
+            f"{partitioned['peak_bytes'] / MiB:.0f} MiB vs {one_copy['peak_bytes'] / MiB:.0f} MiB",
+            data["memory_ratio"],
+        ),
+    ]
+
+
 def _gpu_model_rows(check: dict, data: dict) -> list[Row]:
     rows = []
     for r in check["lengths"]:
@@ -688,6 +714,7 @@ SECTIONS: dict[str, Callable] = {
     "peer_long": peer_rows,
     "memory": memory_rows,
     "peft": peft_rows,
+    "peft_zero3": peft_zero3_rows,
     "memory_longest": memory_longest_rows,
     "checkpoint": checkpoint_rows,
     "checkpoint_zero2": checkpoint_rows,

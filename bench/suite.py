@@ -42,6 +42,7 @@ BENCHES = (
     "mosa_layer",
     "train_overhead",
     "checkpoint",
+    "peft_zero3",
     "peer",
     "positional",
 )

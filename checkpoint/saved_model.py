@@ -56,6 +56,8 @@ from longctx.parallel.zero_init import (
     build_partitioned,
     build_partitioned_hf,
     build_partitioned_scratch,
+    gathered_for_update,
+    partition_new_parameters,
 )
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -146,8 +148,8 @@ def build_model(
       built under ``deepspeed.zero.Init`` and each rank reads only its partitions from the
       shards (``load_partitioned_weights``). The recipe's settings apply around them (e.g. a
       new stage's YaRN ``rope_scaling``). An adapter checkpoint gives its base (checked
-      against its reference) with the adapters merged in (``load_adapted_model``, one full
-      copy in ``dtype``: peft wraps whole layers).
+      against its reference) with the adapters merged in (``load_adapted_model``; with
+      ``zero3`` partitioned as well, merged one layer at a time).
     - else ``model.init: hf:PATH``: that Hugging Face checkpoint's weights. With ``zero3`` (the
       DeepSpeed config of a ZeRO-3 run; every rank calls this) the model is built under
       ``deepspeed.zero.Init`` and each rank reads only its partition of every tensor
@@ -160,7 +162,7 @@ def build_model(
       model does not depend on the number of ranks.
     """
     if weights is not None and BASE_KEY in read_manifest(weights):
-        return load_adapted_model(recipe, Path(weights), dtype)
+        return load_adapted_model(recipe, Path(weights), dtype, zero3=zero3)
     if weights is not None and zero3 is not None:
         model = build_partitioned(recipe.model, recipe.positional, recipe.attention, zero3)
         load_partitioned_weights(model, weights)
@@ -191,12 +193,17 @@ def build_model(
 
 
 def build_base_model(
-    recipe: Recipe, reference: dict, checkpoint: Path, dtype: torch.dtype = torch.float32
+    recipe: Recipe,
+    reference: dict,
+    checkpoint: Path,
+    dtype: torch.dtype = torch.float32,
+    zero3: dict[str, Any] | None = None,
 ) -> Transformer:
     """The frozen base an adapter ``checkpoint`` names (``reference``: its manifest's
     ``adapter_base``), under ``recipe``'s settings, after checking that it is the same base: an
     ``hf:`` directory, a checkpoint of the run (itself possibly adapters, merged), or the
-    recipe's seeded random initialisation."""
+    recipe's seeded random initialisation; partitioned under ZeRO-3 when ``zero3`` is given
+    (``build_model``)."""
     base_dir = base_checkpoint_of(reference, checkpoint)
     source = str(reference["source"])
     at_hand = recipe
@@ -206,22 +213,37 @@ def build_base_model(
         )
     check_adapter_base(reference, base_reference(at_hand, base_dir), checkpoint)
     if base_dir is not None or source.startswith("hf:"):
-        return build_model(at_hand, weights=base_dir, dtype=dtype)
+        return build_model(at_hand, weights=base_dir, dtype=dtype, zero3=zero3)
     with torch.random.fork_rng():  # the worker's seeding before it built the model
         torch.manual_seed(recipe.trainer.seed)
-        return build_model(at_hand, dtype=dtype)
+        return build_model(at_hand, dtype=dtype, zero3=zero3)
 
 
 def load_adapted_model(
-    recipe: Recipe, checkpoint: Path, dtype: torch.dtype = torch.float32, *, merge: bool = True
+    recipe: Recipe,
+    checkpoint: Path,
+    dtype: torch.dtype = torch.float32,
+    *,
+    merge: bool = True,
+    zero3: dict[str, Any] | None = None,
 ) -> Transformer:
     """The base of an adapter checkpoint with the checkpoint's adapters and trained extras
-    loaded (``merge``: folded into the base weights, plain names; else still peft layers)."""
+    loaded (``merge``: folded into the base weights, plain names; else still peft layers).
+
+    With ``zero3`` (a ZeRO-3 run's DeepSpeed config; every rank calls this) the base is built
+    partitioned, the new LoRA matrices are partitioned (``partition_new_parameters``), each rank
+    reads only its partitions of the trained tensors (``load_partitioned_weights``) and merges
+    one adapted layer at a time, gathered (``gathered_for_update``): no rank holds the whole
+    model."""
     saved = saved_recipe(checkpoint)
     reference = read_manifest(checkpoint)[BASE_KEY]
-    model = build_base_model(recipe, reference, checkpoint, dtype)
+    model = build_base_model(recipe, reference, checkpoint, dtype, zero3)
     with torch.random.fork_rng():
         attach_adapters(model, saved.adapters)
+    if zero3 is not None:
+        partition_new_parameters(model)
+        load_partitioned_weights(model, checkpoint)
+        return merge_adapters(model, gathered_for_update) if merge else model
     tensors = load_model_state_dict(checkpoint)
     result = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     trained = {name for name, p in model.named_parameters() if p.requires_grad}

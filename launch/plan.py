@@ -23,13 +23,15 @@ Adapters (``peft:``): the frozen base stays in the training dtype with no gradie
 master and no AdamW moments, so only the trained parameters (LoRA matrices, LongLoRA's
 embedding and norms: ``parameter_counts``) are counted for gradients, the optimizer state, the
 gradient reduce bucket and the checkpoint's state, while the weights count every parameter.
-peft wraps whole layers, so an adapter run's base is built as one copy even under ZeRO-3.
+Under ZeRO-3 an adapter run's base is built partitioned like any model; its LoRA matrices are
+created whole on every rank and then partitioned (``parallel.zero_init.partition_new_parameters``).
 
 Peaks per phase (``phase_peaks``), on top of the training step's estimate above:
 
 - init from Hugging Face weights: under ZeRO-3 each rank builds its partition of the weights
   (training dtype, ``/ world``) plus one module's parameters in full while it is constructed
-  (the largest parameter, ``largest_parameter_numel``); under ZeRO 0-2 one full copy in the
+  (the largest parameter, ``largest_parameter_numel``), with adapters plus every LoRA matrix
+  in full before it is partitioned (``lora_parameter_count``); under ZeRO 0-2 one full copy in the
   training dtype plus one fp32 tensor read from the checkpoint. A scratch init builds the model
   in fp32 on every rank, then casts it tensor by tensor;
 - save and restore of a sharded checkpoint: the step peak plus this rank's share of the full
@@ -189,6 +191,12 @@ def parameter_counts(recipe: Recipe) -> tuple[int, int]:
     )
 
 
+def lora_parameter_count(recipe: Recipe) -> int:
+    """Scalars of the LoRA matrices ``A [r, in]``, ``B [out, r]`` the recipe's adapters add to
+    the decoder (0 without adapters)."""
+    return parameter_counts(recipe)[1] - recipe.model.num_parameters()
+
+
 def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
     """Per-rank memory of ``recipe`` on ``layout`` (a ParallelConfig with a concrete dp)."""
     trainer = recipe.trainer
@@ -246,10 +254,13 @@ def phase_peaks(recipe: Recipe, layout: ParallelConfig) -> PhasePeaks:
     largest = largest_parameter_numel(recipe.model)
     world = layout.world
     from_hf = recipe.model.init.startswith("hf:")
-    if trainer.zero_stage == 3 and recipe.adapters is None:
-        # partitions only, plus the one tensor being read or computed (an adapter base is one
-        # full copy: peft wraps whole layers)
-        init = params * weight_b // world + largest * (weight_b if from_hf else FP32_BYTES)
+    if trainer.zero_stage == 3:
+        # partitions only, plus the one tensor being read or computed, plus the LoRA matrices
+        # of an adapter run, whole until they are partitioned
+        lora = lora_parameter_count(recipe)
+        base = params - lora
+        init = base * weight_b // world + largest * (weight_b if from_hf else FP32_BYTES)
+        init += lora * weight_b
     elif not from_hf:
         init = params * FP32_BYTES + largest * weight_b
     else:

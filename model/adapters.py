@@ -19,6 +19,8 @@ adapter in peft's own format for ``PeftModel.from_pretrained`` onto the Hugging 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -167,15 +169,23 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def merge_adapters(model: Transformer) -> Transformer:
+def merge_adapters(
+    model: Transformer,
+    gathered: Callable[[list[nn.Parameter]], AbstractContextManager] = nullcontext,
+) -> Transformer:
     """Fold every adapter into its base weight (``W + (alpha / r) B A``, peft's ``merge``) and
     replace the adapted layer by its plain base layer; returns ``model`` with plain names and
-    every parameter trainable again (as a model built without adapters)."""
+    every parameter trainable again (as a model built without adapters).
+
+    ``gathered(params)``: the context each adapted layer merges in, given that layer's
+    parameters; a ZeRO-3 model passes ``parallel.zero_init.gathered_for_update`` (the layer
+    whole while it merges, partitioned again after)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     for name, module in adapted:
-        module.merge()
+        with gathered(list(module.parameters())):
+            module.merge()
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, module.get_base_layer())

@@ -23,6 +23,9 @@ the fillers write it:
 
 The result is what ``deepspeed.initialize`` expects from a model built under ``zero.Init``; the
 optimizer's fp32 master partitions are made from these partitions when the engine starts.
+Parameters added afterwards (peft's LoRA matrices on a partitioned base) are partitioned by
+``partition_new_parameters``; ``gathered_for_update`` gathers one layer to change it in full
+(merging an adapter).
 """
 
 from __future__ import annotations
@@ -172,6 +175,30 @@ def build_partitioned_hf(
                     bytes_read += read
                     largest = max(largest, read)
     return model, PartitionedLoad(bytes_read, partition_bytes(model), largest)
+
+
+def partition_new_parameters(model: nn.Module) -> None:
+    """Partition, in place, the parameters added to a ZeRO-3 ``model`` after it was built under
+    ``zero.Init`` (peft's LoRA matrices ``A [r, in]``, ``B [out, r]``, created whole and alike on
+    every rank): rank 0's values are broadcast and each rank keeps its partition, as
+    ``deepspeed.initialize`` would do at engine start. From here on every parameter is
+    partitioned, so the partition fillers (``fill_partitions``) and ``partition_bytes`` see the
+    whole model. Every rank calls this."""
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    params = list(model.parameters())
+    built = next(p for p in params if is_zero_param(p))
+    new = [p for p in params if not is_zero_param(p)]
+    if new:
+        built.convert_to_zero_parameters(param_list=new)
+
+
+def gathered_for_update(params: list[nn.Parameter]) -> Any:
+    """A context in which every rank holds ``params`` (ZeRO-3 partitioned) whole; on exit rank
+    0's values are partitioned again (every rank computes the same update, e.g. merging a LoRA
+    adapter into its base weight, so rank 0's are everyone's). One layer's parameters at a
+    time keep the peak at the partitions plus that layer."""
+    return import_deepspeed().zero.GatheredParameters(params, modifier_rank=0)
 
 
 def partition_bytes(model: nn.Module) -> int:

@@ -236,6 +236,21 @@ def test_peft_rows_judge_longlora_memory_at_8k(tmp_path):
     assert _row(rows, "peft", "lora peak memory").met is None  # context, no target
 
 
+def test_peft_zero3_rows_judge_the_partitioned_init_against_its_bound(tmp_path):
+    config = {"model": "SmolLM2-360M shape", "parameters": 362e6, "world": 2}
+    cases = {
+        "one_copy": {"peak_bytes": 1500 * 2**20, "parameter_bytes": 690 * 2**20},
+        "partitioned": {"peak_bytes": 500 * 2**20, "parameter_bytes": 345 * 2**20},
+    }
+    report = {"config": config, "cases": cases, "memory_ratio": 1 / 3, "bound_bytes": 800 * 2**20}
+    _write(tmp_path, "peft_zero3", report)
+    rows = collect_rows(tmp_path)
+    bound = _row(rows, "peft_zero3", "ZeRO-3 LongLoRA init peak per rank vs its bound")
+    assert bound.ratio == pytest.approx(500 / 800) and bound.met is True
+    whole = _row(rows, "peft_zero3", "ZeRO-3 LongLoRA init peak per rank vs a whole base")
+    assert whole.ratio == pytest.approx(1 / 3) and whole.met is None
+
+
 CHECKPOINT = {
     "full_fp32_state_bytes": 12 * 100 * 2**20,
     "results": [

@@ -302,7 +302,8 @@ def test_adapters_count_only_trained_parameters_for_gradients_and_optimizer():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     fp32 = estimate_memory(recipe, ParallelConfig(dp=1))
     assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4 * total, 4 * trained, 8 * trained)
-    bf16 = load_recipe(TINY, ["peft.rank=4", "trainer.dtype=bf16", "trainer.zero_stage=2"])
+    peft = "peft.rank=4"
+    bf16 = load_recipe(TINY, [peft, "trainer.dtype=bf16", "trainer.zero_stage=2"])
     lora_trained = 2 * 1792
     memory = estimate_memory(bf16, ParallelConfig(dp=2))
     assert (memory.weights, memory.gradients, memory.optimizer) == (
@@ -313,6 +314,13 @@ def test_adapters_count_only_trained_parameters_for_gradients_and_optimizer():
     assert memory.zero_buffers == 2 * lora_trained + 2 * lora_trained  # reduce + all-gather
     peaks = phase_peaks(bf16, ParallelConfig(dp=2))
     assert peaks.save == memory.total + 12 * lora_trained // 2 + 256 * 2**20
+    # ZeRO-3: the base partitioned like a full fine-tuning model's weights, the LoRA matrices
+    # whole until they are partitioned too
+    zero3 = [["trainer.dtype=bf16", "trainer.zero_stage=3"] + extra for extra in ([], [peft])]
+    full3, adapted3 = (load_recipe(TINY, overrides) for overrides in zero3)
+    full_init = phase_peaks(full3, ParallelConfig(dp=2)).init
+    assert phase_peaks(adapted3, ParallelConfig(dp=2)).init == full_init + 2 * lora_trained
+    assert full_init < 2 * TINY_PARAMS  # less than one bf16 copy of the base
 
 
 def test_dry_run_prints_the_trained_parameters_of_adapters(capsys):

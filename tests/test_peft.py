@@ -291,12 +291,17 @@ def test_adapter_resume_is_bit_exact_under_zero_0_and_2(tmp_path, zero_stage):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("world", "zero_stage", "layout"),
-    [(2, 2, {"ring": 1, "ulysses": 2, "dp": 1}), (1, 0, {"ring": 1, "ulysses": 1, "dp": 1})],
-    ids=["ulysses2-zero2", "one-rank-zero0"],
+    [
+        (2, 2, {"ring": 1, "ulysses": 2, "dp": 1}),
+        (1, 0, {"ring": 1, "ulysses": 1, "dp": 1}),
+        (2, 3, {"ring": 1, "ulysses": 2, "dp": 1}),
+    ],
+    ids=["ulysses2-zero2", "one-rank-zero0", "ulysses2-zero3"],
 )
 def test_adapter_checkpoint_resumes_elastically(adapter_runs, tmp_path, world, zero_stage, layout):
-    """The step-2 checkpoint of the ring 2 / ZeRO-3 run continues under Ulysses 2 / ZeRO-2 and
-    on one rank under ZeRO-0 with the uninterrupted run's losses (fp32, 1e-5)."""
+    """The step-2 checkpoint of the ring 2 / ZeRO-3 run continues under Ulysses 2 / ZeRO-2, on
+    one rank under ZeRO-0 and under Ulysses 2 / ZeRO-3 (the base partitioned again) with the
+    uninterrupted run's losses (fp32, 1e-5)."""
     source = Path(adapter_runs["split"].trainer.run_dir)
     step_two = _copy_up_to_half(source, tmp_path / "elastic")
     recipe = adapter_runs["split"].model_copy(deep=True)
@@ -370,17 +375,52 @@ def test_resuming_adapters_onto_a_different_base_is_refused(adapter_runs, tmp_pa
         build_base_model(adapter_runs["whole"], moved, _final(adapter_runs["whole"]))
 
 
+def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of a ZeRO-3 model in full (gathered one at a time), by name."""
+    import deepspeed
+
+    full = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            full[name] = param.data.detach().clone()
+    return full
+
+
+def _rank_partitioned_merge(rank: int, world: int, recipe_json: dict, checkpoint: str) -> dict:
+    """The merged model of adapter ``checkpoint`` built partitioned under ZeRO-3 (what a full
+    stage after an adapter stage starts from), gathered."""
+    from longctx.checkpoint.saved_model import build_model
+    from longctx.trainer.engine import deepspeed_config
+
+    recipe = Recipe.model_validate(recipe_json)
+    zero3 = deepspeed_config(recipe.trainer.model_copy(update={"zero_stage": 3}))
+    model = build_model(recipe, weights=checkpoint, zero3=zero3)
+    return {"unmaterialised": all(p.data.numel() == 0 for p in model.parameters())} | {
+        "weights": gathered(model)
+    }
+
+
 @pytest.mark.slow
-def test_adapter_stage_after_a_full_stage_and_a_full_stage_after_it(tmp_path):
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_adapter_stage_after_a_full_stage_and_a_full_stage_after_it(tmp_path, zero_stage):
     """full (steps 1-2) -> LoRA on its final weights (3-4) -> full from the merged weights (5),
     keep_last 2: step 3 is pruned, step 2 stays (the kept step-4 adapters name it as their
-    base); the merged step-4 model is W + (alpha / r) B A of stage 1's final weights."""
+    base); the merged step-4 model is W + (alpha / r) B A of stage 1's final weights, built
+    in one process and, partitioned on 2 ranks, gathered (ZeRO-3 runs build every stage's
+    model partitioned)."""
     from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
     from longctx.checkpoint.store import load_model_state_dict
+    from longctx.config.stages import plan_stages
 
     corpus, tokenizer = make_data(tmp_path / "data")
     raw = tiny_recipe(
-        corpus, tokenizer, tmp_path / "run", steps=2, ckpt_every=1, keep_last=2, zero_stage=1
+        corpus,
+        tokenizer,
+        tmp_path / "run",
+        steps=2,
+        ckpt_every=1,
+        keep_last=2,
+        zero_stage=zero_stage,
     ).model_dump(mode="json")
     lora = {"rank": 4, "alpha": 8.0, "trainable": ["norm"]}
     raw["stages"] = [
@@ -425,3 +465,16 @@ def test_adapter_stage_after_a_full_stage_and_a_full_stage_after_it(tmp_path):
     assert torch.equal(merged["layers.0.mlp.up_proj.weight"], base["layers.0.mlp.up_proj.weight"])
     full = load_model_state_dict(root / "step_000005")
     assert "layers.0.self_attn.q_proj.weight" in full and not any("lora" in k for k in full)
+    if zero_stage == 3:
+        last = plan_stages(recipe)[2].recipe.model_dump(mode="json")
+        with deepspeed_environment():
+            partitioned = run_on_ranks(
+                _rank_partitioned_merge, 2, last, str(root / "step_000004"), timeout=900
+            )
+        expected = dict(
+            load_trained_model(open_checkpoint(root / "step_000004")).named_parameters()
+        )
+        for result in partitioned:
+            assert result["unmaterialised"] and result["weights"].keys() == expected.keys()
+            for name, tensor in result["weights"].items():
+                torch.testing.assert_close(tensor, expected[name].detach(), rtol=1e-6, atol=1e-7)

@@ -65,6 +65,7 @@ from longctx.parallel.apply import apply_transforms
 from longctx.parallel.mesh import build_mesh
 from longctx.parallel.parallelize import check_recipe_supported
 from longctx.parallel.ports import free_port
+from longctx.parallel.zero_init import partition_new_parameters
 from longctx.trainer.engine import (
     apply_recipe_optimizer_settings,
     build_engine,
@@ -238,19 +239,26 @@ def build_stage_model(
     weights under this stage's settings (RoPE scaling, layout), built partitioned when
     ``zero3`` (the run's DeepSpeed config) is given; an exact resume then overwrites every
     weight. Adapters (``peft``): the stage's frozen base (the recipe's ``model.init`` for the
-    first stage, else the previous stage's final weights, merged when they were adapters) with
-    fresh LoRA layers; the worker's ``load_checkpoint`` fills them on an exact resume. peft
-    wraps whole, unpartitioned layers, so the base is built as one copy (DeepSpeed shards it
-    afterwards). The base's reference goes into every checkpoint's manifest
-    (``decoder.adapter_base``).
+    first stage, else the previous stage's final weights, merged when they were adapters),
+    built the same way (partitioned under ZeRO-3), with fresh LoRA layers drawn from the
+    stage's ``trainer.seed`` alone (so ``A`` does not depend on how the base was built); the
+    worker's ``load_checkpoint`` fills them on an exact resume. peft reads a partitioned
+    ``Linear``'s shape from its attributes, so it wraps it as it wraps a whole one; the LoRA
+    matrices are created whole (small: ``r x (in + out)`` per layer) and partitioned at once
+    (``partition_new_parameters``). The base's reference goes into every checkpoint's
+    manifest (``decoder.adapter_base``).
     """
     stage_recipe = point.stage.recipe
     if stage_recipe.adapters is None:
         weights = point.checkpoint if point.new_stage else None
         return build_model(stage_recipe, weights=weights, dtype=dtype, zero3=zero3)
     base = stage_start_checkpoint(stages, point.stage, run_dir)
-    model = build_model(stage_recipe, weights=base, dtype=dtype)
-    attach_adapters(model, stage_recipe.adapters)
+    model = build_model(stage_recipe, weights=base, dtype=dtype, zero3=zero3)
+    with torch.random.fork_rng():
+        torch.manual_seed(stage_recipe.trainer.seed)
+        attach_adapters(model, stage_recipe.adapters)
+    if zero3 is not None:
+        partition_new_parameters(model)
     model.adapter_base = base_reference(stage_recipe, base)
     return model
 
@@ -291,9 +299,9 @@ def _train(job: TrainJob, report: Report | None) -> dict[str, Any]:
         eval_loader = PackedLoader(splits.eval, cfg.micro_batch_size, dp_rank, dp)
 
     seed_everything(cfg.seed)
-    # Under ZeRO-3 a full fine-tuning model is built partitioned whatever its weights (scratch,
-    # Hugging Face, the previous stage): each rank computes or reads only its share. Otherwise
-    # (and for an adapter base) one copy in the training dtype, which DeepSpeed then shards.
+    # Under ZeRO-3 the model (or an adapter run's frozen base) is built partitioned whatever
+    # its weights (scratch, Hugging Face, the previous stage): each rank computes or reads only
+    # its share. Otherwise one copy in the training dtype.
     model = timed_phase("init", run_dir)(build_stage_model)(
         stages,
         point,
