@@ -1,8 +1,8 @@
 """Per-rank memory at init of an adapter (LongLoRA) run under ZeRO-3: the frozen base built
 partitioned against one whole copy per rank.
 
-Run by hand (not in ``make bench``): ``python -m longctx.bench.peft_zero3`` (2 ranks, about a minute of two cores; ``--world
-N`` for another rank count, ``--layers N`` a shallower model). Prints a table and writes
+Run by hand (not in ``make bench``): ``python -m longctx.bench.peft_zero3`` (2 ranks, about a
+minute of two cores; ``--world N`` for another rank count, ``--layers N`` a shallower model). Prints a table and writes
 ``bench/results/peft_zero3.json``. Goal (issue 20, the scale rule "a path that holds the whole
 model on every rank where a shard would do is a bug"): the partitioned init's peak at most this
 rank's share of the base (training dtype / W) plus the largest fp32 tensor, the LoRA matrices
