@@ -48,6 +48,7 @@ class RMSNorm(nn.Module):
 
     The statistic is taken in float32 and the result cast back before the gain, as Hugging Face
     Llama does, so bf16 models match transformers bit for bit in spirit and fp32 exactly.
+    Computed by ``_RMSNormFunction``, whose backward is written out.
     """
 
     def __init__(self, dim: int, eps: float):
@@ -56,9 +57,41 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()  # [B, T, d]
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)  # [B, T, d]
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``weight * (x * rstd).to(x.dtype)`` with ``rstd = rsqrt(mean(x^2) + eps)`` per token,
+    in at least float32.
+
+    Autograd through the plain expression makes about eight ``[B, T, d]`` temporaries and
+    keeps the normed activations; this keeps only x and rstd ``[B, T, 1]`` and makes two
+    temporaries each way (each big one costs page faults at long context). With
+    n = x * rstd and gn = grad * weight (per token, D = d):
+    dx = rstd * gn - x * rstd^3 * (gn . x) / D and dweight = sum over tokens of grad * n.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x_wide = x.to(torch.promote_types(x.dtype, torch.float32))  # [B, T, d]
+        sum_squares = torch.linalg.vector_norm(x_wide, dim=-1, keepdim=True).pow_(2)  # [B, T, 1]
+        rstd = sum_squares.div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x_wide * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x_wide = x.to(rstd.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_x_wide = (grad.to(rstd.dtype) * x_wide).reshape(-1, x.shape[-1])  # [N, d]
+            grad_weight = (grad_x_wide.t() @ rstd.reshape(-1)).to(weight.dtype)  # [d]
+        grad_normed = (grad * weight).to(rstd.dtype)  # [B, T, d], a new tensor
+        coef = torch.linalg.vecdot(grad_normed, x_wide).unsqueeze(-1)  # [B, T, 1]
+        coef.mul_(rstd.pow(3)).div_(-x.shape[-1])
+        grad_x = grad_normed.mul_(rstd).addcmul_(x_wide, coef)
+        return grad_x.to(x.dtype), grad_weight, None
 
 
 class SwiGLU(nn.Module):
