@@ -116,16 +116,26 @@ class SwiGLU(nn.Module):
         # x [B, T, d] -> [B, T, d]
         if self.seq_chunk is None or x.shape[1] <= self.seq_chunk:
             return self._mlp(x)
-        pieces = x.split(self.seq_chunk, dim=1)  # each [B, <= chunk, d]
-        if torch.is_grad_enabled():
-            outs = [checkpoint(self._mlp, piece, use_reentrant=False) for piece in pieces]
-        else:
-            outs = [self._mlp(piece) for piece in pieces]
-        return torch.cat(outs, dim=1)  # [B, T, d]
+        return checkpointed_chunks(self._mlp, x, self.seq_chunk)
 
     def _mlp(self, x: Tensor) -> Tensor:
         # x [B, t, d] -> [B, t, intermediate] -> [B, t, d]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def checkpointed_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tensor:
+    """``fn(x)`` for a per-token ``fn``, computed over sequence chunks of ``chunk`` tokens.
+
+    x [B, T, d] -> [B, T, d']. Under autograd each chunk runs through a non-reentrant
+    checkpoint, so between forward and backward only the chunks' inputs (views of x) are kept
+    and backward recomputes one chunk's activations at a time; without autograd the chunks
+    simply run in turn."""
+    pieces = x.split(chunk, dim=1)  # each [B, <= chunk, d]
+    if torch.is_grad_enabled():
+        outs = [checkpoint(fn, piece, use_reentrant=False) for piece in pieces]
+    else:
+        outs = [fn(piece) for piece in pieces]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 class SelfAttention(nn.Module):
@@ -209,8 +219,18 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, ctx)  # [B, T, d]
-        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, d]
+        return self.mlp_residual(self.attention_residual(x, rotary, ctx))  # [B, T, d]
+
+    def attention_residual(
+        self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext
+    ) -> Tensor:
+        """The first half, ``x + attn(norm(x))`` [B, T, d]."""
+        return x + self.self_attn(self.input_layernorm(x), rotary, ctx)
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        """The second half, ``x + mlp(norm(x))`` [B, T, d]; it acts on each token alone, so a
+        checkpointed layer may run it over sequence chunks."""
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):

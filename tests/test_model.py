@@ -233,4 +233,4 @@ def test_rms_norm_values_and_gradients_equal_autograd_of_the_formula():
     with torch.no_grad():
         torch.testing.assert_close(
             norm.bfloat16()(x.bfloat16()), hf_norm(x.bfloat16()), rtol=2**-7, atol=0
-        )  # fmt: skip  one bf16 ulp
+        )  # one bf16 ulp
