@@ -48,6 +48,7 @@ class RMSNorm(nn.Module):
 
     The statistic is taken in float32 and the result cast back before the gain, as Hugging Face
     Llama does, so bf16 models match transformers bit for bit in spirit and fp32 exactly.
+    Computed by ``_RMSNormFunction``, whose backward is written out.
     """
 
     def __init__(self, dim: int, eps: float):
@@ -56,9 +57,41 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()  # [B, T, d]
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)  # [B, T, d]
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``weight * (x * rstd).to(x.dtype)`` with ``rstd = rsqrt(mean(x^2) + eps)`` per token,
+    in at least float32.
+
+    Autograd through the plain expression makes about eight ``[B, T, d]`` temporaries and
+    keeps the normed activations; this keeps only x and rstd ``[B, T, 1]`` and makes two
+    temporaries each way (each big one costs page faults at long context). With
+    n = x * rstd and gn = grad * weight (per token, D = d):
+    dx = rstd * gn - x * rstd^3 * (gn . x) / D and dweight = sum over tokens of grad * n.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x_wide = x.to(torch.promote_types(x.dtype, torch.float32))  # [B, T, d]
+        sum_squares = torch.linalg.vector_norm(x_wide, dim=-1, keepdim=True).pow_(2)  # [B, T, 1]
+        rstd = sum_squares.div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x_wide * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x_wide = x.to(rstd.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_x_wide = (grad.to(rstd.dtype) * x_wide).reshape(-1, x.shape[-1])  # [N, d]
+            grad_weight = (grad_x_wide.t() @ rstd.reshape(-1)).to(weight.dtype)  # [d]
+        grad_normed = (grad * weight).to(rstd.dtype)  # [B, T, d], a new tensor
+        coef = torch.linalg.vecdot(grad_normed, x_wide).unsqueeze(-1)  # [B, T, 1]
+        coef.mul_(rstd.pow(3)).div_(-x.shape[-1])
+        grad_x = grad_normed.mul_(rstd).addcmul_(x_wide, coef)
+        return grad_x.to(x.dtype), grad_weight, None
 
 
 class SwiGLU(nn.Module):
@@ -83,16 +116,26 @@ class SwiGLU(nn.Module):
         # x [B, T, d] -> [B, T, d]
         if self.seq_chunk is None or x.shape[1] <= self.seq_chunk:
             return self._mlp(x)
-        pieces = x.split(self.seq_chunk, dim=1)  # each [B, <= chunk, d]
-        if torch.is_grad_enabled():
-            outs = [checkpoint(self._mlp, piece, use_reentrant=False) for piece in pieces]
-        else:
-            outs = [self._mlp(piece) for piece in pieces]
-        return torch.cat(outs, dim=1)  # [B, T, d]
+        return checkpointed_chunks(self._mlp, x, self.seq_chunk)
 
     def _mlp(self, x: Tensor) -> Tensor:
         # x [B, t, d] -> [B, t, intermediate] -> [B, t, d]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def checkpointed_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tensor:
+    """``fn(x)`` for a per-token ``fn``, computed over sequence chunks of ``chunk`` tokens.
+
+    x [B, T, d] -> [B, T, d']. Under autograd each chunk runs through a non-reentrant
+    checkpoint, so between forward and backward only the chunks' inputs (views of x) are kept
+    and backward recomputes one chunk's activations at a time; without autograd the chunks
+    simply run in turn."""
+    pieces = x.split(chunk, dim=1)  # each [B, <= chunk, d]
+    if torch.is_grad_enabled():
+        outs = [checkpoint(fn, piece, use_reentrant=False) for piece in pieces]
+    else:
+        outs = [fn(piece) for piece in pieces]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 class SelfAttention(nn.Module):
@@ -176,8 +219,18 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, ctx)  # [B, T, d]
-        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, d]
+        return self.mlp_residual(self.attention_residual(x, rotary, ctx))  # [B, T, d]
+
+    def attention_residual(
+        self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext
+    ) -> Tensor:
+        """The first half, ``x + attn(norm(x))`` [B, T, d]."""
+        return x + self.self_attn(self.input_layernorm(x), rotary, ctx)
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        """The second half, ``x + mlp(norm(x))`` [B, T, d]; it acts on each token alone, so a
+        checkpointed layer may run it over sequence chunks."""
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import (
 )
 
 from longctx.model.state_names import keep_inner_names
+from longctx.model.transformer import checkpointed_chunks
 
 WRAPPED = "wrapped"  # the child name of the wrapped layer (never seen in names outside)
 
@@ -102,17 +103,29 @@ class CheckpointedLayer(LayerWrapper):
     the fused loss). Non-reentrant ``torch.utils.checkpoint`` with a selective-checkpoint
     policy (composes with ZeRO-3's parameter hooks and with inputs that need no grad), the RNG
     state preserved so the recomputation draws what the forward drew.
+
+    With the tiled MLP (``mlp.seq_chunk`` set) the layer is checkpointed as two regions: the
+    attention half as above, then the MLP half (norm, MLP, residual) chunk by chunk, each chunk
+    its own checkpoint (``checkpointed_chunks``). Nesting the MLP's chunk checkpoints inside one
+    layer checkpoint would run the MLP forward three times (forward, the layer's recompute, the
+    chunks' recompute); as two regions it runs twice, for one more kept ``[B, T, d]`` tensor
+    (the half-way residual, the chunks' input).
     """
 
     def forward(self, *args, **kwargs):
-        return checkpoint(
-            self.wrapped,
+        chunk = self.wrapped.mlp.seq_chunk
+        whole = self.wrapped if chunk is None else self.wrapped.attention_residual
+        out = checkpoint(
+            whole,
             *args,
             use_reentrant=False,
             preserve_rng_state=True,
             context_fn=_selective_contexts,
             **kwargs,
         )
+        if chunk is None:
+            return out
+        return checkpointed_chunks(self.wrapped.mlp_residual, out, chunk)  # [B, T, d]
 
 
 def _selective_contexts():

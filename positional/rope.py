@@ -593,11 +593,40 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def _add_turned(out: Tensor, x: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """out += sign * rotate_half(x) * sin, in place, without rotate_half's two temporaries:
+    out's first half gets -sign * x2 * sin1, its second half sign * x1 * sin2 (last dim D)."""
+    half = x.shape[-1] // 2
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin with one new tensor each way (the plain expression makes
+    five in forward and more in backward, each paid in page faults at long context).
+
+    The rotation is linear in x, so backward applies its transpose, the rotation by -angle:
+    dx = g * cos - rotate_half(g * sin) = g * cos + (g2 * sin2, -g1 * sin1) per pair; only the
+    tables (alive anyway) are saved. x [B, H, T, D], cos/sin [B, 1, T, D] in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _add_turned(x * cos, x, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _add_turned(grad * cos, grad, sin, -1.0), None, None
+
+
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate q [B, Hq, T, D] and k [B, Hkv, T, D] by cos, sin [B, T, D].
 
     Computed in float32 (float64 inputs stay float64) and cast back to each input's dtype, so
-    bf16 activations are rotated with exact angles and rounded once.
+    bf16 activations are rotated with exact angles and rounded once. Tables that need a
+    gradient take the plain autograd expression; others the fused ``_Rotate``.
     """
     if cos.shape[-2:] != (q.shape[-2], q.shape[-1]) or k.shape[-2:] != q.shape[-2:]:
         raise ValueError(
@@ -607,9 +636,12 @@ def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor
     compute = torch.promote_types(q.dtype, torch.float32)
     cos = cos.unsqueeze(1).to(compute)  # [B, 1, T, D]
     sin = sin.unsqueeze(1).to(compute)
+    tables_need_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
 
     def rotate(x: Tensor) -> Tensor:
         x_wide = x.to(compute)
-        return (x_wide * cos + rotate_half(x_wide) * sin).to(x.dtype)
+        if tables_need_grad:
+            return (x_wide * cos + rotate_half(x_wide) * sin).to(x.dtype)
+        return _Rotate.apply(x_wide, cos, sin).to(x.dtype)
 
     return rotate(q), rotate(k)

@@ -14,6 +14,7 @@ import torch
 from longctx.attention.config import AttentionConfig
 from longctx.errors import LongctxError
 from longctx.model import ModelConfig, Transformer
+from longctx.model.transformer import RMSNorm
 from longctx.positional.config import PositionalConfig
 
 ATOL = 1e-5
@@ -204,3 +205,32 @@ def test_attention_backend_is_a_swap_of_the_core_only():
     input_ids = tokens(1, 40)
     with torch.no_grad():
         assert torch.allclose(default(input_ids), reference(input_ids), atol=ATOL, rtol=0)
+
+
+def test_rms_norm_values_and_gradients_equal_autograd_of_the_formula():
+    """RMSNorm's written-out backward equals autograd through the formula in float64, and
+    its bf16 output equals transformers' LlamaRMSNorm (float32 statistic, cast, then gain)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 7, 64, generator=gen, dtype=torch.float64) * 3
+    gain = 1 + 0.1 * torch.randn(64, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(2, 7, 64, generator=gen, dtype=torch.float64)
+    norm = RMSNorm(64, 1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(gain)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gain_ref = gain.clone().requires_grad_()
+    out = norm(x_ours)
+    reference = gain_ref * x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out.backward(upstream)
+    reference.backward(upstream)
+    for ours, expected in ((out, reference), (x_ours.grad, x_ref.grad),
+                           (norm.weight.grad, gain_ref.grad)):  # fmt: skip
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    hf_norm = LlamaRMSNorm(64, eps=1e-5).bfloat16()
+    hf_norm.weight.data.copy_(gain)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            norm.bfloat16()(x.bfloat16()), hf_norm(x.bfloat16()), rtol=2**-7, atol=0
+        )  # one bf16 ulp

@@ -405,3 +405,22 @@ def test_model_config_rejects_a_bad_rope_scaling():
     ModelConfig(hidden_size=256, num_attention_heads=4, rope_scaling=scaling)  # head_dim 64: fine
     with pytest.raises(ValidationError, match=r"short_factor has 32 entries for head_dim=128"):
         ModelConfig(hidden_size=256, num_attention_heads=2, rope_scaling=scaling)
+
+
+def test_apply_rotary_gradients_equal_transformers_autograd_in_float64():
+    """The fused rotation's backward (rotation by -angle) equals autograd through
+    transformers' apply_rotary_pos_emb, also for q as a transposed time-major view."""
+    gen = torch.Generator().manual_seed(8)
+    q_time_major = torch.randn(2, 16, 4, SMALL_D, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, 16, SMALL_D, generator=gen, dtype=torch.float64)
+    cos, sin = RotaryEmbedding(SMALL_D, 1e4, 2048)(position_batch(0, span=64, seed=8))
+    cos, sin = cos.double(), sin.double()
+    grads = []
+    for rotate in (apply_rotary, apply_rotary_pos_emb):
+        q_leaf, k_in = q_time_major.clone().requires_grad_(), k.clone().requires_grad_()
+        q_rot, k_rot = rotate(q_leaf.transpose(1, 2), k_in, cos, sin)  # q: [B, Hq, T, D] view
+        weights = torch.randn(q_rot.shape, generator=torch.Generator().manual_seed(9))
+        ((q_rot * weights.double()).sum() + k_rot.pow(2).sum()).backward()
+        grads.append((q_rot.detach(), q_leaf.grad, k_in.grad))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
