@@ -238,8 +238,8 @@ def selection_backward(
 
     ``row_sums``: ``output_row_sums(dout, out)`` of ``selection_forward``'s out (so out itself
     need not outlive the start of the backward); ``lse``: its lse. The branch's output gradient
-    is ``dout``, or ``gate * dout`` with ``gate`` [B, Hq, Tq, 1] (NSA's gated sum), applied to
-    the gathered rows of each step: no gated or re-laid-out copy of ``dout`` or ``q`` is made.
+    is ``dout``, or ``gate * dout`` with ``gate`` [B, Hq, Tq, 1] (NSA's gated sum), formed one
+    kv head at a time (``_branch_dout``); no re-laid-out copy of ``dout`` or ``q`` is made.
     """
     acc = compute_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
@@ -250,33 +250,45 @@ def selection_backward(
     for b in range(q.shape[0]):
         for j in range(k.shape[1]):
             heads_j = slice(j * group, (j + 1) * group)
-            dout_j = _gatherable(dout[b, heads_j])  # [G, Tq, D]
-            gate_j = None if gate is None else gate[b, heads_j, :, 0].to(acc)  # [G, Tq]
+            gate_j = None if gate is None else gate[b, heads_j].to(acc)  # [G, Tq, 1]
+            dout_j = _branch_dout(dout[b, heads_j], gate_j)  # [G, Tq, D]
             _head_backward(
                 dout_j, q[b, heads_j], k[b, j].to(acc), v[b, j].to(acc), safe_lse[b, heads_j],
-                delta[b, heads_j], gate_j,
+                delta[b, heads_j],
                 tuple(g[b, heads_j] if i == 0 else g[b, j] for i, g in enumerate(grads)),
                 plans[b][j], sides, b, scale,
             )  # fmt: skip
-            del dout_j  # a copy when dout was not contiguous: one kv head's at a time
+            del dout_j  # a copy when dout was gated or not contiguous: one kv head's at a time
 
 
-def _head_backward(
-    dout_j, q_j, k_j, v_j, lse_j, delta_j, gate_j, grads_j, steps, sides, batch, scale
-):
-    """One (sequence, kv head) of ``selection_backward``: dout_j, q_j [G, Tq, D]; k_j, v_j
-    [Tk, D]; lse_j (finite), delta_j = rowsum(branch dout * out) and gate_j (or None) [G, Tq];
-    accumulates into grads_j = (dq [G, Tq, D], dk [Tk, D], dv [Tk, D])."""
+def _branch_dout(dout_j: Tensor, gate_j: Tensor | None) -> Tensor:
+    """The branch's output gradient ``gate_j * dout_j`` [G, Tq, D] of one kv head, contiguous
+    (gate_j [G, Tq, 1] or None: ``dout_j`` itself, copied only when not contiguous).
+
+    Gated once here rather than per gathered step: dout reaches the core as a transposed view
+    of the layer's [B, T, H, D] gradient (or an expanded one), so this kv head's contiguous copy
+    is made anyway and the product costs no extra memory; per step it was one more gather and
+    one more pass over the [G, m, D] rows (measured at T=16384: 0.08 s of 1.36 s)."""
+    if gate_j is None:
+        return _gatherable(dout_j)
+    dtype = torch.promote_types(dout_j.dtype, gate_j.dtype)
+    return torch.mul(
+        dout_j, gate_j, out=torch.empty(dout_j.shape, dtype=dtype, device=dout_j.device)
+    )
+
+
+def _head_backward(dout_j, q_j, k_j, v_j, lse_j, delta_j, grads_j, steps, sides, batch, scale):
+    """One (sequence, kv head) of ``selection_backward``: dout_j (the branch's output gradient,
+    contiguous), q_j [G, Tq, D]; k_j, v_j [Tk, D]; lse_j (finite) and delta_j =
+    rowsum(branch dout * out) [G, Tq]; accumulates into grads_j = (dq [G, Tq, D], dk [Tk, D],
+    dv [Tk, D])."""
     dq_j, dk_j, dv_j = grads_j
     q_j, dim = _gatherable(q_j), q_j.shape[-1]
     for step in steps:
         rows, block = step.rows, slice(step.start, step.stop)
         keys = k_j[block] * scale  # [L, D]
         q_rows = q_j.index_select(1, rows).to(k_j.dtype)  # [G, m, D]
-        dout_rows = dout_j.index_select(1, rows).to(k_j.dtype)
-        if gate_j is not None:
-            dout_rows.mul_(gate_j.index_select(1, rows)[..., None])
-        dout_rows = dout_rows.view(-1, dim)  # [G m, D]
+        dout_rows = dout_j.index_select(1, rows).to(k_j.dtype).view(-1, dim)  # [G m, D]
         scores = _scores(q_rows, keys, step, sides, batch)  # [G, m, L]
         probs = scores.sub_(lse_j.index_select(1, rows)[..., None]).exp_()
         probs = probs.view(dout_rows.shape[0], -1)  # [G m, L]
