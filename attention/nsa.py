@@ -21,13 +21,18 @@ per key block, one GEMM against the queries that chose it, so it costs ``n l'`` 
 whatever the selections look like), and the window branch ``w`` keys; nothing T x T exists.
 Memory: the gated sum runs as one autograd function (``nsa_gated.GatedBranchAttention``) that
 frees the selection branch's output at the start of backward and recomputes the compressed and
-window branches per query tile there. Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8,
-Hkv=2, D=64, fp32, one thread, T=32768, shared machine at load 8-30 on 2 cores, 2026-12-04
-20:52-21:00 UTC): fwd+bwd 2.63x (random inputs) / 2.41x (coherent) faster than dense, peak
-resident memory 0.89x / 0.81x dense (before: 2.43-2.55x, 1.42x). Where the 13 s go (loaded run):
-forward 5 s (importance pass with the compressed branch 1.2, top-n 0.3, window tiles 0.65,
-selection 2.0), backward 8.3 s (compressed and window recompute 1.5, their flash backward 2.8,
-selection 3.5).
+window branches per query tile there.
+
+Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8, Hkv=2, D=64, fp32, one thread, T=32768,
+shared machine at load 2-6 on 2 cores, 2026-12-05 00:00 UTC): fwd+bwd 2.83x (random inputs) /
+3.00x (coherent) faster than dense (32.1 s against 11.3 / 10.7 s), peak resident memory 0.82x
+dense (before the selection forward's reference-score accumulation, the once-gated dout and the
+importance pass's partial mask: 2.65x / 2.72x, 0.94x / 0.88x). Where the 11.4 s go (random
+inputs): forward 4.2 s (importance pass with the compressed branch 1.0, top-n 0.8, window tiles
+0.5, selection 1.6), backward 7.3 s (compressed and window recompute 1.6, their flash backward
+2.7, selection 2.6). Most of it is the flash op's and the selection's GEMMs: NSA scores ~15% of
+dense causal attention's (query, key) pairs, but the compressed and window branches three times
+(forward, recompute, backward), the price of the memory bound.
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 
