@@ -21,13 +21,18 @@ per key block, one GEMM against the queries that chose it, so it costs ``n l'`` 
 whatever the selections look like), and the window branch ``w`` keys; nothing T x T exists.
 Memory: the gated sum runs as one autograd function (``nsa_gated.GatedBranchAttention``) that
 frees the selection branch's output at the start of backward and recomputes the compressed and
-window branches per query tile there. Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8,
-Hkv=2, D=64, fp32, one thread, T=32768, shared machine at load 8-30 on 2 cores, 2026-12-04
-20:52-21:00 UTC): fwd+bwd 2.63x (random inputs) / 2.41x (coherent) faster than dense, peak
-resident memory 0.89x / 0.81x dense (before: 2.43-2.55x, 1.42x). Where the 13 s go (loaded run):
-forward 5 s (importance pass with the compressed branch 1.2, top-n 0.3, window tiles 0.65,
-selection 2.0), backward 8.3 s (compressed and window recompute 1.5, their flash backward 2.8,
-selection 3.5).
+window branches per query tile there.
+
+Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8, Hkv=2, D=64, fp32, one thread, T=32768,
+shared machine at load 2-6 on 2 cores, 2026-12-05 00:00 UTC): fwd+bwd 2.83x (random inputs) /
+3.00x (coherent) faster than dense (32.1 s against 11.3 / 10.7 s), peak resident memory 0.82x
+dense (before the selection forward's reference-score accumulation, the once-gated dout and the
+importance pass's partial mask: 2.65x / 2.72x, 0.94x / 0.88x). Where the 11.4 s go (random
+inputs): forward 4.2 s (importance pass with the compressed branch 1.0, top-n 0.8, window tiles
+0.5, selection 1.6), backward 7.3 s (compressed and window recompute 1.6, their flash backward
+2.7, selection 2.6). Most of it is the flash op's and the selection's GEMMs: NSA scores ~15% of
+dense causal attention's (query, key) pairs, but the compressed and window branches three times
+(forward, recompute, backward), the price of the memory bound.
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 
@@ -398,11 +403,13 @@ class NSAAttention(AttentionCore):
                     max(0, (last - settings.compress_block + 1) // settings.compress_stride + 1),
                 )
                 if visible:
+                    ends = block_ends[:visible]
                     per_block, o_cmp = self._block_importance(
                         q[:, :, rows],
                         ck[:, :, :visible],
                         cv[:, :, :visible],
-                        block_ends[:visible] <= query_pos[:, None],
+                        ends <= query_pos[:, None],
+                        int((ends <= query_pos.min()).sum()),  # blocks every query here sees
                         None if query_docs is None else (block_docs[:, :visible], query_docs),
                     )  # [B, Hkv, c, visible], [B, Hq, c, D]
                     take_compressed(rows, o_cmp)
@@ -423,15 +430,17 @@ class NSAAttention(AttentionCore):
         return chosen
 
     @staticmethod
-    def _block_importance(q, ck, cv, seen, docs) -> tuple[Tensor, Tensor]:
+    def _block_importance(q, ck, cv, seen, seen_by_all, docs) -> tuple[Tensor, Tensor]:
         """The compressed branch on a chunk of queries, and what selection reads off it.
 
         q [B, Hq, c, D]; ck [B, Hkv, nc, D] scaled by 1/sqrt(D), cv [B, Hkv, nc, D] (both in
         the accumulation dtype, float32 or float64, which the results take): the
         compressed blocks ending at or before the chunk's last query (so each row's softmax is
-        complete here); ``seen`` [c, nc] causal visibility; ``docs`` (block docs [B, nc], query
-        docs [B, c]). Returns the compression attention probabilities summed over each GQA
-        group [B, Hkv, c, nc] (the importance) and the branch's output [B, Hq, c, D] (0 for a
+        complete here); ``seen`` [c, nc] causal visibility, of which the first ``seen_by_all``
+        columns are all True (blocks ending before the chunk's first query: without documents
+        only the few columns after them are masked, 0.15 s less forward at T=32768); ``docs``
+        (block docs [B, nc], query docs [B, c]). Returns the compression attention
+        probabilities summed over each GQA group [B, Hkv, c, nc] (the importance) and the branch's output [B, Hq, c, D] (0 for a
         query that sees no block). The probabilities must exist whole for the importance, so
         the output is one more GEMM on them instead of a second tiled pass over the same
         logits (at T=32768: ~0.8 s of the flash kernel saved for ~0.3 s here).
@@ -441,10 +450,11 @@ class NSAAttention(AttentionCore):
         queries = q.reshape(batch, kv_heads, -1, dim).to(ck.dtype)  # [B, Hkv, G c, D]
         logits = queries @ ck.transpose(-1, -2)  # [B, Hkv, G c, nc]
         logits = logits.view(batch, kv_heads, -1, count, ck.shape[2])
-        if docs is not None:  # [B, c, nc]
+        if docs is None:  # exp -> 0 where hidden
+            logits[..., seen_by_all:].masked_fill_(~seen[:, seen_by_all:], float("-inf"))
+        else:  # [B, c, nc]
             seen = seen & (docs[0][:, None, :] == docs[1][:, :, None])
-        hidden = ~(seen if docs is None else seen[:, None, None])  # exp -> 0 there
-        logits = logits.masked_fill_(hidden, float("-inf"))
+            logits.masked_fill_(~seen[:, None, None], float("-inf"))
         row_max = logits.amax(-1, keepdim=True)  # [B, Hkv, G, c, 1]
         row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)  # sees no block
         probs = logits.sub_(row_max).exp_()

@@ -12,10 +12,12 @@ the block's keys in one GEMM against a cached ``l' x D`` tile. So the work
 is ``n l'`` keys per query whatever the selections look like, and nothing ``T x T`` or
 ``T x n l'`` is ever held.
 
-Forward: per block, partial softmax statistics (row max, sum) and the unnormalised ``P V`` are
-merged into each chosen query's running (out, lse) by log-sum-exp (online softmax with a gather
-and an ``index_copy_`` of the m chosen rows). Backward needs only ``lse`` [B, Hq, Tq] and the
-row sums ``rowsum(dO * O)`` (``output_row_sums``; the caller may free ``out`` once it has them).
+Forward: per block, ``exp(S - r) V`` and the row sums ``exp(S - r)`` are added (``index_add_``)
+into each chosen query's unnormalised accumulators against a per-row reference score r, raised
+(with a rescale of the few rows concerned) only when a block outscores it by more than
+``RESCALE_MARGIN``; out and lse are normalised once at the end. Backward needs only ``lse``
+[B, Hq, Tq] and the row sums ``rowsum(dO * O)`` (``output_row_sums``; the caller may free
+``out`` once it has them).
 Backward (FlashAttention style): per block, recompute ``P = exp(S - lse)``, then
 ``dS = P * (dO V^T - rowsum(dO * O))``; ``dQ`` rows are accumulated with ``index_add_``, the
 block's ``dK``, ``dV`` with one GEMM each (a block is a contiguous key slice, so no scatter).
@@ -27,7 +29,11 @@ document equals the query's. A query whose selected keys are all hidden gets out
 The steps are plain GEMMs and elementwise ops on any device. Measured at T=16384 (fwd, bwd CPU
 s, one thread, SPECS defaults): 0.93, 1.32 this way against 1.11, 1.51 calling torch's fused CPU
 flash op per step (its per-call cost outweighs the fusion on 64-key tiles), and 1.4, 2.7 (at
-T=8192) for the former union-of-blocks gather.
+T=8192) for the former union-of-blocks gather. At T=32768 (B=1, Hq=8, Hkv=2, the selections of
+``bench/sparse_nsa_mosa.py``'s random inputs, shared machine at load 5-7): forward 1.5-1.7 s
+with the reference-score accumulation against 1.9-2.0 s merging every step into normalised
+rows; backward 2.5-2.6 s, where the GEMMs are about half and the row gathers and
+``index_add_`` of dq most of the rest.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ from longctx.attention.tiling import compute_dtype
 # a step's [m, G, l'] score, probability and gradient temporaries (1 MiB at G=4, l'=64, fp32)
 # should stay in cache whatever T is.
 ROWS_PER_STEP = 1024
+# How far (in score units, natural log) a block's maximum may exceed a query row's reference
+# score before the row is rescaled to it (``_head_forward``): terms exp(s - r) stay below
+# e**8 ~ 3e3, far from overflow in float32.
+RESCALE_MARGIN = 8.0
 
 
 @dataclass(frozen=True)
@@ -166,47 +176,65 @@ def selection_forward(
     dtype (float32; float64 for float64 inputs); out 0 and lse -inf where no key is seen.
 
     ``plans``: ``selection_plans`` of the selected blocks. Online softmax per key block (see
-    the module docstring), merged in place into ``out``'s [G, Tq, D] slice of each kv head: no
-    other [Tq, D]-sized buffer exists (the queries are gathered from q per step, from a copy of
-    one kv head's only when q is not contiguous, and the keys are scaled per block).
+    ``_head_forward``) into ``out``'s [G, Tq, D] slice of each kv head, normalised at the end:
+    besides ``out`` only [B, Hq, Tq] running maxima and sums exist (the queries are gathered
+    from q per step, from a copy of one kv head's only when q is not contiguous, and the keys
+    are scaled per block).
     """
     acc = compute_dtype(q.dtype)
     batch, heads, count, _ = q.shape
     group = heads // k.shape[1]
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((batch, heads, count), float("-inf"), dtype=acc, device=q.device)
+    sums = torch.zeros((batch, heads, count), dtype=acc, device=q.device)
     for b in range(batch):
         for j in range(k.shape[1]):
             heads_j = slice(j * group, (j + 1) * group)
             _head_forward(
                 q[b, heads_j], k[b, j].to(acc) * scale, v[b, j].to(acc), out[b, heads_j],
-                lse[b, heads_j], plans[b][j], sides, b,
+                lse[b, heads_j], sums[b, heads_j], plans[b][j], sides, b,
             )  # fmt: skip
+    seen = sums > 0
+    out.div_(torch.where(seen, sums, 1.0)[..., None])
+    lse.add_(torch.where(seen, sums, 1.0).log_()).masked_fill_(~seen, float("-inf"))
     return out, lse
 
 
-def _head_forward(q_j, keys_j, values_j, out_j, lse_j, steps, sides, batch) -> None:
+def _head_forward(q_j, keys_j, values_j, out_j, ref_j, sums_j, steps, sides, batch) -> None:
     """One (sequence, kv head) of ``selection_forward``: q_j [G, Tq, D]; scaled keys_j and
-    values_j [Tk, D]; merges into out_j [G, Tq, D] and lse_j [G, Tq] in place."""
+    values_j [Tk, D]; accumulates ``sum exp(s - r) v`` into out_j [G, Tq, D] and
+    ``sum exp(s - r)`` into sums_j [G, Tq] against each row's reference score r in ref_j
+    [G, Tq] (-inf: nothing seen yet), all in place.
+
+    r is the first seen block's maximum score and is raised (rescaling the row's sums) only
+    when a block's maximum exceeds it by more than ``RESCALE_MARGIN``, so terms stay below
+    ``e**RESCALE_MARGIN`` (no overflow, same relative precision) and almost every step adds
+    its ``P V`` with one ``index_add_``: the online softmax that merged every step into
+    normalised rows gathered, rescaled and wrote back all m rows of it (0.1 s more of 1.0 s at
+    T=16384, more at T=32768)."""
     q_j = _gatherable(q_j)
     for step in steps:
         rows, block = step.rows, slice(step.start, step.stop)
         q_rows = q_j.index_select(1, rows).to(keys_j.dtype)  # [G, m, D]
         scores = _scores(q_rows, keys_j[block], step, sides, batch)  # [G, m, L]
-        row_max = scores.amax(-1)  # [G, m]
-        if step.masked:  # rows that see none of this block's keys
-            row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
-        weights = scores.sub_(row_max[..., None]).exp_()
-        block_lse = row_max + weights.sum(-1).log()  # [G, m], -inf: nothing seen
-        partial = weights @ values_j[block]  # [G, m, D] unnormalised
-        old_lse = lse_j.index_select(1, rows)
-        new_lse = torch.logaddexp(old_lse, block_lse)
-        safe_lse = torch.where(torch.isneginf(new_lse), 0.0, new_lse)
-        merged = out_j.index_select(1, rows).mul_((old_lse - safe_lse).exp_()[..., None])
-        merged += partial.mul_((row_max - safe_lse).exp_()[..., None])
-        rows = rows.long()  # index_copy_ takes int64 indices only
-        out_j.index_copy_(1, rows, merged)
-        lse_j.index_copy_(1, rows, new_lse)
+        block_max = scores.amax(-1)  # [G, m], -inf: sees none of the block
+        old_ref = ref_j.index_select(1, rows)
+        fresh = torch.isneginf(old_ref)  # nothing accumulated: the block sets the reference
+        raised = block_max > old_ref + RESCALE_MARGIN
+        ref = torch.where(raised | fresh, block_max, old_ref)
+        rows = rows.long()  # index_add_ and index_copy_ take int64 indices only
+        rescaled = raised & ~fresh
+        if rescaled.any():
+            some = rescaled.any(0)  # [m] rows with some head's reference raised
+            moved = rows[some]
+            factor = torch.where(rescaled[:, some], (old_ref - ref)[:, some].exp(), 1.0)
+            out_j.index_copy_(1, moved, out_j.index_select(1, moved).mul_(factor[..., None]))
+            sums_j.index_copy_(1, moved, sums_j.index_select(1, moved).mul_(factor))
+        ref_j.index_copy_(1, rows, ref)
+        safe_ref = torch.where(torch.isneginf(ref), 0.0, ref)  # sees nothing yet: p = 0
+        weights = scores.sub_(safe_ref[..., None]).exp_()  # [G, m, L]
+        sums_j.index_add_(1, rows, weights.sum(-1))
+        out_j.index_add_(1, rows, weights @ values_j[block])
 
 
 def output_row_sums(dout: Tensor, out: Tensor) -> Tensor:
@@ -238,8 +266,8 @@ def selection_backward(
 
     ``row_sums``: ``output_row_sums(dout, out)`` of ``selection_forward``'s out (so out itself
     need not outlive the start of the backward); ``lse``: its lse. The branch's output gradient
-    is ``dout``, or ``gate * dout`` with ``gate`` [B, Hq, Tq, 1] (NSA's gated sum), applied to
-    the gathered rows of each step: no gated or re-laid-out copy of ``dout`` or ``q`` is made.
+    is ``dout``, or ``gate * dout`` with ``gate`` [B, Hq, Tq, 1] (NSA's gated sum), formed one
+    kv head at a time (``_branch_dout``); no re-laid-out copy of ``dout`` or ``q`` is made.
     """
     acc = compute_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
@@ -250,33 +278,45 @@ def selection_backward(
     for b in range(q.shape[0]):
         for j in range(k.shape[1]):
             heads_j = slice(j * group, (j + 1) * group)
-            dout_j = _gatherable(dout[b, heads_j])  # [G, Tq, D]
-            gate_j = None if gate is None else gate[b, heads_j, :, 0].to(acc)  # [G, Tq]
+            gate_j = None if gate is None else gate[b, heads_j].to(acc)  # [G, Tq, 1]
+            dout_j = _branch_dout(dout[b, heads_j], gate_j)  # [G, Tq, D]
             _head_backward(
                 dout_j, q[b, heads_j], k[b, j].to(acc), v[b, j].to(acc), safe_lse[b, heads_j],
-                delta[b, heads_j], gate_j,
+                delta[b, heads_j],
                 tuple(g[b, heads_j] if i == 0 else g[b, j] for i, g in enumerate(grads)),
                 plans[b][j], sides, b, scale,
             )  # fmt: skip
-            del dout_j  # a copy when dout was not contiguous: one kv head's at a time
+            del dout_j  # a copy when dout was gated or not contiguous: one kv head's at a time
 
 
-def _head_backward(
-    dout_j, q_j, k_j, v_j, lse_j, delta_j, gate_j, grads_j, steps, sides, batch, scale
-):
-    """One (sequence, kv head) of ``selection_backward``: dout_j, q_j [G, Tq, D]; k_j, v_j
-    [Tk, D]; lse_j (finite), delta_j = rowsum(branch dout * out) and gate_j (or None) [G, Tq];
-    accumulates into grads_j = (dq [G, Tq, D], dk [Tk, D], dv [Tk, D])."""
+def _branch_dout(dout_j: Tensor, gate_j: Tensor | None) -> Tensor:
+    """The branch's output gradient ``gate_j * dout_j`` [G, Tq, D] of one kv head, contiguous
+    (gate_j [G, Tq, 1] or None: ``dout_j`` itself, copied only when not contiguous).
+
+    Gated once here rather than per gathered step: dout reaches the core as a transposed view
+    of the layer's [B, T, H, D] gradient (or an expanded one), so this kv head's contiguous copy
+    is made anyway and the product costs no extra memory; per step it was one more gather and
+    one more pass over the [G, m, D] rows (measured at T=16384: 0.08 s of 1.36 s)."""
+    if gate_j is None:
+        return _gatherable(dout_j)
+    dtype = torch.promote_types(dout_j.dtype, gate_j.dtype)
+    return torch.mul(
+        dout_j, gate_j, out=torch.empty(dout_j.shape, dtype=dtype, device=dout_j.device)
+    )
+
+
+def _head_backward(dout_j, q_j, k_j, v_j, lse_j, delta_j, grads_j, steps, sides, batch, scale):
+    """One (sequence, kv head) of ``selection_backward``: dout_j (the branch's output gradient,
+    contiguous), q_j [G, Tq, D]; k_j, v_j [Tk, D]; lse_j (finite) and delta_j =
+    rowsum(branch dout * out) [G, Tq]; accumulates into grads_j = (dq [G, Tq, D], dk [Tk, D],
+    dv [Tk, D])."""
     dq_j, dk_j, dv_j = grads_j
     q_j, dim = _gatherable(q_j), q_j.shape[-1]
     for step in steps:
         rows, block = step.rows, slice(step.start, step.stop)
         keys = k_j[block] * scale  # [L, D]
         q_rows = q_j.index_select(1, rows).to(k_j.dtype)  # [G, m, D]
-        dout_rows = dout_j.index_select(1, rows).to(k_j.dtype)
-        if gate_j is not None:
-            dout_rows.mul_(gate_j.index_select(1, rows)[..., None])
-        dout_rows = dout_rows.view(-1, dim)  # [G m, D]
+        dout_rows = dout_j.index_select(1, rows).to(k_j.dtype).view(-1, dim)  # [G m, D]
         scores = _scores(q_rows, keys, step, sides, batch)  # [G, m, L]
         probs = scores.sub_(lse_j.index_select(1, rows)[..., None]).exp_()
         probs = probs.view(dout_rows.shape[0], -1)  # [G m, L]

@@ -331,19 +331,24 @@ def reference_selected_attention(q, k, v, selected, q_positions, q_docs, k_docs,
 
 @pytest.mark.parametrize(
     "case",
-    ["causal", "documents", "query_subset", "small_steps"],
+    ["causal", "documents", "query_subset", "small_steps", "growing_scores", "no_margin"],
 )
 def test_selected_block_kernel_matches_float64_per_query_reference(case, monkeypatch):
     """Block-major selected attention against a per-query float64 loop: 75 tokens (not a
     multiple of l' = 8, so the last block is short), random selections of up to 4 blocks,
     outputs and gradients of q, k, v. ``documents``: packed documents (some queries then see
     none of their keys: output 0); ``query_subset``: queries at shuffled global positions
-    (a sequence-parallel shard); ``small_steps``: blocks' queries split over several steps."""
+    (a sequence-parallel shard); ``small_steps``: blocks' queries split over several steps;
+    ``growing_scores``: keys' norms grow along the sequence (later blocks' scores exceed the
+    forward's reference score by more than its rescale margin); ``no_margin``: every raised
+    maximum rescales its rows."""
     from longctx.attention import nsa_selection
     from longctx.attention.nsa_selection import QueryKeySides, SelectedBlockAttention
 
     if case == "small_steps":
         monkeypatch.setattr(nsa_selection, "ROWS_PER_STEP", 16)
+    if case == "no_margin":
+        monkeypatch.setattr(nsa_selection, "RESCALE_MARGIN", 0.0)
     gen = torch.Generator().manual_seed(3)
     length, block, top_n = 75, 8, 4
     q_positions = torch.arange(length)
@@ -354,7 +359,10 @@ def test_selected_block_kernel_matches_float64_per_query_reference(case, monkeyp
         k_docs = torch.tensor([[0] * 20 + [1] * 33 + [2] * 22, [0] * 61 + [1] * 14])
         q_docs = k_docs[:, q_positions]
     q = torch.randn(2, HEADS, len(q_positions), DIM, generator=gen, requires_grad=True)
-    k = torch.randn(2, KV_HEADS, length, DIM, generator=gen, requires_grad=True)
+    k = torch.randn(2, KV_HEADS, length, DIM, generator=gen)
+    if case == "growing_scores":  # late blocks outscore the first ones by more than 8
+        k = k * torch.linspace(0.2, 4.0, length)[:, None]
+    k.requires_grad_()
     v = torch.randn(2, KV_HEADS, length, DIM, generator=gen, requires_grad=True)
     selected = random_selection(2, KV_HEADS, q_positions, block, top_n, gen)
     sides = QueryKeySides(q_positions, q_docs, k_docs)
