@@ -22,7 +22,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from queue import Empty
 
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from longctx.bench.report import WRITTEN_INDEX
 from longctx.parallel.ports import free_port
 
 GiB = 1024**3
@@ -215,7 +216,13 @@ def measured_or_extrapolated(
 
 
 def write_report(path: Path, report: dict | list) -> None:
-    """Write ``report`` as indented JSON to ``path`` (creating its folder) and say so."""
+    """Write ``report`` as indented JSON to ``path`` (creating its folder) and say so, and
+    record when in the folder's ``written.json`` (a clone or checkout resets file times, so
+    the report's "measured" dates come from there)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+    index = path.parent / WRITTEN_INDEX
+    written = json.loads(index.read_text()) if index.exists() else {}
+    written[path.stem] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    index.write_text(json.dumps(dict(sorted(written.items())), indent=2) + "\n")
     print(f"wrote {path}")

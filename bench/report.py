@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+WRITTEN_INDEX = "written.json"  # {result name: UTC time its JSON was last written}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPORT_NAME = "REPORT.md"
 GiB = 1024**3
@@ -777,12 +778,18 @@ def _version(package: str) -> str:
 
 
 def _result_dates(results_dir: Path) -> str:
+    """When each result was written: ``written.json`` (``measure.write_report``), else the
+    file's modification time."""
+    index = results_dir / WRITTEN_INDEX
+    written = json.loads(index.read_text()) if index.exists() else {}
     stamps = []
     for name in SECTIONS:
         path = results_dir / f"{name}.json"
         if path.exists():
-            when = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-            stamps.append(f"{name} {when:%Y-%m-%d %H:%M}")
+            when = written.get(name)
+            if when is None:
+                when = f"{datetime.fromtimestamp(path.stat().st_mtime, UTC):%Y-%m-%d %H:%M}"
+            stamps.append(f"{name} {when}")
     return "- Measured (JSON written, UTC): " + (", ".join(stamps) or "nothing yet")
 
 

@@ -8,6 +8,7 @@ variations of them whose verdicts are known, and ``numpy.polyfit`` for the least
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -302,3 +303,18 @@ def test_data_rows_judge_the_differences_between_the_corpora(tmp_path):
     rows = [r for r in collect_rows(tmp_path) if r.bench == "data"]
     assert [r.met for r in rows] == [False, True]
     assert "20M vs 400M tokens" in rows[0].measure and "900,000" in rows[0].note
+
+
+def test_measured_dates_come_from_the_written_index_not_file_times(tmp_path):
+    """``write_report`` records when each JSON was written; a checkout's fresh file times do
+    not change the report's "measured" line."""
+    from longctx.bench.measure import write_report
+    from longctx.bench.report import _result_dates
+
+    write_report(tmp_path / "sp.json", [{"case": "x"}])
+    _write(tmp_path, "memory", [])  # no index entry: falls back to the file's time
+    os.utime(tmp_path / "sp.json", (0, 0))  # as a clone would leave it, say
+    written = json.loads((tmp_path / "written.json").read_text())
+    line = _result_dates(tmp_path)
+    assert f"sp {written['sp']}" in line and "sp 1970" not in line
+    assert "memory 20" in line
