@@ -82,7 +82,7 @@ from longctx.attention.core import AttentionCore, AttentionShape, Batch
 from longctx.attention.sequence_keys import sequence_keys
 from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
-from longctx.positional.rope import rotate_half
+from longctx.positional.rope import rotate_half, rotate_heads
 
 IGNORE_INDEX = -100  # labels without loss (the cross-entropy's ignore index)
 DEFAULT_QUERY_TILE = 256  # queries per tile when the recipe gives no chunk_size
@@ -195,14 +195,6 @@ class _UnrotatedKeys:
         return x * cos + rotate_half(x) * sin
 
 
-def _rotated(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D] rotated by cos, sin [B, T, D]: ``apply_rotary``'s arithmetic (in float32 or
-    wider, cast back), one tensor at a time, as queries and gathered keys differ in length."""
-    compute = torch.promote_types(x.dtype, torch.float32)
-    wide, cos, sin = x.to(compute), cos[:, None].to(compute), sin[:, None].to(compute)
-    return (wide * cos + rotate_half(wide) * sin).to(x.dtype)
-
-
 def _gather_blocks(x: Tensor, blocks: Tensor, group: int) -> Tensor:
     """x [B, H, nb * G, D] at block indices ``blocks`` [B, H, tq, m] -> [B, H, tq, m, G, D]."""
     batch, heads, length, dim = x.shape
@@ -281,7 +273,7 @@ class LandmarkAttention(AttentionCore):
                     "gather the keys' rotary tables (parallel/key_gather.py)"
                 )
             unrotated_k = k
-            q, k = _rotated(q, *ctx.rotary), _rotated(k, *key_rotary)
+            q, k = rotate_heads(q, *ctx.rotary), rotate_heads(k, *key_rotary)
         whole = sequence_keys(k, v, ctx, "landmark")
         heads, queries, length = q.shape[1], q.shape[2], k.shape[2]
         group, blocks = self.group, -(-length // self.group)

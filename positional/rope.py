@@ -622,26 +622,27 @@ class _Rotate(torch.autograd.Function):
 
 
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate q [B, Hq, T, D] and k [B, Hkv, T, D] by cos, sin [B, T, D].
-
-    Computed in float32 (float64 inputs stay float64) and cast back to each input's dtype, so
-    bf16 activations are rotated with exact angles and rounded once. Tables that need a
-    gradient take the plain autograd expression; others the fused ``_Rotate``.
-    """
+    """Rotate q [B, Hq, T, D] and k [B, Hkv, T, D] by cos, sin [B, T, D] (``rotate_heads``)."""
     if cos.shape[-2:] != (q.shape[-2], q.shape[-1]) or k.shape[-2:] != q.shape[-2:]:
         raise ValueError(
             f"apply_rotary: q {tuple(q.shape)}, k {tuple(k.shape)} and cos {tuple(cos.shape)} "
             "must share T and D ([B, H, T, D] and [B, T, D])"
         )
-    compute = torch.promote_types(q.dtype, torch.float32)
+    return rotate_heads(q, cos, sin), rotate_heads(k, cos, sin)
+
+
+def rotate_heads(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D] rotated by cos, sin [B, T, D]: the one rotation every caller uses (the
+    model, and cores that rotate q, k themselves), so their results agree bit for bit.
+
+    Computed in float32 (float64 inputs stay float64) and cast back to x's dtype, so bf16
+    activations are rotated with exact angles and rounded once. Tables that need a gradient
+    take the plain autograd expression; others the fused ``_Rotate``.
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
     cos = cos.unsqueeze(1).to(compute)  # [B, 1, T, D]
     sin = sin.unsqueeze(1).to(compute)
-    tables_need_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
-
-    def rotate(x: Tensor) -> Tensor:
-        x_wide = x.to(compute)
-        if tables_need_grad:
-            return (x_wide * cos + rotate_half(x_wide) * sin).to(x.dtype)
-        return _Rotate.apply(x_wide, cos, sin).to(x.dtype)
-
-    return rotate(q), rotate(k)
+    wide = x.to(compute)
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        return (wide * cos + rotate_half(wide) * sin).to(x.dtype)
+    return _Rotate.apply(wide, cos, sin).to(x.dtype)
