@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# `make test` is CI's command (about 10 min on 2 cores); `make test-heavy` runs the multi-minute
+# `make test` is CI's command (about 13 min on 2 cores); `make test-heavy` runs the multi-minute
 # cluster and failure tests (SLURM script, two Ray nodes, kill -9 restarts, elastic resume,
 # each sparse variant trained and resumed through `longctx train`).
 test: lint

@@ -273,7 +273,7 @@ def sparse_nsa_mosa_rows(data: list[dict]) -> list[Row]:
     """Issues 7, 21: MoSA (k = T/16) >= 5x, NSA (defaults) >= 3x faster than dense; memory <= dense.
     One pair of rows per variant and input kind, at the longest length measured."""
     rows = []
-    for kind in sorted({r["inputs"] for r in data if r["case"] != "dense"}):
+    for kind in sorted({r["inputs"] for r in data}):
         for case, target in SPARSE_SPEEDUP_TARGETS.items():
             mine = [r for r in data if r["inputs"] == kind and r["case"] == case]
             if not mine:
@@ -357,9 +357,12 @@ def mosa_layer_rows(data: list[dict]) -> list[Row]:
 
 
 def _dense_row(data: list[dict], row: dict) -> dict:
-    """The dense baseline at ``row``'s length: measured once per length, whatever the input kind
-    (the dense kernel's work does not depend on the values)."""
-    return next(r for r in data if r["case"] == "dense" and r["length"] == row["length"])
+    """The dense baseline at ``row``'s length and input kind."""
+    return next(
+        r
+        for r in data
+        if r["case"] == "dense" and r["length"] == row["length"] and r["inputs"] == row["inputs"]
+    )
 
 
 def peer_rows(data: dict) -> list[Row]:

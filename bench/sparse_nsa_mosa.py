@@ -26,19 +26,18 @@ recomputed in backward (the price: one more forward of those two branches).
 
 Time: process CPU time of one forward+backward after one warm-up run (the machine is shared;
 CPU time on one thread is the compute time whatever the load). Memory: the resident high-water
-mark after the run minus the resident size once the inputs exist (``/proc/self/clear_refs``),
-with the glibc mmap threshold fixed in every case process (as ``run_ranks`` does), so freed
-input-generation temporaries leave the resident set instead of lowering a later peak.
-Ratios are dense / variant in the same run. Dense does the same work whatever the values (no
-data-dependent branch), so it runs once per length, on the first input kind, and is the
-baseline of every kind at that length.
+mark after the run minus the resident size once the inputs exist (``/proc/self/clear_refs``).
+Ratios are dense / variant in the same run and input kind. The case processes keep glibc's
+default allocator settings, as a training process has: a fixed mmap threshold (what
+``run_ranks`` uses for memory-only cases) turns every large temporary into fresh pages, and
+page faults then cost NSA, which allocates many temporaries, 31% more CPU time at 32k
+(14.8 vs 11.3 s, idle machine), and not dense (30.9 vs 31.9 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -124,13 +123,10 @@ def main() -> None:
         case, length, kind = args.child
         print(json.dumps(run_case(case, int(length), kind)))
         return
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # inherited by the case processes
     rows = []
     for kind in args.inputs:
         for length in args.lengths:
             for case in args.cases:
-                if case == "dense" and dense_row(rows, length) is not None:
-                    continue  # data-independent: measured once per length
                 command = [sys.executable, "-m", "longctx.bench.sparse_nsa_mosa", "--child",
                            case, str(length), kind]  # fmt: skip
                 rows.append(run_worker(command, f"{case} T={length} {kind}"))
@@ -138,13 +134,12 @@ def main() -> None:
     write_report(args.out, rows)
 
 
-def dense_row(rows: list[dict], length: int) -> dict | None:
-    """The dense baseline measured at ``length`` (whatever its input kind), or None."""
-    return next((r for r in rows if r["case"] == "dense" and r["length"] == length), None)
-
-
 def _format(row: dict, rows: list[dict]) -> str:
-    dense = dense_row(rows, row["length"])
+    dense = next(
+        (r for r in rows if r["case"] == "dense" and r["length"] == row["length"]
+         and r["inputs"] == row["inputs"]),
+        None,
+    )  # fmt: skip
     speedup = "" if dense is None else f"  dense/this time {dense['seconds'] / row['seconds']:.2f}x"
     memory = (
         "" if dense is None else f"  mem {row['peak_bytes'] / max(dense['peak_bytes'], 1):.2f}x"
