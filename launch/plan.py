@@ -101,7 +101,11 @@ class MemoryEstimate:
 
 
 def activation_bytes(
-    model: ModelConfig, tokens: int, dtype: str, activation_checkpointing: bool
+    model: ModelConfig,
+    tokens: int,
+    dtype: str,
+    activation_checkpointing: bool,
+    tiled_mlp: bool = False,
 ) -> int:
     """Activations kept for backward on one rank holding ``tokens`` tokens.
 
@@ -109,7 +113,8 @@ def activation_bytes(
     attention output (2 Hq hd), k and v (2 Hkv hd), and the SwiGLU gate, up, silu(gate) and
     product (4 I). With activation checkpointing each layer keeps its input (d) and, so that
     backward does not recompute attention, its attention output (Hq hd; ``CheckpointedLayer``),
-    plus one layer's full set while it is recomputed. On top: the final hidden state (d per
+    and with the tiled MLP (``tiled_mlp``) also its half-way residual (d: the layer is then two
+    checkpointed regions), plus one layer's full set while it is recomputed. On top: the final hidden state (d per
     token) and the tiled loss's one fp32 logits chunk (``default_chunk_size`` tokens; its
     gradient is computed in the same buffer).
     """
@@ -121,7 +126,8 @@ def activation_bytes(
         + 4 * model.intermediate_size
     )
     layers = model.num_hidden_layers
-    checkpointed = layers * (d + model.num_attention_heads * hd) + per_layer
+    kept_per_layer = d + model.num_attention_heads * hd + (d if tiled_mlp else 0)
+    checkpointed = layers * kept_per_layer + per_layer
     kept = checkpointed if activation_checkpointing else layers * per_layer
     element = _ACTIVATION_BYTES[dtype]
     logits_chunk = min(tokens, default_chunk_size(model.vocab_size)) * model.vocab_size * 4
@@ -216,7 +222,11 @@ def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
         optimizer=0 if trainer.offload_optimizer else optimizer,
         host_offload=host,
         activations=activation_bytes(
-            recipe.model, tokens, trainer.dtype, trainer.activation_checkpointing
+            recipe.model,
+            tokens,
+            trainer.dtype,
+            trainer.activation_checkpointing,
+            tiled_mlp=trainer.tiled_mlp_chunk is not None,
         ),
         zero_buffers=zero_buffer_bytes(trained, params, trainer.dtype, stage, world),
         attention_workspace=attention_workspace_bytes(recipe.model, tokens, trainer.dtype, layout),

@@ -271,6 +271,9 @@ def test_activation_checkpointing_keeps_layer_inputs_attention_outputs_plus_one_
     checkpointed = activation_bytes(model, tokens, "fp32", activation_checkpointing=True)
     # each of the 2 layers keeps its input and its attention output (4 heads x 16 = 64 each)
     assert checkpointed == tokens * (2 * (64 + 64) + TINY_LAYER_ACTIVATIONS + 64) * 4 + logits_chunk
+    # the tiled MLP checkpoints two regions per layer: each also keeps its half-way residual
+    tiled = activation_bytes(model, tokens, "fp32", activation_checkpointing=True, tiled_mlp=True)
+    assert tiled == checkpointed + tokens * 2 * 64 * 4
 
 
 def test_sequence_parallelism_divides_the_tokens_per_rank():
