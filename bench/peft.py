@@ -72,6 +72,7 @@ from longctx.bench.measure import (
     run_ranks,
     write_report,
 )
+from longctx.model.wrappers import CHECKPOINT_MODES
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "peft.json"
@@ -86,7 +87,7 @@ GOAL = {"method": "longlora", "seq_len": 8192, "memory_ratio": 0.6}
 TILED_MLP_CHUNK = 4096
 
 
-def _case(rank: int, world: int, method: str, layers: int, length: int) -> dict:
+def _case(rank: int, world: int, method: str, layers: int, length: int, mode: str) -> dict:
     """One training step of ``method`` at ``length`` tokens in this fresh process."""
     from longctx.model import Transformer
     from longctx.model.adapters import AdapterConfig, attach_adapters, trainable_fraction
@@ -106,9 +107,10 @@ def _case(rank: int, world: int, method: str, layers: int, length: int) -> dict:
     if METHODS[method] is not None:
         attach_adapters(model, AdapterConfig(**METHODS[method]))
     fraction = trainable_fraction(model)
-    apply_transforms(
-        model, TransformPlan(tiled_mlp_chunk=TILED_MLP_CHUNK, activation_checkpointing=True)
+    plan = TransformPlan(
+        tiled_mlp_chunk=TILED_MLP_CHUNK, activation_checkpointing=True, checkpoint_mode=mode
     )
+    apply_transforms(model, plan)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
 
@@ -135,9 +137,11 @@ def _case(rank: int, world: int, method: str, layers: int, length: int) -> dict:
     }
 
 
-def run(layers: int, lengths: list[int]) -> dict:
+def run(layers: int, lengths: list[int], mode: str) -> dict:
     rows = [
-        run_ranks(_case, 1, method, layers, length)[0] for length in lengths for method in METHODS
+        run_ranks(_case, 1, method, layers, length, mode)[0]
+        for length in lengths
+        for method in METHODS
     ]
     for row in rows:
         full = next(r for r in rows if r["method"] == "full" and r["seq_len"] == row["seq_len"])
@@ -153,7 +157,9 @@ def run(layers: int, lengths: list[int]) -> dict:
             "layers": layers,
             "lengths": lengths,
             "methods": METHODS,
-            "settings": "fp32, 1 process, activation checkpointing, tiled MLP, tiled loss",
+            "settings": f"fp32, 1 process, activation checkpointing ({mode}), "
+            f"tiled MLP ({TILED_MLP_CHUNK} tokens), tiled loss",
+            "checkpoint_mode": mode,
         },
         "goal": GOAL,
         "goal_ratio": None if goal is None else goal["memory_ratio"],
@@ -178,9 +184,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument(
+        "--checkpoint-mode",
+        choices=CHECKPOINT_MODES,
+        default="full",
+        help="what a checkpointed layer keeps (trainer.activation_checkpointing_mode)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    report = run(args.layers, args.lengths)
+    report = run(args.layers, args.lengths, args.checkpoint_mode)
     print_table(report)
     write_report(args.out, report)
     return report

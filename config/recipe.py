@@ -82,6 +82,12 @@ class TrainerConfig(BaseModel):
     )
     dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = Field(False, description="recompute each layer in backward")
+    activation_checkpointing_mode: Literal["selective", "full"] = Field(
+        "selective",
+        description="selective: keep each layer's attention output (backward recomputes no "
+        "attention); full: keep only the layer inputs (one attention forward more per layer, "
+        "Hq x head_dim fewer activations per token and layer)",
+    )
     tiled_mlp_chunk: int | None = Field(
         None, gt=0, description="tokens per MLP chunk, each recomputed in backward; None = off"
     )
@@ -161,6 +167,11 @@ class TrainerConfig(BaseModel):
             raise ValueError(
                 f"offload_param needs zero_stage: 3 (got {self.zero_stage}): only ZeRO-3 "
                 "partitions the parameters it offloads; set zero_stage: 3"
+            )
+        if self.activation_checkpointing_mode == "full" and not self.activation_checkpointing:
+            raise ValueError(
+                "activation_checkpointing_mode: full needs activation_checkpointing: true "
+                "(the mode says what a checkpointed layer keeps); set both or drop the mode"
             )
         return self
 

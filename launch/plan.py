@@ -105,18 +105,17 @@ def activation_bytes(
     tokens: int,
     dtype: str,
     activation_checkpointing: bool,
-    tiled_mlp: bool = False,
+    checkpoint_mode: str = "selective",
 ) -> int:
     """Activations kept for backward on one rank holding ``tokens`` tokens.
 
     Per token and layer, autograd keeps the two RMSNorm inputs and outputs (4 d), q and the
     attention output (2 Hq hd), k and v (2 Hkv hd), and the SwiGLU gate, up, silu(gate) and
-    product (4 I). With activation checkpointing each layer keeps its input (d) and, so that
-    backward does not recompute attention, its attention output (Hq hd; ``CheckpointedLayer``),
-    and with the tiled MLP (``tiled_mlp``) also its half-way residual (d: the layer is then two
-    checkpointed regions), plus one layer's full set while it is recomputed. On top: the final hidden state (d per
-    token) and the tiled loss's one fp32 logits chunk (``default_chunk_size`` tokens; its
-    gradient is computed in the same buffer).
+    product (4 I). With activation checkpointing each layer keeps its input (d) and, in the
+    ``selective`` mode, its attention output (Hq hd: backward does not recompute attention;
+    ``CheckpointedLayer``, with or without the tiled MLP), plus one layer's full set while it
+    is recomputed. On top: the final hidden state (d per token) and the tiled loss's one fp32
+    logits chunk (``default_chunk_size`` tokens; its gradient is computed in the same buffer).
     """
     d, hd = model.hidden_size, model.dim_per_head
     per_layer = (
@@ -126,7 +125,7 @@ def activation_bytes(
         + 4 * model.intermediate_size
     )
     layers = model.num_hidden_layers
-    kept_per_layer = d + model.num_attention_heads * hd + (d if tiled_mlp else 0)
+    kept_per_layer = d + (model.num_attention_heads * hd if checkpoint_mode == "selective" else 0)
     checkpointed = layers * kept_per_layer + per_layer
     kept = checkpointed if activation_checkpointing else layers * per_layer
     element = _ACTIVATION_BYTES[dtype]
@@ -226,7 +225,7 @@ def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
             tokens,
             trainer.dtype,
             trainer.activation_checkpointing,
-            tiled_mlp=trainer.tiled_mlp_chunk is not None,
+            trainer.activation_checkpointing_mode,
         ),
         zero_buffers=zero_buffer_bytes(trained, params, trainer.dtype, stage, world),
         attention_workspace=attention_workspace_bytes(recipe.model, tokens, trainer.dtype, layout),

@@ -116,25 +116,25 @@ class SwiGLU(nn.Module):
         # x [B, T, d] -> [B, T, d]
         if self.seq_chunk is None or x.shape[1] <= self.seq_chunk:
             return self._mlp(x)
-        return checkpointed_chunks(self._mlp, x, self.seq_chunk)
+        return checkpointed_chunks(self._mlp, self.seq_chunk, x)
 
     def _mlp(self, x: Tensor) -> Tensor:
         # x [B, t, d] -> [B, t, intermediate] -> [B, t, d]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def checkpointed_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tensor:
-    """``fn(x)`` for a per-token ``fn``, computed over sequence chunks of ``chunk`` tokens.
+def checkpointed_chunks(fn: Callable[..., Tensor], chunk: int, *inputs: Tensor) -> Tensor:
+    """``fn(*inputs)`` for a per-token ``fn``, computed over sequence chunks of ``chunk`` tokens.
 
-    x [B, T, d] -> [B, T, d']. Under autograd each chunk runs through a non-reentrant
-    checkpoint, so between forward and backward only the chunks' inputs (views of x) are kept
-    and backward recomputes one chunk's activations at a time; without autograd the chunks
-    simply run in turn."""
-    pieces = x.split(chunk, dim=1)  # each [B, <= chunk, d]
+    Each input is ``[B, T, *]`` and is split along T the same way; the result is ``[B, T, d']``.
+    Under autograd each chunk runs through a non-reentrant checkpoint, so between forward and
+    backward only the chunks' inputs (views of ``inputs``) are kept and backward recomputes one
+    chunk's activations at a time; without autograd the chunks simply run in turn."""
+    pieces = zip(*(x.split(chunk, dim=1) for x in inputs))  # each [B, <= chunk, *] per input
     if torch.is_grad_enabled():
-        outs = [checkpoint(fn, piece, use_reentrant=False) for piece in pieces]
+        outs = [checkpoint(fn, *piece, use_reentrant=False) for piece in pieces]
     else:
-        outs = [fn(piece) for piece in pieces]
+        outs = [fn(*piece) for piece in pieces]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
@@ -172,6 +172,12 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
         if self.core.projects_itself:  # the whole layer, e.g. MoSA's chosen-token projections
             return self.core.forward_layer(x, self.projections, rotary, ctx)  # [B, T, d]
+        return self.o_proj(self.heads(x, rotary, ctx))  # [B, T, d]
+
+    def heads(self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext) -> Tensor:
+        """The attention heads' outputs before ``o_proj``, ``[B, T, Hq*D]`` (for SDPA's
+        kernels a view of the kernel's own output, whose memory is ``[B, T, Hq, D]``); only for
+        a core that does not project itself."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -181,8 +187,7 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, k, *rotary)
             rotary = None  # else the core (or its SP wrapper) rotates with ctx.rotary
         out = self.core(q, k, v, dataclasses.replace(ctx, hidden=x, rotary=rotary))
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, Hq*D]
-        return self.o_proj(out)  # [B, T, d]
+        return out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
 
     @property
     def projections(self) -> LayerProjections:
@@ -231,6 +236,18 @@ class DecoderLayer(nn.Module):
         """The second half, ``x + mlp(norm(x))`` [B, T, d]; it acts on each token alone, so a
         checkpointed layer may run it over sequence chunks."""
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def attention_heads(
+        self, x: Tensor, rotary: RotaryTables | None, ctx: AttentionContext
+    ) -> Tensor:
+        """The attention heads' outputs on ``norm(x)``, before ``o_proj``: [B, T, Hq*D]."""
+        return self.self_attn.heads(self.input_layernorm(x), rotary, ctx)
+
+    def rest_from_heads(self, x: Tensor, heads: Tensor) -> Tensor:
+        """The layer from its input x [B, t, d] and ``attention_heads`` [B, t, Hq*D] on:
+        ``o_proj``, both residuals and the MLP half, [B, t, d]. Per token, so a checkpointed
+        layer runs it over sequence chunks from the two tensors it keeps anyway."""
+        return self.mlp_residual(x + self.self_attn.o_proj(heads))
 
 
 class Transformer(nn.Module):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -91,45 +91,69 @@ def _keep_attention_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-class CheckpointedLayer(LayerWrapper):
-    """Recompute the wrapped layer's activations in backward instead of storing them, except
-    what the attention kernel returned.
-
-    Between forward and backward the layer keeps its inputs and its attention kernels' outputs
-    (out ``[B, H, T, D]`` and the log-sum-exp ``[B, H, T]`` per kernel call: about two more
-    ``[B, T, d]`` tensors); backward recomputes the norms, projections, RoPE and MLP but not the
-    attention forward, the largest recomputed cost of a long sequence (at 16k tokens the
-    4-layer bench/peer.py step dropped from 0.94x to 0.74x of transformers' time with this and
-    the fused loss). Non-reentrant ``torch.utils.checkpoint`` with a selective-checkpoint
-    policy (composes with ZeRO-3's parameter hooks and with inputs that need no grad), the RNG
-    state preserved so the recomputation draws what the forward drew.
-
-    With the tiled MLP (``mlp.seq_chunk`` set) the layer is checkpointed as two regions: the
-    attention half as above, then the MLP half (norm, MLP, residual) chunk by chunk, each chunk
-    its own checkpoint (``checkpointed_chunks``). Nesting the MLP's chunk checkpoints inside one
-    layer checkpoint would run the MLP forward three times (forward, the layer's recompute, the
-    chunks' recompute); as two regions it runs twice, for one more kept ``[B, T, d]`` tensor
-    (the half-way residual, the chunks' input).
-    """
-
-    def forward(self, *args, **kwargs):
-        chunk = self.wrapped.mlp.seq_chunk
-        whole = self.wrapped if chunk is None else self.wrapped.attention_residual
-        out = checkpoint(
-            whole,
-            *args,
-            use_reentrant=False,
-            preserve_rng_state=True,
-            context_fn=_selective_contexts,
-            **kwargs,
-        )
-        if chunk is None:
-            return out
-        return checkpointed_chunks(self.wrapped.mlp_residual, out, chunk)  # [B, T, d]
-
-
 def _selective_contexts():
     return create_selective_checkpoint_contexts(_keep_attention_outputs)
+
+
+CHECKPOINT_MODES = ("selective", "full")
+
+
+class CheckpointedLayer(LayerWrapper):
+    """Recompute the wrapped layer's activations in backward instead of storing them.
+
+    Two modes (``mode``), torchtitan's names:
+
+    - ``selective`` (the default): keep what the attention kernels returned, so that backward
+      recomputes the norms, projections, RoPE and MLP but not the attention forward, the
+      largest recomputed cost of a long sequence (at 16k tokens the 4-layer bench/peer.py step
+      dropped from 0.94x to 0.74x of transformers' time with this and the fused loss). Between
+      forward and backward the layer keeps its input x ``[B, T, d]`` and the kernel outputs:
+      out (``[B, T, Hq, D]`` in memory) and the log-sum-exp ``[B, Hq, T]`` per kernel call.
+    - ``full``: keep only the layer input and recompute everything, attention included: one
+      ``[B, T, Hq*D]`` tensor less per layer for one more attention forward per layer (what
+      LongLoRA-style runs, whose state is small, trade for memory).
+
+    Non-reentrant ``torch.utils.checkpoint`` (composes with ZeRO-3's parameter hooks and with
+    inputs that need no grad), the RNG state preserved so the recomputation draws what the
+    forward drew; ``selective`` adds a selective-checkpoint policy.
+
+    With the tiled MLP (``mlp.seq_chunk`` set) a ``selective`` layer is two checkpointed
+    regions: the attention heads from x (``attention_heads``), then the rest of the layer
+    (``o_proj``, residuals, MLP) chunk by chunk from the two tensors kept anyway, x and the
+    heads' output (``rest_from_heads`` through ``checkpointed_chunks``). Nesting the chunks'
+    checkpoints in one layer checkpoint would run the MLP forward three times (forward, the
+    layer's recompute, the chunks' recompute); two regions run it twice, and chunking from
+    (x, heads) rather than from the half-way residual keeps no third ``[B, T, d]`` tensor.
+    A core that projects itself (MoSA) has no heads' output to chunk from, so its first region
+    ends at the half-way residual, which the chunks then keep. A ``full`` layer is one
+    checkpoint around the whole layer, the tiled MLP's chunk checkpoints nested in it (it keeps
+    only x, at that third MLP forward).
+    """
+
+    def __init__(self, layer: nn.Module, mode: str = "selective"):
+        super().__init__(layer)
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint mode must be one of {CHECKPOINT_MODES}, got {mode!r}")
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = self.wrapped
+        if self.mode == "full":
+            return self._checkpoint(layer, x, *args, **kwargs)
+        chunk = layer.mlp.seq_chunk
+        if chunk is None:
+            return self._checkpoint(layer, x, *args, **kwargs)
+        if layer.self_attn.core.projects_itself:
+            half = self._checkpoint(layer.attention_residual, x, *args, **kwargs)
+            return checkpointed_chunks(layer.mlp_residual, chunk, half)  # [B, T, d]
+        heads = self._checkpoint(layer.attention_heads, x, *args, **kwargs)  # [B, T, Hq*D]
+        return checkpointed_chunks(layer.rest_from_heads, chunk, x, heads)  # [B, T, d]
+
+    def _checkpoint(self, fn, *args, **kwargs) -> torch.Tensor:
+        selective = {"context_fn": _selective_contexts} if self.mode == "selective" else {}
+        return checkpoint(
+            fn, *args, use_reentrant=False, preserve_rng_state=True, **selective, **kwargs
+        )
 
 
 class OffloadedLayer(LayerWrapper):
@@ -151,7 +175,7 @@ class OffloadedLayer(LayerWrapper):
             return self.wrapped(*args, **kwargs)
 
 
-def wrap_layers(model: nn.Module, wrapper: type[LayerWrapper]) -> None:
+def wrap_layers(model: nn.Module, wrapper: Callable[[nn.Module], LayerWrapper]) -> None:
     """Replace every ``model.layers[i]`` by ``wrapper(model.layers[i])``, in place."""
     for index, layer in enumerate(model.layers):
         model.layers[index] = wrapper(layer)

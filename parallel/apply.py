@@ -11,11 +11,17 @@ parameter names, so checkpoints move between any combination of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from torch import nn
 
 from longctx.errors import LongctxError
-from longctx.model.wrappers import CheckpointedLayer, OffloadedLayer, wrap_layers
+from longctx.model.wrappers import (
+    CHECKPOINT_MODES,
+    CheckpointedLayer,
+    OffloadedLayer,
+    wrap_layers,
+)
 from longctx.parallel.mesh import ParallelMesh
 from longctx.parallel.parallelize import parallelize
 
@@ -26,19 +32,27 @@ class TransformPlan:
 
     ``mesh``: the sequence-parallel mesh (None, or ``ulysses = ring = 1``: no sequence
     parallelism); ``tiled_mlp_chunk``: tokens per MLP chunk (None: untiled);
-    ``activation_checkpointing``: recompute each layer in backward; ``offload_activations``:
+    ``activation_checkpointing``: recompute each layer in backward, in ``checkpoint_mode``
+    (``CheckpointedLayer``: ``selective`` keeps the attention kernels' outputs, ``full`` only
+    the layer inputs); ``offload_activations``:
     keep what each layer saves for backward in CPU memory.
     """
 
     mesh: ParallelMesh | None = None
     tiled_mlp_chunk: int | None = None
     activation_checkpointing: bool = False
+    checkpoint_mode: str = "selective"
     offload_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.tiled_mlp_chunk is not None and self.tiled_mlp_chunk < 1:
             raise LongctxError(
                 f"tiled MLP chunk must be >= 1 token, got {self.tiled_mlp_chunk}; use e.g. 4096"
+            )
+        if self.checkpoint_mode not in CHECKPOINT_MODES:
+            raise LongctxError(
+                f"activation checkpointing mode must be one of {', '.join(CHECKPOINT_MODES)}, "
+                f"got {self.checkpoint_mode!r}"
             )
 
 
@@ -70,7 +84,7 @@ def apply_transforms(model: nn.Module, plan: TransformPlan) -> nn.Module:
         for layer in model.layers:
             layer.mlp.seq_chunk = plan.tiled_mlp_chunk
     if plan.activation_checkpointing:
-        wrap_layers(model, CheckpointedLayer)
+        wrap_layers(model, partial(CheckpointedLayer, mode=plan.checkpoint_mode))
     if plan.offload_activations:
         wrap_layers(model, OffloadedLayer)
     return model

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from longctx.config.recipe import load_recipe
+from longctx.errors import LongctxError
 from longctx.launch.cli import main
 from longctx.launch.plan import activation_bytes, estimate_memory, human_bytes
 from longctx.parallel.config import ParallelConfig
@@ -271,9 +272,24 @@ def test_activation_checkpointing_keeps_layer_inputs_attention_outputs_plus_one_
     checkpointed = activation_bytes(model, tokens, "fp32", activation_checkpointing=True)
     # each of the 2 layers keeps its input and its attention output (4 heads x 16 = 64 each)
     assert checkpointed == tokens * (2 * (64 + 64) + TINY_LAYER_ACTIVATIONS + 64) * 4 + logits_chunk
-    # the tiled MLP checkpoints two regions per layer: each also keeps its half-way residual
-    tiled = activation_bytes(model, tokens, "fp32", activation_checkpointing=True, tiled_mlp=True)
-    assert tiled == checkpointed + tokens * 2 * 64 * 4
+    # the full mode keeps the layer inputs alone and recomputes attention
+    full = activation_bytes(
+        model, tokens, "fp32", activation_checkpointing=True, checkpoint_mode="full"
+    )
+    assert full == checkpointed - tokens * 2 * 64 * 4
+
+
+def test_full_checkpointing_mode_reaches_the_planner_and_needs_checkpointing_on():
+    on = ["trainer.activation_checkpointing=true"]
+    selective = estimate_memory(load_recipe(TINY, on), ParallelConfig(dp=1))
+    full = estimate_memory(
+        load_recipe(TINY, [*on, "trainer.activation_checkpointing_mode=full"]), ParallelConfig(dp=1)
+    )
+    assert full.activations < selective.activations
+    with pytest.raises(LongctxError) as info:
+        load_recipe(TINY, ["trainer.activation_checkpointing_mode=full"])
+    assert "needs activation_checkpointing: true" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_sequence_parallelism_divides_the_tokens_per_rank():

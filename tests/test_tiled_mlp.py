@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import run_on_ranks
+from torch.utils._python_dispatch import TorchDispatchMode
 from trainer_helpers import deepspeed_environment
 
 from longctx.config.recipe import TrainerConfig
@@ -125,10 +126,59 @@ def test_tiled_mlp_saves_no_intermediate_activation_and_recomputes_each_chunk():
     assert calls[3:] == [8, 16, 16]  # each chunk recomputed once, in backward's order
 
 
-def test_tiled_mlp_composes_with_activation_checkpointing():
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_tiled_mlp_composes_with_activation_checkpointing(mode):
     plain, tiled = twin_models()
-    apply_transforms(tiled, TransformPlan(tiled_mlp_chunk=CHUNK, activation_checkpointing=True))
+    apply_transforms(
+        tiled,
+        TransformPlan(tiled_mlp_chunk=CHUNK, activation_checkpointing=True, checkpoint_mode=mode),
+    )
     assert_same_step(plain, tiled)
+
+
+class _AttentionKernelOutputs(TorchDispatchMode):
+    """Records the storage of every CPU flash-attention kernel output (the attention heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.storages.add(result[0].untyped_storage().data_ptr())
+        return result
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_checkpointed_tiled_layer_keeps_its_input_and_at_most_the_attention_output(mode):
+    """Between forward and backward a checkpointed layer with the tiled MLP keeps, of its
+    sequence-sized tensors, its input x and (selective) the attention kernel's output, which
+    the MLP chunks read as the heads' output: no half-way residual x + attn(norm(x))."""
+    _, tiled = twin_models()
+    plan = TransformPlan(tiled_mlp_chunk=CHUNK, activation_checkpointing=True, checkpoint_mode=mode)
+    apply_transforms(tiled, plan)
+    ids = random_batch(7)["input_ids"]
+    hidden = torch.randn(*ids.shape, MODEL.hidden_size, requires_grad=True)
+    large = {}  # storage address -> bytes, for every saved tensor on a storage of >= [B, T, d]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.nbytes() >= hidden.numel() * hidden.element_size():
+            large[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        _AttentionKernelOutputs() as kernel,
+    ):
+        out = tiled.layers[0](hidden, None, _context(ids))
+    expected = {hidden.untyped_storage().data_ptr()}
+    if mode == "selective":
+        expected |= kernel.storages
+    assert set(large) == expected
+    out.square().sum().backward()  # the kept tensors suffice for backward
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
 
 def test_tiled_mlp_without_grad_matches_untiled():

@@ -149,13 +149,16 @@ def test_consecutive_bad_steps_stop_the_run_with_a_one_line_error():
 # Activation checkpointing
 
 
-def test_activation_checkpointing_recomputes_layers_with_identical_gradients():
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_recomputes_layers_with_identical_gradients(mode):
     torch.manual_seed(0)
     plain = Transformer(MODEL)
     checkpointed = Transformer(MODEL)
     checkpointed.load_state_dict(plain.state_dict())
     keys_before = list(checkpointed.state_dict())
-    apply_transforms(checkpointed, TransformPlan(activation_checkpointing=True))
+    apply_transforms(
+        checkpointed, TransformPlan(activation_checkpointing=True, checkpoint_mode=mode)
+    )
     assert list(checkpointed.state_dict()) == keys_before
 
     mlp_calls = []
@@ -185,21 +188,26 @@ class _KernelCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_activation_checkpointing_keeps_attention_outputs_instead_of_recomputing_them():
+def test_activation_checkpointing_keeps_attention_outputs_unless_the_mode_is_full():
     torch.manual_seed(0)
     batch = random_batch(1)
     counts = {}
-    for checkpointing in (False, True):
+    for plan in (
+        TransformPlan(),
+        TransformPlan(activation_checkpointing=True),
+        TransformPlan(activation_checkpointing=True, checkpoint_mode="full"),
+    ):
         model = Transformer(MODEL)
-        apply_transforms(model, TransformPlan(activation_checkpointing=checkpointing))
+        apply_transforms(model, plan)
         with _KernelCalls() as kernel:
             hidden = model.forward_hidden(batch["input_ids"], batch["position_ids"])
             hidden.square().mean().backward()
-        counts[checkpointing] = kernel.calls
-    # one forward kernel call per layer in both cases: the checkpointed backward recomputes the
-    # projections and the MLP but takes the attention output from the forward pass
-    assert counts[False] == MODEL.num_hidden_layers
-    assert counts[True] == counts[False]
+        counts[plan.checkpoint_mode if plan.activation_checkpointing else None] = kernel.calls
+    # one forward kernel call per layer unless the mode is full: the selective backward
+    # recomputes the projections and the MLP but takes the attention output from the forward
+    assert counts[None] == MODEL.num_hidden_layers
+    assert counts["selective"] == counts[None]
+    assert counts["full"] == 2 * MODEL.num_hidden_layers
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def transform_plan(cfg: TrainerConfig, mesh: ParallelMesh | None = None) -> Tran
         mesh=mesh,
         tiled_mlp_chunk=cfg.tiled_mlp_chunk,
         activation_checkpointing=cfg.activation_checkpointing,
+        checkpoint_mode=cfg.activation_checkpointing_mode,
         offload_activations=cfg.offload_activations,
     )
 
