@@ -11,9 +11,9 @@ Workload: the SmolLM2-135M shape (``recipes/models/smollm2-135m/config.json``: 3
 hidden 576, 9 heads, 3 KV heads, vocab 49152, tied embedding), random weights. Its full depth
 is the default because the ratio depends on it: the frozen layers are what adapters save
 (weights' gradients and two AdamW moments, 12 bytes per parameter), while LongLoRA still trains
-the tied embedding (21% of this model) and every case holds the same activations; with
-a shallower model (``--layers``) raises every ratio. fp32, one process, the long-context memory settings of a real run (activation
-checkpointing, tiled MLP, tiled loss), one sequence of T random tokens. Methods:
+the tied embedding (21% of this model) and every case holds the same activations; a
+shallower model (``--layers``) raises every ratio. fp32, one process, one sequence of T random
+tokens. Methods:
 
 - ``full``: every weight trains (AdamW: two fp32 moments per parameter, plus its gradient);
 - ``lora``: peft LoRA (rank 8, alpha 16) on q, k, v, o; everything else frozen;
@@ -23,37 +23,43 @@ Each (method, T) runs in a fresh process (``run_ranks``, glibc mmap threshold fi
 everything the training holds: the resident high-water mark minus the resident size at a reset
 taken right after torch is imported, before the model exists; it covers building the model,
 the optimizer's moments (created at the first step) and a warm-up step plus one timed step at T.
-Time is that timed step's process CPU time (``time_s``) and wall time. Ratios are against
-``full`` at the same T, measured in the same run. ``peft`` is imported before the reset in every
-case (library code the adapter methods load, not training memory). LongLoRA's shifted sparse
-attention (``attention.variant: s2``) is measured against dense attention by ``bench/s2.py``.
+Gradients stay allocated between steps (``zero_grad(set_to_none=False)``), as in a DeepSpeed
+ZeRO-3 run, whose gradient partitions live in one flat buffer made at init
+(``grad_partitions_flat_buffer``). Time is that timed step's process CPU time (``time_s``) and
+wall time. Ratios are against ``full`` at the same T, measured in the same run. ``peft`` is
+imported before the reset in every case (library code the adapter methods load, not training
+memory). LongLoRA's shifted sparse attention (``attention.variant: s2``) is measured against
+dense attention by ``bench/s2.py``.
 
-Where the peak is (T=8192, sampled ``VmRSS`` per phase, GiB): every method peaks while the
-last layer is recomputed at the start of the backward pass. LongLoRA's 2.35 GiB there are its
-state, 0.83 (weights 0.501 = 134.5M x 4 B; the tied embedding's gradient 0.105 and two AdamW
-moments 0.211; LoRA A/B with gradient and moments 0.014), the 30 checkpointed layer inputs
-(0.527, 18 MiB each) and the 30 attention outputs the selective checkpoint keeps so that
-backward does not recompute attention (0.527 + 0.008 of log-sum-exps), the final norm's
-saved tensors and dhidden (~0.07), the recomputed layer's saved tensors and backward
-temporaries (~0.33: norms, projections, rotated q/k, a 4096-token MLP chunk and their
-gradients) and ~0.06 of step inputs, RoPE tables and heap. Full fine-tuning holds the same
-activations on top of 16 B per parameter (2.004 GiB).
+Settings: every method runs with the memory settings a LongLoRA user picks, the same for all:
+``activation_checkpointing_mode: full`` (each layer keeps only its input; backward recomputes
+attention too), the tiled MLP in chunks of 2048 tokens and the tiled loss
+(``--checkpoint-mode selective`` and ``--mlp-chunk`` change the first two).
 
-Why 0.6x is out of reach at this shape: with S_full = 2.004 and S_longlora = 0.83 GiB of
-state and a common part C, LongLoRA / full = (0.83 + C) / (2.004 + C) <= 0.6 needs
-C <= 0.93 GiB; the checkpointed inputs and attention outputs alone are 1.06 GiB at T=8192
-(2 x 30 x 8192 x 576 x 4 B), before the recomputed layer (~0.33) or, in the loss phase, the
-logits chunk (0.125) and the head's gradient accumulator (0.105). Recomputing attention in
-backward (dropping the attention outputs, at one more attention forward per layer) would leave
-C ~ 0.93 GiB, about 0.61x (an estimate, not measured).
-The cuts made for this goal, in every run's training path (GiB at this shape): the tiled loss
-held two [chunk, V] logits buffers at once (-0.25) and its chunk halved to 2^25 logits
-(-0.125, same speed), its backward scaled the saved dweight out of place (-0.105 for a
-trained head), ``peft``'s import counted against the adapter methods (-0.12). Measured
-(2026-12-04, loaded machine): full 3.86 -> 3.54, LoRA 2.30 -> 1.89 (0.54x), LongLoRA
-2.73 -> 2.35 (0.71x -> 0.66x); LongLoRA (profiled) now peaks at the recomputed last layer,
-0.10 above the loss phase. The optimizer step is not at the peak (torch's AdamW on CPU steps tensor by tensor:
-temporaries of at most two embedding-sized tensors, 0.21, at a point 1.2 GiB below it).
+Where the memory goes (T=8192, GiB). The state: full fine-tuning 2.004 (16 B per parameter:
+weight, gradient, two AdamW moments); LongLoRA 0.83 (weights 0.501 = 134.5M x 4 B; the tied
+embedding's gradient 0.105 and two moments 0.211; LoRA A/B with gradient and moments 0.014).
+What every method holds on top, C, peaks while the last layer is recomputed at the start of
+the backward pass: the 30 checkpointed layer inputs (0.527, 18 MiB each), that layer's
+recomputed activations (norms, projections, rotated q/k, the attention output and a 2048-token
+MLP chunk, and their gradients), the final norm's saved tensors and dhidden, step inputs,
+RoPE tables and heap. LongLoRA / full = (0.83 + C) / (2.004 + C) <= 0.6 needs C <= 0.93.
+Measured (2026-12-05, idle machine; full / LoRA / LongLoRA peaks, LongLoRA's ratio):
+
+- selective checkpointing, 4096-token MLP chunks (the layer also kept its attention output,
+  0.535 more): 3.54 / 1.89 / 2.35, 0.665x (2026-12-04);
+- full checkpointing, 4096-token chunks: 2.98 / 1.37 / 1.79, 0.602x;
+- full checkpointing, 2048-token chunks: 2.91 / 1.31 / 1.73, 0.595x (the goal's setting),
+  at 0.95x full fine-tuning's step CPU time (the recomputed attention costs about what the
+  adapters save in weight gradients).
+
+Earlier cuts for this goal, in every run's training path: the tiled loss holds one reused
+[chunk, V] logits buffer (-0.25) of 2^25 logits (-0.125, same speed) and scales its saved
+dweight in place (-0.105 for a trained head); a checkpointed layer with the tiled MLP chunks
+from its input and attention output instead of keeping the half-way residual too (-0.527 in
+the selective mode); ``peft``'s import is no longer counted against the adapter methods
+(-0.12). The optimizer step is not at the peak (torch's AdamW on CPU steps tensor by tensor:
+temporaries of at most two embedding-sized tensors, 0.21).
 """
 
 from __future__ import annotations
@@ -84,10 +90,12 @@ METHODS = {
     "longlora": {"rank": 8, "alpha": 16.0, "trainable": ["embed", "norm"]},
 }
 GOAL = {"method": "longlora", "seq_len": 8192, "memory_ratio": 0.6}
-TILED_MLP_CHUNK = 4096
+MLP_CHUNK = 2048  # tokens per tiled-MLP chunk
 
 
-def _case(rank: int, world: int, method: str, layers: int, length: int, mode: str) -> dict:
+def _case(
+    rank: int, world: int, method: str, layers: int, length: int, mode: str, mlp_chunk: int
+) -> dict:
     """One training step of ``method`` at ``length`` tokens in this fresh process."""
     from longctx.model import Transformer
     from longctx.model.adapters import AdapterConfig, attach_adapters, trainable_fraction
@@ -108,7 +116,7 @@ def _case(rank: int, world: int, method: str, layers: int, length: int, mode: st
         attach_adapters(model, AdapterConfig(**METHODS[method]))
     fraction = trainable_fraction(model)
     plan = TransformPlan(
-        tiled_mlp_chunk=TILED_MLP_CHUNK, activation_checkpointing=True, checkpoint_mode=mode
+        tiled_mlp_chunk=mlp_chunk, activation_checkpointing=True, checkpoint_mode=mode
     )
     apply_transforms(model, plan)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -137,9 +145,9 @@ def _case(rank: int, world: int, method: str, layers: int, length: int, mode: st
     }
 
 
-def run(layers: int, lengths: list[int], mode: str) -> dict:
+def run(layers: int, lengths: list[int], mode: str, mlp_chunk: int) -> dict:
     rows = [
-        run_ranks(_case, 1, method, layers, length, mode)[0]
+        run_ranks(_case, 1, method, layers, length, mode, mlp_chunk)[0]
         for length in lengths
         for method in METHODS
     ]
@@ -158,8 +166,9 @@ def run(layers: int, lengths: list[int], mode: str) -> dict:
             "lengths": lengths,
             "methods": METHODS,
             "settings": f"fp32, 1 process, activation checkpointing ({mode}), "
-            f"tiled MLP ({TILED_MLP_CHUNK} tokens), tiled loss",
+            f"tiled MLP ({mlp_chunk} tokens), tiled loss",
             "checkpoint_mode": mode,
+            "mlp_chunk": mlp_chunk,
         },
         "goal": GOAL,
         "goal_ratio": None if goal is None else goal["memory_ratio"],
@@ -190,9 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
         default="full",
         help="what a checkpointed layer keeps (trainer.activation_checkpointing_mode)",
     )
+    parser.add_argument("--mlp-chunk", type=int, default=MLP_CHUNK, help="tiled MLP chunk")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    report = run(args.layers, args.lengths, args.checkpoint_mode)
+    report = run(args.layers, args.lengths, args.checkpoint_mode, args.mlp_chunk)
     print_table(report)
     write_report(args.out, report)
     return report

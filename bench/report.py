@@ -592,7 +592,8 @@ def peft_rows(data: dict) -> list[Row]:
             Row(
                 "peft",
                 f"{row['method']} peak memory vs full fine-tuning, T={row['seq_len']}, "
-                f"SmolLM2-135M shape {config['layers']} layers",
+                f"SmolLM2-135M shape {config['layers']} layers, "
+                f"{config.get('checkpoint_mode', 'selective')} checkpointing",
                 f"{row['peak_bytes'] / GiB:.2f} GiB; trains {row['trainable_fraction']:.2%} of "
                 f"the weights; step CPU time {row['time_ratio']:.2f}x full",
                 row["memory_ratio"],

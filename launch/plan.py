@@ -319,7 +319,12 @@ def plan_rows(recipe: Recipe, layout: ParallelConfig) -> list[tuple[str, str]]:
         ("parameters", human_count(params)),
         ("trained parameters", f"{human_count(trained)}, {trained / params:.2%}"),
         ("precision / ZeRO stage", f"{trainer.dtype} / {trainer.zero_stage}"),
-        ("activation checkpointing", "on" if trainer.activation_checkpointing else "off"),
+        (
+            "activation checkpointing",
+            f"on ({trainer.activation_checkpointing_mode})"
+            if trainer.activation_checkpointing
+            else "off",
+        ),
         ("memory per rank: weights", human_bytes(memory.weights)),
         ("memory per rank: gradients", human_bytes(memory.gradients)),
         ("memory per rank: optimizer", human_bytes(memory.optimizer)),
