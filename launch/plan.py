@@ -106,6 +106,7 @@ def activation_bytes(
     dtype: str,
     activation_checkpointing: bool,
     checkpoint_mode: str = "selective",
+    mlp_chunk: int | None = None,
 ) -> int:
     """Activations kept for backward on one rank holding ``tokens`` tokens.
 
@@ -114,23 +115,27 @@ def activation_bytes(
     product (4 I). With activation checkpointing each layer keeps its input (d) and, in the
     ``selective`` mode, its attention output (Hq hd: backward does not recompute attention;
     ``CheckpointedLayer``, with or without the tiled MLP), plus one layer's full set while it
-    is recomputed. On top: the final hidden state (d per token) and the tiled loss's one fp32
-    logits chunk (``default_chunk_size`` tokens; its gradient is computed in the same buffer).
+    is recomputed. With the tiled MLP (``mlp_chunk`` tokens) the MLP's four I-sized tensors
+    exist for one chunk at a time, not for every token. On top: the final hidden state (d per
+    token) and the tiled loss's one fp32 logits chunk (``default_chunk_size`` tokens; its
+    gradient is computed in the same buffer).
     """
     d, hd = model.hidden_size, model.dim_per_head
-    per_layer = (
-        4 * d
-        + 2 * model.num_attention_heads * hd
-        + 2 * model.kv_heads * hd
-        + 4 * model.intermediate_size
-    )
+    attention_part = 4 * d + 2 * model.num_attention_heads * hd + 2 * model.kv_heads * hd
+    mlp_part = 4 * model.intermediate_size
     layers = model.num_hidden_layers
-    kept_per_layer = d + (model.num_attention_heads * hd if checkpoint_mode == "selective" else 0)
-    checkpointed = layers * kept_per_layer + per_layer
-    kept = checkpointed if activation_checkpointing else layers * per_layer
     element = _ACTIVATION_BYTES[dtype]
     logits_chunk = min(tokens, default_chunk_size(model.vocab_size)) * model.vocab_size * 4
-    return tokens * (kept + d) * element + logits_chunk
+    mlp_tokens = tokens if mlp_chunk is None else min(tokens, mlp_chunk)
+    if activation_checkpointing:
+        selective = checkpoint_mode == "selective"
+        kept_per_layer = d + (model.num_attention_heads * hd if selective else 0)
+        kept = tokens * layers * kept_per_layer + tokens * attention_part + mlp_tokens * mlp_part
+    elif mlp_chunk is None:
+        kept = tokens * layers * (attention_part + mlp_part)
+    else:  # each MLP chunk keeps only its input (the norm's output, in attention_part)
+        kept = tokens * layers * attention_part + mlp_tokens * mlp_part
+    return (kept + tokens * d) * element + logits_chunk
 
 
 def zero_buffer_bytes(trained: int, params: int, dtype: str, zero_stage: int, world: int) -> int:
@@ -226,6 +231,7 @@ def estimate_memory(recipe: Recipe, layout: ParallelConfig) -> MemoryEstimate:
             trainer.dtype,
             trainer.activation_checkpointing,
             trainer.activation_checkpointing_mode,
+            trainer.tiled_mlp_chunk,
         ),
         zero_buffers=zero_buffer_bytes(trained, params, trainer.dtype, stage, world),
         attention_workspace=attention_workspace_bytes(recipe.model, tokens, trainer.dtype, layout),

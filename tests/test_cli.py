@@ -277,6 +277,9 @@ def test_activation_checkpointing_keeps_layer_inputs_attention_outputs_plus_one_
         model, tokens, "fp32", activation_checkpointing=True, checkpoint_mode="full"
     )
     assert full == checkpointed - tokens * 2 * 64 * 4
+    # the tiled MLP recomputes one 64-token chunk's four I-sized tensors, not all 256 tokens'
+    tiled = activation_bytes(model, tokens, "fp32", activation_checkpointing=True, mlp_chunk=64)
+    assert tiled == checkpointed - (tokens - 64) * 4 * model.intermediate_size * 4
 
 
 def test_full_checkpointing_mode_reaches_the_planner_and_needs_checkpointing_on():
