@@ -50,8 +50,10 @@ Measured (2026-12-05, idle machine; full / LoRA / LongLoRA peaks, LongLoRA's rat
   0.535 more): 3.54 / 1.89 / 2.35, 0.665x (2026-12-04);
 - full checkpointing, 4096-token chunks: 2.98 / 1.37 / 1.79, 0.602x;
 - full checkpointing, 2048-token chunks: 2.91 / 1.31 / 1.73, 0.595x (the goal's setting),
-  at 0.95x full fine-tuning's step CPU time (the recomputed attention costs about what the
-  adapters save in weight gradients).
+  at 0.93x full fine-tuning's step CPU time (the recomputed attention costs about what the
+  adapters save in weight gradients);
+- the same at T=16384: 3.60 / 2.00 / 2.43, LongLoRA 0.67x (the activations, common to all
+  three, double with T while the state does not; no goal at 16k).
 
 Earlier cuts for this goal, in every run's training path: the tiled loss holds one reused
 [chunk, V] logits buffer (-0.25) of 2^25 logits (-0.125, same speed) and scales its saved
