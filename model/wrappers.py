@@ -138,10 +138,8 @@ class CheckpointedLayer(LayerWrapper):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         layer = self.wrapped
-        if self.mode == "full":
-            return self._checkpoint(layer, x, *args, **kwargs)
         chunk = layer.mlp.seq_chunk
-        if chunk is None:
+        if self.mode == "full" or chunk is None:
             return self._checkpoint(layer, x, *args, **kwargs)
         if layer.self_attn.core.projects_itself:
             half = self._checkpoint(layer.attention_residual, x, *args, **kwargs)

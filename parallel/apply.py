@@ -16,12 +16,7 @@ from functools import partial
 from torch import nn
 
 from longctx.errors import LongctxError
-from longctx.model.wrappers import (
-    CHECKPOINT_MODES,
-    CheckpointedLayer,
-    OffloadedLayer,
-    wrap_layers,
-)
+from longctx.model.wrappers import CheckpointedLayer, OffloadedLayer, wrap_layers
 from longctx.parallel.mesh import ParallelMesh
 from longctx.parallel.parallelize import parallelize
 
@@ -48,11 +43,6 @@ class TransformPlan:
         if self.tiled_mlp_chunk is not None and self.tiled_mlp_chunk < 1:
             raise LongctxError(
                 f"tiled MLP chunk must be >= 1 token, got {self.tiled_mlp_chunk}; use e.g. 4096"
-            )
-        if self.checkpoint_mode not in CHECKPOINT_MODES:
-            raise LongctxError(
-                f"activation checkpointing mode must be one of {', '.join(CHECKPOINT_MODES)}, "
-                f"got {self.checkpoint_mode!r}"
             )
 
 
