@@ -73,14 +73,64 @@ from longctx.positional.config import PositionalConfig
 # [B, Hkv, G, rows, nc] probability temporary (4 MiB in float32, so the step's elementwise
 # passes stay in cache) whatever T is. At T=16384: 0.88/0.77/0.75 s for 2**18/2**20/2**22.
 IMPORTANCE_STEP_ELEMENTS = 2**20
+# Most query rows in one step: bounds the step's copy of their q rows and its top-n temporaries
+# when the queries see few blocks.
+IMPORTANCE_STEP_ROWS = 512
 # Tile (tokens) of the compressed and window branches when the recipe sets no
 # attention.chunk_size. Measured (cpu_flash, T=8192, 8 heads, D=64, fwd+bwd, one thread, CPU s):
 # compressed 0.30/0.30/0.37/0.38 s and 512-token window 0.53/0.58/0.76/1.31 s at tiles
 # 128/256/512/1024: small tiles skip more of the hidden keys of these thin masks.
 BRANCH_TILE = 128
+# Segments (of gcd(l, d) tokens) per step of the compressors' segment GEMM: bounds the copy of
+# a token-major k or v that the step makes (256 segments of 16 tokens: 2 MiB at Hkv=2, D=64).
+SEGMENT_CHUNK = 256
 # Gate biases for (compression, selection, window) when NSA continues a dense model: the
 # window branch (dense attention over the recent past) dominates at first (SPECS 3.1).
 DENSE_START_GATE_BIAS = (-2.0, -2.0, 2.0)
+
+
+def _segments(x: Tensor, seg: int, part: slice) -> Tensor:
+    """Segments ``part`` of x [B, H, T, D] cut into ``seg``-token segments: [B H, s, seg D] (a
+    view of a head-major x, a copy of a token-major one)."""
+    batch, heads, _, dim = x.shape
+    tokens = x[:, :, part.start * seg : part.stop * seg]
+    return tokens.reshape(batch * heads, -1, seg * dim)
+
+
+class _SegmentMaps(torch.autograd.Function):
+    """``(x, weight, seg, used) -> segments(x[:, :, :used]) @ weight.T`` [B H, used / seg, O]
+    for x [B, H, T, D] (``used`` a multiple of seg), keeping only x and weight for backward.
+
+    The segments are a view of a head-major x but a copy of a token-major one (the model's k, v,
+    views of the projections' outputs), and the matmul's autograd would keep that copy until
+    backward: 16 MiB per map at T=32768, Hkv=2, two maps per layer. Here the copy is made
+    ``SEGMENT_CHUNK`` segments at a time, in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, seg: int, used: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.seg, ctx.used = seg, used
+        batch, heads = x.shape[:2]
+        out = x.new_empty(batch * heads, used // seg, weight.shape[0])
+        for part in _query_chunks_of(used // seg, SEGMENT_CHUNK):
+            out[:, part] = _segments(x, seg, part) @ weight.T
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        seg = ctx.seg
+        batch, heads, _, dim = x.shape
+        dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None  # 0 past ``used``
+        dweight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for part in _query_chunks_of(ctx.used // seg, SEGMENT_CHUNK):
+            rows = grad[:, part]  # [B H, s, O]
+            if dweight is not None:
+                dweight.addmm_(rows.flatten(0, 1).T, _segments(x, seg, part).flatten(0, 1))
+            if dx is not None:
+                tokens = slice(part.start * seg, part.stop * seg)
+                dx[:, :, tokens] = (rows @ weight).view(batch, heads, -1, dim)
+        return dx, dweight, None, None
 
 
 class BlockCompressor(nn.Module):
@@ -115,10 +165,11 @@ class BlockCompressor(nn.Module):
         """x [B, H, T, D] -> [B, H, nc, D], block i summarising tokens [i d, i d + l - 1].
 
         Both linear maps of a block (``W_in flatten(X)`` and the mean) are sums over its
-        segments of ``g = gcd(l, d)`` tokens: the sequence is viewed as segments [.., T / g, g D]
-        (no copy), ONE GEMM maps every segment to its l / g partial products of each map, and
-        block i adds those of its segments ``i d / g + c`` (strided slices). Against a strided
-        conv1d plus avg_pool1d (the former form), this keeps no unfolded or im2col buffer: at
+        segments of ``g = gcd(l, d)`` tokens: the sequence is cut into segments [.., T / g, g D]
+        (``_SegmentMaps``), ONE GEMM maps every segment to its l / g partial products of each
+        map, and block i adds those of its segments ``i d / g + c`` (strided slices). Against a
+        strided conv1d plus avg_pool1d (the former form), this keeps no unfolded or im2col
+        buffer: at
         T=32768 (2 heads, D=64, l=32, d=16) the conv's forward and backward temporaries raised
         NSA's peak resident memory by ~50 MiB; the GEMM's are [.., T / g, 2 l D / g] floats.
         """
@@ -127,13 +178,12 @@ class BlockCompressor(nn.Module):
         seg = math.gcd(self.block, self.stride)
         parts, step = self.block // seg, self.stride // seg  # segments per block, per stride
         used = (count - 1) * self.stride + self.block  # tokens covered by some block
-        segments = x[:, :, :used].reshape(batch * heads, used // seg, seg * dim)  # [BH, S, gD]
         in_parts = self.in_weight.view(dim, parts, seg * dim).transpose(0, 1)  # [l/g, D, gD]
         mean_parts = torch.eye(dim, dtype=x.dtype, device=x.device).repeat(1, seg) / self.block
         weight = torch.cat(
             [in_parts.flatten(0, 1), mean_parts.expand(parts, dim, -1).flatten(0, 1)]
         )
-        products = segments @ weight.T  # [BH, S, 2 (l/g) D]: per segment, every part's image
+        products = _SegmentMaps.apply(x, weight, seg, used)  # [BH, S, 2 (l/g) D]
         inner = pooled = 0
         for c in range(parts):  # block i reads segment i * step + c
             rows = products[:, c : c + (count - 1) * step + 1 : step]  # [BH, nc, 2 (l/g) D]
@@ -206,6 +256,27 @@ def _selection_overlap(num_compressed: int, settings: NSAConfig, num_select: int
     return torch.where(index <= last[:, None], index, torch.full_like(index, -1))
 
 
+def _selection_scores(
+    per_block: Tensor, started: int, settings: NSAConfig, overlap: Tensor | None
+) -> Tensor:
+    """Importance of selection blocks ``0 .. started - 1``: per_block [..., visible] (the
+    compressed blocks' importance) summed over the compressed blocks overlapping each selection
+    block -> [..., started].
+
+    When d divides l' (the SPECS defaults), selection block j overlaps compressed blocks
+    ``j k - a .. j k + k - 1`` (k = l' / d, a = (l - 1) // d): a strided window, summed from
+    an ``unfold`` view of the zero-padded row (at T=32768, 0.2 s less forward than gathering
+    through ``overlap``, which the other case needs: ``_selection_overlap`` [ns, L])."""
+    visible, stride = per_block.shape[-1], settings.compress_stride
+    if overlap is None:
+        per, before = settings.select_block // stride, (settings.compress_block - 1) // stride
+        padded = F.pad(per_block, (before, started * per - visible))  # [..., before + started k]
+        return padded.unfold(-1, per + before, per).sum(-1)
+    padded = F.pad(per_block, (0, 1))  # index -1 reads the zero column
+    index = overlap[:started]
+    return padded[..., torch.where(index < visible, index, -1)].sum(-1)
+
+
 def _compressed_doc_ids(doc_ids: Tensor, num_compressed: int, settings: NSAConfig) -> Tensor:
     """[B, nc] document of each compressed block; -1 when the block spans two documents (so it
     matches no query's document)."""
@@ -233,8 +304,26 @@ def _document_first_blocks(sides: QueryKeySides, select_block: int) -> Tensor | 
     return first.gather(1, index) // select_block
 
 
-def _query_chunks(length: int, rows: int) -> list[slice]:
-    return [slice(a, min(a + rows, length)) for a in range(0, length, rows)]
+def _query_chunks_of(length: int, size: int) -> list[slice]:
+    """``range(length)`` in consecutive slices of ``size``."""
+    return [slice(a, min(a + size, length)) for a in range(0, length, size)]
+
+
+def _query_chunks(widths: list[int], budget: int) -> list[slice]:
+    """Consecutive query rows cut into chunks of at most ``IMPORTANCE_STEP_ROWS`` rows whose
+    rows x widest row (compressed blocks seen) stays within ``budget`` (one row at least): the
+    importance pass's [rows, blocks] temporaries stay bounded, and early queries, which see few
+    blocks, go more at a time (at T=32768: ~300 chunks instead of 512 of 64 rows, each with a
+    dozen small top-n ops)."""
+    chunks, start, widest = [], 0, 1
+    for row, width in enumerate(widths):
+        wider = max(widest, width)
+        rows = row - start + 1
+        if rows > 1 and (rows > IMPORTANCE_STEP_ROWS or rows * wider > budget):
+            chunks.append(slice(start, row))
+            start, wider = row, max(width, 1)
+        widest = wider
+    return chunks + [slice(start, len(widths))] if widths else []
 
 
 def _top_blocks(ranked: Tensor, keep: int) -> Tensor:
@@ -382,20 +471,23 @@ class NSAAttention(AttentionCore):
         keep = min(settings.select_top_n, num_select)
         block_index = torch.arange(num_select, device=q.device)
         score_dtype = torch.promote_types(q.dtype, torch.float32)
-        overlap, rows_per_step = None, q.shape[2]
+        overlap, chunks = None, [slice(0, q.shape[2])]
         if importance is not None:
             ck, cv, block_ends, block_docs = importance
             # in float32 at least (the compressed branch's output comes from here), scaled once
             ck, cv = ck.to(score_dtype) * scale, cv.to(score_dtype)
-            overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
-            rows_per_step = max(1, IMPORTANCE_STEP_ELEMENTS // (batch * heads * ck.shape[2]))
+            if select % settings.compress_stride:  # irregular overlaps: an index
+                overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
+            seen = (sides.q_positions - settings.compress_block + 1) // settings.compress_stride
+            widths = (seen + 1).clamp(0, ck.shape[2]).tolist()  # compressed blocks per query
+            chunks = _query_chunks(widths, IMPORTANCE_STEP_ELEMENTS // (batch * heads))
         doc_first = _document_first_blocks(sides, select)  # [B, Tq] or None: block 0
         chosen = torch.empty(batch, kv_heads, q.shape[2], keep, dtype=torch.int32, device=q.device)
-        for rows in _query_chunks(q.shape[2], rows_per_step):
+        for rows in chunks:
             query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
             count, last = len(query_pos), int(query_pos.max())
             started_blocks = min(num_select, last // select + 1)  # blocks any query here sees
-            scores = q.new_zeros(batch, kv_heads, count, started_blocks, dtype=score_dtype)
+            scores = None  # [B, Hkv, c, started]: no compressed block seen, all zero
             if importance is not None:
                 # compressed blocks ending at or before the last query: the rest are unseen
                 visible = min(
@@ -413,10 +505,9 @@ class NSAAttention(AttentionCore):
                         None if query_docs is None else (block_docs[:, :visible], query_docs),
                     )  # [B, Hkv, c, visible], [B, Hq, c, D]
                     take_compressed(rows, o_cmp)
-                    padded = F.pad(per_block, (0, 1))  # index -1 reads the zero column
-                    index = overlap[:started_blocks]
-                    index = torch.where(index < visible, index, -1)
-                    scores = padded[..., index].sum(-1).to(score_dtype)  # [B, Hkv, c, started]
+                    scores = _selection_scores(per_block, started_blocks, settings, overlap)
+            if scores is None:
+                scores = q.new_zeros(batch, kv_heads, count, started_blocks, dtype=score_dtype)
             current = (query_pos // select)[:, None]  # [c, 1]
             index = block_index[:started_blocks]
             started = index[None, :] <= current  # block begins at or before the query

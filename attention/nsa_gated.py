@@ -47,6 +47,7 @@ from longctx.attention.nsa_selection import (
     selection_backward,
     selection_forward,
     selection_plans,
+    token_major_zeros,
 )
 from longctx.attention.tiling import TileKernel, compute_dtype, piece_mask, plan_tiles
 from longctx.errors import LongctxError
@@ -156,9 +157,10 @@ class GatedBranchAttention(torch.autograd.Function):
         ctx.selection_freed = True
         del o_slc
         tensors = (q, k, v, ck, cv)
-        grads = [
-            None if x is None else torch.zeros(x.shape, dtype=acc, device=x.device) for x in tensors
-        ]  # dq, dk, dv, dck, dcv, accumulated in place by every branch
+        grads = [token_major_zeros(q.shape, acc, q.device)] + [
+            None if x is None else torch.zeros_like(x, dtype=acc) for x in tensors[1:]
+        ]  # dq (token-major, as the selection scatters rows), dk, dv, dck, dcv (each in its
+        # input's layout), accumulated in place by every branch
         dgates = torch.zeros(gates.shape, dtype=acc, device=q.device)
         for branch in _branches(problem):
             keys, values = tensors[branch.keys], tensors[branch.keys + 1]

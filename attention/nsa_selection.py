@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from longctx.attention.tiling import compute_dtype
+from longctx.errors import LongctxError
 
 # Most query rows (per kv head) one block step handles: block 0 is chosen by every query, and
 # a step's [m, G, l'] score, probability and gradient temporaries (1 MiB at G=4, l'=64, fp32)
@@ -93,11 +94,11 @@ def _block_steps(
 ) -> list[_BlockStep]:
     """The inverted index of one (sequence, kv head): ``selected`` [Tq, n] block ids (-1 none)
     -> per chosen block, the queries that chose it, cut into steps of <= ``ROWS_PER_STEP``."""
-    count = selected.shape[0]
-    queries = torch.arange(count, device=selected.device)
-    pairs = (selected * count + queries[:, None]).flatten()  # block-major key, unique per pair
-    pairs = torch.sort(pairs[pairs >= 0]).values
-    blocks, rows = pairs // count, (pairs % count).to(torch.int32)
+    flat = selected.flatten()  # [Tq n] query-major
+    blocks, order = torch.sort(flat, stable=True)  # block-major, queries ascending in a block
+    unused = int((blocks < 0).sum())  # the -1 entries sort first
+    blocks, rows = blocks[unused:], (order[unused:] // selected.shape[1]).to(torch.int32)
+    del order
     chosen, sizes = torch.unique_consecutive(blocks, return_counts=True)
     packed = sides.q_doc_ids is not None
     steps = []
@@ -128,12 +129,14 @@ def _hidden_keys(step: _BlockStep, sides: QueryKeySides, batch: int) -> Tensor:
 
 
 def _scores(
-    q_rows: Tensor, keys: Tensor, step: _BlockStep, sides: QueryKeySides, batch: int
+    queries: Tensor, keys: Tensor, step: _BlockStep, sides: QueryKeySides, batch: int
 ) -> Tensor:
-    """q_rows [G, m, D] against scaled keys [L, D] -> scores [G, m, L], hidden entries -inf."""
-    scores = q_rows @ keys.T  # one [G m, D] x [D, L] GEMM
+    """queries [m, G, D] against scaled keys [L, D] -> scores [m, G, L], hidden entries -inf."""
+    rows, group, dim = queries.shape
+    scores = (queries.view(-1, dim) @ keys.T).view(rows, group, -1)  # one [m G, D] x [D, L]
     if step.masked:
-        scores[:, : step.masked].masked_fill_(_hidden_keys(step, sides, batch), float("-inf"))
+        hidden = _hidden_keys(step, sides, batch)  # [r, L]
+        scores[: step.masked].masked_fill_(hidden[:, None], float("-inf"))
     return scores
 
 
@@ -150,17 +153,54 @@ def selection_plans(
     ]
 
 
-def _gatherable(x: Tensor) -> Tensor:
-    """``x`` [G, T, D], contiguous (copied only when it is not): ``index_select`` over T runs
-    its fast row-copy path on contiguous tensors only. Measured on 1024 of 32768 rows, G=4,
-    D=64: 0.08 ms contiguous, 14 ms on a [T, H, D] transposed view, 10 ms on the expanded
-    gradient of ``out.sum()``."""
-    return x if x.is_contiguous() else x.contiguous()
+def token_major_zeros(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Zeros of ``shape`` [B, H, T, ...] laid out token-major ([B, T, H, ...] in memory): the
+    layout of the model's q, k, v and of the selection's accumulators (``_HeadRows``)."""
+    tokens = torch.zeros(shape[0], shape[2], shape[1], *shape[3:], dtype=dtype, device=device)
+    return tokens.transpose(1, 2)
 
 
-def _row_dots(a: Tensor, b: Tensor, rows: int = 4096) -> Tensor:
+@dataclass(frozen=True)
+class _HeadRows:
+    """The G query heads of one (sequence, kv head) of a [B, H, T, ...] tensor as a 2-D table
+    whose row ``t * spacing + offset`` holds token t's G heads: one contiguous row per token,
+    so a step gathers (``index_select``) and scatter-adds (``index_add_``) whole rows.
+
+    Measured (one thread, 665 of 32768 tokens, G=4, D=64): gather 0.036 ms and scatter-add
+    0.028 ms on these rows against 0.050 and 0.114 ms along T of a head-major [G, T, D] slice
+    (the former layout), whose scatter-add walks G separate strided planes.
+    """
+
+    table: Tensor  # [T * spacing, G * rest]
+    spacing: int
+    offset: int
+
+    def index(self, rows: Tensor) -> Tensor:
+        """Table rows of the tokens ``rows`` [m] (int64)."""
+        return rows if self.spacing == 1 else rows * self.spacing + self.offset
+
+
+def _head_rows(x: Tensor, batch: int, kv_head: int, kv_heads: int, writable: bool) -> _HeadRows:
+    """``_HeadRows`` of x [B, H, T, ...]: a view when x is token-major (the model's q, and every
+    accumulator here), else a contiguous copy of this kv head's heads ([T, G, ...]; refused
+    when ``writable``, since writes to a copy would be lost)."""
+    tokens = x[batch].transpose(0, 1)  # [T, H, ...]
+    if tokens.is_contiguous():
+        return _HeadRows(tokens.reshape(tokens.shape[0] * kv_heads, -1), kv_heads, kv_head)
+    if writable:
+        raise LongctxError(
+            "the NSA selection accumulates into token-major tensors only; allocate them with "
+            "token_major_zeros"
+        )
+    group = x.shape[1] // kv_heads
+    heads = tokens[:, kv_head * group : (kv_head + 1) * group]
+    return _HeadRows(heads.reshape(tokens.shape[0], -1), 1, 0)
+
+
+def _row_dots(a: Tensor, b: Tensor, rows: int = 512) -> Tensor:
     """``(a * b).sum(-1)`` for [G, T, D] operands (any strides), ``rows`` tokens at a time (no
-    [G, T, D] product): [G, T] in the promoted dtype."""
+    [G, T, D] product; at 4096 rows, the 8 MiB products at T=32768 (8 heads) raised the
+    resident peak of NSA's backward by ~40 MiB of freed heap): [G, T] in the promoted dtype."""
     dtype = torch.promote_types(a.dtype, b.dtype)
     sums = torch.empty(a.shape[:2], dtype=dtype, device=a.device)
     for start in range(0, a.shape[1], rows):
@@ -173,38 +213,41 @@ def selection_forward(
     q: Tensor, k: Tensor, v: Tensor, plans: list, sides: QueryKeySides, scale: float
 ) -> tuple[Tensor, Tensor]:
     """The selection branch: out [B, Hq, Tq, D] and lse [B, Hq, Tq], both in the accumulation
-    dtype (float32; float64 for float64 inputs); out 0 and lse -inf where no key is seen.
+    dtype (float32; float64 for float64 inputs) and token-major; out 0 and lse -inf where no
+    key is seen.
 
     ``plans``: ``selection_plans`` of the selected blocks. Online softmax per key block (see
-    ``_head_forward``) into ``out``'s [G, Tq, D] slice of each kv head, normalised at the end:
-    besides ``out`` only [B, Hq, Tq] running maxima and sums exist (the queries are gathered
-    from q per step, from a copy of one kv head's only when q is not contiguous, and the keys
-    are scaled per block).
+    ``_head_forward``) into ``out``'s rows of each kv head, normalised at the end: besides
+    ``out`` only [B, Tq, Hq] running maxima and sums exist (the queries are gathered from q per
+    step, from a copy of one kv head's heads only when q is not token-major).
     """
     acc = compute_dtype(q.dtype)
     batch, heads, count, _ = q.shape
-    group = heads // k.shape[1]
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full((batch, heads, count), float("-inf"), dtype=acc, device=q.device)
-    sums = torch.zeros((batch, heads, count), dtype=acc, device=q.device)
+    kv_heads = k.shape[1]
+    out = token_major_zeros(q.shape, acc, q.device)
+    ref = token_major_zeros((batch, heads, count), acc, q.device).fill_(float("-inf"))
+    sums = token_major_zeros((batch, heads, count), acc, q.device)
     for b in range(batch):
-        for j in range(k.shape[1]):
-            heads_j = slice(j * group, (j + 1) * group)
+        for j in range(kv_heads):
             _head_forward(
-                q[b, heads_j], k[b, j].to(acc) * scale, v[b, j].to(acc), out[b, heads_j],
-                lse[b, heads_j], sums[b, heads_j], plans[b][j], sides, b,
+                _head_rows(q, b, j, kv_heads, writable=False), k[b, j].to(acc),
+                v[b, j].to(acc), scale,
+                *(_head_rows(x, b, j, kv_heads, writable=True) for x in (out, ref, sums)),
+                plans[b][j], sides, b,
             )  # fmt: skip
     seen = sums > 0
     out.div_(torch.where(seen, sums, 1.0)[..., None])
-    lse.add_(torch.where(seen, sums, 1.0).log_()).masked_fill_(~seen, float("-inf"))
+    lse = ref.add_(torch.where(seen, sums, 1.0).log_()).masked_fill_(~seen, float("-inf"))
     return out, lse
 
 
-def _head_forward(q_j, keys_j, values_j, out_j, ref_j, sums_j, steps, sides, batch) -> None:
-    """One (sequence, kv head) of ``selection_forward``: q_j [G, Tq, D]; scaled keys_j and
-    values_j [Tk, D]; accumulates ``sum exp(s - r) v`` into out_j [G, Tq, D] and
-    ``sum exp(s - r)`` into sums_j [G, Tq] against each row's reference score r in ref_j
-    [G, Tq] (-inf: nothing seen yet), all in place.
+def _head_forward(
+    queries, keys_j, values_j, scale, out_j, ref_j, sums_j, steps, sides, batch
+) -> None:
+    """One (sequence, kv head) of ``selection_forward``: ``queries`` the rows of q; keys_j and
+    values_j [Tk, D] (keys scaled by ``scale`` per block); accumulates ``sum exp(s - r) v`` into the rows of out_j
+    (G x D per token) and ``sum exp(s - r)`` into those of sums_j (G per token) against each
+    row's reference score r in ref_j (-inf: nothing seen yet), all in place.
 
     r is the first seen block's maximum score and is raised (rescaling the row's sums) only
     when a block's maximum exceeds it by more than ``RESCALE_MARGIN``, so terms stay below
@@ -212,29 +255,32 @@ def _head_forward(q_j, keys_j, values_j, out_j, ref_j, sums_j, steps, sides, bat
     its ``P V`` with one ``index_add_``: the online softmax that merged every step into
     normalised rows gathered, rescaled and wrote back all m rows of it (0.1 s more of 1.0 s at
     T=16384, more at T=32768)."""
-    q_j = _gatherable(q_j)
+    group, dim = ref_j.table.shape[1], keys_j.shape[1]
     for step in steps:
-        rows, block = step.rows, slice(step.start, step.stop)
-        q_rows = q_j.index_select(1, rows).to(keys_j.dtype)  # [G, m, D]
-        scores = _scores(q_rows, keys_j[block], step, sides, batch)  # [G, m, L]
-        block_max = scores.amax(-1)  # [G, m], -inf: sees none of the block
-        old_ref = ref_j.index_select(1, rows)
+        block, rows = slice(step.start, step.stop), step.rows.long()
+        index = out_j.index(rows)  # out, ref and sums share one layout
+        q_rows = queries.table.index_select(0, queries.index(rows)).view(-1, group, dim)
+        keys = keys_j[block] * scale  # [L, D]
+        scores = _scores(q_rows.to(keys.dtype), keys, step, sides, batch)  # [m, G, L]
+        block_max = scores.amax(-1)  # [m, G], -inf: sees none of the block
+        old_ref = ref_j.table.index_select(0, index)
         fresh = torch.isneginf(old_ref)  # nothing accumulated: the block sets the reference
         raised = block_max > old_ref + RESCALE_MARGIN
         ref = torch.where(raised | fresh, block_max, old_ref)
-        rows = rows.long()  # index_add_ and index_copy_ take int64 indices only
         rescaled = raised & ~fresh
         if rescaled.any():
-            some = rescaled.any(0)  # [m] rows with some head's reference raised
-            moved = rows[some]
-            factor = torch.where(rescaled[:, some], (old_ref - ref)[:, some].exp(), 1.0)
-            out_j.index_copy_(1, moved, out_j.index_select(1, moved).mul_(factor[..., None]))
-            sums_j.index_copy_(1, moved, sums_j.index_select(1, moved).mul_(factor))
-        ref_j.index_copy_(1, rows, ref)
+            some = rescaled.any(1)  # [m] rows with some head's reference raised
+            moved = index[some]
+            factor = torch.where(rescaled[some], (old_ref - ref)[some].exp(), 1.0)  # [m', G]
+            kept = out_j.table.index_select(0, moved).view(-1, group, dim)
+            out_j.table.index_copy_(0, moved, kept.mul_(factor[..., None]).view(len(moved), -1))
+            sums_j.table.index_copy_(0, moved, sums_j.table.index_select(0, moved).mul_(factor))
+        ref_j.table.index_copy_(0, index, ref)
         safe_ref = torch.where(torch.isneginf(ref), 0.0, ref)  # sees nothing yet: p = 0
-        weights = scores.sub_(safe_ref[..., None]).exp_()  # [G, m, L]
-        sums_j.index_add_(1, rows, weights.sum(-1))
-        out_j.index_add_(1, rows, weights @ values_j[block])
+        weights = scores.sub_(safe_ref[..., None]).exp_()  # [m, G, L]
+        sums_j.table.index_add_(0, index, weights.sum(-1))
+        values = weights.view(-1, weights.shape[-1]) @ values_j[block]  # [m G, D]
+        out_j.table.index_add_(0, index, values.view(len(rows), -1))
 
 
 def output_row_sums(dout: Tensor, out: Tensor) -> Tensor:
@@ -262,69 +308,62 @@ def selection_backward(
     gate: Tensor | None = None,
 ) -> None:
     """Accumulate the selection branch's gradients into ``grads`` = (dq, dk, dv) (accumulation
-    dtype, shapes of q, k, v).
+    dtype, shapes of q, k, v; dq token-major, ``token_major_zeros``).
 
     ``row_sums``: ``output_row_sums(dout, out)`` of ``selection_forward``'s out (so out itself
     need not outlive the start of the backward); ``lse``: its lse. The branch's output gradient
-    is ``dout``, or ``gate * dout`` with ``gate`` [B, Hq, Tq, 1] (NSA's gated sum), formed one
-    kv head at a time (``_branch_dout``); no re-laid-out copy of ``dout`` or ``q`` is made.
+    is ``dout``, or ``gate * dout`` with ``gate`` [B, Hq, Tq, 1] (NSA's gated sum), gated per
+    step on the gathered rows: dout reaches the core as a token-major view of the layer's
+    [B, T, H, D] gradient, so its rows are gathered in place, and a gated copy of one kv
+    head's dout (a quarter of dense attention's peak at T=32768) is never made.
     """
     acc = compute_dtype(q.dtype)
-    group = q.shape[1] // k.shape[1]
+    kv_heads = k.shape[1]
     safe_lse = torch.where(torch.isneginf(lse), 0.0, lse)  # rows seeing nothing: p = 0
     delta = row_sums.to(acc)  # rowsum(branch dout * out)
     if gate is not None:
         delta = delta * gate[..., 0].to(acc)
+    dq, dk, dv = grads
+
+    def rows_of(x: Tensor, b: int, j: int) -> _HeadRows:
+        return _head_rows(x, b, j, kv_heads, writable=x is dq)
+
     for b in range(q.shape[0]):
-        for j in range(k.shape[1]):
-            heads_j = slice(j * group, (j + 1) * group)
-            gate_j = None if gate is None else gate[b, heads_j].to(acc)  # [G, Tq, 1]
-            dout_j = _branch_dout(dout[b, heads_j], gate_j)  # [G, Tq, D]
+        for j in range(kv_heads):
+            gate_j = None if gate is None else rows_of(gate[..., 0], b, j)
             _head_backward(
-                dout_j, q[b, heads_j], k[b, j].to(acc), v[b, j].to(acc), safe_lse[b, heads_j],
-                delta[b, heads_j],
-                tuple(g[b, heads_j] if i == 0 else g[b, j] for i, g in enumerate(grads)),
+                rows_of(dout, b, j), gate_j, rows_of(q, b, j), k[b, j].to(acc), v[b, j].to(acc),
+                rows_of(safe_lse, b, j), rows_of(delta, b, j), (rows_of(dq, b, j), dk[b, j], dv[b, j]),
                 plans[b][j], sides, b, scale,
             )  # fmt: skip
-            del dout_j  # a copy when dout was gated or not contiguous: one kv head's at a time
 
 
-def _branch_dout(dout_j: Tensor, gate_j: Tensor | None) -> Tensor:
-    """The branch's output gradient ``gate_j * dout_j`` [G, Tq, D] of one kv head, contiguous
-    (gate_j [G, Tq, 1] or None: ``dout_j`` itself, copied only when not contiguous).
-
-    Gated once here rather than per gathered step: dout reaches the core as a transposed view
-    of the layer's [B, T, H, D] gradient (or an expanded one), so this kv head's contiguous copy
-    is made anyway and the product costs no extra memory; per step it was one more gather and
-    one more pass over the [G, m, D] rows (measured at T=16384: 0.08 s of 1.36 s)."""
-    if gate_j is None:
-        return _gatherable(dout_j)
-    dtype = torch.promote_types(dout_j.dtype, gate_j.dtype)
-    return torch.mul(
-        dout_j, gate_j, out=torch.empty(dout_j.shape, dtype=dtype, device=dout_j.device)
-    )
-
-
-def _head_backward(dout_j, q_j, k_j, v_j, lse_j, delta_j, grads_j, steps, sides, batch, scale):
-    """One (sequence, kv head) of ``selection_backward``: dout_j (the branch's output gradient,
-    contiguous), q_j [G, Tq, D]; k_j, v_j [Tk, D]; lse_j (finite) and delta_j =
-    rowsum(branch dout * out) [G, Tq]; accumulates into grads_j = (dq [G, Tq, D], dk [Tk, D],
-    dv [Tk, D])."""
+def _head_backward(
+    dout_j, gate_j, q_j, k_j, v_j, lse_j, delta_j, grads_j, steps, sides, batch, scale
+):
+    """One (sequence, kv head) of ``selection_backward``: the rows (``_HeadRows``) of dout_j,
+    of the branch's gate gate_j (or None), of q_j, of lse_j (finite) and of delta_j =
+    rowsum(branch dout * out); k_j, v_j [Tk, D]; accumulates into grads_j = (the rows of dq,
+    dk [Tk, D], dv [Tk, D])."""
     dq_j, dk_j, dv_j = grads_j
-    q_j, dim = _gatherable(q_j), q_j.shape[-1]
+    group, dim = lse_j.table.shape[1], k_j.shape[1]
     for step in steps:
-        rows, block = step.rows, slice(step.start, step.stop)
+        block, rows = slice(step.start, step.stop), step.rows.long()
         keys = k_j[block] * scale  # [L, D]
-        q_rows = q_j.index_select(1, rows).to(k_j.dtype)  # [G, m, D]
-        dout_rows = dout_j.index_select(1, rows).to(k_j.dtype).view(-1, dim)  # [G m, D]
-        scores = _scores(q_rows, keys, step, sides, batch)  # [G, m, L]
-        probs = scores.sub_(lse_j.index_select(1, rows)[..., None]).exp_()
-        probs = probs.view(dout_rows.shape[0], -1)  # [G m, L]
+        q_rows = q_j.table.index_select(0, q_j.index(rows)).view(-1, group, dim).to(k_j.dtype)
+        dout_rows = dout_j.table.index_select(0, dout_j.index(rows)).to(k_j.dtype)
+        if gate_j is not None:  # the branch's output gradient
+            gates = gate_j.table.index_select(0, gate_j.index(rows)).to(k_j.dtype)  # [m, G]
+            dout_rows = dout_rows.view(-1, group, dim).mul_(gates[..., None])
+        dout_rows = dout_rows.view(-1, dim)  # [m G, D]
+        scores = _scores(q_rows, keys, step, sides, batch)  # [m, G, L]
+        probs = scores.sub_(lse_j.table.index_select(0, lse_j.index(rows))[..., None]).exp_()
+        probs = probs.view(dout_rows.shape[0], -1)  # [m G, L]
         dv_j[block].addmm_(probs.T, dout_rows)
-        dprobs = dout_rows @ v_j[block].T  # [G m, L]
-        dprobs -= delta_j.index_select(1, rows).view(-1, 1)
-        dscores = probs.mul_(dprobs)  # [G m, L], d(loss)/d(scaled score)
-        dq_j.index_add_(1, rows, (dscores @ keys).view(q_rows.shape))
+        dprobs = dout_rows @ v_j[block].T  # [m G, L]
+        dprobs -= delta_j.table.index_select(0, delta_j.index(rows)).view(-1, 1)
+        dscores = probs.mul_(dprobs)  # [m G, L], d(loss)/d(scaled score)
+        dq_j.table.index_add_(0, dq_j.index(rows), (dscores @ keys).view(len(rows), -1))
         dk_j[block].addmm_(dscores.T, q_rows.view(-1, dim), alpha=scale)
 
 
@@ -350,7 +389,10 @@ class SelectedBlockAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         acc = compute_dtype(q.dtype)
-        grads = tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+        grads = (
+            token_major_zeros(q.shape, acc, q.device),
+            *(torch.zeros_like(x, dtype=acc) for x in (k, v)),
+        )
         row_sums = output_row_sums(dout, out)
         selection_backward(dout, q, k, v, row_sums, lse, ctx.plans, ctx.sides, ctx.scale, grads)
         dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))

@@ -15,6 +15,8 @@ tensors instead of freed heap that glibc keeps.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import statistics
@@ -53,6 +55,15 @@ def status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc ``malloc_trim``; nothing
+    elsewhere): freed temporaries of the input set-up otherwise stay resident, and a measured
+    case that reuses them shows a peak lower by up to ~30 MiB at random (seen on dense
+    attention at T=32768, 143 to 172 MiB for the same run)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak_memory() -> int:

@@ -24,6 +24,10 @@ NSA runs as one autograd function (``attention/nsa_gated.py``): its peak memory 
 selection output plus dq, dk, dv and tile temporaries, with the compressed and window branches
 recomputed in backward (the price: one more forward of those two branches).
 
+Inputs and the output gradient are token-major views ([1, T, H, D] in memory), the layout
+the model hands its core (q, k, v are views of the projections' outputs, dout of o_proj's input
+gradient); the output gradient is random (N(0, 1)), as it is in training.
+
 Time: process CPU time of one forward+backward after one warm-up run (the machine is shared;
 CPU time on one thread is the compute time whatever the load). Memory: the resident high-water
 mark after the run minus the resident size once the inputs exist (``/proc/self/clear_refs``).
@@ -47,7 +51,13 @@ import torch.nn.functional as F
 
 from longctx.attention import AttentionConfig, AttentionContext, build_attention_core
 from longctx.attention.config import MoSAConfig
-from longctx.bench.measure import peak_memory_since, reset_peak_memory, run_worker, write_report
+from longctx.bench.measure import (
+    peak_memory_since,
+    release_free_heap,
+    reset_peak_memory,
+    run_worker,
+    write_report,
+)
 from longctx.model.config import ModelConfig
 from longctx.positional.config import PositionalConfig
 
@@ -58,15 +68,16 @@ KNOT_SPACING = 256  # tokens between the knots of the slowly varying component
 
 
 def _heads(heads: int, length: int, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """[1, heads, T, D] unit-variance inputs of the given kind."""
-    noise = torch.randn(1, heads, length, DIM, generator=gen)
+    """[1, heads, T, D] unit-variance inputs of the given kind, token-major ([1, T, heads, D]
+    in memory) as the model hands q, k, v to its core (a view of the projection's output)."""
+    noise = torch.randn(1, length, heads, DIM, generator=gen).transpose(1, 2)
     if kind == "random":
         return noise
     knots = torch.randn(1, heads * DIM, length // KNOT_SPACING + 2, generator=gen)
     slow = F.interpolate(knots, size=length, mode="linear", align_corners=True)
     slow = slow.view(1, heads, DIM, length).transpose(-1, -2)  # [1, heads, T, D]
     mixed = 2.0 * slow + 0.5 * noise
-    return (mixed / mixed.std()).contiguous()
+    return (mixed / mixed.std()).transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _core(case: str) -> torch.nn.Module:
@@ -82,6 +93,21 @@ def _core(case: str) -> torch.nn.Module:
     return build_attention_core(config.attention_shape(0), attention, PositionalConfig())
 
 
+class _GradientOf(torch.autograd.Function):
+    """``(out, dout) -> 0``, whose backward hands ``dout`` to ``out``'s graph as its gradient:
+    ``out`` is not kept through the backward (in a model, o_proj's backward has used and
+    released it before the attention's backward runs), which ``out.backward(dout)`` would."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+        ctx.dout = dout
+        return out.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.dout, None
+
+
 def run_case(case: str, length: int, kind: str) -> dict:
     """One forward+backward of ``case`` at T = ``length``: CPU seconds and peak bytes."""
     torch.set_num_threads(1)
@@ -89,6 +115,7 @@ def run_case(case: str, length: int, kind: str) -> dict:
     q = _heads(HEADS, length, kind, gen).requires_grad_()
     k = _heads(KV_HEADS, length, kind, gen).requires_grad_()
     v = _heads(KV_HEADS, length, kind, gen).requires_grad_()
+    dout = _heads(HEADS, length, "random", gen)  # the output gradient o_proj's backward gives
     hidden = torch.randn(1, length, HIDDEN, generator=gen)
     positions = torch.arange(length)
     ctx = AttentionContext(position_ids=positions[None], seq_positions=positions, hidden=hidden)
@@ -96,9 +123,10 @@ def run_case(case: str, length: int, kind: str) -> dict:
     core(q[:, :, :256], k[:, :, :256], v[:, :, :256], _prefix(ctx, 256)).sum().backward()
     for tensor in (q, k, v):
         tensor.grad = None
+    release_free_heap()
     baseline = reset_peak_memory()
     start = time.process_time()
-    core(q, k, v, ctx).sum().backward()
+    _GradientOf.apply(core(q, k, v, ctx), dout).backward()
     seconds = time.process_time() - start
     peak = peak_memory_since(baseline)
     return {"case": case, "length": length, "inputs": kind, "seconds": seconds, "peak_bytes": peak}

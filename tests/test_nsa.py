@@ -40,10 +40,12 @@ def small_model_config() -> ModelConfig:
     )  # fmt: skip
 
 
-def make_core(top_n=4, window=24, backend="auto", select_block=16, seed=0) -> NSAAttention:
+def make_core(
+    top_n=4, window=24, backend="auto", select_block=16, seed=0, compress=(8, 4)
+) -> NSAAttention:
     settings = NSAConfig(
-        compress_block=8,
-        compress_stride=4,
+        compress_block=compress[0],
+        compress_stride=compress[1],
         select_block=select_block,
         select_top_n=top_n,
         window=window,
@@ -207,6 +209,22 @@ def test_packed_documents_force_the_own_documents_first_block_not_block_0(top_n)
     own_blocks = torch.arange(20, length) // 8 - 2 + 1  # blocks 2 .. current
     assert torch.equal((second == 0).any(-1).any(0), own_blocks < top_n)
     assert (selected[1] == 0).any(-1).all()  # one document: block 0 stays forced
+
+
+@pytest.mark.parametrize(
+    "compress, select_block",
+    [((6, 4), 8), ((8, 3), 10)],
+    ids=["block-not-a-stride-multiple", "stride-not-dividing-selection-block"],
+)
+def test_selection_importance_for_other_block_geometries_matches_reference(compress, select_block):
+    """The importance of a selection block sums the compressed blocks overlapping it: read as a
+    strided window when d divides l' (l = 6, d = 4: blocks 2j - 1 .. 2j + 1), through an index
+    otherwise (d = 3, l' = 10: two or three blocks by j); both against the float64 loop."""
+    core = make_core(top_n=3, select_block=select_block, compress=compress)
+    fast, ref, grads, ref_grads = run_both(core, dtype=torch.float64)
+    torch.testing.assert_close(fast, ref, **FP64)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, **FP64)
 
 
 def test_nsa_in_float64_matches_reference_to_rounding():
