@@ -72,7 +72,7 @@ from longctx.positional.config import PositionalConfig
 # Elements (rows x compressed blocks x heads) of one step of the importance pass: bounds its
 # [B, Hkv, G, rows, nc] probability temporary (4 MiB in float32, so the step's elementwise
 # passes stay in cache) whatever T is. At T=16384: 0.88/0.77/0.75 s for 2**18/2**20/2**22.
-IMPORTANCE_STEP_ELEMENTS = 2**20
+IMPORTANCE_STEP_ELEMENTS = 2**19
 # Most query rows in one step: bounds the step's copy of their q rows and its top-n temporaries
 # when the queries see few blocks.
 IMPORTANCE_STEP_ROWS = 512

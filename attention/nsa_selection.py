@@ -97,9 +97,11 @@ def _block_steps(
     flat = selected.flatten()  # [Tq n] query-major
     blocks, order = torch.sort(flat, stable=True)  # block-major, queries ascending in a block
     unused = int((blocks < 0).sum())  # the -1 entries sort first
-    blocks, rows = blocks[unused:], (order[unused:] // selected.shape[1]).to(torch.int32)
-    del order
-    chosen, sizes = torch.unique_consecutive(blocks, return_counts=True)
+    sizes = torch.bincount(blocks[unused:], minlength=1)  # pairs per block id
+    rows = order[unused:].div_(selected.shape[1], rounding_mode="floor").to(torch.int32)
+    del blocks, order  # the sort's temporaries are the plan's largest: ~6 bytes per pair
+    chosen = sizes.nonzero()[:, 0]
+    sizes = sizes[chosen]
     packed = sides.q_doc_ids is not None
     steps = []
     for block, block_rows in zip(chosen.tolist(), torch.split(rows, sizes.tolist())):
