@@ -182,17 +182,22 @@ class MoSAAttention(AttentionCore):
         count = chosen.shape[-1]
         # Sorted chosen positions keep original order, so "causal by original position" is the
         # plain causal mask on the chosen list; heads fold into the batch dimension.
-        flat = (kv_head[None, :, None] * length + chosen).flatten(1)  # [B, hm * k] into hkv * Tk
-        index = flat[..., None].expand(-1, -1, dim)
-        k_sel = keys.k.flatten(1, 2).gather(1, index).view(batch * heads, 1, count, dim)
-        v_sel = keys.v.flatten(1, 2).gather(1, index).view(batch * heads, 1, count, dim)
+        k_sel, v_sel = (
+            _gather_rows(x, chosen, kv_head).view(batch * heads, 1, count, dim)
+            for x in (keys.k, keys.v)
+        )
         # Which local query each chosen token is (-1: another rank holds it, and computes it).
         local_index = torch.full((length,), -1, dtype=torch.long, device=q.device)
         local_index[ctx.seq_positions.to(q.device)] = torch.arange(queries, device=q.device)
         chosen_query = local_index[chosen]  # [B, hm, k]
         is_local = chosen_query >= 0
         query_index = chosen_query.clamp(min=0)[..., None].expand(-1, -1, -1, dim)
-        q_sel = q.gather(2, query_index).view(batch * heads, 1, count, dim)
+        if q.transpose(1, 2).is_contiguous():  # the model's q: grads come back token-major
+            local_heads = torch.arange(heads, device=q.device)
+            q_sel = _gather_rows(q, chosen_query.clamp(min=0), local_heads)
+        else:
+            q_sel = q.gather(2, query_index)
+        q_sel = q_sel.view(batch * heads, 1, count, dim)
         q_docs = k_docs = None
         if keys.doc_ids is not None:
             k_docs = keys.doc_ids.gather(1, chosen.flatten(1)).view(batch * heads, count)
@@ -203,10 +208,12 @@ class MoSAAttention(AttentionCore):
             q_docs = torch.where(is_local.view(batch * heads, count), k_docs, k_docs.min() - 1)
         out = self._among_chosen(q_sel, k_sel, v_sel, q_docs, k_docs)
         weighted = out.view(batch, heads, count, dim) * scores.gather(-1, chosen)[..., None]
-        # Scatter to the local queries; other ranks' rows land in a spare slot that is dropped.
-        slot = torch.where(is_local, chosen_query, queries)[..., None].expand(-1, -1, -1, dim)
-        out = q.new_zeros(batch, heads, queries + 1, dim).scatter(2, slot, weighted)
-        return out[:, :, :queries]
+        # Added (in place) to the local queries' rows; other ranks' rows add 0 to row 0. (A
+        # spare row sliced off afterwards cost a [B, hm, Tq + 1, D] zeros in backward, and an
+        # out-of-place scatter a copy of the zeros in forward.)
+        weighted = torch.where(is_local[..., None], weighted, 0.0)
+        out = q.new_zeros(batch, heads, queries, dim)
+        return out.scatter_add_(2, query_index, weighted)
 
     def forward_layer(
         self,
@@ -334,6 +341,19 @@ class MoSAAttention(AttentionCore):
             f"dense_heads={self.dense_heads}, routed_heads={self.routed_heads}, "
             f"rho={self.config.mosa.sparsity}, backend={self.config.backend}"
         )
+
+
+def _gather_rows(x: Tensor, chosen: Tensor, kv_head: Tensor) -> Tensor:
+    """The rows ``chosen`` [B, hm, k] of heads ``kv_head`` [hm] of x [B, hkv, T, D] ->
+    [B, hm * k, D], gathered from a flat view of x's memory (token-major, as the model's q, k
+    and v are, or head-major): no copy of x, and x's gradient comes back in x's layout (a
+    head-major gradient of a token-major leaf is copied by autograd to match it)."""
+    batch, kv_heads, length, dim = x.shape
+    if x.transpose(1, 2).is_contiguous():  # [B, T, hkv, D] in memory: row t * hkv + j
+        table, flat = x.transpose(1, 2).flatten(1, 2), chosen * kv_heads + kv_head[:, None]
+    else:
+        table, flat = x.flatten(1, 2), kv_head[:, None] * length + chosen  # row j * T + t
+    return table.gather(1, flat.flatten(1)[..., None].expand(-1, -1, dim))
 
 
 def _project(linear: nn.Linear, x: Tensor, heads: int, dim: int) -> Tensor:
