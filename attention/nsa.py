@@ -24,15 +24,17 @@ frees the selection branch's output at the start of backward and recomputes the 
 window branches per query tile there.
 
 Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8, Hkv=2, D=64, fp32, one thread, T=32768,
-shared machine at load 2-6 on 2 cores, 2026-12-05 00:00 UTC): fwd+bwd 2.83x (random inputs) /
-3.00x (coherent) faster than dense (32.1 s against 11.3 / 10.7 s), peak resident memory 0.82x
-dense (before the selection forward's reference-score accumulation, the once-gated dout and the
-importance pass's partial mask: 2.65x / 2.72x, 0.94x / 0.88x). Where the 11.4 s go (random
-inputs): forward 4.2 s (importance pass with the compressed branch 1.0, top-n 0.8, window tiles
-0.5, selection 1.6), backward 7.3 s (compressed and window recompute 1.6, their flash backward
-2.7, selection 2.6). Most of it is the flash op's and the selection's GEMMs: NSA scores ~15% of
-dense causal attention's (query, key) pairs, but the compressed and window branches three times
-(forward, recompute, backward), the price of the memory bound.
+token-major inputs and a random output gradient as the model hands them over, 2026-12-05
+06:05 UTC, machine shared with one test run): fwd+bwd 2.88x (random inputs) / 2.94x (coherent)
+faster than dense (34.1 s against 11.9 / 11.6 s), peak memory 0.98x / 1.00x dense (live
+tensors: the forward's out and saved selection output, 128 MiB, against dense attention's out,
+dq, dk and dv in its backward, 160 MiB). Where the time goes (random inputs): forward ~4.1 s
+(importance pass with the compressed branch 0.9, top-n 0.5, window tiles 0.4, selection 1.7),
+backward ~7.4 s (compressed and window recompute 1.3, their flash backward 2.6, selection 2.8).
+Most of it is the flash op's and the selection's GEMMs (1.9 s of the selection's 4.5) and the
+selection's row gathers and scatter-adds (~1.3 s, bound by memory: rows of scattered tokens):
+NSA scores ~15% of dense causal attention's (query, key) pairs, but the compressed and window
+branches three times (forward, recompute, backward), the price of the memory bound.
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 

@@ -22,12 +22,12 @@ ten [B, Hq, Tq, D] tensors at once, 2.8x dense attention's peak at T=32k. Here:
   branch's output gradient ``g dout``; dq, dk, dv (and the compressed keys' gradients) are
   accumulated in place across branches and tiles.
 
-Peak beyond the inputs (B=1, Hq=8, D=64, fp32; resident memory, ``bench/sparse_nsa_mosa.py``):
-forward: out and the selection output; backward: dq, dk, dv and one kv head's copy of dout when
-dout is not contiguous. At T=32768 (random inputs): 203-222 MiB over several runs against dense
-attention's 228 MiB (was 1.42x with the selection output kept through backward, per-kv-head
-[Tq, G, D] copies of q and dout, and phi's conv1d buffers); the resident peak varies by ~10%
-from run to run with where the allocator leaves freed temporaries.
+Peak beyond the inputs (B=1, Hq=8, D=64, fp32; ``bench/sparse_nsa_mosa.py``'s memory run, live
+tensors): forward: out and the selection output (128 MiB at T=32768) and the selection plan;
+backward: dq, dk, dv (96 MiB; the selection gathers dout's rows in place and gates them per
+step). At T=32768 (random inputs): 162-171 MiB against dense attention's 166-174 MiB (dense
+keeps out through its backward); with the selection output kept through backward, per-kv-head
+[Tq, G, D] copies of q and dout and phi's conv1d buffers it was 1.42x.
 """
 
 from __future__ import annotations

@@ -26,16 +26,24 @@ recomputed in backward (the price: one more forward of those two branches).
 
 Inputs and the output gradient are token-major views ([1, T, H, D] in memory), the layout
 the model hands its core (q, k, v are views of the projections' outputs, dout of o_proj's input
-gradient); the output gradient is random (N(0, 1)), as it is in training.
+gradient); the output gradient is random (N(0, 1)), as in training, and reaches the core's
+backward without the output being kept alive (``_GradientOf``), as in a model, where o_proj's
+backward has released it. (Until 2026-12-05 the gradient of ``out.sum()`` was used: an expanded
+scalar that dense attention's backward copies into a contiguous 64 MiB tensor at T=32768, which
+put dense's peak at ~228 MiB instead of ~170 and NSA's ratio at 0.81x instead of ~1.0x.)
 
-Time: process CPU time of one forward+backward after one warm-up run (the machine is shared;
-CPU time on one thread is the compute time whatever the load). Memory: the resident high-water
-mark after the run minus the resident size once the inputs exist (``/proc/self/clear_refs``).
-Ratios are dense / variant in the same run and input kind. The case processes keep glibc's
-default allocator settings, as a training process has: a fixed mmap threshold (what
-``run_ranks`` uses for memory-only cases) turns every large temporary into fresh pages, and
-page faults then cost NSA, which allocates many temporaries, 31% more CPU time at 32k
-(14.8 vs 11.3 s, idle machine), and not dense (30.9 vs 31.9 s).
+Each case process runs, after a warm-up, a memory run and then a timed run. Memory: the
+resident high-water mark of the memory run minus the resident size once the inputs exist
+(``/proc/self/clear_refs``), with glibc's mmap threshold fixed at 128 KiB and the heap trimmed
+first, so that the peak follows the live tensors and not where freed temporaries were left
+(with the default adaptive threshold dense attention's peak varied from 143 to 174 MiB between
+runs). Time: process CPU time of the timed run (the machine is shared; CPU time on one thread
+is the compute time whatever the load), with the threshold at 32 MiB, where glibc's adaptive
+one settles: a 128 KiB threshold turns every large temporary into fresh pages, and the page
+faults cost NSA, which allocates many temporaries, 31% more CPU time at 32k (14.8 vs 11.3 s),
+and not dense (30.9 vs 31.9 s). Ratios are dense / variant at the same length; dense is
+measured once per length (its cost does not depend on the values; ``measured_with`` names the
+input kind of that run).
 """
 
 from __future__ import annotations
