@@ -37,7 +37,7 @@ from longctx.bench.report import WRITTEN_INDEX
 from longctx.parallel.ports import free_port
 
 GiB = 1024**3
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 # how ``peak_and_median_times`` in a ``run_worker`` subprocess measures, for the reports
 MEMORY_METHOD = (
     "fresh subprocess per case; VmHWM after one run minus VmRSS at a /proc/self/clear_refs "
@@ -69,11 +69,14 @@ def release_free_heap() -> None:
 
 def fix_mmap_threshold(threshold: int = 128 * 1024) -> None:
     """Fix glibc's mmap threshold in this process (what ``MALLOC_MMAP_THRESHOLD_`` does for a
-    child at start): every allocation of ``threshold`` bytes or more is then its own mapping,
-    returned on free, so the resident peak follows the live tensors instead of where freed
-    temporaries were left in the heap (nothing where the C library is not glibc)."""
+    child at start), and its trim threshold at twice that, as glibc's adaptive rule pairs them:
+    every allocation of ``threshold`` bytes or more is then its own mapping, returned on free,
+    so at 128 KiB the resident peak follows the live tensors instead of where freed temporaries
+    were left in the heap (nothing where the C library is not glibc)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * threshold)
 
 
 def reset_peak_memory() -> int:
