@@ -65,7 +65,9 @@ def test_train_checkpoints_then_resume_latest_continues_from_that_step(tmp_path:
     run_dir = tmp_path / "run"
     common = ["--workers", "2", "--set", f"trainer.run_dir={run_dir}"]
     first = longctx_train(
-        [str(TINY), *common, "--set", "trainer.steps=10", "--set", "trainer.ckpt_every=10"],
+        # the end-of-run passkey score is left to the second invocation (it prints the line)
+        [str(TINY), *common, "--set", "trainer.steps=10", "--set", "trainer.ckpt_every=10"]
+        + ["--set", "trainer.passkey_check=false"],
         cwd=tmp_path,
     )
     assert first.returncode == 0, first.stdout + first.stderr
@@ -88,6 +90,7 @@ def test_train_checkpoints_then_resume_latest_continues_from_that_step(tmp_path:
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"resumed from {checkpoints / 'step_000010'} at step 10" in second.stdout
     assert logged_steps(second.stdout) == [11, 12]
+    assert "keys retrieved" in second.stdout and "keys retrieved" not in first.stdout
     final = manifest(checkpoints / "step_000012")
     assert final["step"] == 12
     tokens_per_step = first_manifest["tokens_seen"] // 10
@@ -141,11 +144,13 @@ def crash_after_first_checkpoint(job: TrainJob, report) -> dict:
     return train_worker(job, report_then_crash)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_crashed_worker_group_restarts_from_last_reported_checkpoint(tmp_path: Path):
     """FailureConfig(max_failures=1): rank 1 dies after the step-4 checkpoint; Ray Train
     restarts both workers, which resume from the step-4 checkpoint (read from Ray's pointer)
-    and finish all 6 steps."""
+    and finish all 6 steps. (``make test-heavy``: 31 s of the 15-minute CI budget, which is
+    nearly spent; CI keeps the relaunch after a kill in tests/test_reliability.py, and
+    tests/test_soak.py kills workers under this same restart path.)"""
     from longctx.config.recipe import load_recipe
     from longctx.launch.ray_cluster import ray_cluster
     from longctx.launch.ray_train import fit_on_ray, new_launch_id
