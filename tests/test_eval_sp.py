@@ -196,10 +196,13 @@ def test_ring2_in_training_evaluation_equals_one_process_eval_of_its_checkpoint(
     assert_same_results(in_training, read_outputs(one_process_eval))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_eval_on_two_ray_workers_with_ring2_writes_the_one_process_json(
     ring_run, one_process_eval, tmp_path
 ):
+    """``longctx eval --workers 2`` with ring 2 writes the one-process results (``make
+    test-heavy``: 24 s of the nearly spent CI budget; CI keeps sharded evaluation on gloo ranks
+    and in-training evaluation on Ray workers above)."""
     out = tmp_path / "sharded"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(VENV / "torch_extensions")}
     command = [str(LONGCTX), "eval", str(ring_run), "--task", "ppl", "passkey"]
