@@ -115,7 +115,7 @@ class _SegmentMaps(torch.autograd.Function):
         ctx.seg, ctx.used = seg, used
         batch, heads = x.shape[:2]
         out = x.new_empty(batch * heads, used // seg, weight.shape[0])
-        for part in _query_chunks_of(used // seg, SEGMENT_CHUNK):
+        for part in _slices(used // seg, SEGMENT_CHUNK):
             out[:, part] = _segments(x, seg, part) @ weight.T
         return out
 
@@ -126,7 +126,7 @@ class _SegmentMaps(torch.autograd.Function):
         batch, heads, _, dim = x.shape
         dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None  # 0 past ``used``
         dweight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for part in _query_chunks_of(ctx.used // seg, SEGMENT_CHUNK):
+        for part in _slices(ctx.used // seg, SEGMENT_CHUNK):
             rows = grad[:, part]  # [B H, s, O]
             if dweight is not None:
                 dweight.addmm_(rows.flatten(0, 1).T, _segments(x, seg, part).flatten(0, 1))
@@ -172,9 +172,9 @@ class BlockCompressor(nn.Module):
         (``_SegmentMaps``), ONE GEMM maps every segment to its l / g partial products of each
         map, and block i adds those of its segments ``i d / g + c`` (strided slices). Against a
         strided conv1d plus avg_pool1d (the former form), this keeps no unfolded or im2col
-        buffer: at
-        T=32768 (2 heads, D=64, l=32, d=16) the conv's forward and backward temporaries raised
-        NSA's peak resident memory by ~50 MiB; the GEMM's are [.., T / g, 2 l D / g] floats.
+        buffer: at T=32768 (2 heads, D=64, l=32, d=16) the conv's forward and backward
+        temporaries raised NSA's peak resident memory by ~50 MiB; the GEMM's are
+        [.., T / g, 2 l D / g] floats.
         """
         batch, heads, length, dim = x.shape
         count = self.num_blocks(length)
@@ -307,7 +307,7 @@ def _document_first_blocks(sides: QueryKeySides, select_block: int) -> Tensor | 
     return first.gather(1, index) // select_block
 
 
-def _query_chunks_of(length: int, size: int) -> list[slice]:
+def _slices(length: int, size: int) -> list[slice]:
     """``range(length)`` in consecutive slices of ``size``."""
     return [slice(a, min(a + size, length)) for a in range(0, length, size)]
 
