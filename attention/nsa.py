@@ -15,26 +15,29 @@ branch (x is the layer's normed input, ``ctx.hidden``):
 - sliding window: the last ``w`` tokens, through the tiled kernel with a window mask.
 
 A branch with no visible key contributes 0. Cost: the compressed branch reads ``T / d`` keys
-(in forward it is computed inside the importance pass, which sees per query chunk only the
-compressed blocks the chunk can see), the selection branch is block-major (``nsa_selection``:
-per key block, one GEMM against the queries that chose it, so it costs ``n l'`` keys per query
-whatever the selections look like), and the window branch ``w`` keys; nothing T x T exists.
-Memory: the gated sum runs as one autograd function (``nsa_gated.GatedBranchAttention``) that
-frees the selection branch's output at the start of backward and recomputes the compressed and
-window branches per query tile there.
+(``nsa_compressed``: materialised probabilities per query chunk, which sees only the compressed
+blocks it can; in forward inside the importance pass), the selection branch is block-major
+(``nsa_selection``: per key block, one GEMM against the queries that chose it, so it costs
+``n l'`` keys per query whatever the selections look like), and the window branch ``w`` keys;
+nothing T x T exists. Memory: the gated sum runs as one autograd function
+(``nsa_gated.GatedBranchAttention``) that frees the selection branch's output at the start of
+backward, takes the compressed branch's gradients from its probabilities re-formed from the
+saved lse, and recomputes the window branch per query tile.
 
 Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8, Hkv=2, D=64, fp32, one thread, T=32768,
 token-major inputs and a random output gradient as the model hands them over, 2026-12-05
-06:05 UTC, machine shared with one test run): fwd+bwd 2.88x (random inputs) / 2.94x (coherent)
-faster than dense (34.1 s against 11.9 / 11.6 s), peak memory 0.98x / 1.00x dense (live
-tensors: the forward's out and saved selection output, 128 MiB, against dense attention's out,
-dq, dk and dv in its backward, 160 MiB). Where the time goes (random inputs): forward ~4.1 s
-(importance pass with the compressed branch 0.9, top-n 0.5, window tiles 0.4, selection 1.7),
-backward ~7.4 s (compressed and window recompute 1.3, their flash backward 2.6, selection 2.8).
-Most of it is the flash op's and the selection's GEMMs (1.9 s of the selection's 4.5) and the
-selection's row gathers and scatter-adds (~1.3 s, bound by memory: rows of scattered tokens):
-NSA scores ~15% of dense causal attention's (query, key) pairs, but the compressed and window
-branches three times (forward, recompute, backward), the price of the memory bound.
+11:04 UTC, machine shared with a helper's test runs): fwd+bwd 2.65x (random inputs) / 2.76x
+(coherent) faster than dense (30.7 s against 11.6 / 11.1 s; the same case took 12.4-12.5 s
+before the compressed backward was materialised, 11.6-12.1 s after, in alternating runs), peak
+memory 0.98x / 0.99x dense (live tensors: the forward's out and saved selection output,
+128 MiB, against dense attention's out, dq, dk and dv in its backward, 160 MiB). Where the time
+goes (random inputs, one run of 10.3 s): forward: compressed branch with the importance 1.0,
+window tiles 0.6, selection 1.5, top-n, compressors and gates ~0.9; backward: compressed 1.9,
+window recompute 0.6 and flash backward 0.9, selection 2.7. Most of it is GEMMs; the rest is
+the selection's row gathers and scatter-adds (bound by memory: rows of scattered tokens) and
+per-op overhead (~300k small ops). NSA scores ~15% of dense causal attention's (query, key)
+pairs, but the window branch three times (forward, recompute, backward), the price of the
+memory bound.
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 
@@ -55,7 +58,6 @@ The window branch uses ``attention.nsa.window``; a model's own ``sliding_window`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,21 +67,14 @@ from longctx.attention.config import AttentionConfig, NSAConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.core import AttentionCore, AttentionShape
 from longctx.attention.mask import MaskSpec
+from longctx.attention.nsa_compressed import CompressedBranch, CompressedChunk
 from longctx.attention.nsa_gated import GatedBranchAttention, NSAProblem, tiled_kernel
 from longctx.attention.nsa_selection import QueryKeySides
 from longctx.attention.sequence_keys import sequence_keys
 from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
 
-# Elements (rows x compressed blocks x heads) of one step of the importance pass: bounds its
-# [B, Hkv, G, rows, nc] probability temporary (2 MiB in float32, so the step's elementwise
-# passes stay in cache) whatever T is. At T=32768 2**19 times like 2**20 (11.2 s) with a 7 MiB
-# lower resident peak; at T=16384: 0.88/0.77/0.75 s for 2**18/2**20/2**22.
-IMPORTANCE_STEP_ELEMENTS = 2**19
-# Most query rows in one step: bounds the step's copy of their q rows and its top-n temporaries
-# when the queries see few blocks.
-IMPORTANCE_STEP_ROWS = 512
-# Tile (tokens) of the compressed and window branches when the recipe sets no
+# Tile (tokens) of the window branch when the recipe sets no
 # attention.chunk_size. Measured (cpu_flash, T=8192, 8 heads, D=64, fwd+bwd, one thread, CPU s):
 # compressed 0.30/0.30/0.37/0.38 s and 512-token window 0.53/0.58/0.76/1.31 s at tiles
 # 128/256/512/1024: small tiles skip more of the hidden keys of these thin masks.
@@ -312,23 +307,6 @@ def _slices(length: int, size: int) -> list[slice]:
     return [slice(a, min(a + size, length)) for a in range(0, length, size)]
 
 
-def _query_chunks(widths: list[int], budget: int) -> list[slice]:
-    """Consecutive query rows cut into chunks of at most ``IMPORTANCE_STEP_ROWS`` rows whose
-    rows x widest row (compressed blocks seen) stays within ``budget`` (one row at least): the
-    importance pass's [rows, blocks] temporaries stay bounded, and early queries, which see few
-    blocks, go more at a time (at T=32768: ~300 chunks instead of 512 of 64 rows, each with a
-    dozen small top-n ops)."""
-    chunks, start, widest = [], 0, 1
-    for row, width in enumerate(widths):
-        wider = max(widest, width)
-        rows = row - start + 1
-        if rows > 1 and (rows > IMPORTANCE_STEP_ROWS or rows * wider > budget):
-            chunks.append(slice(start, row))
-            start, wider = row, max(width, 1)
-        widest = wider
-    return chunks + [slice(start, len(widths))] if widths else []
-
-
 def _top_blocks(ranked: Tensor, keep: int) -> Tensor:
     """Indices of the ``keep`` largest entries of ``ranked`` [..., ns], ties to the lower index:
     [..., keep] in increasing index order (the selection is a set).
@@ -429,7 +407,8 @@ class NSAAttention(AttentionCore):
         sides = QueryKeySides(ctx.seq_positions.to(q.device), ctx.doc_ids, keys.doc_ids)
         settings, length = self.settings, k.shape[2]
         num_compressed = self.compress_key.num_blocks(length)
-        ck = cv = compressed = importance = None
+        ck = cv = compressed = None
+        scale = 1.0 / math.sqrt(q.shape[-1])
         if num_compressed:  # else shorter than one block: no compressed key, zero importance
             ck, cv = self.compress_key(k), self.compress_value(v)  # [B, Hkv, nc, D]
             block_ends = (
@@ -439,21 +418,17 @@ class NSAAttention(AttentionCore):
             block_docs = None
             if sides.k_doc_ids is not None:
                 block_docs = _compressed_doc_ids(sides.k_doc_ids, num_compressed, settings)
-            compressed = MaskSpec(
-                q_positions=sides.q_positions, k_positions=block_ends,
-                q_doc_ids=sides.q_doc_ids, k_doc_ids=block_docs,
-            ).bind(q.shape[2], num_compressed, device=q.device)  # fmt: skip
-            importance = (ck.detach(), cv.detach(), block_ends, block_docs)
+            compressed = CompressedBranch(
+                sides, block_ends, block_docs, settings.compress_block,
+                settings.compress_stride, scale,
+            )  # fmt: skip
         window = MaskSpec(
             q_positions=sides.q_positions, q_doc_ids=sides.q_doc_ids,
             k_doc_ids=sides.k_doc_ids, window=settings.window,
         ).bind(q.shape[2], length, device=q.device)  # fmt: skip
-        scale = 1.0 / math.sqrt(q.shape[-1])
 
-        def select(queries: Tensor, take_compressed: Callable[[slice, Tensor], None]) -> Tensor:
-            return self._select_blocks(
-                queries, k.shape[1], length, importance, sides, scale, take_compressed
-            )
+        def select(queries, ck, cv, take_compressed) -> Tensor:
+            return self._select_blocks(queries, ck, cv, length, compressed, sides, take_compressed)
 
         kernel, tile = tiled_kernel(self.config.backend, q, self.config.chunk_size or BRANCH_TILE)
         problem = NSAProblem(
@@ -461,56 +436,41 @@ class NSAAttention(AttentionCore):
         )
         return GatedBranchAttention.apply(q, k, v, ck, cv, gates, problem)
 
-    def _select_blocks(
-        self, q, kv_heads, length, importance, sides, scale, take_compressed
-    ) -> Tensor:
+    def _select_blocks(self, q, ck, cv, length, compressed, sides, take_compressed) -> Tensor:
         """Top-n selection blocks per (batch, kv head, query) over ``length`` keys:
         [B, Hkv, Tq, n] int32, -1 = none (written chunk by chunk into one int32 tensor: at
-        T=32768 a list of int64 chunks and their concatenation held 16 MiB instead of 4)."""
+        T=32768 a list of int64 chunks and their concatenation held 16 MiB instead of 4).
+
+        The importance comes from the compressed branch (``compressed``, None when the sequence
+        is shorter than one block: all zero) on ck, cv [B, Hkv, nc, D], whose output and lse
+        each chunk hands to ``take_compressed(rows, o_cmp, lse)``."""
         settings = self.settings
-        batch, heads, _, dim = q.shape
+        batch, heads = q.shape[:2]
         select = settings.select_block
         num_select = -(-length // select)
         keep = min(settings.select_top_n, num_select)
         block_index = torch.arange(num_select, device=q.device)
-        score_dtype = torch.promote_types(q.dtype, torch.float32)
-        overlap, chunks = None, [slice(0, q.shape[2])]
-        if importance is not None:
-            ck, cv, block_ends, block_docs = importance
-            # in float32 at least (the compressed branch's output comes from here), scaled once
-            ck, cv = ck.to(score_dtype) * scale, cv.to(score_dtype)
+        overlap, chunks = None, [CompressedChunk(slice(0, q.shape[2]), 0, None, 0, None)]
+        if compressed is not None:
+            ck = compressed.scaled_keys(ck)  # float32 at least: the branch's output comes here
+            cv = cv.to(ck.dtype)
             if select % settings.compress_stride:  # irregular overlaps: an index
                 overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
-            seen = (sides.q_positions - settings.compress_block + 1) // settings.compress_stride
-            widths = (seen + 1).clamp(0, ck.shape[2]).tolist()  # compressed blocks per query
-            chunks = _query_chunks(widths, IMPORTANCE_STEP_ELEMENTS // (batch * heads))
+            chunks = compressed.chunks(batch * heads)
         doc_first = _document_first_blocks(sides, select)  # [B, Tq] or None: block 0
+        kv_heads = heads // self.group
         chosen = torch.empty(batch, kv_heads, q.shape[2], keep, dtype=torch.int32, device=q.device)
-        for rows in chunks:
-            query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
-            count, last = len(query_pos), int(query_pos.max())
-            started_blocks = min(num_select, last // select + 1)  # blocks any query here sees
-            scores = None  # [B, Hkv, c, started]: no compressed block seen, all zero
-            if importance is not None:
-                # compressed blocks ending at or before the last query: the rest are unseen
-                visible = min(
-                    ck.shape[2],
-                    max(0, (last - settings.compress_block + 1) // settings.compress_stride + 1),
-                )
-                if visible:
-                    ends = block_ends[:visible]
-                    per_block, o_cmp = self._block_importance(
-                        q[:, :, rows],
-                        ck[:, :, :visible],
-                        cv[:, :, :visible],
-                        ends <= query_pos[:, None],
-                        int((ends <= query_pos.min()).sum()),  # blocks every query here sees
-                        None if query_docs is None else (block_docs[:, :visible], query_docs),
-                    )  # [B, Hkv, c, visible], [B, Hq, c, D]
-                    take_compressed(rows, o_cmp)
-                    scores = _selection_scores(per_block, started_blocks, settings, overlap)
-            if scores is None:
-                scores = q.new_zeros(batch, kv_heads, count, started_blocks, dtype=score_dtype)
+        for chunk in chunks:
+            rows = chunk.rows
+            query_pos = sides.q_positions[rows]  # [c]
+            started_blocks = min(num_select, int(query_pos.max()) // select + 1)  # any query sees
+            if chunk.visible:
+                per_block, o_cmp, lse = compressed.forward(q, ck, cv, chunk)
+                take_compressed(rows, o_cmp, lse)
+                scores = _selection_scores(per_block, started_blocks, settings, overlap)
+            else:  # no compressed block seen: all zero
+                dtype = torch.promote_types(q.dtype, torch.float32)
+                scores = q.new_zeros(batch, kv_heads, len(query_pos), started_blocks, dtype=dtype)
             current = (query_pos // select)[:, None]  # [c, 1]
             index = block_index[:started_blocks]
             started = index[None, :] <= current  # block begins at or before the query
@@ -522,40 +482,6 @@ class NSAAttention(AttentionCore):
             top = _top_blocks(ranked, keep)  # [B, Hkv, c, keep]
             chosen[:, :, rows] = torch.where(top <= current, top, -1)  # not started: fewer than n
         return chosen
-
-    @staticmethod
-    def _block_importance(q, ck, cv, seen, seen_by_all, docs) -> tuple[Tensor, Tensor]:
-        """The compressed branch on a chunk of queries, and what selection reads off it.
-
-        q [B, Hq, c, D]; ck [B, Hkv, nc, D] scaled by 1/sqrt(D), cv [B, Hkv, nc, D] (both in
-        the accumulation dtype, float32 or float64, which the results take): the
-        compressed blocks ending at or before the chunk's last query (so each row's softmax is
-        complete here); ``seen`` [c, nc] causal visibility, of which the first ``seen_by_all``
-        columns are all True (blocks ending before the chunk's first query: without documents
-        only the few columns after them are masked, 0.15 s less forward at T=32768); ``docs``
-        (block docs [B, nc], query docs [B, c]). Returns the compression attention
-        probabilities summed over each GQA group [B, Hkv, c, nc] (the importance) and the branch's output [B, Hq, c, D] (0 for a
-        query that sees no block). The probabilities must exist whole for the importance, so
-        the output is one more GEMM on them instead of a second tiled pass over the same
-        logits (at T=32768: ~0.8 s of the flash kernel saved for ~0.3 s here).
-        """
-        batch, heads, count, dim = q.shape
-        kv_heads = ck.shape[1]
-        queries = q.reshape(batch, kv_heads, -1, dim).to(ck.dtype)  # [B, Hkv, G c, D]
-        logits = queries @ ck.transpose(-1, -2)  # [B, Hkv, G c, nc]
-        logits = logits.view(batch, kv_heads, -1, count, ck.shape[2])
-        if docs is None:  # exp -> 0 where hidden
-            logits[..., seen_by_all:].masked_fill_(~seen[:, seen_by_all:], float("-inf"))
-        else:  # [B, c, nc]
-            seen = seen & (docs[0][:, None, :] == docs[1][:, :, None])
-            logits.masked_fill_(~seen[:, None, None], float("-inf"))
-        row_max = logits.amax(-1, keepdim=True)  # [B, Hkv, G, c, 1]
-        row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)  # sees no block
-        probs = logits.sub_(row_max).exp_()
-        total = probs.sum(-1, keepdim=True)
-        probs = probs.div_(torch.where(total > 0, total, 1.0))
-        out = probs.view(batch, kv_heads, -1, ck.shape[2]) @ cv  # [B, Hkv, G c, D]
-        return probs.sum(2), out.view(batch, heads, count, dim)
 
     def extra_repr(self) -> str:
         s = self.settings

@@ -7,20 +7,24 @@ own output (for its flash backward), the three gated products, and a full dq per
 ten [B, Hq, Tq, D] tensors at once, 2.8x dense attention's peak at T=32k. Here:
 
 - forward accumulates the gated branches into one ``out``: the compressed branch inside the
-  block selection's importance pass (``NSAAttention._block_importance``: the compression
-  probabilities exist there whole per query chunk, so its output is one more GEMM on them),
+  block selection's importance pass (``nsa_compressed.CompressedBranch.forward``: the
+  compression probabilities exist there whole per query chunk, so its output is one more GEMM
+  on them),
   the window branch a query tile at a time (tiled kernels, ``attention/tiling.py``), the
   selection branch block-major (``nsa_selection``). No branch output but the selection's
   exists whole.
-- saved: q, k, v, the compressed keys/values, the gates and the selection branch's output and
-  lse. Backward first takes the selection output's row sums ``rowsum(dout * o_slc)`` (the
-  gate's gradient and the softmax term), then frees its storage before dq, dk, dv are
-  allocated (recomputing it would cost a second forward of the dearest branch). It stays a
-  saved tensor, so activation checkpointing and offload hooks handle it like any other.
-- backward recomputes the compressed and window outputs per query tile (``o``, ``lse``), reads
-  the gate gradient ``rowsum(dout * o)`` off them, and runs the tile's flash backward with the
-  branch's output gradient ``g dout``; dq, dk, dv (and the compressed keys' gradients) are
-  accumulated in place across branches and tiles.
+- saved: q, k, v, the compressed keys/values, the gates, the compressed branch's lse and the
+  selection branch's output and lse. Backward first takes the selection output's row sums
+  ``rowsum(dout * o_slc)`` (the gate's gradient and the softmax term), then frees its storage
+  before dq, dk, dv are allocated (recomputing it would cost a second forward of the dearest
+  branch). It stays a saved tensor, so activation checkpointing and offload hooks handle it
+  like any other.
+- backward re-forms the compressed branch's probabilities from its lse chunk by chunk and takes
+  its gradients and its gate's from them (``CompressedBranch.backward``: no output
+  recomputed), recomputes the window output per query tile (``o``, ``lse``), reads the gate
+  gradient ``rowsum(dout * o)`` off it and runs the tile's flash backward with the branch's
+  output gradient ``g dout``; dq, dk, dv (and the compressed keys' gradients) are accumulated
+  in place across branches and tiles.
 
 Peak beyond the inputs (B=1, Hq=8, D=64, fp32; ``bench/sparse_nsa_mosa.py``'s memory run, live
 tensors): forward: out and the selection output (128 MiB at T=32768) and the selection plan;
@@ -41,6 +45,7 @@ from torch import Tensor
 from longctx.attention.kernels import DEFAULT_CHUNK, TILE_KERNELS, resolve_backend
 from longctx.attention.mask import MaskSpec
 from longctx.attention.merge import merge_partials
+from longctx.attention.nsa_compressed import CompressedBranch
 from longctx.attention.nsa_selection import (
     QueryKeySides,
     output_row_sums,
@@ -58,29 +63,20 @@ TILED_BACKENDS = ("chunked", "cpu_flash", "flash")
 
 
 @dataclass(frozen=True)
-class TiledBranch:
-    """One tiled branch: its keys and values are the fused function's tensors ``keys`` and
-    ``keys + 1`` (1: k, v; 3: ck, cv), seen under ``mask`` (bound to (Tq, Tk))."""
-
-    keys: int
-    mask: MaskSpec
-    gate: int  # 0 compression, 2 window
-
-
-@dataclass(frozen=True)
 class NSAProblem:
-    """Everything but the tensors: where queries and keys sit, the kernel, the branch masks and
-    the block selection (``select(q, take_compressed) -> selected [B, Hkv, Tq, n]``, which
-    also computes the compressed branch's output and hands it over chunk by chunk as
-    ``take_compressed(rows, o_cmp [B, Hq, c, D])``)."""
+    """Everything but the tensors: where queries and keys sit, the window branch's kernel, tile
+    and mask (bound to (Tq, Tk)), the compressed branch (None: the sequence is shorter than one
+    compressed block) and the block selection (``select(q, ck, cv, take_compressed) ->
+    selected [B, Hkv, Tq, n]``, which also computes the compressed branch and hands it over
+    chunk by chunk as ``take_compressed(rows, o_cmp [B, Hq, c, D], lse [B, Hq, c])``)."""
 
     sides: QueryKeySides
     scale: float
     kernel: TileKernel
     tile: int
-    compressed: MaskSpec | None  # None: the sequence is shorter than one compressed block
+    compressed: CompressedBranch | None
     window: MaskSpec
-    select: Callable[[Tensor, Callable[[slice, Tensor], None]], Tensor]
+    select: Callable[..., Tensor]
     select_block: int
 
 
@@ -91,25 +87,18 @@ def tiled_kernel(backend: str, q: Tensor, chunk_size: int | None) -> tuple[TileK
     return TILE_KERNELS[backend], chunk_size or DEFAULT_CHUNK[backend]
 
 
-def _tile_forward(problem, branch, q, k, v, query_tile) -> tuple[Tensor, Tensor]:
-    """One query tile of a tiled branch: out [B, Hq, t, D], lse [B, Hq, t] over its pieces."""
+def _window_forward(problem, q, k, v, query_tile) -> tuple[Tensor, Tensor]:
+    """One query tile of the window branch: out [B, Hq, t, D], lse [B, Hq, t] over its pieces."""
     rows = query_tile.queries
     q_tile = q[:, :, rows]
     merged = None
     for piece in query_tile.pieces:
         part = problem.kernel.forward(
             q_tile, k[:, :, piece.keys], v[:, :, piece.keys], piece.kind,
-            piece_mask(branch.mask, rows, piece), problem.scale,
+            piece_mask(problem.window, rows, piece), problem.scale,
         )  # fmt: skip
         merged = part if merged is None else merge_partials(*merged, *part)
     return merged[0].to(q.dtype), merged[1]
-
-
-def _branches(problem: NSAProblem) -> list[TiledBranch]:
-    window = TiledBranch(1, problem.window, 2)
-    if problem.compressed is None:
-        return [window]
-    return [TiledBranch(3, problem.compressed, 0), window]
 
 
 class GatedBranchAttention(torch.autograd.Function):
@@ -123,22 +112,25 @@ class GatedBranchAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ck, cv, gates, problem):
         out = torch.zeros_like(q)
+        lse_cmp = torch.full(
+            q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device
+        )
 
-        def take_compressed(rows: slice, o_cmp: Tensor) -> None:
+        def take_compressed(rows: slice, o_cmp: Tensor, lse: Tensor) -> None:
             out[:, :, rows].addcmul_(gates[0, :, :, rows], o_cmp)
+            lse_cmp[:, :, rows] = lse
 
-        selected = problem.select(q, take_compressed)
-        window = _branches(problem)[-1]
-        for query_tile in plan_tiles(window.mask, problem.tile, problem.kernel.fused):
+        selected = problem.select(q, ck, cv, take_compressed)
+        for query_tile in plan_tiles(problem.window, problem.tile, problem.kernel.fused):
             rows = query_tile.queries
-            o_tile, _ = _tile_forward(problem, window, q, k, v, query_tile)
+            o_tile, _ = _window_forward(problem, q, k, v, query_tile)
             out[:, :, rows].addcmul_(gates[2, :, :, rows], o_tile)
         plans = selection_plans(selected, problem.select_block, k.shape[2], problem.sides)
         o_slc, lse_slc = selection_forward(q, k, v, plans, problem.sides, problem.scale)
         out.addcmul_(gates[1], o_slc)
         # Saved (not held on ctx) so that activation checkpointing and offload hooks see it;
         # backward frees its storage once it has taken its row sums, before dq, dk, dv exist.
-        ctx.save_for_backward(q, k, v, ck, cv, gates, o_slc, lse_slc)
+        ctx.save_for_backward(q, k, v, ck, cv, gates, o_slc, lse_slc, lse_cmp)
         ctx.problem, ctx.plans, ctx.selection_freed = problem, plans, False
         return out
 
@@ -149,7 +141,7 @@ class GatedBranchAttention(torch.autograd.Function):
                 "NSA's fused attention frees its selection output during backward, so it cannot "
                 "be differentiated twice (retain_graph=True); recompute the forward instead"
             )
-        q, k, v, ck, cv, gates, o_slc, lse_slc = ctx.saved_tensors
+        q, k, v, ck, cv, gates, o_slc, lse_slc, lse_cmp = ctx.saved_tensors
         problem = ctx.problem
         acc = compute_dtype(q.dtype)
         slc_sums = output_row_sums(dout, o_slc)  # [B, Hq, Tq]
@@ -162,30 +154,31 @@ class GatedBranchAttention(torch.autograd.Function):
         ]  # dq (token-major, as the selection scatters rows), dk, dv, dck, dcv (each in its
         # input's layout), accumulated in place by every branch
         dgates = torch.zeros(gates.shape, dtype=acc, device=q.device)
-        for branch in _branches(problem):
-            keys, values = tensors[branch.keys], tensors[branch.keys + 1]
-            dkeys, dvalues = grads[branch.keys], grads[branch.keys + 1]
-            gate = gates[branch.gate]
-            for query_tile in plan_tiles(branch.mask, problem.tile, problem.kernel.fused):
-                rows = query_tile.queries
-                o_tile, lse_tile = _tile_forward(problem, branch, q, keys, values, query_tile)
-                dout_tile = dout[:, :, rows]
-                row_sums = (dout_tile.to(acc) * o_tile.to(acc)).sum(-1, keepdim=True)
-                dgates[branch.gate, :, :, rows] = row_sums
-                gate_tile = gate[:, :, rows]
-                branch_dout = (dout_tile * gate_tile).to(q.dtype)  # d out_branch
-                safe_lse = torch.where(torch.isneginf(lse_tile), 0.0, lse_tile)
-                delta = (row_sums * gate_tile.to(acc))[..., 0]  # rowsum(d o_branch * o_branch)
-                q_tile = q[:, :, rows]
-                for piece in query_tile.pieces:
-                    dq_p, dk_p, dv_p = problem.kernel.backward(
-                        branch_dout, q_tile, keys[:, :, piece.keys], values[:, :, piece.keys],
-                        o_tile, safe_lse, delta, piece.kind,
-                        piece_mask(branch.mask, rows, piece), problem.scale,
-                    )  # fmt: skip
-                    grads[0][:, :, rows] += dq_p
-                    dkeys[:, :, piece.keys] += dk_p
-                    dvalues[:, :, piece.keys] += dv_p
+        if problem.compressed is not None:
+            dgates[0] = problem.compressed.backward(
+                q, ck, cv, dout, gates[0], lse_cmp, (grads[0], grads[3], grads[4])
+            )[..., None]
+        gate = gates[2]
+        for query_tile in plan_tiles(problem.window, problem.tile, problem.kernel.fused):
+            rows = query_tile.queries
+            o_tile, lse_tile = _window_forward(problem, q, k, v, query_tile)
+            dout_tile = dout[:, :, rows]
+            row_sums = (dout_tile.to(acc) * o_tile.to(acc)).sum(-1, keepdim=True)
+            dgates[2, :, :, rows] = row_sums
+            gate_tile = gate[:, :, rows]
+            branch_dout = (dout_tile * gate_tile).to(q.dtype)  # d out_window
+            safe_lse = torch.where(torch.isneginf(lse_tile), 0.0, lse_tile)
+            delta = (row_sums * gate_tile.to(acc))[..., 0]  # rowsum(d o_window * o_window)
+            q_tile = q[:, :, rows]
+            for piece in query_tile.pieces:
+                dq_p, dk_p, dv_p = problem.kernel.backward(
+                    branch_dout, q_tile, k[:, :, piece.keys], v[:, :, piece.keys],
+                    o_tile, safe_lse, delta, piece.kind,
+                    piece_mask(problem.window, rows, piece), problem.scale,
+                )  # fmt: skip
+                grads[0][:, :, rows] += dq_p
+                grads[1][:, :, piece.keys] += dk_p
+                grads[2][:, :, piece.keys] += dv_p
         dgates[1] = slc_sums[..., None]
         selection_backward(
             dout, q, k, v, slc_sums, lse_slc, ctx.plans, problem.sides, problem.scale,

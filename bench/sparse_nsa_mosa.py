@@ -21,8 +21,9 @@ number of (query, selected block) pairs, not how alike neighbouring queries' pic
 kinds should time alike; they are kept to show it (an earlier kernel gathered the union of a
 query chunk's blocks and was 2x slower on ``random``).
 NSA runs as one autograd function (``attention/nsa_gated.py``): its peak memory is the saved
-selection output plus dq, dk, dv and tile temporaries, with the compressed and window branches
-recomputed in backward (the price: one more forward of those two branches).
+selection output plus dq, dk, dv and tile temporaries, with the window branch recomputed in
+backward (the price: one more forward of it) and the compressed branch's gradients taken from
+its probabilities, re-formed from the saved lse.
 
 Inputs and the output gradient are token-major views ([1, T, H, D] in memory), the layout
 the model hands its core (q, k, v are views of the projections' outputs, dout of o_proj's input
