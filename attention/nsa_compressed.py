@@ -156,7 +156,8 @@ class CompressedBranch:
         [B, Hq, Tq] (0 where no block is seen)."""
         batch, heads, length, dim = q.shape
         kv_heads = ck.shape[1]
-        dq, dck, dcv = grads
+        dq = grads[0]
+        dck, dcv = (x.flatten(0, 1) for x in grads[1:])  # [B Hkv, nc, D] views
         keys, values = self.scaled_keys(ck), cv.to(dq.dtype)
         gate_sums = torch.zeros(batch, heads, length, dtype=dq.dtype, device=q.device)
         for chunk in self.chunks(batch * heads):
@@ -173,11 +174,15 @@ class CompressedBranch:
             probs = self._scores(queries, keys, chunk).sub_(safe_lse).exp_()  # [B,Hkv,G,c,nv]
             probs = probs.view(batch, kv_heads, -1, chunk.visible)  # [B, Hkv, G c, nv]
             dprobs = douts @ values[:, :, shown].transpose(-1, -2)  # ungated
-            dcv[:, :, shown] += probs.transpose(-1, -2) @ (douts * gates)
+            flat_probs = probs.flatten(0, 1)  # [B Hkv, G c, nv]
+            dcv[:, shown].baddbmm_(flat_probs.transpose(1, 2), (douts * gates).flatten(0, 1))
             dscores = dprobs.mul_(probs)
             sums = dscores.sum(-1, keepdim=True)  # rowsum(dout * o_cmp) [B, Hkv, G c, 1]
-            dscores = dscores.sub_(probs.mul_(sums))  # P (dP - rowsum(P dP)), ungated
+            dscores = dscores.addcmul_(probs, sums, value=-1.0)  # P (dP - rowsum(P dP)), ungated
             dq[:, :, rows] += ((dscores @ keys[:, :, shown]) * gates).view(batch, heads, -1, dim)
-            dck[:, :, shown] += (dscores.transpose(-1, -2) @ (queries * gates)) * self.scale
+            dck[:, shown].baddbmm_(
+                dscores.flatten(0, 1).transpose(1, 2), (queries * gates).flatten(0, 1),
+                alpha=self.scale,
+            )  # fmt: skip
             gate_sums[:, :, rows] = sums.view(batch, heads, -1)
         return gate_sums
