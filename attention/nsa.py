@@ -12,32 +12,32 @@ branch (x is the layer's normed input, ``ctx.hidden``):
   documents the block holding the first token of the query's document, so no forced block is
   hidden by the document mask) and its two most recent blocks, and attends to their raw tokens
   (causal inside its own block). Ties go to the lower block index.
-- sliding window: the last ``w`` tokens, through the tiled kernel with a window mask.
+- sliding window: the last ``w`` tokens (``0 <= t - j < w``).
 
 A branch with no visible key contributes 0. Cost: the compressed branch reads ``T / d`` keys
-(``nsa_compressed``: materialised probabilities per query chunk, which sees only the compressed
-blocks it can; in forward inside the importance pass), the selection branch is block-major
-(``nsa_selection``: per key block, one GEMM against the queries that chose it, so it costs
-``n l'`` keys per query whatever the selections look like), and the window branch ``w`` keys;
+and the window branch ``w`` (``nsa_branches``: materialised probabilities per query chunk,
+which sees only the keys it can; the compressed forward inside the importance pass), and the
+selection branch is block-major (``nsa_selection``: per key block, one GEMM against the
+queries that chose it, so it costs ``n l'`` keys per query whatever the selections look like);
 nothing T x T exists. Memory: the gated sum runs as one autograd function
 (``nsa_gated.GatedBranchAttention``) that frees the selection branch's output at the start of
-backward, takes the compressed branch's gradients from its probabilities re-formed from the
-saved lse, and recomputes the window branch per query tile.
+backward and takes the other two branches' gradients from their probabilities, re-formed from
+their saved lse (no output recomputed). ``attention.backend`` does not apply: the branches are
+plain GEMMs and elementwise ops on any device; ``attention.chunk_size`` sets the window tile.
 
 Measured (``bench/sparse_nsa_mosa.py``, B=1, Hq=8, Hkv=2, D=64, fp32, one thread, T=32768,
 token-major inputs and a random output gradient as the model hands them over, 2026-12-05
-11:04 UTC, machine shared with a helper's test runs): fwd+bwd 2.65x (random inputs) / 2.76x
-(coherent) faster than dense (30.7 s against 11.6 / 11.1 s; the same case took 12.4-12.5 s
-before the compressed backward was materialised, 11.6-12.1 s after, in alternating runs), peak
-memory 0.98x / 0.99x dense (live tensors: the forward's out and saved selection output,
-128 MiB, against dense attention's out, dq, dk and dv in its backward, 160 MiB). Where the time
-goes (random inputs, one run of 10.3 s): forward: compressed branch with the importance 1.0,
-window tiles 0.6, selection 1.5, top-n, compressors and gates ~0.9; backward: compressed 1.9,
-window recompute 0.6 and flash backward 0.9, selection 2.7. Most of it is GEMMs; the rest is
-the selection's row gathers and scatter-adds (bound by memory: rows of scattered tokens) and
-per-op overhead (~300k small ops). NSA scores ~15% of dense causal attention's (query, key)
-pairs, but the window branch three times (forward, recompute, backward), the price of the
-memory bound.
+11:30 UTC, machine shared with a helper's test runs): fwd+bwd 2.96x (random inputs) / 2.92x
+(coherent) faster than dense (32.2 s against 10.9 / 11.0 s; in alternating runs the same case
+took 11.5-12.5 s before the compressed and window backwards were materialised, 10.6-10.9 s
+after), peak memory 0.95x / 1.05x dense (the floor is the forward's out and saved selection
+output, 128 MiB, against dense attention's out, dq, dk and dv in its backward, 160 MiB; NSA's
+measured peak moves by ~15 MiB between identical runs). Where the time goes (one run of
+13.1 s on a slower machine): forward 5.1 s (selection 2.1, compressed with the importance 1.2,
+window 0.8, top-n 0.3), backward 7.8 s (selection 3.7, compressed 2.4, window 1.6). Most of it
+is GEMMs; the rest is the selection's row gathers and scatter-adds (bound by memory: rows of
+scattered tokens) and per-op overhead (~300k small ops). NSA scores ~15% of dense causal
+attention's (query, key) pairs.
 Packed documents: a compressed block is visible only inside one document, and every raw token
 must share the query's document.
 
@@ -66,19 +66,19 @@ from torch import Tensor, nn
 from longctx.attention.config import AttentionConfig, NSAConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.core import AttentionCore, AttentionShape
-from longctx.attention.mask import MaskSpec
-from longctx.attention.nsa_compressed import CompressedBranch, CompressedChunk
-from longctx.attention.nsa_gated import GatedBranchAttention, NSAProblem, tiled_kernel
+from longctx.attention.nsa_branches import (
+    WINDOW_TILE,
+    BranchChunk,
+    CompressedBranch,
+    WindowBranch,
+    attend,
+)
+from longctx.attention.nsa_gated import GatedBranchAttention, NSAProblem
 from longctx.attention.nsa_selection import QueryKeySides
 from longctx.attention.sequence_keys import sequence_keys
 from longctx.errors import LongctxError
 from longctx.positional.config import PositionalConfig
 
-# Tile (tokens) of the window branch when the recipe sets no
-# attention.chunk_size. Measured (cpu_flash, T=8192, 8 heads, D=64, fwd+bwd, one thread, CPU s):
-# compressed 0.30/0.30/0.37/0.38 s and 512-token window 0.53/0.58/0.76/1.31 s at tiles
-# 128/256/512/1024: small tiles skip more of the hidden keys of these thin masks.
-BRANCH_TILE = 128
 # Segments (of gcd(l, d) tokens) per step of the compressors' segment GEMM: bounds the copy of
 # a token-major k or v that the step makes (256 segments of 16 tokens: 2 MiB at Hkv=2, D=64).
 SEGMENT_CHUNK = 256
@@ -419,24 +419,22 @@ class NSAAttention(AttentionCore):
             if sides.k_doc_ids is not None:
                 block_docs = _compressed_doc_ids(sides.k_doc_ids, num_compressed, settings)
             compressed = CompressedBranch(
-                sides, block_ends, block_docs, settings.compress_block,
-                settings.compress_stride, scale,
-            )  # fmt: skip
-        window = MaskSpec(
-            q_positions=sides.q_positions, q_doc_ids=sides.q_doc_ids,
-            k_doc_ids=sides.k_doc_ids, window=settings.window,
-        ).bind(q.shape[2], length, device=q.device)  # fmt: skip
+                sides, block_ends, block_docs, settings.compress_block, settings.compress_stride
+            )
+        tile = self.config.chunk_size or WINDOW_TILE
+        window = WindowBranch(sides, settings.window, tile)
 
         def select(queries, ck, cv, take_compressed) -> Tensor:
-            return self._select_blocks(queries, ck, cv, length, compressed, sides, take_compressed)
+            return self._select_blocks(
+                queries, ck, cv, length, compressed, sides, scale, take_compressed
+            )
 
-        kernel, tile = tiled_kernel(self.config.backend, q, self.config.chunk_size or BRANCH_TILE)
-        problem = NSAProblem(
-            sides, scale, kernel, tile, compressed, window, select, settings.select_block
-        )
+        problem = NSAProblem(sides, scale, compressed, window, select, settings.select_block)
         return GatedBranchAttention.apply(q, k, v, ck, cv, gates, problem)
 
-    def _select_blocks(self, q, ck, cv, length, compressed, sides, take_compressed) -> Tensor:
+    def _select_blocks(
+        self, q, ck, cv, length, compressed, sides, scale, take_compressed
+    ) -> Tensor:
         """Top-n selection blocks per (batch, kv head, query) over ``length`` keys:
         [B, Hkv, Tq, n] int32, -1 = none (written chunk by chunk into one int32 tensor: at
         T=32768 a list of int64 chunks and their concatenation held 16 MiB instead of 4).
@@ -450,10 +448,8 @@ class NSAAttention(AttentionCore):
         num_select = -(-length // select)
         keep = min(settings.select_top_n, num_select)
         block_index = torch.arange(num_select, device=q.device)
-        overlap, chunks = None, [CompressedChunk(slice(0, q.shape[2]), 0, None, 0, None)]
+        overlap, chunks = None, [BranchChunk(slice(0, q.shape[2]), slice(0, 0), None)]
         if compressed is not None:
-            ck = compressed.scaled_keys(ck)  # float32 at least: the branch's output comes here
-            cv = cv.to(ck.dtype)
             if select % settings.compress_stride:  # irregular overlaps: an index
                 overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
             chunks = compressed.chunks(batch * heads)
@@ -464,10 +460,10 @@ class NSAAttention(AttentionCore):
             rows = chunk.rows
             query_pos = sides.q_positions[rows]  # [c]
             started_blocks = min(num_select, int(query_pos.max()) // select + 1)  # any query sees
-            if chunk.visible:
-                per_block, o_cmp, lse = compressed.forward(q, ck, cv, chunk)
+            if chunk.width:
+                probs, o_cmp, lse = attend(q, ck, cv, chunk, scale)  # [B, Hkv, G, c, nv]
                 take_compressed(rows, o_cmp, lse)
-                scores = _selection_scores(per_block, started_blocks, settings, overlap)
+                scores = _selection_scores(probs.sum(2), started_blocks, settings, overlap)
             else:  # no compressed block seen: all zero
                 dtype = torch.promote_types(q.dtype, torch.float32)
                 scores = q.new_zeros(batch, kv_heads, len(query_pos), started_blocks, dtype=dtype)
@@ -487,5 +483,5 @@ class NSAAttention(AttentionCore):
         s = self.settings
         return (
             f"l={s.compress_block}, d={s.compress_stride}, l'={s.select_block}, "
-            f"n={s.select_top_n}, w={s.window}, backend={self.config.backend}"
+            f"n={s.select_top_n}, w={s.window}, window_tile={self.config.chunk_size or WINDOW_TILE}"
         )

@@ -42,10 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from longctx.attention.kernels import DEFAULT_CHUNK, TILE_KERNELS, resolve_backend
-from longctx.attention.mask import MaskSpec
-from longctx.attention.merge import merge_partials
-from longctx.attention.nsa_compressed import CompressedBranch
+from longctx.attention.nsa_branches import CompressedBranch, WindowBranch, attend, branch_backward
 from longctx.attention.nsa_selection import (
     QueryKeySides,
     output_row_sums,
@@ -54,51 +51,24 @@ from longctx.attention.nsa_selection import (
     selection_plans,
     token_major_zeros,
 )
-from longctx.attention.tiling import TileKernel, compute_dtype, piece_mask, plan_tiles
+from longctx.attention.tiling import compute_dtype
 from longctx.errors import LongctxError
-
-# The tiled kernels NSA's tile loops can drive; reference and flex (no tile entry point) run
-# the branches on the plain-torch chunked tiles.
-TILED_BACKENDS = ("chunked", "cpu_flash", "flash")
 
 
 @dataclass(frozen=True)
 class NSAProblem:
-    """Everything but the tensors: where queries and keys sit, the window branch's kernel, tile
-    and mask (bound to (Tq, Tk)), the compressed branch (None: the sequence is shorter than one
-    compressed block) and the block selection (``select(q, ck, cv, take_compressed) ->
-    selected [B, Hkv, Tq, n]``, which also computes the compressed branch and hands it over
-    chunk by chunk as ``take_compressed(rows, o_cmp [B, Hq, c, D], lse [B, Hq, c])``)."""
+    """Everything but the tensors: where queries and keys sit, the softmax scale, the
+    compressed branch (None: the sequence is shorter than one compressed block), the window
+    branch and the block selection (``select(q, ck, cv, take_compressed) -> selected
+    [B, Hkv, Tq, n]``, which also computes the compressed branch and hands it over chunk by
+    chunk as ``take_compressed(rows, o_cmp [B, Hq, c, D], lse [B, Hq, c])``)."""
 
     sides: QueryKeySides
     scale: float
-    kernel: TileKernel
-    tile: int
     compressed: CompressedBranch | None
-    window: MaskSpec
+    window: WindowBranch
     select: Callable[..., Tensor]
     select_block: int
-
-
-def tiled_kernel(backend: str, q: Tensor, chunk_size: int | None) -> tuple[TileKernel, int]:
-    """The tile kernel for ``backend`` on tensors like ``q`` and its tile size."""
-    backend = resolve_backend(backend, q)
-    backend = backend if backend in TILED_BACKENDS else "chunked"
-    return TILE_KERNELS[backend], chunk_size or DEFAULT_CHUNK[backend]
-
-
-def _window_forward(problem, q, k, v, query_tile) -> tuple[Tensor, Tensor]:
-    """One query tile of the window branch: out [B, Hq, t, D], lse [B, Hq, t] over its pieces."""
-    rows = query_tile.queries
-    q_tile = q[:, :, rows]
-    merged = None
-    for piece in query_tile.pieces:
-        part = problem.kernel.forward(
-            q_tile, k[:, :, piece.keys], v[:, :, piece.keys], piece.kind,
-            piece_mask(problem.window, rows, piece), problem.scale,
-        )  # fmt: skip
-        merged = part if merged is None else merge_partials(*merged, *part)
-    return merged[0].to(q.dtype), merged[1]
 
 
 class GatedBranchAttention(torch.autograd.Function):
@@ -112,25 +82,28 @@ class GatedBranchAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ck, cv, gates, problem):
         out = torch.zeros_like(q)
-        lse_cmp = torch.full(
-            q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device
-        )
+        lse_cmp, lse_win = (
+            torch.full(q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
+            for _ in range(2)
+        )  # [B, Hq, Tq] each
 
         def take_compressed(rows: slice, o_cmp: Tensor, lse: Tensor) -> None:
             out[:, :, rows].addcmul_(gates[0, :, :, rows], o_cmp)
             lse_cmp[:, :, rows] = lse
 
-        selected = problem.select(q, ck, cv, take_compressed)
-        for query_tile in plan_tiles(problem.window, problem.tile, problem.kernel.fused):
-            rows = query_tile.queries
-            o_tile, _ = _window_forward(problem, q, k, v, query_tile)
-            out[:, :, rows].addcmul_(gates[2, :, :, rows], o_tile)
+        selected = problem.select(q, ck, cv, take_compressed)  # [B, Hkv, Tq, n]
         plans = selection_plans(selected, problem.select_block, k.shape[2], problem.sides)
+        del selected  # the plans hold its pairs block-major
+        for chunk in problem.window.chunks(q.shape[0] * q.shape[1]):
+            rows = chunk.rows
+            _, o_win, lse = attend(q, k, v, chunk, problem.scale)
+            out[:, :, rows].addcmul_(gates[2, :, :, rows], o_win)
+            lse_win[:, :, rows] = lse
         o_slc, lse_slc = selection_forward(q, k, v, plans, problem.sides, problem.scale)
         out.addcmul_(gates[1], o_slc)
         # Saved (not held on ctx) so that activation checkpointing and offload hooks see it;
         # backward frees its storage once it has taken its row sums, before dq, dk, dv exist.
-        ctx.save_for_backward(q, k, v, ck, cv, gates, o_slc, lse_slc, lse_cmp)
+        ctx.save_for_backward(q, k, v, ck, cv, gates, o_slc, lse_slc, lse_cmp, lse_win)
         ctx.problem, ctx.plans, ctx.selection_freed = problem, plans, False
         return out
 
@@ -141,7 +114,7 @@ class GatedBranchAttention(torch.autograd.Function):
                 "NSA's fused attention frees its selection output during backward, so it cannot "
                 "be differentiated twice (retain_graph=True); recompute the forward instead"
             )
-        q, k, v, ck, cv, gates, o_slc, lse_slc, lse_cmp = ctx.saved_tensors
+        q, k, v, ck, cv, gates, o_slc, lse_slc, lse_cmp, lse_win = ctx.saved_tensors
         problem = ctx.problem
         acc = compute_dtype(q.dtype)
         slc_sums = output_row_sums(dout, o_slc)  # [B, Hq, Tq]
@@ -154,32 +127,17 @@ class GatedBranchAttention(torch.autograd.Function):
         ]  # dq (token-major, as the selection scatters rows), dk, dv, dck, dcv (each in its
         # input's layout), accumulated in place by every branch
         dgates = torch.zeros(gates.shape, dtype=acc, device=q.device)
+        sequences_heads = q.shape[0] * q.shape[1]
         if problem.compressed is not None:
-            dgates[0] = problem.compressed.backward(
-                q, ck, cv, dout, gates[0], lse_cmp, (grads[0], grads[3], grads[4])
-            )[..., None]
-        gate = gates[2]
-        for query_tile in plan_tiles(problem.window, problem.tile, problem.kernel.fused):
-            rows = query_tile.queries
-            o_tile, lse_tile = _window_forward(problem, q, k, v, query_tile)
-            dout_tile = dout[:, :, rows]
-            row_sums = (dout_tile.to(acc) * o_tile.to(acc)).sum(-1, keepdim=True)
-            dgates[2, :, :, rows] = row_sums
-            gate_tile = gate[:, :, rows]
-            branch_dout = (dout_tile * gate_tile).to(q.dtype)  # d out_window
-            safe_lse = torch.where(torch.isneginf(lse_tile), 0.0, lse_tile)
-            delta = (row_sums * gate_tile.to(acc))[..., 0]  # rowsum(d o_window * o_window)
-            q_tile = q[:, :, rows]
-            for piece in query_tile.pieces:
-                dq_p, dk_p, dv_p = problem.kernel.backward(
-                    branch_dout, q_tile, k[:, :, piece.keys], v[:, :, piece.keys],
-                    o_tile, safe_lse, delta, piece.kind,
-                    piece_mask(problem.window, rows, piece), problem.scale,
-                )  # fmt: skip
-                grads[0][:, :, rows] += dq_p
-                grads[1][:, :, piece.keys] += dk_p
-                grads[2][:, :, piece.keys] += dv_p
-        dgates[1] = slc_sums[..., None]
+            dgates[0, ..., 0] = branch_backward(
+                problem.compressed.chunks(sequences_heads), q, ck, cv, dout, gates[0], lse_cmp,
+                problem.scale, (grads[0], grads[3], grads[4]),
+            )  # fmt: skip
+        dgates[2, ..., 0] = branch_backward(
+            problem.window.chunks(sequences_heads), q, k, v, dout, gates[2], lse_win,
+            problem.scale, grads[:3],
+        )  # fmt: skip
+        dgates[1, ..., 0] = slc_sums
         selection_backward(
             dout, q, k, v, slc_sums, lse_slc, ctx.plans, problem.sides, problem.scale,
             grads[:3], gate=gates[1],

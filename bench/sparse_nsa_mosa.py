@@ -20,10 +20,10 @@ NSA's selection branch is block-major (``attention/nsa_selection.py``): its cost
 number of (query, selected block) pairs, not how alike neighbouring queries' picks are, so both
 kinds should time alike; they are kept to show it (an earlier kernel gathered the union of a
 query chunk's blocks and was 2x slower on ``random``).
-NSA runs as one autograd function (``attention/nsa_gated.py``): its peak memory is the saved
-selection output plus dq, dk, dv and tile temporaries, with the window branch recomputed in
-backward (the price: one more forward of it) and the compressed branch's gradients taken from
-its probabilities, re-formed from the saved lse.
+NSA runs as one autograd function (``attention/nsa_gated.py``): its peak memory is the output
+and the saved selection output at the end of its forward, and its compressed and window
+branches take their gradients from their probabilities, re-formed from the saved lse
+(``attention/nsa_branches.py``), so no branch output is recomputed or kept.
 
 Inputs and the output gradient are token-major views ([1, T, H, D] in memory), the layout
 the model hands its core (q, k, v are views of the projections' outputs, dout of o_proj's input

@@ -41,7 +41,7 @@ def small_model_config() -> ModelConfig:
 
 
 def make_core(
-    top_n=4, window=24, backend="auto", select_block=16, seed=0, compress=(8, 4)
+    top_n=4, window=24, tile=None, select_block=16, seed=0, compress=(8, 4)
 ) -> NSAAttention:
     settings = NSAConfig(
         compress_block=compress[0],
@@ -53,7 +53,7 @@ def make_core(
     torch.manual_seed(seed)
     core = NSAAttention(
         small_model_config().attention_shape(0),
-        AttentionConfig(variant="nsa", backend=backend, nsa=settings),
+        AttentionConfig(variant="nsa", chunk_size=tile, nsa=settings),
         PositionalConfig(),
     )
     with torch.no_grad():  # random gate biases so every gate matters
@@ -228,8 +228,10 @@ def test_selection_importance_for_other_block_geometries_matches_reference(compr
 
 
 def test_nsa_in_float64_matches_reference_to_rounding():
+    """Window tiles of 7 rows (attention.chunk_size): 80 queries in 12 tiles, the last partial,
+    each meeting the window's 24 keys plus its own rows."""
     fast, ref, grads, ref_grads = run_both(
-        make_core(top_n=5, select_block=8, backend="chunked"), dtype=torch.float64
+        make_core(top_n=5, select_block=8, tile=7), dtype=torch.float64
     )
     torch.testing.assert_close(fast, ref, **FP64)
     for grad, ref_grad in zip(grads, ref_grads):
