@@ -7,24 +7,20 @@ own output (for its flash backward), the three gated products, and a full dq per
 ten [B, Hq, Tq, D] tensors at once, 2.8x dense attention's peak at T=32k. Here:
 
 - forward accumulates the gated branches into one ``out``: the compressed branch inside the
-  block selection's importance pass (``nsa_compressed.CompressedBranch.forward``: the
-  compression probabilities exist there whole per query chunk, so its output is one more GEMM
-  on them),
-  the window branch a query tile at a time (tiled kernels, ``attention/tiling.py``), the
-  selection branch block-major (``nsa_selection``). No branch output but the selection's
-  exists whole.
-- saved: q, k, v, the compressed keys/values, the gates, the compressed branch's lse and the
-  selection branch's output and lse. Backward first takes the selection output's row sums
+  block selection's importance pass (``nsa_branches.attend`` there: the compression
+  probabilities exist whole per query chunk, so its output is one more GEMM on them), the
+  window branch a query tile at a time (``attend`` again), the selection branch block-major
+  (``nsa_selection``). No branch output but the selection's exists whole.
+- saved: q, k, v, the compressed keys/values, the gates, each branch's lse and the selection
+  branch's output. Backward first takes the selection output's row sums
   ``rowsum(dout * o_slc)`` (the gate's gradient and the softmax term), then frees its storage
   before dq, dk, dv are allocated (recomputing it would cost a second forward of the dearest
   branch). It stays a saved tensor, so activation checkpointing and offload hooks handle it
   like any other.
-- backward re-forms the compressed branch's probabilities from its lse chunk by chunk and takes
-  its gradients and its gate's from them (``CompressedBranch.backward``: no output
-  recomputed), recomputes the window output per query tile (``o``, ``lse``), reads the gate
-  gradient ``rowsum(dout * o)`` off it and runs the tile's flash backward with the branch's
-  output gradient ``g dout``; dq, dk, dv (and the compressed keys' gradients) are accumulated
-  in place across branches and tiles.
+- backward re-forms the compressed and window branches' probabilities from their lse chunk by
+  chunk and takes their gradients and their gates' from them (``nsa_branches.branch_backward``:
+  the gate's gradient ``rowsum(dout * o) = rowsum(P * dP)``, so no output is recomputed);
+  dq, dk, dv (and the compressed keys' gradients) are accumulated in place across branches.
 
 Peak beyond the inputs (B=1, Hq=8, D=64, fp32; ``bench/sparse_nsa_mosa.py``'s memory run, live
 tensors): forward: out and the selection output (128 MiB at T=32768) and the selection plan;
