@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from longctx.errors import LongctxError
-from longctx.parallel.ports import free_port
 
 # Ray reads these when it is imported or started; set here, they reach every Ray process that
 # the embedded cluster spawns (the raylet, the Train controller and the workers inherit them).
@@ -156,6 +155,10 @@ def _embedded_environment() -> dict[str, str]:
     test runs, other users), may pick the wrong one. So the GCS port is chosen here
     (``RAY_GCS_SERVER_PORT``) and every process of the cluster inherits ``RAY_ADDRESS``.
     """
+    # imported here: the ``longctx.parallel`` package imports torch, which the CLI's
+    # validation paths (this module is imported for its constants) must not pay for
+    from longctx.parallel.ports import free_port
+
     port = free_port()
     env = {name: os.environ.get(name, value) for name, value in _EMBEDDED_ENV.items()}
     env.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
