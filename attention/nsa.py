@@ -67,6 +67,7 @@ from longctx.attention.config import AttentionConfig, NSAConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.core import AttentionCore, AttentionShape
 from longctx.attention.nsa_branches import (
+    ACCELERATOR_WINDOW_TILE,
     WINDOW_TILE,
     BranchChunk,
     CompressedBranch,
@@ -421,7 +422,8 @@ class NSAAttention(AttentionCore):
             compressed = CompressedBranch(
                 sides, block_ends, block_docs, settings.compress_block, settings.compress_stride
             )
-        tile = self.config.chunk_size or WINDOW_TILE
+        default_tile = WINDOW_TILE if q.device.type == "cpu" else ACCELERATOR_WINDOW_TILE
+        tile = self.config.chunk_size or default_tile
         window = WindowBranch(sides, settings.window, tile)
 
         def select(queries, ck, cv, take_compressed) -> Tensor:
@@ -483,5 +485,5 @@ class NSAAttention(AttentionCore):
         s = self.settings
         return (
             f"l={s.compress_block}, d={s.compress_stride}, l'={s.select_block}, "
-            f"n={s.select_top_n}, w={s.window}, window_tile={self.config.chunk_size or WINDOW_TILE}"
+            f"n={s.select_top_n}, w={s.window}, window_tile={self.config.chunk_size or 'auto'}"
         )

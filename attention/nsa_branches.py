@@ -23,9 +23,11 @@ recompute, flash backward, per-piece additive masks); the compressed branch's ba
 against ~2.5 s.
 
 Compressed chunks hold at most ``STEP_ROWS`` rows and, per (sequence, head), ``STEP_ELEMENTS``
-elements of [rows, blocks seen]: the temporaries stay in cache whatever T is, and early
-queries, which see few blocks, go many at a time. Window chunks are ``tile`` consecutive
-positions (``WINDOW_TILE``): tile + w - 1 keys each.
+elements of [rows, blocks seen] on the CPU (``ACCELERATOR_STEP_ELEMENTS`` elsewhere): the
+temporaries stay in cache whatever T is, and early queries, which see few blocks, go many at a
+time. Window chunks are ``tile`` consecutive positions (``WINDOW_TILE`` on the CPU,
+``ACCELERATOR_WINDOW_TILE`` elsewhere, unless attention.chunk_size sets it): tile + w - 1 keys
+each.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ from longctx.attention.tiling import compute_dtype
 # whatever T is. At T=32768 the compressed backward took 2.04 / 2.03 / 2.27 / 2.75 s at
 # 2**18 / 2**19 / 2**20 / 2**21, the forward 1.28 / 1.09 / 1.13 / 1.11 s.
 STEP_ELEMENTS = 2**19
+# The same bound on an accelerator, where a chunk's cost is kernel launches, not cache misses:
+# at T=128k with 4 query heads per rank, 2**19 elements would be ~65k chunks of 2 rows per
+# layer; 2**25 (128 MiB per float32 temporary) makes it 256 chunks of 512 rows. Untuned: no GPU
+# has run it.
+ACCELERATOR_STEP_ELEMENTS = 2**25
 # Most query rows in one compressed chunk: bounds the chunk's copy of their q rows and the
 # selection's top-n temporaries when the queries see few blocks.
 STEP_ROWS = 512
@@ -51,6 +58,9 @@ STEP_ROWS = 512
 # w=512 (fwd + bwd, one thread): 1.8 / 1.9 / 2.4 s at 64 / 128 / 256 rows (tile + w - 1 keys
 # each, of which w are visible per row).
 WINDOW_TILE = 64
+# Window tile on an accelerator: fewer, larger chunks (launches, not cache, bound them there;
+# 256 rows meet 767 keys for 512 visible per row). Untuned: no GPU has run it.
+ACCELERATOR_WINDOW_TILE = 256
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,9 @@ class CompressedBranch:
         sides, count = self.sides, self.block_ends.shape[0]
         seen = (sides.q_positions - self.block + 1) // self.stride  # last block seen, per query
         widths = (seen + 1).clamp(0, count).tolist()
-        for rows in _chunk_rows(widths, STEP_ELEMENTS // sequences_heads):
+        on_cpu = self.block_ends.device.type == "cpu"
+        budget = (STEP_ELEMENTS if on_cpu else ACCELERATOR_STEP_ELEMENTS) // sequences_heads
+        for rows in _chunk_rows(widths, budget):
             query_pos, query_docs = sides.rows(rows)  # [c], [B, c]
             visible = max(widths[rows.start : rows.stop])
             ends = self.block_ends[:visible]
