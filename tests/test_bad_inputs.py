@@ -1,6 +1,6 @@
 """The bad-input battery: every user mistake through the real ``longctx`` command line.
 
-Each case runs ``longctx ...`` in a subprocess, as a user would, and must end with exit code 2,
+Each case runs ``longctx ...`` in its own process, as a user would, and must end with exit code 2,
 exactly one stderr line ``error: ...`` that names the problem and the fix (checked by words of
 both), no traceback, and no change on disk: names, bytes and modification times of every file
 under the case's directory and the shared data directory are the same afterwards.
@@ -14,8 +14,9 @@ directory that already holds a run) and the command line (bad ``--set``, unknown
 flag, bad ``--workers``). Recipe mistakes are caught by ``--dry-run``; the others by the checks
 ``longctx train`` makes before it starts Ray (``trainer.run_dir.validate_run``).
 
-All cases run concurrently in one module fixture (each is a separate short process), so the
-battery costs about as much as its slowest few cases.
+All cases run concurrently in one module fixture, each a separate short process forked from one
+driver that has imported torch already (``cli_forked.py``), so the battery costs about as much
+as its slowest few cases plus one torch import.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from trainer_helpers import deepspeed_env, job, make_data, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
-LONGCTX = Path(sys.executable).parent / "longctx"
+FORKED = Path(__file__).resolve().parent / "cli_forked.py"
 PARALLEL_CASES = 4
 
 
@@ -300,11 +300,21 @@ def _damaged_checkpoints(trained: Path, root: Path) -> dict[str, Path]:
     return damaged
 
 
-def _run_case(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run_cases(prepared: dict[str, tuple[Path, list[str]]], root: Path) -> dict:
+    """Run every case's ``longctx`` command line in its case directory: each in its own
+    process, forked from one driver that imports torch once (``cli_forked.py``), at most
+    ``PARALLEL_CASES`` at a time; by name, their ``CompletedProcess``."""
+    cases_file, results_file = root / "cases.json", root / "results.json"
+    cases = {name: (str(case_dir), argv) for name, (case_dir, argv) in prepared.items()}
+    cases_file.write_text(json.dumps(cases))
     env = {**os.environ, **deepspeed_env(), "COLUMNS": "200"}
-    return subprocess.run(
-        [str(LONGCTX), *argv], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
-    )
+    command = [sys.executable, str(FORKED), str(cases_file), str(results_file)]
+    subprocess.run([*command, str(PARALLEL_CASES)], check=True, env=env, timeout=900)
+    results = json.loads(results_file.read_text())
+    return {
+        name: subprocess.CompletedProcess(["longctx", *argv], *results[name])
+        for name, (_, argv) in prepared.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -333,12 +343,7 @@ def outcomes(tmp_path_factory) -> dict:
     shared = (data, trained, *(path.parent.parent for path in damaged.values()))
     shared_before = {path: snapshot(Path(path)) for path in shared}
     before = {name: snapshot(case_dir) for name, (case_dir, _) in prepared.items()}
-    with ThreadPoolExecutor(PARALLEL_CASES) as pool:
-        futures = {
-            name: pool.submit(_run_case, argv, case_dir)
-            for name, (case_dir, argv) in prepared.items()
-        }
-        results = {name: future.result() for name, future in futures.items()}
+    results = _run_cases(prepared, root)
     shared_after = {path: snapshot(Path(path)) for path in shared}
     return {
         "results": results,
