@@ -98,7 +98,10 @@ class AttentionConfig(_Section):
     chunk_size: int | None = Field(
         None,
         gt=0,
-        description="query/key tile of the tiled kernels; None = the backend's measured default",
+        description=(
+            "query/key tile of the tiled kernels (NSA: its window branch's query tile); None = "
+            "the measured default"
+        ),
     )
     nsa: NSAConfig = Field(default_factory=NSAConfig)
     mosa: MoSAConfig = Field(default_factory=MoSAConfig)
