@@ -35,11 +35,17 @@ put dense's peak at ~228 MiB instead of ~170 and NSA's ratio at 0.81x instead of
 
 Each case process runs, after a warm-up, a memory run and then a timed run. Memory: the
 resident high-water mark of the memory run minus the resident size once the inputs exist
-(``/proc/self/clear_refs``), with glibc's mmap threshold fixed at 128 KiB and the heap trimmed
-first, so that the peak follows the live tensors and not where freed temporaries were left
-(with the default adaptive threshold dense attention's peak varied from 143 to 174 MiB between
-runs). Time: process CPU time of the timed run (the machine is shared; CPU time on one thread
-is the compute time whatever the load), with the threshold at 32 MiB, where glibc's adaptive
+(``/proc/self/clear_refs``), with glibc's mmap threshold fixed at 128 KiB from the start of the
+process (before the inputs are drawn) and the heap trimmed before the run, so that the peak
+follows the live tensors and not where freed temporaries were left (with the default adaptive
+threshold dense attention's peak varied from 143 to 174 MiB between runs). Until 2026-12-05 the
+threshold was fixed only after the inputs existed: their set-up's freed temporaries, ~50 MiB,
+stayed in the heap as trimmed free chunks, and the measured run's small allocations faulted
+some of them back in at places that changed between identical runs: NSA's peak at 32k moved
+between 154 and 181 MiB; with the threshold fixed first it is 156.9-157.3 MiB in three runs,
+and dense's 164.0-164.1.
+Time: process CPU time of the timed run (the machine is shared; CPU time on one thread is the
+compute time whatever the load), with the threshold at 32 MiB, where glibc's adaptive
 one settles: a 128 KiB threshold turns every large temporary into fresh pages, and the page
 faults cost NSA, which allocates many temporaries, 31% more CPU time at 32k (14.8 vs 11.3 s),
 and not dense (30.9 vs 31.9 s). Ratios are dense / variant at the same length; dense is
@@ -127,6 +133,7 @@ class _GradientOf(torch.autograd.Function):
 def run_case(case: str, length: int, kind: str) -> dict:
     """One forward+backward of ``case`` at T = ``length``: CPU seconds and peak bytes."""
     torch.set_num_threads(1)
+    fix_mmap_threshold(MEMORY_RUN_THRESHOLD)  # before the inputs: see the module docstring
     gen = torch.Generator().manual_seed(0)
     q = _heads(HEADS, length, kind, gen).requires_grad_()
     k = _heads(KV_HEADS, length, kind, gen).requires_grad_()
@@ -139,7 +146,6 @@ def run_case(case: str, length: int, kind: str) -> dict:
     core(q[:, :, :256], k[:, :, :256], v[:, :, :256], _prefix(ctx, 256)).sum().backward()
     for tensor in (q, k, v):
         tensor.grad = None
-    fix_mmap_threshold(MEMORY_RUN_THRESHOLD)  # every large tensor its own mapping
     release_free_heap()
     baseline = reset_peak_memory()
     _GradientOf.apply(core(q, k, v, ctx), dout).backward()
