@@ -9,7 +9,7 @@ longctx.bench.data`` (prepares a 400M-token corpus), ``python -m longctx.bench.p
 minutes) and ``python -m longctx.bench.peft_zero3`` (memory only, ~1 minute; it keeps the
 default run under 20 minutes); the other long measurements sit behind each benchmark's own flags (``python -m
 longctx.bench.memory --longest`` runs real 128k/256k training steps, ~12 minutes more; ``peer
---long``, ``checkpoint --zero 2``).
+--long``, ``checkpoint --zero 2`` and ``checkpoint --workers 2 4``).
 
 ``bench/results/suite.json`` records when the whole suite last ran and how long each benchmark
 took, in wall time and in CPU time of its processes (on a shared machine the wall time says more
