@@ -142,6 +142,7 @@ def branch_backward(
     dq, dkeys, dvalues = grads
     acc = dq.dtype
     gate_sums = torch.zeros(batch, heads, length, dtype=acc, device=q.device)
+    finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)  # a row that sees nothing: P = 0
     for chunk in chunks:
         if not chunk.width:
             continue
@@ -149,11 +150,10 @@ def branch_backward(
         queries = _grouped_rows(q, rows, kv_heads, acc).mul_(scale)  # [B, Hkv, G c, D]
         douts, gates = (_grouped_rows(x, rows, kv_heads, acc) for x in (dout, gate))
         keys_c, values_c = (x[:, :, chunk.keys].to(acc) for x in (keys, values))
-        safe_lse = lse[:, :, rows].reshape(batch, kv_heads, -1, count, 1)
-        safe_lse = torch.where(torch.isneginf(safe_lse), 0.0, safe_lse)  # exp(-inf) = 0
+        lse_rows = finite_lse[:, :, rows].reshape(batch, kv_heads, -1, count, 1)
         scores = (queries @ keys_c.transpose(-1, -2)).view(batch, kv_heads, -1, count, chunk.width)
         chunk.hide(scores)
-        probs = scores.sub_(safe_lse).exp_().view(batch, kv_heads, -1, chunk.width)
+        probs = scores.sub_(lse_rows).exp_().view(batch, kv_heads, -1, chunk.width)
         dprobs = douts @ values_c.transpose(-1, -2)  # [B, Hkv, G c, n], ungated
         gated_douts, gated_queries = douts.mul_(gates), queries.mul_(gates)
         for b in range(batch):  # accumulated inside the GEMM, into any layout of dvalues
@@ -235,15 +235,29 @@ class WindowBranch:
         positions = sides.q_positions.tolist()
         starts = [i for i in range(1, len(positions)) if positions[i] != positions[i - 1] + 1]
         bounds = [0, *starts, len(positions)]
+        # A tile's window mask depends only on its shape and on how far its first query is
+        # past its first key, the same for every tile past the first window: made once.
+        masks: dict[tuple[int, int, int], Tensor] = {}
         for run_start, run_stop in zip(bounds, bounds[1:]):
             for start in range(run_start, run_stop, self.tile):
                 rows = slice(start, min(start + self.tile, run_stop))
                 first, last = positions[start], positions[rows.stop - 1]
                 keys = slice(max(0, first - self.window + 1), last + 1)
-                key_pos = torch.arange(keys.start, keys.stop, device=sides.q_positions.device)
-                offsets = key_pos[None, :] - sides.q_positions[rows, None]  # [c, n]
-                hidden = (offsets > 0) | (offsets <= -self.window)
+                shape = (rows.stop - rows.start, keys.stop - keys.start, first - keys.start)
+                if shape not in masks:
+                    masks[shape] = self._window_mask(*shape)
+                hidden = masks[shape]
                 if sides.q_doc_ids is not None:
                     other = sides.k_doc_ids[:, None, keys] != sides.q_doc_ids[:, rows, None]
                     hidden = hidden | other  # [B, c, n]
                 yield BranchChunk(rows, keys, hidden)
+
+    def _window_mask(self, count: int, width: int, lead: int) -> Tensor:
+        """[count, width] True where query i (``lead + i`` keys past the tile's first key) must
+        not see key c: c after the query, or ``window`` or more keys before it."""
+        device = self.sides.q_positions.device
+        offsets = (
+            torch.arange(width, device=device)[None, :]
+            - torch.arange(lead, lead + count, device=device)[:, None]
+        )  # key position - query position
+        return (offsets > 0) | (offsets <= -self.window)

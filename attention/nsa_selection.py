@@ -41,6 +41,7 @@ rows of tokens spread over the sequence, so they are bound by memory, not by the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +186,20 @@ class _HeadRows:
         return rows if self.spacing == 1 else rows * self.spacing + self.offset
 
 
+def _indexer(rows: Tensor) -> Callable[[_HeadRows], Tensor]:
+    """``table -> table.index(rows)``, computed once per layout (spacing, offset): a step reads
+    up to six tables, most of them token-major alike, so their indices are one tensor."""
+    made: dict[tuple[int, int], Tensor] = {}
+
+    def index(table: _HeadRows) -> Tensor:
+        layout = (table.spacing, table.offset)
+        if layout not in made:
+            made[layout] = table.index(rows)
+        return made[layout]
+
+    return index
+
+
 def _head_rows(x: Tensor, batch: int, kv_head: int, kv_heads: int, writable: bool) -> _HeadRows:
     """``_HeadRows`` of x [B, H, T, ...]: a view when x is token-major (the model's q, and every
     accumulator here), else a contiguous copy of this kv head's heads ([T, G, ...]; refused
@@ -263,8 +278,9 @@ def _head_forward(
     group, dim = ref_j.table.shape[1], keys_j.shape[1]
     for step in steps:
         block, rows = slice(step.start, step.stop), step.rows.long()
-        index = out_j.index(rows)  # out, ref and sums share one layout
-        q_rows = queries.table.index_select(0, queries.index(rows)).view(-1, group, dim)
+        at = _indexer(rows)
+        index = at(out_j)  # out, ref and sums share one layout
+        q_rows = queries.table.index_select(0, at(queries)).view(-1, group, dim)
         keys = keys_j[block] * scale  # [L, D]
         scores = _scores(q_rows.to(keys.dtype), keys, step, sides, batch)  # [m, G, L]
         block_max = scores.amax(-1)  # [m, G], -inf: sees none of the block
@@ -354,21 +370,22 @@ def _head_backward(
     group, dim = lse_j.table.shape[1], k_j.shape[1]
     for step in steps:
         block, rows = slice(step.start, step.stop), step.rows.long()
+        at = _indexer(rows)
         keys = k_j[block] * scale  # [L, D]
-        q_rows = q_j.table.index_select(0, q_j.index(rows)).view(-1, group, dim).to(k_j.dtype)
-        dout_rows = dout_j.table.index_select(0, dout_j.index(rows)).to(k_j.dtype)
+        q_rows = q_j.table.index_select(0, at(q_j)).view(-1, group, dim).to(k_j.dtype)
+        dout_rows = dout_j.table.index_select(0, at(dout_j)).to(k_j.dtype)
         if gate_j is not None:  # the branch's output gradient
-            gates = gate_j.table.index_select(0, gate_j.index(rows)).to(k_j.dtype)  # [m, G]
+            gates = gate_j.table.index_select(0, at(gate_j)).to(k_j.dtype)  # [m, G]
             dout_rows = dout_rows.view(-1, group, dim).mul_(gates[..., None])
         dout_rows = dout_rows.view(-1, dim)  # [m G, D]
         scores = _scores(q_rows, keys, step, sides, batch)  # [m, G, L]
-        probs = scores.sub_(lse_j.table.index_select(0, lse_j.index(rows))[..., None]).exp_()
+        probs = scores.sub_(lse_j.table.index_select(0, at(lse_j))[..., None]).exp_()
         probs = probs.view(dout_rows.shape[0], -1)  # [m G, L]
         dv_j[block].addmm_(probs.T, dout_rows)
         dprobs = dout_rows @ v_j[block].T  # [m G, L]
-        dprobs -= delta_j.table.index_select(0, delta_j.index(rows)).view(-1, 1)
+        dprobs -= delta_j.table.index_select(0, at(delta_j)).view(-1, 1)
         dscores = probs.mul_(dprobs)  # [m G, L], d(loss)/d(scaled score)
-        dq_j.table.index_add_(0, dq_j.index(rows), (dscores @ keys).view(len(rows), -1))
+        dq_j.table.index_add_(0, at(dq_j), (dscores @ keys).view(len(rows), -1))
         dk_j[block].addmm_(dscores.T, q_rows.view(-1, dim), alpha=scale)
 
 
