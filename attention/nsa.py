@@ -73,6 +73,7 @@ from longctx.attention.nsa_branches import (
     CompressedBranch,
     WindowBranch,
     attend,
+    transposed,
 )
 from longctx.attention.nsa_gated import GatedBranchAttention, NSAProblem
 from longctx.attention.nsa_selection import QueryKeySides
@@ -451,6 +452,7 @@ class NSAAttention(AttentionCore):
         keep = min(settings.select_top_n, num_select)
         block_index = torch.arange(num_select, device=q.device)
         overlap, chunks = None, [BranchChunk(slice(0, q.shape[2]), slice(0, 0), None)]
+        ck_t = None if ck is None else transposed(ck)
         if compressed is not None:
             if select % settings.compress_stride:  # irregular overlaps: an index
                 overlap = _selection_overlap(ck.shape[2], settings, num_select).to(q.device)
@@ -463,7 +465,7 @@ class NSAAttention(AttentionCore):
             query_pos = sides.q_positions[rows]  # [c]
             started_blocks = min(num_select, int(query_pos.max()) // select + 1)  # any query sees
             if chunk.width:
-                probs, o_cmp, lse = attend(q, ck, cv, chunk, scale)  # [B, Hkv, G, c, nv]
+                probs, o_cmp, lse = attend(q, ck, cv, chunk, scale, ck_t)  # [B, Hkv, G, c, nv]
                 take_compressed(rows, o_cmp, lse)
                 scores = _selection_scores(probs.sum(2), started_blocks, settings, overlap)
             else:  # no compressed block seen: all zero

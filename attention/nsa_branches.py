@@ -98,17 +98,39 @@ def _grouped_rows(x: Tensor, rows: slice, kv_heads: int, dtype: torch.dtype) -> 
     return grouped
 
 
+def transposed(x: Tensor) -> Tensor:
+    """A contiguous [B, Hkv, D, Tk] copy of keys or values x [B, Hkv, Tk, D]: the score GEMMs
+    then read a chunk's columns as a plain row-major slice. Worth it for the compressed keys
+    (T / d of them; at T=32768 a [128, 64] x [64, 2047] score GEMM took 0.40 ms against
+    0.49 ms on the transposed view), not for the raw ones (a copy of the whole sequence)."""
+    return x.transpose(-1, -2).contiguous()
+
+
+def _columns(x: Tensor, x_t: Tensor | None, chunk: BranchChunk, dtype: torch.dtype) -> Tensor:
+    """The chunk's keys (or values) as [B, Hkv, D, n]: from ``x_t`` (``transposed``) when
+    given, else a transposed view of x [B, Hkv, Tk, D]."""
+    if x_t is not None:
+        return x_t[..., chunk.keys].to(dtype)
+    return x[:, :, chunk.keys].to(dtype).transpose(-1, -2)
+
+
 def attend(
-    q: Tensor, keys: Tensor, values: Tensor, chunk: BranchChunk, scale: float
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    chunk: BranchChunk,
+    scale: float,
+    keys_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact attention of q's rows ``chunk.rows`` (q [B, Hq, Tq, D]) over ``chunk.keys`` of
-    keys, values [B, Hkv, Tk, D]: the probabilities [B, Hkv, G, c, n], out [B, Hq, c, D] and
-    lse [B, Hq, c] in the accumulation dtype (out 0 and lse -inf for a row that sees no key)."""
+    keys, values [B, Hkv, Tk, D] (``keys_t``: optionally ``transposed(keys)``): the
+    probabilities [B, Hkv, G, c, n], out [B, Hq, c, D] and lse [B, Hq, c] in the accumulation
+    dtype (out 0 and lse -inf for a row that sees no key)."""
     batch, heads, _, dim = q.shape
     kv_heads, acc = keys.shape[1], compute_dtype(q.dtype)
     count = chunk.rows.stop - chunk.rows.start
     queries = _grouped_rows(q, chunk.rows, kv_heads, acc).mul_(scale)  # [B, Hkv, G c, D]
-    scores = queries @ keys[:, :, chunk.keys].to(acc).transpose(-1, -2)  # [B, Hkv, G c, n]
+    scores = queries @ _columns(keys, keys_t, chunk, acc)  # [B, Hkv, G c, n]
     scores = scores.view(batch, kv_heads, -1, count, chunk.width)
     chunk.hide(scores)
     row_max = scores.amax(-1, keepdim=True)  # [B, Hkv, G, c, 1]
@@ -131,12 +153,15 @@ def branch_backward(
     lse: Tensor,
     scale: float,
     grads: tuple[Tensor, Tensor, Tensor],
+    keys_t: Tensor | None = None,
+    values_t: Tensor | None = None,
 ) -> Tensor:
     """Add one branch's gradients into ``grads`` = (dq [B, Hq, Tq, D], dkeys, dvalues
     [B, Hkv, Tk, D], accumulation dtype, any layout) in place, for ``out += gate * o`` with o
-    the branch's attention over ``chunks``: q, keys, values as ``attend`` took them, dout
-    [B, Hq, Tq, D], gate [B, Hq, Tq, 1], lse [B, Hq, Tq] as ``attend`` returned it. Returns
-    the gate's gradient ``rowsum(dout * o)`` [B, Hq, Tq] (0 where no key is seen)."""
+    the branch's attention over ``chunks``: q, keys, values as ``attend`` took them (with
+    optionally their ``transposed`` copies), dout [B, Hq, Tq, D], gate [B, Hq, Tq, 1], lse
+    [B, Hq, Tq] as ``attend`` returned it. Returns the gate's gradient ``rowsum(dout * o)``
+    [B, Hq, Tq] (0 where no key is seen)."""
     batch, heads, length, dim = q.shape
     kv_heads = keys.shape[1]
     dq, dkeys, dvalues = grads
@@ -149,12 +174,13 @@ def branch_backward(
         rows, count = chunk.rows, chunk.rows.stop - chunk.rows.start
         queries = _grouped_rows(q, rows, kv_heads, acc).mul_(scale)  # [B, Hkv, G c, D]
         douts, gates = (_grouped_rows(x, rows, kv_heads, acc) for x in (dout, gate))
-        keys_c, values_c = (x[:, :, chunk.keys].to(acc) for x in (keys, values))
+        keys_c = keys[:, :, chunk.keys].to(acc)
         lse_rows = finite_lse[:, :, rows].reshape(batch, kv_heads, -1, count, 1)
-        scores = (queries @ keys_c.transpose(-1, -2)).view(batch, kv_heads, -1, count, chunk.width)
+        scores = queries @ _columns(keys, keys_t, chunk, acc)
+        scores = scores.view(batch, kv_heads, -1, count, chunk.width)
         chunk.hide(scores)
         probs = scores.sub_(lse_rows).exp_().view(batch, kv_heads, -1, chunk.width)
-        dprobs = douts @ values_c.transpose(-1, -2)  # [B, Hkv, G c, n], ungated
+        dprobs = douts @ _columns(values, values_t, chunk, acc)  # [B, Hkv, G c, n], ungated
         gated_douts, gated_queries = douts.mul_(gates), queries.mul_(gates)
         for b in range(batch):  # accumulated inside the GEMM, into any layout of dvalues
             dvalues[b, :, chunk.keys].baddbmm_(probs[b].transpose(1, 2), gated_douts[b])

@@ -38,7 +38,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from longctx.attention.nsa_branches import CompressedBranch, WindowBranch, attend, branch_backward
+from longctx.attention.nsa_branches import (
+    CompressedBranch,
+    WindowBranch,
+    attend,
+    branch_backward,
+    transposed,
+)
 from longctx.attention.nsa_selection import (
     QueryKeySides,
     output_row_sums,
@@ -127,7 +133,7 @@ class GatedBranchAttention(torch.autograd.Function):
         if problem.compressed is not None:
             dgates[0, ..., 0] = branch_backward(
                 problem.compressed.chunks(sequences_heads), q, ck, cv, dout, gates[0], lse_cmp,
-                problem.scale, (grads[0], grads[3], grads[4]),
+                problem.scale, (grads[0], grads[3], grads[4]), transposed(ck), transposed(cv),
             )  # fmt: skip
         dgates[2, ..., 0] = branch_backward(
             problem.window.chunks(sequences_heads), q, k, v, dout, gates[2], lse_win,
