@@ -30,9 +30,12 @@ token-major inputs and a random output gradient as the model hands them over, 20
 11:30 UTC, machine shared with a helper's test runs): fwd+bwd 2.96x (random inputs) / 2.92x
 (coherent) faster than dense (32.2 s against 10.9 / 11.0 s; in alternating runs the same case
 took 11.5-12.5 s before the compressed and window backwards were materialised, 10.6-10.9 s
-after), peak memory 0.95x / 1.05x dense (the floor is the forward's out and saved selection
-output, 128 MiB, against dense attention's out, dq, dk and dv in its backward, 160 MiB; NSA's
-measured peak moves by ~15 MiB between identical runs). Where the time goes (one run of
+after). Peak memory 0.96x dense for both input kinds (157 against 164 MiB, 2026-12-05 14:40,
+steady within 0.5 MiB over 9 runs once the bench fixed glibc's mmap threshold before drawing its
+inputs; the floor is the forward's out and saved selection output, 128 MiB, against dense
+attention's out, dq, dk and dv in its backward, 160 MiB). In the day's later full runs (dense
+35.6-37.8 s) the speed-up was 2.86-3.13x: NSA's 11.4-13.0 s moves with the machine as much as
+its ratio does. Where the time goes (one run of
 13.1 s on a slower machine): forward 5.1 s (selection 2.1, compressed with the importance 1.2,
 window 0.8, top-n 0.3), backward 7.8 s (selection 3.7, compressed 2.4, window 1.6). Most of it
 is GEMMs; the rest is the selection's row gathers and scatter-adds (bound by memory: rows of
