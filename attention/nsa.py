@@ -34,7 +34,7 @@ after). Peak memory 0.96x dense for both input kinds (157 against 164 MiB, 2026-
 steady within 0.5 MiB over 9 runs once the bench fixed glibc's mmap threshold before drawing its
 inputs; the floor is the forward's out and saved selection output, 128 MiB, against dense
 attention's out, dq, dk and dv in its backward, 160 MiB). In the day's later full runs (dense
-34.6-37.8 s) the speed-up was 2.86-3.26x: NSA's 11.4-13.0 s moves with the machine as much as
+34.6-37.8 s) the speed-up was 2.86-3.26x: NSA's 10.6-13.0 s moves with the machine as much as
 its ratio does. Where the time goes (one run of
 13.1 s on a slower machine): forward 5.1 s (selection 2.1, compressed with the importance 1.2,
 window 0.8, top-n 0.3), backward 7.8 s (selection 3.7, compressed 2.4, window 1.6). Most of it
