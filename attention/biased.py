@@ -9,10 +9,11 @@ with a per-head value per integer distance (``table`` [H, N], entry n for distan
 ``s_h ln n_i``; None means 1). It runs in the blockwise executor of ``tiling.py`` with the
 plain-torch tile kernel: every (query tile, key tile) pair builds its [H, tq, tk] bias on the
 fly from the table (a Toeplitz view of it when both tiles are runs of consecutive positions, a
-gather otherwise), adds it to the tile's scores and merges the tile by online softmax; the
-backward recomputes the tile's probabilities and bias from the FINAL out/lse (SPECS 1.1) and
-folds the tile's score gradient back onto the table (summed along the tile's diagonals, which
-share a distance) and onto ``m`` (row sums). Nothing larger than a tile pair is ever built, so
+gather otherwise) and writes it, times ``m``, as the initial value of the tile's score GEMM
+(which adds q . k onto it in the same pass), then merges the tile by online softmax; the
+backward writes ``bias - lse`` there instead, recomputes the tile's probabilities from the
+FINAL out/lse (SPECS 1.1) and folds the tile's score gradient back onto the table (summed
+along the tile's diagonals, which share a distance) and onto ``m`` (row sums). Nothing larger than a tile pair is ever built, so
 memory is O(T) beyond the inputs: q, k, v, out, lse, the O(T x H) table and ``m``.
 
 Why a table: a position-only prior such as BAM's ``-exp(a_h) |d - mu_h|^b_h`` takes one ``pow``
@@ -116,13 +117,21 @@ class RelativePositionBias:
         start = self.table.storage_offset() + self._first_index(queries, keys)
         return self.table.as_strided((heads, tq, tk), (width, 1, 1), start)
 
-    def add_to(self, scores: Tensor, queries: slice, keys: slice) -> None:
-        """scores [B, H, tq, tk] += the tile's bias (one fused pass with SSMax's rows)."""
-        prior = self._prior(queries, keys)  # [H, tq, tk]
-        if self.row_scale is None:
-            scores.add_(prior)
+    def write_to(
+        self, out: Tensor, queries: slice, keys: slice, row_shift: Tensor | None = None
+    ) -> None:
+        """out [B, H, tq, tk] = the tile's bias (+ ``row_shift[..., None]``), in one pass."""
+        prior = self._prior(queries, keys).expand_as(out)  # [B, H, tq, tk], stride 0 on B
+        if self.row_scale is not None:
+            row_scale = self.row_scale[:, :, queries, None]  # m_i: the bias is m_i * prior
+            if row_shift is None:
+                torch.mul(prior, row_scale, out=out)
+            else:
+                torch.addcmul(row_shift[..., None], prior, row_scale, out=out)
+        elif row_shift is None:
+            out.copy_(prior)
         else:
-            scores.addcmul_(prior, self.row_scale[:, :, queries, None])  # m_i * prior
+            torch.add(row_shift[..., None], prior, out=out)
 
     def accumulate(self, queries: slice, keys: slice, grad: Tensor) -> None:
         """grad [B, H, tq, tk] of the tile's bias -> ``table_grad`` and ``row_scale_grad``."""

@@ -59,18 +59,28 @@ def _masked_scores(
     kind: PieceKind,
     visible: Tensor | None,
     scale: float,
-    add_bias: Callable[[Tensor], None] | None = None,
+    write_bias: Callable[[Tensor, Tensor | None], None] | None = None,
+    row_shift: Tensor | None = None,
 ) -> Tensor:
-    """Scaled scores, plus a bias that ``add_bias`` adds in place to their [B, Hq, tq, tk]
-    view, with hidden entries at -inf: [B, Hkv, G, tq, tk] in the compute dtype."""
+    """``row_shift_i + bias_ij + scale q_i . k_j`` with hidden entries at -inf:
+    [B, Hkv, G, tq, tk] in the compute dtype.
+
+    ``row_shift`` [B, Hq, tq] (or None) and the bias, which ``write_bias(out, row_shift=)``
+    writes into the [B, Hq, tq, tk] buffer together with the shift, are the GEMM's initial
+    value (``baddbmm`` with beta 1, alpha ``scale``): the product lands on them in one pass
+    instead of a scaling pass, a bias pass and a shift pass over the tile afterwards."""
     batch, heads, tq, _ = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     dtype = compute_dtype(q.dtype)
-    scores = _grouped(q, kv_heads, dtype) @ k.to(dtype).transpose(-1, -2)  # [B, Hkv, G*tq, tk]
-    if scale != 1.0:
-        scores.mul_(scale)
-    if add_bias is not None:
-        add_bias(scores.view(batch, heads, tq, tk))
+    query_rows = _grouped(q, kv_heads, dtype).flatten(0, 1)  # [B*Hkv, G*tq, D]
+    keys_t = k.to(dtype).flatten(0, 1).transpose(-1, -2)  # [B*Hkv, D, tk]
+    scores = torch.empty(batch * kv_heads, query_rows.shape[1], tk, dtype=dtype, device=q.device)
+    initial = write_bias is not None or row_shift is not None
+    if write_bias is not None:
+        write_bias(scores.view(batch, heads, tq, tk), row_shift=row_shift)
+    elif row_shift is not None:
+        scores.view(batch, heads, tq, tk).copy_(row_shift[..., None].expand(-1, -1, -1, tk))
+    scores.baddbmm_(query_rows, keys_t, beta=1.0 if initial else 0.0, alpha=scale)
     scores = scores.view(batch, kv_heads, heads // kv_heads, tq, tk)
     if kind is PieceKind.CAUSAL:
         hidden = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu_(1)  # j > i
@@ -97,8 +107,9 @@ def _exp(x: Tensor, floored: bool) -> Tensor:
 class TorchTileKernel:
     """``TileKernel`` in plain torch; see the module docstring.
 
-    It alone ``takes_bias``: both methods accept ``add_bias``, which adds a bias to the scaled
-    scores [B, Hq, tq, tk] in place, and the backward then also returns the scores' gradient
+    It alone ``takes_bias``: both methods accept ``write_bias(out, row_shift=)``, which writes
+    a bias on the scaled scores, plus ``row_shift[..., None]`` when that is not None, into the
+    [B, Hq, tq, tk] buffer ``out``; the backward then also returns the scores' gradient
     [B, Hq, tq, tk], which is the bias's (``attention/biased.py`` reduces it per tile)."""
 
     fused = False
@@ -113,21 +124,21 @@ class TorchTileKernel:
         kind: PieceKind,
         visible: Tensor | None,
         scale: float,
-        add_bias: Callable[[Tensor], None] | None = None,
+        write_bias: Callable[[Tensor, Tensor | None], None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         batch, heads, tq, dim = q.shape
         kv_heads = k.shape[1]
         dtype = compute_dtype(q.dtype)
-        scores = _masked_scores(q, k, kind, visible, scale, add_bias)  # [B, Hkv, G, tq, tk]
+        scores = _masked_scores(q, k, kind, visible, scale, write_bias)  # [B, Hkv, G, tq, tk]
         row_max = scores.amax(-1)  # [B, Hkv, G, tq]; -inf on rows that see nothing
         sees_nothing = torch.isneginf(row_max)
         row_max = torch.where(sees_nothing, torch.zeros_like(row_max), row_max)
-        weights = _exp(scores.sub_(row_max[..., None]), add_bias is not None)  # hidden: 0
+        weights = _exp(scores.sub_(row_max[..., None]), write_bias is not None)  # hidden: 0
         total = weights.sum(-1)  # [B, Hkv, G, tq]
         out = weights.view(batch, kv_heads, -1, k.shape[2]) @ v.to(dtype)  # [B, Hkv, G*tq, D]
         out = out.view(*total.shape, dim) / torch.where(total > 0, total, 1.0)[..., None]
         lse = row_max + torch.log(total)  # log(0) = -inf: rows that see nothing
-        if add_bias is not None:  # floored exponentials: those rows are not 0 by themselves
+        if write_bias is not None:  # floored exponentials: those rows are not 0 by themselves
             out = out.masked_fill_(sees_nothing[..., None], 0.0)
             lse = lse.masked_fill_(sees_nothing, float("-inf"))
         return out.reshape(batch, heads, tq, dim), lse.reshape(batch, heads, tq)
@@ -144,25 +155,32 @@ class TorchTileKernel:
         kind: PieceKind,
         visible: Tensor | None,
         scale: float,
-        add_bias: Callable[[Tensor], None] | None = None,
+        write_bias: Callable[[Tensor, Tensor | None], None] | None = None,
     ) -> tuple[Tensor, ...]:
-        """-> dq, dk, dv, and with ``add_bias`` also dbias [B, Hq, tq, tk] (the scores' grad)."""
+        """-> dq, dk, dv, and with ``write_bias`` also dbias [B, Hq, tq, tk] (the scores' grad).
+
+        The probabilities are ``exp(s - lse)`` with ``-lse`` as the score GEMM's initial value,
+        and ``dP - delta`` is the dP GEMM's, so neither costs a pass of its own."""
         batch, heads, tq, dim = q.shape
         kv_heads, tk = k.shape[1], k.shape[2]
         dtype = compute_dtype(q.dtype)
-        grouped_shape = (batch, kv_heads, heads // kv_heads, tq)
-        scores = _masked_scores(q, k, kind, visible, scale, add_bias)  # [B, Hkv, G, tq, tk]
-        shifted = scores.sub_(lse.view(grouped_shape)[..., None])
-        probs = _exp(shifted, add_bias is not None)  # p = exp(s - lse_final)
-        probs_rows = probs.view(batch, kv_heads, -1, tk)  # [B, Hkv, G*tq, tk]
-        dout_rows = _grouped(dout, kv_heads, dtype)  # [B, Hkv, G*tq, D]
-        dv = probs_rows.transpose(-1, -2) @ dout_rows  # [B, Hkv, tk, D], summed over groups
-        dprobs = dout_rows @ v.to(dtype).transpose(-1, -2)  # [B, Hkv, G*tq, tk]
-        dscores = probs_rows.mul_(dprobs.sub_(delta.reshape(batch, kv_heads, -1)[..., None]))
-        dq = (dscores @ k.to(dtype)).mul_(scale)  # [B, Hkv, G*tq, D]
-        dk = (dscores.transpose(-1, -2) @ _grouped(q, kv_heads, dtype)).mul_(scale)
-        grads = (dq.reshape(batch, heads, tq, dim), dk, dv)
-        return grads if add_bias is None else (*grads, dscores.view(batch, heads, tq, tk))
+        shifted = _masked_scores(q, k, kind, visible, scale, write_bias, row_shift=-lse)
+        probs = _exp(shifted, write_bias is not None)  # p = exp(s - lse_final)
+        probs_rows = probs.view(batch * kv_heads, -1, tk)  # [B*Hkv, G*tq, tk]
+        dout_rows = _grouped(dout, kv_heads, dtype).flatten(0, 1)  # [B*Hkv, G*tq, D]
+        dv = probs_rows.transpose(-1, -2) @ dout_rows  # [B*Hkv, tk, D], summed over groups
+        minus_delta = -delta.reshape(batch * kv_heads, -1, 1).to(dtype)
+        values_t = v.to(dtype).flatten(0, 1).transpose(-1, -2)  # [B*Hkv, D, tk]
+        dprobs = torch.baddbmm(minus_delta.expand(-1, -1, tk), dout_rows, values_t)  # dP - delta
+        dscores = probs_rows.mul_(dprobs)  # [B*Hkv, G*tq, tk]
+        dq = torch.bmm(dscores, k.to(dtype).flatten(0, 1)).mul_(scale)  # [B*Hkv, G*tq, D]
+        dk = dscores.transpose(-1, -2) @ _grouped(q, kv_heads, dtype).flatten(0, 1)
+        grads = (
+            dq.view(batch, heads, tq, dim),
+            dk.mul_(scale).view(batch, kv_heads, tk, dim),
+            dv.view(batch, kv_heads, tk, dim),
+        )
+        return grads if write_bias is None else (*grads, dscores.view(batch, heads, tq, tk))
 
 
 # ---------------------------------------------------------------------- fused CPU op

@@ -85,9 +85,12 @@ class TileBias(Protocol):
     handed its gradient per piece (``attention/biased.py``: BAM's prior, SSMax's factor).
     Only kernels that ``takes_bias`` (the plain-torch one) run with one."""
 
-    def add_to(self, scores: Tensor, queries: slice, keys: slice) -> None:
-        """Add the bias of queries ``queries`` against keys ``keys`` to their scaled scores
-        [B, Hq, tq, tk] (compute dtype) in place."""
+    def write_to(
+        self, out: Tensor, queries: slice, keys: slice, row_shift: Tensor | None = None
+    ) -> None:
+        """Write the bias of queries ``queries`` against keys ``keys``, plus
+        ``row_shift[..., None]`` ([B, Hq, tq]) unless None, into ``out`` [B, Hq, tq, tk]
+        (compute dtype); the kernel's score GEMM then adds the scaled scores onto it."""
         ...
 
     def accumulate(self, queries: slice, keys: slice, grad: Tensor) -> None:
@@ -152,8 +155,10 @@ def _covers_everything(plan: list[QueryTile], tq: int, tk: int) -> bool:
 
 
 def _bias_args(bias: TileBias | None, queries: slice, keys: slice) -> dict[str, Callable]:
-    """The ``add_bias=`` keyword of one piece's kernel call (none without a bias)."""
-    return {} if bias is None else {"add_bias": partial(bias.add_to, queries=queries, keys=keys)}
+    """The ``write_bias=`` keyword of one piece's kernel call (none without a bias)."""
+    if bias is None:
+        return {}
+    return {"write_bias": partial(bias.write_to, queries=queries, keys=keys)}
 
 
 def tiled_forward(

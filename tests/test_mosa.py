@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import FP32, assert_gradient_close
 from torch.utils.flop_counter import FlopCounterMode
 from trainer_helpers import job, make_data, tiny_recipe, train_on_ranks
 
@@ -27,7 +28,6 @@ from longctx.positional.config import PositionalConfig
 from longctx.positional.rope import RotaryEmbedding, apply_rotary
 
 # fp32 fast path vs float64 loop: rounding of short dot products and softmaxes (rtol 1e-5).
-FP32 = {"rtol": 1e-5, "atol": 2e-6}
 HIDDEN, HEADS, KV_HEADS, DIM = 16, 6, 3, 8
 
 
@@ -235,6 +235,12 @@ def packed_positions(doc_ids):
     return index - start_of
 
 
+def assert_gradients_close(got, want):
+    """Every named gradient of ``got`` against ``want``'s, to its tensor's scale."""
+    for name, grad in want.items():
+        assert_gradient_close(got[name], grad, name)
+
+
 def layer_gradients(layer, x):
     """Gradients of x, every projection weight and bias, and the router."""
     grads = {"x": x.grad, "router": layer.core.router.weight.grad}
@@ -272,8 +278,7 @@ def test_layer_projecting_chosen_tokens_equals_full_projection_and_float64(
     full, _ = full_projection_layer(full_layer, full_x, rotary, ctx)
     (full * weight).sum().backward()
     torch.testing.assert_close(chosen, full, **FP32)
-    for name, grad in layer_gradients(full_layer, full_x).items():
-        torch.testing.assert_close(got[name], grad, **FP32, msg=lambda m, n=name: f"{n}: {m}")
+    assert_gradients_close(got, layer_gradients(full_layer, full_x))
 
     ref_layer = copy.deepcopy(layer).double()
     ref_layer.zero_grad()
@@ -287,12 +292,7 @@ def test_layer_projecting_chosen_tokens_equals_full_projection_and_float64(
     (ref * weight.double()).sum().backward()
     ref_layer.core = ref_core  # the loop's copy holds the router gradient
     torch.testing.assert_close(chosen, ref.float(), **FP32)
-    for name, grad in layer_gradients(ref_layer, ref_x).items():
-        # sums over tokens cancel in places: absolute tolerance 1e-5 of the tensor's scale
-        scale = float(grad.abs().max())
-        torch.testing.assert_close(
-            got[name], grad.float(), rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}"
-        )
+    assert_gradients_close(got, layer_gradients(ref_layer, ref_x))
 
 
 def test_checkpointed_mosa_layers_give_the_plain_gradients():

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import FP32, assert_gradient_close
 
 from longctx.attention import AttentionConfig, AttentionContext, block_attention
 from longctx.attention.config import NSAConfig
@@ -28,7 +29,6 @@ from longctx.model.transformer import Transformer
 from longctx.positional.config import PositionalConfig
 
 # fp32 fast path vs float64 loop: sums of <= 100 products, rounding only (rtol 1e-5).
-FP32 = {"rtol": 1e-5, "atol": 2e-6}
 FP64 = {"rtol": 1e-10, "atol": 1e-12}
 HIDDEN, HEADS, KV_HEADS, DIM = 16, 4, 2, 8
 
@@ -178,7 +178,7 @@ def test_nsa_matches_float64_reference_loop_outputs_and_gradients(doc_ids):
     fast, ref, grads, ref_grads = run_both(make_core(top_n=4, select_block=8), doc_ids)
     torch.testing.assert_close(fast, ref.float(), **FP32)
     for grad, ref_grad in zip(grads, ref_grads):
-        torch.testing.assert_close(grad, ref_grad.float(), **FP32)
+        assert_gradient_close(grad, ref_grad)
 
 
 @pytest.mark.parametrize("top_n", [3, 5])
