@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from trainer_helpers import logged_steps
 
 from longctx.launch.ray_cluster import MAX_WORKERS_PER_CPU, local_cpu_count
 from longctx.trainer.job import TrainJob
@@ -46,22 +47,13 @@ def manifest(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "manifest.json").read_text())
 
 
-def logged_steps(output: str) -> list[int]:
-    """Step numbers of rank 0's progress lines (``step 3/12 loss ...``)."""
-    steps = []
-    for line in output.splitlines():
-        words = line.split()
-        for index, word in enumerate(words[:-1]):
-            if word == "step" and "/" in words[index + 1] and words[index + 2] == "loss":
-                steps.append(int(words[index + 1].split("/")[0]))
-    return steps
-
-
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_train_checkpoints_then_resume_latest_continues_from_that_step(tmp_path: Path):
     """First invocation: 10 steps on 2 workers, a checkpoint at step 10 that is also reported
     to Ray Train. Second invocation with --resume latest: logs steps 11 and 12 only, and its
-    checkpoint's manifest counts the tokens of all 12 steps."""
+    checkpoint's manifest counts the tokens of all 12 steps. (``make test-heavy``: two Ray
+    launches, ~95 s on a 2-core AVX2 machine; CI checks the same launch, Ray Train pointer and
+    resume in tests/test_stages_e2e.py, at a stage boundary.)"""
     run_dir = tmp_path / "run"
     common = ["--workers", "2", "--set", f"trainer.run_dir={run_dir}"]
     first = longctx_train(

@@ -5,7 +5,9 @@ boundary and resumed by a second invocation, then ``longctx eval`` and ``longctx
 Stage 1 trains the checkpoint at 64 tokens, data parallel over the 2 workers. Stage 2 trains the
 stage-1 weights at 256 tokens with a YaRN rope_scaling (factor 4 over 64 positions) and ring
 attention over the same 2 workers (dp 1). References: the stage ranges and files the recipe
-implies, and transformers itself loading the export (logits equal longctx's, fp32, 1e-4).
+implies, Ray Train's pointer to each checkpoint, the manifests' token counts, and transformers
+itself loading the export (logits equal longctx's, fp32, 1e-4). This is CI's end-to-end run of
+``longctx train`` on Ray, with its resume by a second invocation.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 import torch
 import yaml
 from hf_fixtures import hf_logits, load_with_transformers, random_tokens, save_tiny_hf
-from trainer_helpers import make_data
+from trainer_helpers import logged_steps, make_data
 
 from longctx.checkpoint.saved_model import load_trained_model, open_checkpoint
 from longctx.launch.train import loss_curve
@@ -86,18 +88,32 @@ def test_two_stage_extension_from_hf_resumes_at_the_boundary_and_exports(tmp_pat
 
     first = longctx(["train", str(recipe), "--workers", "2", "--until-stage", "1"], tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert logged_steps(first.stdout) == [1, 2, 3, 4]
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_000004"
     assert json.loads((run_dir / "stages.json").read_text())["current"] == 0
     assert "--resume latest" in first.stdout  # the command that trains stage 2
+    assert f"checkpoints:  {checkpoints.relative_to(tmp_path)}" in first.stdout
+    assert "tensorboard --logdir" in first.stdout
+    boundary = checkpoints / "step_000004"
+    first_manifest = json.loads((boundary / "manifest.json").read_text())
+    assert (first_manifest["step"], first_manifest["world_size"]) == (4, 2)
+    assert first_manifest["tokens_seen"] == 4 * 2 * 2 * 64  # steps x dp x micro batch x seq_len
+    # Ray Train holds a pointer to the real checkpoint (no copy of the weights).
+    pointers = list((run_dir / "ray").glob("launch-*/step_000004/longctx_checkpoint.json"))
+    assert len(pointers) == 1
+    assert json.loads(pointers[0].read_text())["path"] == str(boundary)
     # the checkpoint's own tokenizer.model came from the hf: directory
-    boundary = run_dir / "checkpoints" / "step_000004"
     assert (boundary / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
 
     second = longctx(["train", str(recipe), "--workers", "2", "--resume", "latest"], tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "stage 2/2 'extend': steps 5-7, seq_len 256, rope_scaling yarn x4" in second.stdout
     assert "dp 1 x ulysses 1 x ring 2 = 2 ranks" in second.stdout
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000007"
+    assert logged_steps(second.stdout) == [5, 6, 7]
+    assert (checkpoints / "latest").read_text().strip() == "step_000007"
+    final_manifest = json.loads((checkpoints / "step_000007" / "manifest.json").read_text())
+    assert final_manifest["tokens_seen"] == first_manifest["tokens_seen"] + 3 * 1 * 1 * 256
     assert json.loads((run_dir / "stages.json").read_text())["current"] == 1
     # TensorBoard steps are global: stage 2 continues the curve at step 5
     assert [step for step, _ in loss_curve(run_dir / "tensorboard")] == list(range(1, 8))

@@ -24,6 +24,17 @@ VENV = Path(__file__).resolve().parents[1] / ".venv"
 TOKENIZER_VOCAB = 320
 
 
+def logged_steps(output: str) -> list[int]:
+    """Step numbers of rank 0's progress lines (``step 3/12 loss ...``)."""
+    steps = []
+    for line in output.splitlines():
+        words = line.split()
+        for index, word in enumerate(words[:-1]):
+            if word == "step" and "/" in words[index + 1] and words[index + 2] == "loss":
+                steps.append(int(words[index + 1].split("/")[0]))
+    return steps
+
+
 def deepspeed_env() -> dict[str, str]:
     """Environment for DeepSpeed on CPU with its compiled comm op cached in the venv."""
     return {
