@@ -27,13 +27,29 @@ TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 LONGCTX = Path(sys.executable).parent / "longctx"  # the console script of this environment
 
 
-def run_longctx(args: list[str], cwd: Path, module: bool = False) -> subprocess.CompletedProcess:
-    """Run the CLI in ``cwd``; ``module`` uses ``python -m longctx.launch`` instead."""
+def start_longctx(args: list[str], cwd: Path, module: bool = False) -> subprocess.Popen:
+    """Start the CLI in ``cwd`` with its output piped; ``module`` uses ``python -m
+    longctx.launch`` instead of the console script."""
     command = [sys.executable, "-m", "longctx.launch"] if module else [str(LONGCTX)]
     env = {**os.environ, "COLUMNS": "120"}
-    return subprocess.run(
-        [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env
+    return subprocess.Popen(
+        [*command, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_longctx(args: list[str], cwd: Path, module: bool = False) -> subprocess.CompletedProcess:
+    """Run the CLI in ``cwd`` to its end, output captured."""
+    return finish(start_longctx(args, cwd, module))
 
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
@@ -61,36 +77,52 @@ BAD_RECIPES = {
 }
 
 
+BAD_COMMAND_LINES = {
+    "unknown command": (["fly"], "invalid choice: 'fly'"),
+    "unknown flag": (["train", "x.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+    "no workers": (["train", "x.yaml", "--workers", "0"], "0 must be at least 1"),
+    "no command": ([], "the following arguments are required: COMMAND"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory) -> dict[str, tuple[Path, dict, subprocess.CompletedProcess]]:
+    """Every bad recipe (``train bad.yaml --dry-run``) and bad command line, each in its own
+    directory and process, all started at once: the interpreters' start-ups (seconds of
+    imports each) overlap instead of queueing. -> {case: (directory, files before, result)}."""
+    started = {}
+    cases = {
+        case: (text, ["train", "bad.yaml", "--dry-run"]) for case, (text, _) in BAD_RECIPES.items()
+    }
+    cases |= {case: (None, args) for case, (args, _) in BAD_COMMAND_LINES.items()}
+    for case, (text, args) in cases.items():
+        directory = tmp_path_factory.mktemp("bad")
+        if text is not None:
+            (directory / "bad.yaml").write_text(text)
+        started[case] = (directory, snapshot(directory), start_longctx(args, directory))
+    return {
+        case: (path, before, finish(process)) for case, (path, before, process) in started.items()
+    }
+
+
 @pytest.mark.parametrize("case", list(BAD_RECIPES))
-def test_bad_recipe_exits_2_with_one_line_and_leaves_disk_unchanged(case, tmp_path):
-    text, fragment = BAD_RECIPES[case]
-    if text is not None:
-        (tmp_path / "bad.yaml").write_text(text)
-    before = snapshot(tmp_path)
-    result = run_longctx(["train", "bad.yaml", "--dry-run"], cwd=tmp_path)
+def test_bad_recipe_exits_2_with_one_line_and_leaves_disk_unchanged(case, bad_runs):
+    directory, before, result = bad_runs[case]
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0]
+    assert BAD_RECIPES[case][1] in lines[0]
     assert result.stdout == ""
-    assert snapshot(tmp_path) == before
+    assert snapshot(directory) == before
 
 
-@pytest.mark.parametrize(
-    ("args", "fragment"),
-    [
-        (["fly"], "invalid choice: 'fly'"),
-        (["train", "x.yaml", "--bogus"], "unrecognized arguments: --bogus"),
-        (["train", "x.yaml", "--workers", "0"], "0 must be at least 1"),
-        ([], "the following arguments are required: COMMAND"),
-    ],
-)
-def test_bad_command_line_exits_2_with_one_line(args, fragment, tmp_path):
-    result = run_longctx(args, cwd=tmp_path)
+@pytest.mark.parametrize("case", list(BAD_COMMAND_LINES))
+def test_bad_command_line_exits_2_with_one_line(case, bad_runs):
+    result = bad_runs[case][2]
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: longctx"), result.stderr
-    assert fragment in lines[0]
+    assert BAD_COMMAND_LINES[case][1] in lines[0]
 
 
 # The remaining cases call ``main`` in this process: the same code path without paying the
