@@ -13,8 +13,9 @@ gather otherwise) and writes it, times ``m``, as the initial value of the tile's
 (which adds q . k onto it in the same pass), then merges the tile by online softmax; the
 backward writes ``bias - lse`` there instead, recomputes the tile's probabilities from the
 FINAL out/lse (SPECS 1.1) and folds the tile's score gradient back onto the table (summed
-along the tile's diagonals, which share a distance) and onto ``m`` (row sums). Nothing larger than a tile pair is ever built, so
-memory is O(T) beyond the inputs: q, k, v, out, lse, the O(T x H) table and ``m``.
+along the tile's diagonals, which share a distance) and onto ``m`` (row sums). Nothing larger
+than a tile pair is ever built, so memory is O(T) beyond the inputs: q, k, v, out, lse, the
+O(T x H) table and ``m``.
 
 Why a table: a position-only prior such as BAM's ``-exp(a_h) |d - mu_h|^b_h`` takes one ``pow``
 per entry, T^2 of them per head, whereas the table needs one per distance (at most

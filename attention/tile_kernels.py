@@ -59,7 +59,7 @@ def _masked_scores(
     kind: PieceKind,
     visible: Tensor | None,
     scale: float,
-    write_bias: Callable[[Tensor, Tensor | None], None] | None = None,
+    write_bias: Callable[..., None] | None = None,
     row_shift: Tensor | None = None,
 ) -> Tensor:
     """``row_shift_i + bias_ij + scale q_i . k_j`` with hidden entries at -inf:
@@ -124,7 +124,7 @@ class TorchTileKernel:
         kind: PieceKind,
         visible: Tensor | None,
         scale: float,
-        write_bias: Callable[[Tensor, Tensor | None], None] | None = None,
+        write_bias: Callable[..., None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         batch, heads, tq, dim = q.shape
         kv_heads = k.shape[1]
@@ -155,7 +155,7 @@ class TorchTileKernel:
         kind: PieceKind,
         visible: Tensor | None,
         scale: float,
-        write_bias: Callable[[Tensor, Tensor | None], None] | None = None,
+        write_bias: Callable[..., None] | None = None,
     ) -> tuple[Tensor, ...]:
         """-> dq, dk, dv, and with ``write_bias`` also dbias [B, Hq, tq, tk] (the scores' grad).
 
@@ -174,10 +174,10 @@ class TorchTileKernel:
         dprobs = torch.baddbmm(minus_delta.expand(-1, -1, tk), dout_rows, values_t)  # dP - delta
         dscores = probs_rows.mul_(dprobs)  # [B*Hkv, G*tq, tk]
         dq = torch.bmm(dscores, k.to(dtype).flatten(0, 1)).mul_(scale)  # [B*Hkv, G*tq, D]
-        dk = dscores.transpose(-1, -2) @ _grouped(q, kv_heads, dtype).flatten(0, 1)
+        dk = torch.bmm(dscores.transpose(-1, -2), _grouped(q, kv_heads, dtype).flatten(0, 1))
         grads = (
             dq.view(batch, heads, tq, dim),
-            dk.mul_(scale).view(batch, kv_heads, tk, dim),
+            dk.mul_(scale).view(batch, kv_heads, tk, dim),  # [B*Hkv, tk, D], summed over groups
             dv.view(batch, kv_heads, tk, dim),
         )
         return grads if write_bias is None else (*grads, dscores.view(batch, heads, tq, tk))

@@ -119,7 +119,7 @@ def load_gguf(gguf: str | Path) -> GgufCheckpoint:
         )
     model_config_from_hf(config.to_dict())  # the checks load_hf applies, before the weights
     # the config read above is passed on: each read of a GGUF parses its whole metadata (the
-    # tokenizer's vocabulary and merges: ~11 s for SmolLM2 on a 2-core AVX2 machine)
+    # tokenizer's vocabulary and merges: ~8 s for SmolLM2 on a 2-core AVX2 machine)
     model = AutoModelForCausalLM.from_pretrained(
         source, gguf_file=name, config=config, dtype=torch.float32
     )
