@@ -10,6 +10,11 @@ of ``chunk_size`` and computes, per chunk, the logits against every key with the
 masks them, and applies the softmax. Each chunk runs under activation checkpointing: the forward
 keeps only its output, and the backward recomputes the chunk's logits. Peak memory is therefore
 O(B * H * chunk * T), never the T x T matrix of a naive implementation (bench/positional.py).
+A chunk is given only the run of keys that holds every key it sees (``visible_key_ranges``:
+from the mask's tile classes, in tiles of ``chunk`` keys), so under a causal mask the chunks do
+half the work of all-keys rows, and under a sliding window O(window) each; the keys left out
+are invisible to every row of the chunk, so each score term's row (CoPE's gate sums, SSMax's
+key count) is unchanged.
 
 A score module is any ``nn.Module`` with
 ``scores(q, k, q_positions, k_positions, visible, heads) -> logits`` (see ``ScoreTerm``); its
@@ -46,7 +51,7 @@ from longctx.attention.biased import DEFAULT_TILE, distance_range, relative_bias
 from longctx.attention.config import AttentionConfig
 from longctx.attention.context import AttentionContext
 from longctx.attention.core import AttentionCore, AttentionShape
-from longctx.attention.mask import MaskSpec
+from longctx.attention.mask import MaskSpec, TileClass
 from longctx.attention.tiling import compute_dtype, visible_key_counts
 from longctx.positional.bam import BAMScore
 from longctx.positional.config import PositionalConfig
@@ -92,6 +97,24 @@ def masked_softmax(logits: Tensor, visible: Tensor) -> Tensor:
     return torch.softmax(masked, dim=-1) * row_has_key
 
 
+def visible_key_ranges(mask: MaskSpec, chunk: int) -> list[slice | None]:
+    """Per chunk of ``chunk`` queries of a bound ``mask``, the run of key indices, in whole tiles
+    of ``chunk`` keys, outside which the chunk sees no key; None for a chunk that sees none.
+
+    From the mask's tile classes (per-tile position and doc-id bounds, nothing [Tq, Tk]); the
+    run may hold invisible keys (a row's own mask still applies), never leaves a visible one out.
+    """
+    tk = mask.k_positions.shape[0]
+    classes, _ = mask.classify_tiles(chunk, chunk)  # [query chunks, key tiles]
+    seen = classes != TileClass.EMPTY
+    first = seen.int().argmax(dim=1)
+    last = seen.shape[1] - 1 - seen.flip(1).int().argmax(dim=1)
+    return [
+        slice(lo * chunk, min((hi + 1) * chunk, tk)) if any_seen else None
+        for lo, hi, any_seen in zip(first.tolist(), last.tolist(), seen.any(dim=1).tolist())
+    ]
+
+
 def _chunk_attention(
     score: ScoreTerm,
     q: Tensor,
@@ -100,7 +123,8 @@ def _chunk_attention(
     tile: MaskSpec,
     heads: slice,
 ) -> Tensor:
-    """Exact attention of one query chunk: q [B, H, c, D], k/v [B, H, Tk, D] -> [B, H, c, D].
+    """Exact attention of one query chunk: q [B, H, c, D], k/v [B, H, Tk, D] -> [B, H, c, D]
+    (Tk: the chunk's run of keys).
 
     ``tile`` is the chunk's rows of the bound mask; its [Bm, c, Tk] visibility is rebuilt here
     (also in the recomputation), so no chunk keeps one between forward and backward.
@@ -132,6 +156,8 @@ def scored_attention(
     ``heads``: which of the score module's per-head parameters the Hq heads use (all).
     """
     tq, tk = q.shape[2], k.shape[2]
+    if tq == 0 or tk == 0:
+        return torch.zeros_like(q)
     mask = mask.bind(tq, tk, device=q.device)
     k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
     chunk = chunk_size or DEFAULT_QUERY_CHUNK
@@ -142,14 +168,17 @@ def scored_attention(
         or any(p.requires_grad for p in getattr(score, "parameters", list)())
     )
     outs = []
-    for start in range(0, tq, chunk):
+    for start, keys in zip(range(0, tq, chunk), visible_key_ranges(mask, chunk)):
         rows = slice(start, min(start + chunk, tq))
-        args = (score, q[:, :, rows], k, v, mask.slice(rows, slice(None)), heads)
+        if keys is None:  # no query of the chunk sees a key: its rows are 0
+            outs.append(torch.zeros_like(q[:, :, rows]))
+            continue
+        args = (score, q[:, :, rows], k[:, :, keys], v[:, :, keys], mask.slice(rows, keys), heads)
         if needs_grad:
             outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False))
         else:
             outs.append(_chunk_attention(*args))
-    return torch.cat(outs, dim=2) if outs else torch.zeros_like(q)
+    return torch.cat(outs, dim=2)
 
 
 class ScoredAttention(AttentionCore):

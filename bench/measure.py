@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from longctx.bench.report import WRITTEN_INDEX
+from longctx.bench.report import WRITTEN_INDEX, cpu_name
 from longctx.parallel.ports import free_port
 
 GiB = 1024**3
@@ -241,12 +241,13 @@ def measured_or_extrapolated(
 
 def write_report(path: Path, report: dict | list) -> None:
     """Write ``report`` as indented JSON to ``path`` (creating its folder) and say so, and
-    record when in the folder's ``written.json`` (a clone or checkout resets file times, so
-    the report's "measured" dates come from there)."""
+    record when and on which CPU in the folder's ``written.json`` (a clone or checkout resets
+    file times, so the report's "measured" dates come from there)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     index = path.parent / WRITTEN_INDEX
     written = json.loads(index.read_text()) if index.exists() else {}
-    written[path.stem] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    written[path.stem] = {"written": when, "cpu": cpu_name()}
     index.write_text(json.dumps(dict(sorted(written.items())), indent=2) + "\n")
     print(f"wrote {path}")

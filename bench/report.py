@@ -26,7 +26,9 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-WRITTEN_INDEX = "written.json"  # {result name: UTC time its JSON was last written}
+# {result name: {"written": UTC time its JSON was last written, "cpu": the CPU it ran on}}; an
+# entry from before the CPU was recorded is the time alone
+WRITTEN_INDEX = "written.json"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPORT_NAME = "REPORT.md"
 GiB = 1024**3
@@ -748,17 +750,18 @@ def collect_rows(results_dir: Path) -> list[Row]:
 
 
 # --------------------------------------------------------------------------- environment
-def machine_lines() -> list[str]:
-    """Machine, versions and date, one markdown bullet each."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_lines() -> list[str]:
+    """Machine, versions and date, one markdown bullet each."""
     memory = ""
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
@@ -768,7 +771,7 @@ def machine_lines() -> list[str]:
         f"{package} {_version(package)}" for package in ("torch", "deepspeed", "ray", "longctx")
     )
     return [
-        f"- Machine: {cpu}, {os.cpu_count()} cores{memory}; {platform.platform()}",
+        f"- Machine: {cpu_name()}, {os.cpu_count()} cores{memory}; {platform.platform()}",
         f"- Versions: Python {platform.python_version()}, {versions}",
         f"- Report generated: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
     ]
@@ -782,19 +785,24 @@ def _version(package: str) -> str:
 
 
 def _result_dates(results_dir: Path) -> str:
-    """When each result was written: ``written.json`` (``measure.write_report``), else the
-    file's modification time."""
+    """When, and on which CPU, each result was written, grouped by CPU: ``written.json``
+    (``measure.write_report``), else the file's modification time. Ratios compare within one
+    JSON file; rows measured on different CPUs say nothing about each other."""
     index = results_dir / WRITTEN_INDEX
     written = json.loads(index.read_text()) if index.exists() else {}
-    stamps = []
+    by_cpu: dict[str, list[str]] = {}
     for name in SECTIONS:
         path = results_dir / f"{name}.json"
-        if path.exists():
-            when = written.get(name)
-            if when is None:
-                when = f"{datetime.fromtimestamp(path.stat().st_mtime, UTC):%Y-%m-%d %H:%M}"
-            stamps.append(f"{name} {when}")
-    return "- Measured (JSON written, UTC): " + (", ".join(stamps) or "nothing yet")
+        if not path.exists():
+            continue
+        entry = written.get(name)
+        if entry is None:
+            entry = f"{datetime.fromtimestamp(path.stat().st_mtime, UTC):%Y-%m-%d %H:%M}"
+        if isinstance(entry, str):
+            entry = {"written": entry, "cpu": "a CPU not recorded"}
+        by_cpu.setdefault(entry["cpu"], []).append(f"{name} {entry['written']}")
+    groups = "; ".join(f"on {cpu}: {', '.join(stamps)}" for cpu, stamps in by_cpu.items())
+    return "- Measured (JSON written, UTC): " + (groups or "nothing yet")
 
 
 def _suite_line(results_dir: Path) -> list[str]:

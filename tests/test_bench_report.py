@@ -306,15 +306,21 @@ def test_data_rows_judge_the_differences_between_the_corpora(tmp_path):
 
 
 def test_measured_dates_come_from_the_written_index_not_file_times(tmp_path):
-    """``write_report`` records when each JSON was written; a checkout's fresh file times do
-    not change the report's "measured" line."""
+    """``write_report`` records when and on which CPU each JSON was written; a checkout's fresh
+    file times do not change the report's "measured" line, which groups results by CPU."""
     from longctx.bench.measure import write_report
-    from longctx.bench.report import _result_dates
+    from longctx.bench.report import WRITTEN_INDEX, _result_dates, cpu_name
 
     write_report(tmp_path / "sp.json", [{"case": "x"}])
     _write(tmp_path, "memory", [])  # no index entry: falls back to the file's time
+    _write(tmp_path, "s2", [])
+    index = tmp_path / WRITTEN_INDEX
+    written = json.loads(index.read_text())
+    written["s2"] = "2026-11-01 10:00"  # an entry from before the CPU was recorded
+    index.write_text(json.dumps(written))
     os.utime(tmp_path / "sp.json", (0, 0))  # as a clone would leave it, say
-    written = json.loads((tmp_path / "written.json").read_text())
     line = _result_dates(tmp_path)
-    assert f"sp {written['sp']}" in line and "sp 1970" not in line
-    assert "memory 20" in line
+    assert written["sp"]["cpu"] == cpu_name()
+    this_cpu, unrecorded = line.split("; on a CPU not recorded: ")
+    assert this_cpu.endswith(f"on {cpu_name()}: sp {written['sp']['written']}")
+    assert "memory 20" in unrecorded and "s2 2026-11-01 10:00" in unrecorded
