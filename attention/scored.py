@@ -14,7 +14,8 @@ A chunk is given only the run of keys that holds every key it sees (``visible_ke
 from the mask's tile classes, in tiles of ``chunk`` keys), so under a causal mask the chunks do
 half the work of all-keys rows, and under a sliding window O(window) each; the keys left out
 are invisible to every row of the chunk, so each score term's row (CoPE's gate sums, SSMax's
-key count) is unchanged.
+key count) is unchanged. The chunks write into one output tensor (no list of chunk outputs
+concatenated at the end, which held the output twice).
 
 A score module is any ``nn.Module`` with
 ``scores(q, k, q_positions, k_positions, visible, heads) -> logits`` (see ``ScoreTerm``); its
@@ -167,18 +168,17 @@ def scored_attention(
         or v.requires_grad
         or any(p.requires_grad for p in getattr(score, "parameters", list)())
     )
-    outs = []
+    out = torch.zeros_like(q)
     for start, keys in zip(range(0, tq, chunk), visible_key_ranges(mask, chunk)):
-        rows = slice(start, min(start + chunk, tq))
-        if keys is None:  # no query of the chunk sees a key: its rows are 0
-            outs.append(torch.zeros_like(q[:, :, rows]))
+        if keys is None:  # no query of the chunk sees a key: its rows stay 0
             continue
+        rows = slice(start, min(start + chunk, tq))
         args = (score, q[:, :, rows], k[:, :, keys], v[:, :, keys], mask.slice(rows, keys), heads)
         if needs_grad:
-            outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False))
+            out[:, :, rows] = checkpoint(_chunk_attention, *args, use_reentrant=False)
         else:
-            outs.append(_chunk_attention(*args))
-    return torch.cat(outs, dim=2)
+            out[:, :, rows] = _chunk_attention(*args)
+    return out
 
 
 class ScoredAttention(AttentionCore):

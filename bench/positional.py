@@ -17,9 +17,14 @@ encoding and length T:
   term) at the same shape, the floor BAM's tiled kernel is measured against (issue 21: BAM
   <= 2x dense at 16k). Always run when BAM is (``--baseline`` adds it otherwise).
 
-Memory and time are measured as in ``bench/attention.py`` (fresh subprocess per case, VmHWM
-after a clear_refs reset; by default the process CPU time of that same run, one thread). A
-naive case whose T^2-scaled estimate does not fit in ``--memory-fraction`` of the available
+Each case runs in a fresh subprocess on one thread. Memory: VmHWM of one run after a
+clear_refs reset, with glibc's mmap threshold fixed at 128 KiB from the process's start, so the
+peak follows the live tensors (``bench/sparse_nsa_mosa.py`` explains the method). Under glibc's
+adaptive threshold the peak followed where freed temporaries were left instead: the chunked
+CoPE kernel at 16k read 1.0 GiB in one version and 3.1-4.1 GiB in the next, whose chunks are
+smaller (2026-12-05, AVX2 machine). Time: process CPU time of ``--repeats`` more runs (median)
+with the threshold at 32 MiB, where the adaptive one settles, so temporaries reuse heap memory
+instead of page-faulting as under the memory run's threshold. A naive case whose T^2-scaled estimate does not fit in ``--memory-fraction`` of the available
 memory is estimated from the largest length measured (exact for naive: its big buffers are all
 [B, H, T, T]) and marked.
 """
@@ -41,11 +46,15 @@ from longctx.attention.mask import MaskSpec
 from longctx.attention.scored import BAMAttention, masked_softmax, scored_attention
 from longctx.bench.measure import (
     MEMORY_METHOD,
+    MEMORY_RUN_THRESHOLD,
     TIME_METHOD,
+    TIMED_RUN_THRESHOLD,
     GiB,
     attention_inputs,
+    fix_mmap_threshold,
     measured_or_extrapolated,
     peak_and_median_times,
+    release_free_heap,
     run_worker,
     write_report,
 )
@@ -108,6 +117,7 @@ def _step(method, score, q, k, v, dout, chunk) -> None:
 def run_case(encoding, method, length, heads, dim, chunk, repeats) -> dict:
     """Measure one case in this process (a fresh subprocess started by ``measure``)."""
     torch.set_num_threads(1)
+    fix_mmap_threshold(MEMORY_RUN_THRESHOLD)  # before the inputs: see the module docstring
     gen = torch.Generator().manual_seed(0)
     score = make_score(encoding, heads, dim, method)
     warm_up = attention_inputs(gen, heads, 64, dim)
@@ -118,7 +128,8 @@ def run_case(encoding, method, length, heads, dim, chunk, repeats) -> dict:
         q.grad = k.grad = v.grad = None
         _step(method, score, q, k, v, dout, chunk)
 
-    return peak_and_median_times(step, repeats)
+    release_free_heap()
+    return peak_and_median_times(step, repeats, timed_threshold=TIMED_RUN_THRESHOLD)
 
 
 def measure(encoding: str, method: str, length: int, args: argparse.Namespace) -> dict:
@@ -204,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=256, help="queries per chunk")
     parser.add_argument(
-        "--repeats", type=int, default=0, help="timed runs after the memory run (0: time it)"
+        "--repeats", type=int, default=1, help="timed runs after the memory run (0: time it)"
     )
     parser.add_argument("--memory-fraction", type=float, default=0.4)
     parser.add_argument("--quick", action="store_true", help="T = 512, 1024")

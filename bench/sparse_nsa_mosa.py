@@ -69,6 +69,8 @@ import torch.nn.functional as F
 from longctx.attention import AttentionConfig, AttentionContext, build_attention_core
 from longctx.attention.config import MoSAConfig
 from longctx.bench.measure import (
+    MEMORY_RUN_THRESHOLD,
+    TIMED_RUN_THRESHOLD,
     fix_mmap_threshold,
     peak_memory_since,
     release_free_heap,
@@ -82,12 +84,6 @@ from longctx.positional.config import PositionalConfig
 RESULTS = Path(__file__).resolve().parent / "results" / "sparse_nsa_mosa.json"
 CASES = ("dense", "nsa", "mosa")
 HEADS, KV_HEADS, DIM, HIDDEN = 8, 2, 64, 512
-# glibc mmap thresholds of the memory run (every allocation of 128 KiB or more is its own
-# mapping, returned on free: the resident peak follows the live tensors) and of the timed run
-# (32 MiB, where glibc's adaptive threshold ends up once large temporaries have been freed:
-# temporaries reuse heap memory instead of faulting in fresh pages, as in a training process).
-MEMORY_RUN_THRESHOLD = 128 * 1024
-TIMED_RUN_THRESHOLD = 32 * 1024 * 1024
 KNOT_SPACING = 256  # tokens between the knots of the slowly varying component
 
 

@@ -3,11 +3,12 @@
 Each benchmark runs as ``python -m longctx.bench.NAME`` in its own process with its default
 (quick) settings, writes ``bench/results/NAME.json`` and prints its table; the report is then
 rebuilt from every JSON file present (``bench/report.py``), so benchmarks not run this time keep
-their last results. The whole default suite takes about 20 minutes on a 2-core CPU. Three
-benchmarks run only by hand (their committed JSON stays in the report): ``python -m
-longctx.bench.data`` (prepares a 400M-token corpus), ``python -m longctx.bench.peft`` (10-15
-minutes) and ``python -m longctx.bench.peft_zero3`` (memory only, ~1 minute; it keeps the
-default run under 20 minutes); the other long measurements sit behind each benchmark's own flags (``python -m
+their last results. The whole default suite takes 18 minutes on a 2-core AVX-512 CPU and 52 on
+a 2-core AVX2 one, whose attention kernels run ~4x slower. Three benchmarks run only by hand
+(their committed JSON stays in the report): ``python -m longctx.bench.data`` (prepares a
+400M-token corpus), ``python -m longctx.bench.peft`` (10-15 minutes) and ``python -m
+longctx.bench.peft_zero3`` (memory only, ~1 minute; kept out to bound the default run); the
+other long measurements sit behind each benchmark's own flags (``python -m
 longctx.bench.memory --longest`` runs real 128k/256k training steps, ~12 minutes more; ``peer
 --long``, ``checkpoint --zero 2`` and ``checkpoint --workers 2 4``).
 
