@@ -17,12 +17,16 @@ overestimate for the others), fits in ``--memory-fraction`` of the available mem
 its time (x T^2, the attention FLOPs) and memory (x T^2) are estimates, marked as such.
 
 Ratios are kernel / naive for the same length and mode, measured in the same run.
-Memory: each case runs in a fresh subprocess; the resident-set high-water mark (``VmHWM``) is
-reset through ``/proc/self/clear_refs`` after the inputs exist and one tiny warm-up ran, and the
-peak is ``VmHWM`` after one full run minus the resident size at the reset: every byte the case
-allocates (tensors, the ops' scratch buffers, the gradients), nothing torch held before.
-Time: median over ``--repeats`` runs after that first run, of the process CPU time
-(``time.process_time``) and of the wall time; ratios use CPU time. Threads: ``--threads``
+Memory: each case runs in a fresh subprocess with glibc's mmap threshold fixed at 128 KiB from
+its start (every large allocation is its own mapping, returned on free, so the resident size
+follows the live tensors, not where freed temporaries were left in the heap; see
+``bench/sparse_nsa_mosa.py``); the resident-set high-water mark (``VmHWM``) is reset through
+``/proc/self/clear_refs`` after the inputs exist, one tiny warm-up ran and the heap was trimmed,
+and the peak is ``VmHWM`` after one full run minus the resident size at the reset: every byte
+the case allocates (tensors, the ops' scratch buffers, the gradients), nothing torch held
+before. Time: median over ``--repeats`` runs after that first run, with the threshold at 32 MiB
+(where glibc's adaptive one settles: temporaries reuse heap memory instead of page-faulting),
+of the process CPU time (``time.process_time``) and of the wall time; ratios use CPU time. Threads: ``--threads``
 (default 1). The benchmark machine is shared (2 cores, other jobs running): a one-thread case's
 CPU time is its compute time on one core whatever the load, while its wall time grows with the
 load; with two threads OpenMP stalls at every parallel region whenever another process holds a
@@ -43,11 +47,15 @@ import torch
 from longctx.attention.kernels import block_attention
 from longctx.bench.measure import (
     MEMORY_METHOD,
+    MEMORY_RUN_THRESHOLD,
     TIME_METHOD,
+    TIMED_RUN_THRESHOLD,
     GiB,
     attention_inputs,
+    fix_mmap_threshold,
     measured_or_extrapolated,
     peak_and_median_times,
+    release_free_heap,
     run_worker,
     write_report,
 )
@@ -81,6 +89,7 @@ def run_case(
 ) -> dict:
     """Measure one case in this process (called in a fresh subprocess by ``measure``)."""
     torch.set_num_threads(threads)
+    fix_mmap_threshold(MEMORY_RUN_THRESHOLD)  # before the inputs: see the module docstring
     gen = torch.Generator().manual_seed(0)
     warm_up = attention_inputs(gen, heads, 128, dim, requires_grad=backward)
     _step(backend, backward, *warm_up)  # lazy initialisation of ops and threads
@@ -90,7 +99,8 @@ def run_case(
         q.grad = k.grad = v.grad = None
         _step(backend, backward, q, k, v, dout)
 
-    return peak_and_median_times(step, repeats)
+    release_free_heap()
+    return peak_and_median_times(step, repeats, timed_threshold=TIMED_RUN_THRESHOLD)
 
 
 def measure(backend: str, length: int, args: argparse.Namespace, backward: bool) -> dict:

@@ -46,12 +46,13 @@ MEMORY_RUN_THRESHOLD = 128 * 1024
 TIMED_RUN_THRESHOLD = 32 * 1024 * 1024
 # how ``peak_and_median_times`` in a ``run_worker`` subprocess measures, for the reports
 MEMORY_METHOD = (
-    "fresh subprocess per case; VmHWM after one run minus VmRSS at a /proc/self/clear_refs "
-    "reset taken after inputs and a tiny warm-up exist"
+    "fresh subprocess per case, glibc's mmap threshold fixed at 128 KiB from its start; VmHWM "
+    "after one run minus VmRSS at a /proc/self/clear_refs reset taken after inputs and a tiny "
+    "warm-up exist and the heap was trimmed"
 )
 TIME_METHOD = (
     "median process CPU time (time_s; ratios use it) and wall time (wall_s) of the timed runs "
-    "after the memory run"
+    "after the memory run, with the mmap threshold at 32 MiB"
 )
 
 
