@@ -26,12 +26,13 @@ and the peak is ``VmHWM`` after one full run minus the resident size at the rese
 the case allocates (tensors, the ops' scratch buffers, the gradients), nothing torch held
 before. Time: median over ``--repeats`` runs after that first run, with the threshold at 32 MiB
 (where glibc's adaptive one settles: temporaries reuse heap memory instead of page-faulting),
-of the process CPU time (``time.process_time``) and of the wall time; ratios use CPU time. Threads: ``--threads``
-(default 1). The benchmark machine is shared (2 cores, other jobs running): a one-thread case's
-CPU time is its compute time on one core whatever the load, while its wall time grows with the
-load; with two threads OpenMP stalls at every parallel region whenever another process holds a
-core, which inflates kernels made of many small ops (chunked: x10-x30 measured) far more than
-one-call kernels. ``--threads 2 --repeats 3`` on an idle machine measures the two-core speed.
+of the process CPU time (``time.process_time``) and of the wall time; ratios use CPU time.
+Threads: ``--threads`` (default 1). The benchmark machine is shared (2 cores, other jobs
+running): a one-thread case's CPU time is its compute time on one core whatever the load, while
+its wall time grows with the load; with two threads OpenMP stalls at every parallel region
+whenever another process holds a core, which inflates kernels made of many small ops (chunked:
+x10-x30 measured) far more than one-call kernels. ``--threads 2 --repeats 3`` on an idle machine
+measures the two-core speed.
 """
 
 from __future__ import annotations

@@ -17,16 +17,15 @@ encoding and length T:
   term) at the same shape, the floor BAM's tiled kernel is measured against (issue 21: BAM
   <= 2x dense at 16k). Always run when BAM is (``--baseline`` adds it otherwise).
 
-Each case runs in a fresh subprocess on one thread. Memory: VmHWM of one run after a
-clear_refs reset, with glibc's mmap threshold fixed at 128 KiB from the process's start, so the
-peak follows the live tensors (``bench/sparse_nsa_mosa.py`` explains the method). Under glibc's
-adaptive threshold the peak followed where freed temporaries were left instead: the chunked
-CoPE kernel at 16k read 1.0 GiB in one version and 3.1-4.1 GiB in the next, whose chunks are
-smaller (2026-12-05, AVX2 machine). Time: process CPU time of ``--repeats`` more runs (median)
-with the threshold at 32 MiB, where the adaptive one settles, so temporaries reuse heap memory
-instead of page-faulting as under the memory run's threshold. A naive case whose T^2-scaled estimate does not fit in ``--memory-fraction`` of the available
-memory is estimated from the largest length measured (exact for naive: its big buffers are all
-[B, H, T, T]) and marked.
+Each case runs in a fresh subprocess on one thread, measured as in ``bench/attention.py``.
+Memory: VmHWM of one run after a clear_refs reset, with glibc's mmap threshold fixed at 128 KiB
+from the process's start, so the peak follows the live tensors; under glibc's adaptive
+threshold it followed where freed temporaries were left (the chunked CoPE kernel at 16k read
+1.0 GiB in one version and 3.1-4.1 GiB in the next, whose chunks are smaller). Time: median
+process CPU time of ``--repeats`` more runs with the threshold at 32 MiB, where the adaptive one
+settles. A naive case whose T^2-scaled estimate does not fit in ``--memory-fraction`` of the
+available memory is estimated from the largest length measured (exact for naive: its big
+buffers are all [B, H, T, T]) and marked.
 """
 
 from __future__ import annotations
