@@ -24,6 +24,8 @@ pinned by tests/test_kernels.py):
 - With bf16 inputs the op rounds the scaled queries to bf16, moving lse by ~1e-4.
 - The backward recomputes delta from ``out``, so it cannot take a gradient on lse; the
   autograd wrapper routes that rare case to ``TorchTileKernel``.
+- The backward parallelises over (batch x kv head) only; unmasked pieces go through
+  ``cpu_flash_backward.balanced_flash_backward``, which spreads the remainder over the threads.
 
 ``FlashTileKernel`` runs flash-attn 2 on CUDA (imported lazily, never on CPU) through
 ``flash_attn.flash_attn_interface._flash_attn_forward`` / ``_flash_attn_backward`` in their
@@ -43,6 +45,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from longctx.attention.cpu_flash_backward import balanced_flash_backward, fused_backward
 from longctx.attention.tiling import PieceKind, compute_dtype
 from longctx.errors import LongctxError
 
@@ -186,7 +189,6 @@ class TorchTileKernel:
 # ---------------------------------------------------------------------- fused CPU op
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def _additive_mask(visible: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -234,18 +236,11 @@ class CpuFlashTileKernel:
         scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         # ``delta`` is unused: the op derives it from (dout, out) itself.
-        return _FLASH_CPU_BACKWARD(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            0.0,
-            kind is PieceKind.CAUSAL,
-            attn_mask=_additive_mask(visible, q.dtype),
-            scale=scale,
-        )
+        causal = kind is PieceKind.CAUSAL
+        if visible is None:
+            return balanced_flash_backward(dout, q, k, v, out, lse, causal, scale)
+        mask = _additive_mask(visible, q.dtype)
+        return fused_backward(dout, q, k, v, out, lse, causal, scale, mask)
 
 
 # ---------------------------------------------------------------------- flash-attn (CUDA)
