@@ -2,10 +2,10 @@
 ``LlamaForCausalLM`` (SDPA attention) as DeepSpeed would run it.
 
 Run: ``python -m longctx.bench.peer`` (4k and 16k with activation checkpointing on both sides,
-the cases with targets, ~3 minutes on 2 cores; ``--both`` adds the cases without it; writes
-``bench/results/peer.json``) or ``--long`` (32k alone, about 15 minutes and 20 GiB free memory
-for transformers' side; writes ``bench/results/peer_long.json``, which ``make bench`` does not
-rerun). Prints a table.
+the cases with targets, about 10 minutes on 2 AVX2 cores; ``--both`` adds the cases without it;
+writes ``bench/results/peer.json``) or ``--long`` (32k alone, about 15 minutes on an AVX-512 CPU
+and 20 on an AVX2 one, with 20 GiB free memory for transformers' side; writes
+``bench/results/peer_long.json``, which ``make bench`` does not rerun). Prints a table.
 
 The step: forward, next-token cross-entropy over every position, backward (no optimizer step:
 both sides would run the same AdamW), fp32 on CPU with ``--threads`` torch threads, on a
