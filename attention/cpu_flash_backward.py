@@ -5,7 +5,7 @@
 heads one after another (the forward, by contrast, also splits over query blocks). When the
 item count is not a multiple of the thread count, the last round leaves threads idle. With
 SmolLM2's 9 query / 3 kv heads on 2 threads that is 2 rounds of 3 heads (6 head-times of wall
-clock) for 4.5 head-times of work: a quarter of the backward's wall time is one thread waiting.
+clock) for 4.5 head-times of work: one thread waits through the second round.
 
 ``balanced_flash_backward`` runs the items that fill whole rounds as one call, and cuts each
 remaining item into 4 pieces of equal work that are batched along the batch dimension, so the

@@ -25,12 +25,13 @@ Each side runs at its best settings:
 
 Each case is one fresh process (``measure.run_worker``) with the glibc mmap threshold fixed, so
 freed tensors leave the resident set: after the model and a 256-token warm-up step exist, the
-peak is the resident high-water mark of one step minus the resident size before it; time is the
-median wall time of the timed steps (``measure.peak_and_median_times``). Ratios: longctx / peer.
+peak is the resident high-water mark of one step minus the resident size before it; times are
+the medians of the timed steps' wall and process CPU seconds (``measure.peak_and_median_times``;
+``wall_s`` and ``time_s``). Ratios: longctx / peer.
 
 The time ratio is taken on wall time, what a step costs, because the two sides differ in how
 busy they keep the threads: torch's CPU flash backward parallelises over kv heads only, so
-transformers (``enable_gqa``, 3 kv heads on 2 threads) leaves one thread idle a third of its
+transformers (``enable_gqa``, 3 kv heads on 2 threads) leaves one thread idle for half of its
 attention backward, while longctx spreads that remainder over both threads
 (``attention/cpu_flash_backward.py``). Process CPU time cannot see an idle thread, so the ratio
 of CPU times (``cpu_time_ratio``, printed too) understates that difference; it is the measure to
