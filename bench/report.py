@@ -350,12 +350,24 @@ def mosa_layer_rows(data: list[dict]) -> list[Row]:
                 "mosa_layer",
                 f"MoSA attention layer FLOPs per token vs the dense layer (formula), T={t}",
                 f"{flops['mosa'] / 1e6:.1f} vs {flops['dense'] / 1e6:.1f} MFLOP; projections "
-                f"counted by torch {mosa['counted_flops_per_token'] / 1e6:.2f} vs formula "
-                f"{mosa['formula_projection_flops_per_token'] / 1e6:.2f} MFLOP",
+                f"{_counted_projections(mosa)}",
                 flops["mosa"] / flops["dense"],
             )
         )
     return rows
+
+
+def _counted_projections(mosa: dict) -> str:
+    """What torch's FLOP counter saw of a MoSA layer's projections against the formula, at the
+    length it counted (rows written before 2026-12-06 counted at full length)."""
+    at = mosa.get("counted_at_tokens", mosa["length"])
+    formula = mosa.get(
+        "counted_formula_projection_flops_per_token", mosa["formula_projection_flops_per_token"]
+    )
+    return (
+        f"counted by torch at T={at} {mosa['counted_flops_per_token'] / 1e6:.2f} vs formula "
+        f"{formula / 1e6:.2f} MFLOP"
+    )
 
 
 def _dense_row(data: list[dict], row: dict) -> dict:
