@@ -1,5 +1,5 @@
 # longctx: `make demo` trains the demo recipe and extends its context 4x (two stages), `make test` runs lint + the test suite,
-# `make bench` runs the benchmarks and writes bench/results/REPORT.md (18 min on 2 AVX-512 cores, 52 on 2 AVX2 ones).
+# `make bench` runs the benchmarks and writes bench/results/REPORT.md (18 min on 2 AVX-512 cores, 48 on 2 AVX2 ones).
 # Everything installs into .venv on first use.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
@@ -50,7 +50,7 @@ demo: $(STAMP)
 
 # Each benchmark prints a table and writes bench/results/NAME.json (ratios against a baseline
 # measured in the same run); then bench/results/REPORT.md gets every ratio against its target
-# (18 min on 2 AVX-512 cores, 52 on 2 AVX2 ones). One: make bench BENCHES="sp memory"; options of one:
+# (18 min on 2 AVX-512 cores, 48 on 2 AVX2 ones). One: make bench BENCHES="sp memory"; options of one:
 # $(PY) -m longctx.bench.NAME --help; the report alone: $(VENV)/bin/longctx bench --report-only
 BENCHES ?=
 bench: $(STAMP)

@@ -3,8 +3,12 @@
 Each benchmark runs as ``python -m longctx.bench.NAME`` in its own process with its default
 (quick) settings, writes ``bench/results/NAME.json`` and prints its table; the report is then
 rebuilt from every JSON file present (``bench/report.py``), so benchmarks not run this time keep
-their last results. The whole default suite takes 18 minutes on a 2-core AVX-512 CPU and 52 on
-a 2-core AVX2 one, whose attention kernels run ~4x slower. Three benchmarks run only by hand
+their last results. The whole default suite took 18 minutes on a 2-core AVX-512 CPU (2026-12-04)
+and takes 48 on a 2-core AVX2 one, whose attention kernels run ~4x slower: most of that is the
+16k/32k dense baselines and the 16k peer step that the targets are stated at (51.5 minutes
+before 2026-12-06, when three benchmarks stopped repeating runs that added nothing: the full-
+length warm-up of sparse_power, mosa_layer's full-length FLOP count and sparse_nsa_mosa's
+second input kind, now behind ``--inputs``). Three benchmarks run only by hand
 (their committed JSON stays in the report): ``python -m longctx.bench.data`` (prepares a
 400M-token corpus), ``python -m longctx.bench.peft`` (10-15 minutes) and ``python -m
 longctx.bench.peft_zero3`` (memory only, ~1 minute; kept out to bound the default run); the
