@@ -1,7 +1,8 @@
 """NSA and MoSA cores against the dense core: forward+backward time and peak memory at long T.
 
 Run: ``python -m longctx.bench.sparse_nsa_mosa`` (``--lengths 8192 16384 32768``,
-``--inputs random``; ``--inputs random coherent`` adds the coherent kind). Prints a table and writes ``bench/results/sparse_nsa_mosa.json``.
+``--inputs random``; ``--inputs random coherent`` adds the coherent kind). Prints a table and
+writes ``bench/results/sparse_nsa_mosa.json``.
 
 Cases (B=1, Hq=8, Hkv=2, D=64, d_model=512, fp32, CPU, one thread), each in a fresh
 subprocess, for every length T and input kind:
